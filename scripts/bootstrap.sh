@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment in .venv. Sourced by scripts/test.sh and scripts/demo.sh.
+# torch is pinned to the local CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+TORCH_SPEC="${PEFT_XLORA_TORCH:-torch==2.13.0}"
+STAMP="$VENV/.peft-xlora-stamp"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "[bootstrap] installing into $VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+    "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" >&2
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,plot]" >&2
+    echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,144 @@
+"""`XLoraConfig`: what an X-LoRA model is made of. Field names follow PEFT's built-in `XLoraConfig`."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PEFT_XLORA
+
+ScalingsMode = Literal["token", "prompt"]
+
+
+@dataclass
+class XLoraConfig(PeftConfig):
+    """Configuration of an X-LoRA model: a learned gate over several frozen LoRA experts.
+
+    Args:
+        adapters: Expert name -> LoRA checkpoint (local folder or Hub id), each a standard PEFT LoRA adapter. Names
+            are kept as given. When a saved X-LoRA checkpoint is loaded, the experts come from the checkpoint and
+            these sources are not read.
+        hidden_size: Hidden size of the base model, read by the classifier. Inferred from the base model's config when
+            left as None; a value that disagrees with the model is an error.
+        enable_softmax: Softmax over the experts' logits (dense gating).
+        enable_softmax_topk: With `top_k_lora`, renormalise the kept experts by a softmax over their logits only.
+        softmax_temperature: Divides the logits before any softmax; lower is sharper. Must be > 0.
+        layerwise_scalings: One scaling per adapted layer and expert instead of one per expert, broadcast to all
+            layers.
+        top_k_lora: Keep only the k largest scalings per token (and layer); None keeps all experts.
+        xlora_depth: Number of linear layers in the classifier (1 = a single linear map).
+        xlora_size: Hidden width of the classifier; unused when `xlora_depth` is 1.
+        xlora_dropout_p: Dropout between the classifier's layers while training.
+        use_trainable_adapters: Train the experts' LoRA weights together with the classifier.
+        scaling_pass_value: Weight of every expert during the scaling pass; 0 runs the plain base model there.
+        global_scaling_weight: Multiplies every scaling after the gate.
+        scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
+            generated tokens (see the generation docs).
+        experts: Filled in when the model is built and saved with it: for each expert, the PEFT `LoraConfig` (as a
+            dict) that describes its layers. Used to rebuild the experts from a checkpoint without their sources.
+    """
+
+    adapters: dict[str, str] = field(
+        default=None, metadata={"help": "Expert name -> LoRA checkpoint (local folder or Hub id)."}
+    )
+    hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Hidden size of the base model; inferred from the model when None."}
+    )
+    enable_softmax: bool = field(default=True, metadata={"help": "Softmax over the experts (dense gating)."})
+    enable_softmax_topk: bool = field(
+        default=False, metadata={"help": "With top_k_lora: softmax over the kept experts' logits only."}
+    )
+    softmax_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
+    layerwise_scalings: bool = field(default=False, metadata={"help": "One scaling per adapted layer and expert."})
+    top_k_lora: Optional[int] = field(default=None, metadata={"help": "Keep the k largest scalings per token."})
+    xlora_depth: int = field(default=1, metadata={"help": "Number of linear layers in the classifier."})
+    xlora_size: int = field(default=2048, metadata={"help": "Hidden width of the classifier."})
+    xlora_dropout_p: float = field(default=0.2, metadata={"help": "Dropout inside the classifier."})
+    use_trainable_adapters: bool = field(default=False, metadata={"help": "Also train the experts."})
+    scaling_pass_value: float = field(default=0.0, metadata={"help": "Expert weight during the scaling pass."})
+    global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every scaling."})
+    scalings_mode: ScalingsMode = field(
+        default="token", metadata={"help": "'token': per-token scalings; 'prompt': hold the prompt's scalings."}
+    )
+    experts: Optional[dict[str, dict[str, Any]]] = field(
+        default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_XLORA
+        if self.adapters is None:
+            if not self.experts:
+                raise ValueError(
+                    "XLoraConfig needs `adapters`: a dict of expert name -> LoRA checkpoint path or Hub id, "
+                    "e.g. adapters={'math': './lora-math', 'code': './lora-code'}."
+                )
+            self.adapters = dict.fromkeys(self.experts)
+        if not isinstance(self.adapters, dict):
+            raise ValueError(
+                f"`adapters` must be a dict of expert name -> LoRA checkpoint, got {type(self.adapters).__name__}."
+            )
+        self.adapters = {name: _source_str(name, src) for name, src in self.adapters.items()}
+        if not self.adapters:
+            raise ValueError("`adapters` is empty: X-LoRA needs at least one LoRA expert to gate.")
+        for name in self.adapters:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"Expert names must be non-empty strings, got {name!r}.")
+        if self.experts is not None and set(self.experts) != set(self.adapters):
+            raise ValueError(
+                f"`experts` names {sorted(self.experts)} do not match `adapters` names {sorted(self.adapters)}; "
+                "the config was edited inconsistently. Rebuild it from the experts' sources."
+            )
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        n = len(self.adapters)
+        if self.hidden_size is not None and (not isinstance(self.hidden_size, int) or self.hidden_size <= 0):
+            raise ValueError(f"`hidden_size` must be a positive int or None (inferred), got {self.hidden_size!r}.")
+        if not (isinstance(self.xlora_depth, int) and self.xlora_depth >= 1):
+            raise ValueError(f"`xlora_depth` must be an int >= 1, got {self.xlora_depth!r}.")
+        if not (isinstance(self.xlora_size, int) and self.xlora_size >= 1):
+            raise ValueError(f"`xlora_size` must be an int >= 1, got {self.xlora_size!r}.")
+        if not 0.0 <= self.xlora_dropout_p < 1.0:
+            raise ValueError(f"`xlora_dropout_p` must be in [0, 1), got {self.xlora_dropout_p!r}.")
+        if not (math.isfinite(self.softmax_temperature) and self.softmax_temperature > 0):
+            raise ValueError(f"`softmax_temperature` must be a finite number > 0, got {self.softmax_temperature!r}.")
+        if self.top_k_lora is not None and not (isinstance(self.top_k_lora, int) and 1 <= self.top_k_lora <= n):
+            raise ValueError(
+                f"`top_k_lora` must be None (dense) or an int between 1 and the number of experts ({n}), "
+                f"got {self.top_k_lora!r}."
+            )
+        if self.enable_softmax_topk and self.top_k_lora is None:
+            raise ValueError("`enable_softmax_topk=True` needs `top_k_lora` to be set (the k experts to renormalise).")
+        for name in ("scaling_pass_value", "global_scaling_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if self.scalings_mode not in ("token", "prompt"):
+            raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Loads a saved config; the model built from it takes its experts from the checkpoint, not the sources.
+
+        Args:
+            pretrained_model_name_or_path: Folder or Hub id holding `adapter_config.json`.
+            subfolder: Subfolder inside it.
+            **kwargs: Hub download options and config overrides, as for `PeftConfig.from_pretrained`.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, XLoraConfig):
+            config._from_checkpoint = True
+        return config
+
+
+def _source_str(name: str, source: Union[str, os.PathLike, None]) -> Optional[str]:
+    if source is None or isinstance(source, str):
+        return source
+    if isinstance(source, os.PathLike):
+        return os.fspath(source)
+    raise ValueError(f"Expert {name!r}: the source must be a path or Hub id string, got {type(source).__name__}.")

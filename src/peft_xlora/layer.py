@@ -1,0 +1,192 @@
+"""The mixture layer: a base layer plus all its experts' LoRA factors, stacked, gated per token.
+
+For a module adapted by experts e = 1..E with ranks r_e, the A factors are stacked into one (R, in) matrix and the B
+factors into one (out, R) matrix, R = sum r_e. With per-token scalings s (batch, seq, E) the gated update
+
+    sum_e s_e * scale_e * B_e A_e x
+
+is two matmuls and one elementwise product whatever E is:
+
+    z = x @ A_cat.T                       # (batch, seq, R)
+    y = base(x) + (z * s[..., expert_of_rank] * scale_of_rank) @ B_cat.T
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .experts import ModuleLora
+from .routing import current_routing
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+def module_kind(module: nn.Module) -> Optional[tuple[str, int, int]]:
+    """The kind and (in, out) sizes of a module X-LoRA can adapt, or None.
+
+    Returns:
+        ("linear", in_features, out_features), ("embedding", num_embeddings, embedding_dim), or None.
+    """
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # GPT-2: weight is (in, out)
+        return "linear", module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Embedding):
+        return "embedding", module.num_embeddings, module.embedding_dim
+    return None
+
+
+class XLoraLayer(nn.Module, BaseTunerLayer):
+    """Wraps a Linear, Conv1D or Embedding layer and adds the gated sum of its experts' LoRA updates.
+
+    Args:
+        base_layer: The layer being adapted; kept as `self.base_layer`.
+        layer_index: Position of this layer among all mixture layers (its slot in layerwise scalings).
+        expert_indices: Index (in the model's expert list) of each expert that adapts this layer, in order.
+        loras: The LoRA factors of those experts, in the same order.
+        requires_grad: Whether the stacked factors train (`use_trainable_adapters`).
+    """
+
+    adapter_layer_names = ("xlora_A", "xlora_B")
+    other_param_names = ("rank_expert", "rank_scale", "rank_dropout")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        layer_index: int,
+        expert_indices: list[int],
+        loras: list[ModuleLora],
+        requires_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        kind = module_kind(base_layer)
+        if kind is None:
+            raise TypeError(f"X-LoRA cannot adapt {type(base_layer).__name__}; supported: Linear, Conv1D, Embedding.")
+        self.base_layer = base_layer
+        self.is_embedding = kind[0] == "embedding"
+        self.in_features, self.out_features = kind[1], kind[2]
+        self.layer_index = layer_index
+        self._active_adapter = "default"
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+
+        ranks = [lora.rank for lora in loras]
+        total = sum(ranks)
+        # (R, in) and (out, R): every expert's factors side by side.
+        self.xlora_A = nn.Parameter(torch.zeros(total, self.in_features, **factory), requires_grad=requires_grad)
+        self.xlora_B = nn.Parameter(torch.zeros(self.out_features, total, **factory), requires_grad=requires_grad)
+        # Per rank row: which expert it belongs to, its alpha/r, its dropout. Derived from the config, not saved.
+        expert_of_rank = [e for e, r in zip(expert_indices, ranks) for _ in range(r)]
+        self.register_buffer("rank_expert", torch.tensor(expert_of_rank, dtype=torch.long, device=weight.device),
+                             persistent=False)
+        scale_of_rank = [lora.scale for lora, r in zip(loras, ranks) for _ in range(r)]
+        self.register_buffer("rank_scale", torch.tensor(scale_of_rank, dtype=torch.float32, device=weight.device),
+                             persistent=False)
+        self.dropouts = sorted({lora.dropout for lora in loras})
+        dropout_of_rank = [lora.dropout for lora, r in zip(loras, ranks) for _ in range(r)]
+        self.register_buffer("rank_dropout", torch.tensor(dropout_of_rank, dtype=torch.float32), persistent=False)
+        self.expert_indices = list(expert_indices)
+        self.ranks = ranks
+        self.set_factors(loras)
+
+    @torch.no_grad()
+    def set_factors(self, loras: list[ModuleLora]) -> None:
+        """Copies the experts' factors (where given) into the stacked matrices."""
+        start = 0
+        for lora in loras:
+            stop = start + lora.rank
+            if lora.A is not None:
+                self.xlora_A[start:stop].copy_(lora.A)
+                self.xlora_B[:, start:stop].copy_(lora.B)
+            start = stop
+
+    def expert_factors(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) factors of the `position`-th expert of this layer, as views of the stacked matrices."""
+        start = sum(self.ranks[:position])
+        stop = start + self.ranks[position]
+        return self.xlora_A[start:stop], self.xlora_B[:, start:stop]
+
+    def _rank_weights(self, scalings: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+        """Per-rank weights s[expert_of_rank] * scale_of_rank, shaped to broadcast against (*lead_shape, R)."""
+        slot = self.layer_index if scalings.shape[2] > 1 else 0
+        s = scalings[:, :, slot, :]  # (batch|1, seq|1, n_experts)
+        w = s.index_select(-1, self.rank_expert.to(s.device)) * self.rank_scale.to(s.device)  # (batch|1, seq|1, R)
+        n_rows, n_tokens, rank = w.shape
+        if n_rows * n_tokens == 1:
+            return w.reshape((1,) * len(lead_shape) + (rank,))
+        if len(lead_shape) == 2 and n_rows in (1, lead_shape[0]) and n_tokens in (1, lead_shape[1]):
+            return w
+        if n_rows * n_tokens == lead_shape.numel():  # the model flattened (batch, seq)
+            return w.reshape(*lead_shape, rank)
+        raise RuntimeError(
+            f"X-LoRA scalings cover {tuple(s.shape[:2])} tokens but layer {self.layer_index} sees input of shape "
+            f"{tuple(lead_shape)}; the model reshapes tokens in a way X-LoRA does not support."
+        )
+
+    def _project_down(self, x: torch.Tensor) -> torch.Tensor:
+        """z = dropout(x) @ A_cat.T, (..., R); each rank row sees its own expert's dropout while training."""
+        A = self.xlora_A
+        if self.is_embedding:
+            return F.embedding(x, A.T)
+        x = x.to(A.dtype)
+        if not self.training or self.dropouts == [0.0]:
+            return x @ A.T
+        if len(self.dropouts) == 1:
+            return F.dropout(x, self.dropouts[0], training=True) @ A.T
+        z = x.new_empty(*x.shape[:-1], A.shape[0])
+        for p in self.dropouts:
+            rows = (self.rank_dropout == p).nonzero().squeeze(-1).to(A.device)
+            z[..., rows] = F.dropout(x, p, training=True) @ A[rows].T
+        return z
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base layer output plus the gated expert updates of the current routing."""
+        result = self.base_layer(x, *args, **kwargs)
+        routing = current_routing()
+        if routing is None or routing.scalings is None or self.xlora_A.shape[0] == 0:
+            return result
+        z = self._project_down(x)  # (*lead, R)
+        w = self._rank_weights(routing.scalings, z.shape[:-1]).to(z.dtype)  # broadcasts to (*lead, R)
+        update = (z * w) @ self.xlora_B.T  # (*lead, out)
+        if self.is_embedding:
+            embed_scale = self._get_embed_scale()
+            if embed_scale is not None:
+                update = update * embed_scale.to(update.dtype)
+        return result + update.to(result.dtype)
+
+    def __repr__(self) -> str:
+        return f"xlora.{super().__repr__()}"
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, experts={self.expert_indices}, ranks={self.ranks}"
+
+
+def mixture_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+    scalings: torch.Tensor,
+    is_embedding: bool = False,
+) -> torch.Tensor:
+    """Plain per-expert loop: base_out + sum_e s_e * scale_e * B_e A_e x. Used by the tests as ground truth.
+
+    Args:
+        x: (batch, seq, in) inputs, or (batch, seq) token ids for an embedding.
+        base_out: (batch, seq, out) output of the base layer.
+        factors: Per expert of this layer: (A (r, in), B (out, r), scale).
+        scalings: (batch, seq, n) weights of the same experts.
+        is_embedding: Whether `x` holds token ids.
+    """
+    out = base_out.clone()
+    for e, (A, B, scale) in enumerate(factors):
+        down = F.embedding(x, A.T) if is_embedding else x @ A.T
+        out = out + scalings[..., e : e + 1] * scale * (down @ B.T)
+    return out

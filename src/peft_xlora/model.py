@@ -1,0 +1,433 @@
+"""`XLoraModel`: the PEFT tuner that swaps mixture layers into a model and runs the dual-pass forward."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .classifier import XLoraClassifier, gate
+from .config import XLoraConfig
+from .experts import Expert, ExpertError, compact_targets, expert_from_config, load_expert
+from .layer import XLoraLayer, module_kind
+from .registration import PREFIX
+from .routing import Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
+
+# Keyword arguments of a model's forward that concern only the head, the cache or the output format: the scaling
+# pass, which runs the inner model once for its last hidden state, leaves them out.
+_NOT_FOR_SCALING_PASS = frozenset(
+    {
+        "labels",
+        "past_key_values",
+        "use_cache",
+        "cache_position",
+        "logits_to_keep",
+        "num_logits_to_keep",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+
+
+class XLoraModel(BaseTuner):
+    """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
+
+    Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
+    scaling pass of the model (experts at `scaling_pass_value`) to get the last hidden state, feeds it to the
+    classifier, and then runs the model with each mixture layer adding `sum_e s_e * B_e A_e x * scale_e`.
+
+    Args:
+        model: The transformers (or any torch) model to adapt.
+        config: The X-LoRA config, or `{adapter_name: config}`.
+        adapter_name: Name of the X-LoRA adapter inside PEFT (not an expert name).
+        low_cpu_mem_usage: Accepted for PEFT's signature; the experts are always built with their weights.
+        state_dict: Accepted for PEFT's signature; unused.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = XLoraLayer
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - PEFT's class attribute
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Union[XLoraConfig, dict[str, XLoraConfig]],
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ building
+
+    @property
+    def xlora_config(self) -> XLoraConfig:
+        """The config of the (single) X-LoRA adapter."""
+        return self.peft_config[self.active_adapter]
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Loads the experts, swaps mixture layers into `model` and builds the classifier."""
+        config = self.peft_config[adapter_name]
+        if len(self.peft_config) > 1 or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise ValueError(
+                "X-LoRA must be the only PEFT adapter on the model: unload other adapters first "
+                "(`merge_and_unload()` or `unload()`), and give all experts to one XLoraConfig."
+            )
+        self._enabled = True
+        self._static_scalings: Optional[torch.Tensor] = None
+        self._latest_scalings: Optional[torch.Tensor] = None
+        self._infer_hidden_size(model, config)
+
+        shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
+        experts = self._load_experts(config, shapes)
+        self.expert_names = list(config.adapters)
+        # Built from a saved config: the checkpoint's weights fill the experts in `load_adapter`.
+        self._experts_pending = any(m.A is None for e in experts for m in e.modules.values())
+
+        trainable = config.use_trainable_adapters and not config.inference_mode
+        self.mixture_layer_names: list[str] = []
+        for name in shapes:  # named_modules order: a stable layer index
+            users = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
+            if not users:
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, child_name)
+            self._check_shapes(name, shapes[name], users, experts, base)
+            layer = XLoraLayer(
+                base,
+                len(self.mixture_layer_names),
+                [i for i, _ in users],
+                [lora for _, lora in users],
+                requires_grad=trainable,
+            )
+            setattr(parent, child_name, layer)
+            self.mixture_layer_names.append(name)
+            self.targeted_module_names.append(name)
+
+        all_names = list(shapes)
+        for expert in experts:
+            compact_targets(expert, all_names)
+        config.experts = {e.name: e.config_dict() for e in experts}
+
+        install_carriers(model, set(self.mixture_layer_names))
+        params = list(model.parameters())
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        self.xlora_classifier = XLoraClassifier(
+            config,
+            config.hidden_size,
+            n_layers=len(self.mixture_layer_names),
+            n_experts=len(experts),
+            device=params[-1].device,  # beside the last layers, which produce its input
+            dtype=dtype,
+        )
+        self._mark_only_adapters_as_trainable(model)
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, always_call=True),
+        ]
+
+    @staticmethod
+    def _infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
+        model_config = getattr(model, "config", None)
+        if model_config is not None and hasattr(model_config, "get_text_config"):
+            model_config = model_config.get_text_config()
+        actual = getattr(model_config, "hidden_size", None) if model_config is not None else None
+        if config.hidden_size is None:
+            if actual is None:
+                raise ValueError(
+                    "Cannot infer `hidden_size`: the model has no `config.hidden_size`. Pass "
+                    "XLoraConfig(hidden_size=<width of the model's last hidden state>)."
+                )
+            config.hidden_size = int(actual)
+        elif actual is not None and config.hidden_size != actual:
+            raise ValueError(
+                f"XLoraConfig.hidden_size={config.hidden_size} does not match the model's hidden size {actual}. "
+                "Leave hidden_size=None to infer it."
+            )
+
+    def _load_experts(self, config: XLoraConfig, shapes: dict[str, tuple[str, int, int]]) -> list[Expert]:
+        from_checkpoint = getattr(config, "_from_checkpoint", False) and config.experts
+        experts = []
+        for name, source in config.adapters.items():
+            if from_checkpoint:
+                experts.append(expert_from_config(name, config.experts[name], shapes))
+            else:
+                experts.append(load_expert(name, source))
+        return experts
+
+    @staticmethod
+    def _check_shapes(
+        name: str, kind: tuple[str, int, int], users: list, experts: list[Expert], base: nn.Module
+    ) -> None:
+        _, n_in, n_out = kind
+        for i, lora in users:
+            saved_base = experts[i].base_weights.get(name)
+            if saved_base is not None and not (
+                saved_base.shape == base.weight.shape
+                and torch.allclose(saved_base.to(base.weight), base.weight, rtol=1e-3, atol=1e-5)
+            ):
+                raise ExpertError(
+                    f"Expert {experts[i].name!r} also changes the base weights of {name!r} (e.g. resized or trained "
+                    "embeddings); X-LoRA only mixes LoRA updates over one shared base. Use a base model that "
+                    "already has those weights."
+                )
+            if lora.A is None:
+                continue
+            if tuple(lora.A.shape) != (lora.rank, n_in) or tuple(lora.B.shape) != (n_out, lora.rank):
+                raise ExpertError(
+                    f"Expert {experts[i].name!r} does not fit module {name!r}: its LoRA factors are "
+                    f"A{tuple(lora.A.shape)} and B{tuple(lora.B.shape)} but the module maps {n_in} -> {n_out}. "
+                    "Was the adapter trained on another base model?"
+                )
+            if lora.is_embedding != (kind[0] == "embedding"):
+                raise ExpertError(f"Expert {experts[i].name!r}: module {name!r} is not the layer type it was trained on.")
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freezes the base model; the classifier trains, and the experts when `use_trainable_adapters`."""
+        config = self.xlora_config
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.set_requires_grad(self.active_adapter, requires_grad=not config.inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Sets `requires_grad` on the declared trainable parameters: classifier, and experts if trainable."""
+        self.xlora_classifier.requires_grad_(requires_grad)
+        experts_train = requires_grad and self.xlora_config.use_trainable_adapters
+        for layer in self.mixture_layers():
+            for name in layer.adapter_layer_names:
+                getattr(layer, name).requires_grad_(experts_train)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Like PEFT's LoRA: trainable weights in half precision are upcast to float32 for stable training.
+        if not autocast_adapter_dtype:
+            return
+        for module in (self.xlora_classifier, *self.mixture_layers()):
+            for param in module.parameters(recurse=module is self.xlora_classifier):
+                if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("XLoraModel builds its layers in `inject_adapter`.")
+
+    @staticmethod
+    def _check_target_module_exists(config: XLoraConfig, key: str) -> bool:
+        return False
+
+    def mixture_layers(self) -> list[XLoraLayer]:
+        """The mixture layers, in layer-index order."""
+        return [m for m in self.model.modules() if isinstance(m, XLoraLayer)]
+
+    # ------------------------------------------------------------------ forward
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Pushes exactly once, even when routing fails: the always-called `_after_forward` pops.
+        outer = current_routing()
+        if outer is not None and outer.scaling_pass:
+            push_routing(outer)  # the scaling pass called the top model itself (it is its own base model)
+            return
+        try:
+            routing = self._route(args, kwargs)
+        except BaseException:
+            push_routing(outer)
+            raise
+        push_routing(routing)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        pop_routing()
+
+    def _route(self, args: tuple, kwargs: dict) -> Optional[Routing]:
+        """Runs the scaling pass and the classifier; returns the routing for the main pass."""
+        if not self._enabled:
+            return None
+        if self._experts_pending:
+            raise RuntimeError(
+                "The experts' weights were never loaded: this model was built from a saved X-LoRA config. "
+                "Load it with `PeftModel.from_pretrained(base_model, checkpoint)`."
+            )
+        config = self.xlora_config
+        if self._static_scalings is not None:
+            return Routing(self._static_scalings[None, None])
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "X-LoRA cannot extend a KV cache yet: call `generate(..., use_cache=False)` or run the full sequence."
+            )
+        hidden = self._scaling_pass(args, kwargs)  # (batch, seq, hidden)
+        logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
+        scalings = gate(
+            logits,
+            temperature=config.softmax_temperature,
+            enable_softmax=config.enable_softmax,
+            top_k=config.top_k_lora,
+            softmax_topk=config.enable_softmax_topk,
+            global_weight=config.global_scaling_weight,
+        )
+        self._latest_scalings = scalings.detach()
+        return Routing(scalings)
+
+    @torch.no_grad()
+    def _scaling_pass(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The last hidden state of the model with every expert at `scaling_pass_value`."""
+        value = self.xlora_config.scaling_pass_value
+        n = len(self.expert_names)
+        routing = None if value == 0 else Routing(torch.full((1, 1, 1, n), float(value)))
+        inner = getattr(self.model, "base_model", self.model)
+        scaling_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_SCALING_PASS}
+        if "past_key_values" in kwargs or "use_cache" in kwargs:
+            scaling_kwargs["use_cache"] = False
+        with_flag = Routing(routing.scalings if routing else None, scaling_pass=True)
+        push_routing(with_flag)
+        try:
+            out = inner(*args, **scaling_kwargs)
+        finally:
+            pop_routing()
+        hidden = getattr(out, "last_hidden_state", None)
+        return hidden if hidden is not None else out[0]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the X-LoRA forward (the hooks on the model add the scaling pass)."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generates with the X-LoRA gate applied to every step."""
+        kwargs["use_cache"] = False
+        return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ enabling / unloading
+
+    def enable_adapter_layers(self) -> None:
+        """Turns the experts back on (PEFT's `disable_adapter()` context calls this on exit)."""
+        self._enabled = True
+
+    def disable_adapter_layers(self) -> None:
+        """Runs the plain base model. Does not touch `requires_grad` or train/eval mode."""
+        self._enabled = False
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """X-LoRA holds one adapter; only its own name is accepted."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if names != [self.active_adapter]:
+            raise ValueError(f"This X-LoRA model has one adapter, {self.active_adapter!r}; got {adapter_name!r}.")
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Not possible: the gate changes per token, so there is no single weight to merge."""
+        raise ValueError(
+            "X-LoRA cannot be merged into the base weights: its expert mix changes with every token. Use `unload()` "
+            "to get the base model back, or pin the gate with `set_static_scalings` and export a plain LoRA."
+        )
+
+    def unload(self) -> nn.Module:
+        """Removes the mixture layers, carriers and hooks; returns the base model as it was."""
+        for name in self.mixture_layer_names:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            setattr(parent, child_name, getattr(parent, child_name).base_layer)
+        remove_carriers(self.model)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Not supported: unload the model instead."""
+        raise ValueError("X-LoRA has a single adapter; use `unload()` to remove it.")
+
+    # ------------------------------------------------------------------ gating API
+
+    def get_latest_scalings(self) -> Optional[torch.Tensor]:
+        """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward."""
+        s = self._latest_scalings
+        if s is None:
+            return None
+        return s.expand(-1, -1, len(self.mixture_layer_names), -1)
+
+    def set_scaling_pass_value(self, value: Optional[float]) -> None:
+        """Sets the experts' weight in the scaling pass; None means 1 / n_experts. Saved with the config."""
+        self.xlora_config.scaling_pass_value = 1.0 / len(self.expert_names) if value is None else float(value)
+        self.xlora_config._check_numbers()
+
+    def set_topk_lora(self, value: Optional[int]) -> None:
+        """Keeps only the k largest scalings per token (None: dense). Saved with the config."""
+        old = self.xlora_config.top_k_lora
+        self.xlora_config.top_k_lora = value
+        try:
+            self.xlora_config._check_numbers()
+        except ValueError:
+            self.xlora_config.top_k_lora = old
+            raise
+
+    def get_topk_lora(self) -> Optional[int]:
+        """The current top-k (None: dense)."""
+        return self.xlora_config.top_k_lora
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        """Multiplies every scaling by `weight`. Saved with the config."""
+        self.xlora_config.global_scaling_weight = float(weight)
+        self.xlora_config._check_numbers()
+
+    def get_global_scaling_weight(self) -> float:
+        """The global scaling weight."""
+        return self.xlora_config.global_scaling_weight
+
+    def set_static_scalings(self, weights: Union[dict[str, float], torch.Tensor, None]) -> None:
+        """Pins the gate to fixed weights, skipping the scaling pass; None gives the gate back to the classifier.
+
+        Args:
+            weights: Expert name -> weight (missing experts get 0), or a tensor of shape (n_experts,) or
+                (n_layers, n_experts). Used as given: no softmax, no global weight.
+        """
+        if weights is None:
+            self._static_scalings = None
+            return
+        n, n_layers = len(self.expert_names), len(self.mixture_layer_names)
+        if isinstance(weights, dict):
+            unknown = set(weights) - set(self.expert_names)
+            if unknown:
+                raise ValueError(f"Unknown experts {sorted(unknown)}; this model has {self.expert_names}.")
+            weights = torch.tensor([float(weights.get(name, 0.0)) for name in self.expert_names])
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape == (n,):
+            weights = weights[None]
+        if weights.shape not in ((1, n), (n_layers, n)):
+            raise ValueError(f"Static scalings must have shape ({n},) or ({n_layers}, {n}); got {tuple(weights.shape)}.")
+        if not torch.isfinite(weights).all():
+            raise ValueError("Static scalings must be finite numbers.")
+        self._static_scalings = weights.to(self.xlora_classifier.layers[0].weight.device)  # (n_layers|1, n_experts)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Prints the trainable and total parameter counts."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # our keys never hold the adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: XLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = set(cls._get_adapter_state_dict(model, config, adapter_name, model.state_dict(), []))
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                "The X-LoRA checkpoint does not match the model its config describes: "
+                f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:2]}). Was adapter_config.json or the weights file replaced or truncated?"
+            )
+        for module in model.modules():
+            if isinstance(module, XLoraModel):
+                module._experts_pending = False
+        return state_dict

@@ -1,0 +1,140 @@
+"""How scalings reach the mixture layers: a context variable, carried through gradient checkpointing.
+
+Each forward of the X-LoRA model sets a `Routing` in a `contextvars.ContextVar` for the duration of the base model's
+forward; mixture layers read it. A context variable is private to its thread (and asyncio task), so concurrent
+forwards on one model do not see each other's scalings.
+
+Gradient checkpointing recomputes a decoder layer during backward, after that forward has returned and its context is
+gone (on CUDA even on another thread). transformers' `GradientCheckpointingLayer` checkpoints the layer's `forward`
+with the keyword arguments it was called with, so the routing is passed as one of them: each checkpointed layer that
+holds a mixture layer is given a subclass (as FSDP2's `fully_shard` does) whose `__call__` adds the current routing to
+the keyword arguments and whose `forward` sets it again around the original forward. The recomputation replays those
+arguments and so sees exactly the scalings of its own forward, even with several forwards before one backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+_ROUTING_KWARG = "_xlora_routing"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The gating of one forward.
+
+    Attributes:
+        scalings: Per-token expert weights, (batch|1, seq|1, n_layers|1, n_experts), global weight applied; a size-1
+            dim broadcasts. None runs the base layers alone.
+        scaling_pass: True while the scaling pass runs, so a nested call of the top model does not route again.
+    """
+
+    scalings: Optional[torch.Tensor]
+    scaling_pass: bool = False
+
+
+# A stack, so nested forwards restore what was current before them. Tuples, never mutated: a copied context (a new
+# thread or asyncio task) must not share a mutable list with its parent.
+_STACK: ContextVar[tuple[Optional[Routing], ...]] = ContextVar("peft_xlora_routing", default=())
+
+
+def current_routing() -> Optional[Routing]:
+    """The routing of the forward running in this context, or None outside any X-LoRA forward."""
+    stack = _STACK.get()
+    return stack[-1] if stack else None
+
+
+def push_routing(routing: Optional[Routing]) -> None:
+    """Makes `routing` current until the matching `pop_routing`."""
+    _STACK.set((*_STACK.get(), routing))
+
+
+def pop_routing() -> None:
+    """Restores the routing that was current before the last `push_routing`."""
+    stack = _STACK.get()
+    if stack:
+        _STACK.set(stack[:-1])
+
+
+@contextlib.contextmanager
+def use_routing(routing: Optional[Routing]) -> Iterator[None]:
+    """Makes `routing` current for the enclosed code."""
+    push_routing(routing)
+    try:
+        yield
+    finally:
+        pop_routing()
+
+
+_CARRIER_CLASSES: dict[type, type] = {}
+
+
+def _carrier_class(cls: type[nn.Module]) -> type[nn.Module]:
+    if cls in _CARRIER_CLASSES:
+        return _CARRIER_CLASSES[cls]
+
+    class Carrier(cls):  # type: ignore[misc, valid-type]
+        # The scalings go in as the last positional argument: reentrant checkpointing differentiates only positional
+        # tensors, so this is how the classifier gets its gradient through a recomputed layer.
+        def __call__(self, *args, **kwargs):
+            routing = current_routing()
+            if routing is not None and routing.scalings is not None:
+                args = (*args, routing.scalings)
+            kwargs[_ROUTING_KWARG] = routing
+            return super().__call__(*args, **kwargs)
+
+        def forward(self, *args, **kwargs):
+            if _ROUTING_KWARG not in kwargs:  # forward called directly, not through __call__
+                return super().forward(*args, **kwargs)
+            routing = kwargs.pop(_ROUTING_KWARG)
+            if routing is not None and routing.scalings is not None:
+                *args, scalings = args
+                routing = Routing(scalings, routing.scaling_pass)  # the (possibly recomputation's) tensor
+            with use_routing(routing):
+                return super().forward(*args, **kwargs)
+
+    Carrier.__name__ = Carrier.__qualname__ = f"XLora{cls.__name__}"
+    Carrier.__module__ = __name__
+    Carrier._xlora_original_class = cls
+    _CARRIER_CLASSES[cls] = Carrier
+    return Carrier
+
+
+def install_carriers(model: nn.Module, holds_mixture: set[str]) -> int:
+    """Gives every checkpointable layer of `model` that contains a mixture layer the routing carrier.
+
+    Args:
+        model: The base model.
+        holds_mixture: Names (relative to `model`) of the mixture layers.
+
+    Returns:
+        The number of layers converted.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers < 4.52
+        return 0
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, GradientCheckpointingLayer) or hasattr(type(module), "_xlora_original_class"):
+            continue
+        prefix = f"{name}." if name else ""
+        if any(m.startswith(prefix) for m in holds_mixture):
+            module.__class__ = _carrier_class(type(module))
+            count += 1
+    return count
+
+
+def remove_carriers(model: nn.Module) -> None:
+    """Restores the original classes of the layers converted by `install_carriers`."""
+    for module in model.modules():
+        original = getattr(type(module), "_xlora_original_class", None)
+        if original is not None:
+            module.__class__ = original
