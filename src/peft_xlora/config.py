@@ -67,6 +67,13 @@ class XLoraConfig(PeftConfig):
     experts: Optional[dict[str, dict[str, Any]]] = field(
         default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
     )
+    expert_order: list[str] | None = field(
+        default=None, metadata={"help": "Expert names in gate order; recorded automatically and saved."}
+    )
+    peft_xlora_version: str | None = field(
+        default=None, metadata={"help": "Version of peft-xlora that saved this config; set on save."}
+    )
+
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,7 +100,32 @@ class XLoraConfig(PeftConfig):
                 f"`experts` names {sorted(self.experts)} do not match `adapters` names {sorted(self.adapters)}; "
                 "the config was edited inconsistently. Rebuild it from the experts' sources."
             )
+        self._apply_expert_order()
         self._check_numbers()
+
+    def _apply_expert_order(self) -> None:
+        # adapter_config.json is written with sorted keys, which loses the order of `adapters`: the order of the
+        # classifier's outputs. `expert_order` keeps it as a list and puts the dicts back in that order on load.
+        if self.expert_order is None:
+            self.expert_order = list(self.adapters)
+            return
+        if sorted(self.expert_order) != sorted(self.adapters):
+            raise ValueError(
+                f"`expert_order` {self.expert_order} does not name the same experts as `adapters` "
+                f"{sorted(self.adapters)}; the config was edited inconsistently."
+            )
+        self.adapters = {name: self.adapters[name] for name in self.expert_order}
+        if self.experts is not None:
+            self.experts = {name: self.experts[name] for name in self.expert_order}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved; records the peft-xlora version that writes it."""
+        from . import __version__
+
+        out = super().to_dict()
+        out["expert_order"] = list(self.adapters)
+        out["peft_xlora_version"] = __version__
+        return out
 
     def _check_numbers(self) -> None:
         n = len(self.adapters)

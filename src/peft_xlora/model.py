@@ -415,18 +415,29 @@ class XLoraModel(BaseTuner):
         return key  # our keys never hold the adapter name
 
     @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: XLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The checkpoint entries: classifier, and each expert's factors per module (see `checkpoint.py`)."""
+        from .checkpoint import split_experts
+
+        structural = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return split_experts(model, config, structural)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: XLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = set(cls._get_adapter_state_dict(model, config, adapter_name, model.state_dict(), []))
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                "The X-LoRA checkpoint does not match the model its config describes: "
-                f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:2]}). Was adapter_config.json or the weights file replaced or truncated?"
-            )
+        """Joins the per-expert checkpoint entries into the model's stacked layout; raises if anything is missing."""
+        from .checkpoint import join_experts, restore_saved_dtypes
+
+        state_dict = join_experts(model, config, state_dict, replaced=getattr(config, "_replaced_experts", None))
+        restore_saved_dtypes(model, state_dict)
         for module in model.modules():
             if isinstance(module, XLoraModel):
                 module._experts_pending = False

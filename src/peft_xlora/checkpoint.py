@@ -1,0 +1,452 @@
+"""Checkpoint I/O: the saved layout, strict loading, atomic saves, model cards and the Hub.
+
+A saved X-LoRA folder is self-contained:
+
+    adapter_config.json         XLoraConfig: peft_type "PEFT_XLORA", plugin version, expert order, each expert's
+                                LoRA config (`experts`), gating options. No absolute paths are needed to load it.
+    adapter_model.safetensors   the classifier and every expert's LoRA factors, one pair of tensors per expert and
+                                module (see below).
+    README.md                   model card (library_name: peft, base model, tags, usage starting `import peft_xlora`).
+
+Tensor keys (relative to the `PeftModel`):
+
+    base_model.xlora_classifier.layers.<i>.{weight,bias}                    classifier, as PEFT's built-in X-LoRA
+    base_model.model.<module>.xlora_experts.<expert>.lora_A   (r, in)       an expert's factors on one module
+    base_model.model.<module>.xlora_experts.<expert>.lora_B   (out, r)
+
+The model itself holds each module's experts stacked (`XLoraLayer.xlora_A`, (R, in)); saving splits the stacks per
+expert and loading joins them again. Per-expert keys let an expert be replaced at load time by one of another rank or
+other target modules, and let the experts be exported as plain LoRA adapters. Keys are built from the module and expert
+names, never parsed, so expert names may contain any character.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .layer import XLoraLayer
+
+if TYPE_CHECKING:
+    from .config import XLoraConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"
+CLASSIFIER_PREFIX = "base_model.xlora_classifier."
+EXPERT_INFIX = "xlora_experts"
+PEFT_PREFIX = "base_model.model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, truncated, or does not match the model it should load into."""
+
+
+# ---------------------------------------------------------------------------------------------------- the layout
+
+
+def expert_key(module_key: str, expert: str, part: str) -> str:
+    """The checkpoint key of one expert's factor on one module.
+
+    Args:
+        module_key: The module's key prefix, e.g. ``base_model.model.model.layers.0.self_attn.q_proj``.
+        expert: The expert's name.
+        part: ``"A"`` or ``"B"``.
+    """
+    return f"{module_key}.{EXPERT_INFIX}.{expert}.lora_{part}"
+
+
+def rank_bounds(layer: XLoraLayer, position: int) -> tuple[int, int]:
+    """Rows (of `xlora_A`) / columns (of `xlora_B`) that hold the `position`-th expert of `layer`."""
+    start = sum(layer.ranks[:position])
+    return start, start + layer.ranks[position]
+
+
+def _mixture_layers(model: nn.Module) -> Iterator[tuple[str, XLoraLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, XLoraLayer):
+            yield name, module
+
+
+def _expert_names(model: nn.Module, config: XLoraConfig) -> list[str]:
+    # The tuner's list is the order the mixture layers index into; the config's is the same unless it was edited.
+    from .model import XLoraModel
+
+    for module in model.modules():
+        if isinstance(module, XLoraModel):
+            return list(module.expert_names)
+    return list(config.adapters)
+
+
+def split_experts(
+    model: nn.Module, config: XLoraConfig, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Model state dict (stacked experts) -> checkpoint state dict (one A/B pair per expert and module).
+
+    Args:
+        model: The `PeftModel` (or any module holding the mixture layers under the names used in `state_dict`).
+        config: Its X-LoRA config.
+        state_dict: The X-LoRA entries of the model's state dict (classifier and stacked factors).
+
+    Returns:
+        The checkpoint entries: classifier entries unchanged, stacked factors split per expert.
+    """
+    names = _expert_names(model, config)
+    out = dict(state_dict)
+    for module_key, layer in _mixture_layers(model):
+        stacked_a = out.pop(f"{module_key}.xlora_A", None)
+        stacked_b = out.pop(f"{module_key}.xlora_B", None)
+        if stacked_a is None or stacked_b is None:
+            continue  # not part of this state dict (e.g. a partial one)
+        for position, index in enumerate(layer.expert_indices):
+            start, stop = rank_bounds(layer, position)
+            # clone: safetensors refuses views that share storage with other saved tensors
+            out[expert_key(module_key, names[index], "A")] = stacked_a[start:stop].clone()  # (r, in)
+            out[expert_key(module_key, names[index], "B")] = stacked_b[:, start:stop].clone()  # (out, r)
+    return out
+
+
+def join_experts(
+    model: nn.Module,
+    config: XLoraConfig,
+    state_dict: dict[str, torch.Tensor],
+    replaced: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Checkpoint state dict -> model state dict, checking that it holds exactly what the model needs.
+
+    Args:
+        model: The `PeftModel` the weights are loaded into.
+        config: Its X-LoRA config.
+        state_dict: The checkpoint's tensors.
+        replaced: Expert name -> `Expert` (from `experts.load_expert`) for experts whose source was swapped at load
+            time: their factors come from there, and the checkpoint's tensors for them are ignored.
+
+    Returns:
+        The model's keys -> tensors: the classifier entries and one stacked (A, B) pair per mixture layer.
+
+    Raises:
+        CheckpointError: Tensors are missing, unexpected, or have the wrong shape.
+    """
+    replaced = replaced or {}
+    names = _expert_names(model, config)
+    remaining = dict(state_dict)
+    for name in replaced:  # the checkpoint's copy of a replaced expert is not used
+        infix = f".{EXPERT_INFIX}.{name}.lora_"
+        for key in [k for k in remaining if infix in k]:
+            del remaining[key]
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    wrong_shape: list[str] = []
+    prefixed = any(k.startswith(PEFT_PREFIX) for k in state_dict)
+    for module_key, layer in _mixture_layers(model):
+        # Keys are saved relative to the PeftModel; a model without that wrapper sees them without the prefix.
+        ckpt_module = module_key if module_key.startswith("base_model.") or not prefixed else PEFT_PREFIX + module_key
+        module_name = module_key.removeprefix(PEFT_PREFIX)
+        parts_a, parts_b = [], []
+        for position, index in enumerate(layer.expert_indices):
+            name = names[index]
+            start, stop = rank_bounds(layer, position)
+            if name in replaced:
+                lora = replaced[name].modules[module_name]
+                a, b = lora.A, lora.B
+            else:
+                key_a, key_b = expert_key(ckpt_module, name, "A"), expert_key(ckpt_module, name, "B")
+                a, b = remaining.pop(key_a, None), remaining.pop(key_b, None)
+                for key, tensor, shape in (
+                    (key_a, a, (stop - start, layer.in_features)),
+                    (key_b, b, (layer.out_features, stop - start)),
+                ):
+                    if tensor is None:
+                        missing.append(key)
+                    elif tuple(tensor.shape) != shape:
+                        wrong_shape.append(f"{key}: {tuple(tensor.shape)} in the checkpoint, {shape} in the model")
+                if a is None or b is None:
+                    continue
+            parts_a.append(a)
+            parts_b.append(b)
+        if len(parts_a) == len(layer.expert_indices):
+            dtype = parts_a[0].dtype if parts_a else layer.xlora_A.dtype
+            out[f"{module_key}.xlora_A"] = torch.cat([p.to(dtype) for p in parts_a], dim=0)  # (R, in)
+            out[f"{module_key}.xlora_B"] = torch.cat([p.to(dtype) for p in parts_b], dim=1)  # (out, R)
+
+    classifier_keys = _classifier_keys(model)
+    for model_key in classifier_keys:
+        ckpt_key = model_key if model_key.startswith("base_model.") else "base_model." + model_key
+        tensor = remaining.pop(ckpt_key, None)
+        if tensor is None:
+            missing.append(ckpt_key)
+        else:
+            expected = tuple(model.get_parameter(model_key).shape)
+            if tuple(tensor.shape) != expected:
+                wrong_shape.append(f"{ckpt_key}: {tuple(tensor.shape)} in the checkpoint, {expected} in the model")
+            out[model_key] = tensor
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {missing[:3]})")
+    if remaining:
+        problems.append(f"{len(remaining)} unexpected tensors (e.g. {sorted(remaining)[:3]})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} with the wrong shape ({'; '.join(wrong_shape[:3])})")
+    if problems:
+        raise CheckpointError(
+            f"The X-LoRA weights do not match the model that {CONFIG_NAME} describes: " + ", ".join(problems) + ". "
+            f"Was {WEIGHTS_NAME} or {CONFIG_NAME} replaced, truncated, or written for another base model?"
+        )
+    return out
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    from .model import XLoraModel
+
+    for name, module in model.named_modules():
+        if isinstance(module, XLoraModel):
+            prefix = f"{name}.xlora_classifier." if name else "xlora_classifier."
+            return [prefix + k for k, _ in module.xlora_classifier.named_parameters()]
+    return []
+
+
+def restore_saved_dtypes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Gives each X-LoRA parameter the dtype it was saved in, so that a reload is bit-exact.
+
+    A model trained on a bf16 base keeps its trainable weights in float32 (PEFT's `autocast_adapter_dtype`); loading
+    that checkpoint for inference would otherwise round them to bf16.
+    """
+    for key, tensor in state_dict.items():
+        try:
+            param = model.get_parameter(key)
+        except AttributeError:
+            continue
+        if param.dtype != tensor.dtype and tensor.is_floating_point():
+            param.data = param.data.to(tensor.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- checking files
+
+
+def check_safetensors_file(path: str) -> None:
+    """Reads a safetensors file's header and checks that the file holds all the bytes the header promises.
+
+    Raises:
+        CheckpointError: The file is missing, is not safetensors, or is truncated; the message names the file.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist.")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, not even a safetensors header.")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims {header_len} bytes but the file "
+                f"has {size}."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file (unreadable header: {exc}).") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its tensors need {8 + header_len + end} bytes but the file has {size}. "
+            "The save that wrote it was interrupted; use the previous checkpoint or save again."
+        )
+
+
+def check_checkpoint_dir(path: str, allow_pickle: bool = False) -> None:
+    """Checks a local X-LoRA checkpoint folder before PEFT reads it.
+
+    Args:
+        path: The folder.
+        allow_pickle: Accept `adapter_model.bin` (read by PEFT with `torch.load(weights_only=True)`) when there is no
+            safetensors file.
+
+    Raises:
+        CheckpointError: A file is missing, truncated or unreadable, or only a pickle file is present and
+            `allow_pickle` is False.
+    """
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path} does not exist: {path} is not a saved X-LoRA checkpoint.")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON ({exc}); the file is damaged or truncated.") from exc
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if os.path.exists(weights):
+        check_safetensors_file(weights)
+        return
+    if os.path.exists(os.path.join(path, PICKLE_WEIGHTS_NAME)):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when read. peft-xlora "
+                f"reads only safetensors by default. If you trust its origin, pass `allow_pickle=True` (it is then "
+                "read with torch.load(weights_only=True)), or convert it to safetensors."
+            )
+        return
+    raise CheckpointError(f"{weights} does not exist: the checkpoint has a config but no weights.")
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def save_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
+    """Saves an X-LoRA `PeftModel` so that a failure at any point leaves the folder's previous contents intact.
+
+    Everything is written to a new folder beside `save_directory`, checked by reading it back, and only then renamed
+    into place. If `save_directory` existed, it is first renamed to a backup that is deleted once the new folder is in
+    place; should the process die between the two renames, the backup (``<dir>.xlora-old-*``) holds the old checkpoint.
+
+    Args:
+        model: The `PeftModel` with X-LoRA.
+        save_directory: The checkpoint folder.
+        **kwargs: Passed to `PeftModel.save_pretrained` (e.g. `is_main_process`). `safe_serialization=False` is
+            refused: checkpoints are safetensors only.
+    """
+    if kwargs.get("safe_serialization", True) is False:
+        raise ValueError("peft-xlora saves safetensors only; drop `safe_serialization=False`.")
+    if not kwargs.get("is_main_process", True):
+        return
+    kwargs.setdefault("save_embedding_layers", False)  # experts never change base weights (checked at build)
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.isfile(target):
+        raise ValueError(f"{target} is a file; give a folder to save the checkpoint in.")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.xlora-tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        write_model_card(model, tmp)
+        check_checkpoint_dir(tmp)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(path: str) -> None:
+    # The rename must not reach the disk before the data it points to.
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _replace_dir(new: str, target: str) -> None:
+    if not os.path.exists(target):
+        os.rename(new, target)
+        return
+    backup = f"{target}.xlora-old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, backup)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+
+
+def write_model_card(model: nn.Module, directory: str, repo_id: str | None = None) -> None:
+    """Writes (or rewrites) README.md with the metadata and usage of an X-LoRA checkpoint.
+
+    Args:
+        model: The X-LoRA `PeftModel`.
+        directory: The checkpoint folder.
+        repo_id: Hub id used in the usage snippet; the folder path when None.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
+    config = model.peft_config[getattr(model, "active_adapter", "default")]
+    base = config.base_model_name_or_path
+    location = repo_id or "path/to/this/checkpoint"
+    tags = ["peft", "peft-xlora", "x-lora", "lora", "mixture-of-experts"]
+    data = ModelCardData(library_name="peft", base_model=base, tags=tags, pipeline_tag=_pipeline_tag(config))
+    experts = "\n".join(f"- `{name}`" for name in config.adapters)
+    usage = "\n".join(
+        [
+            "```python",
+            "import peft_xlora  # registers X-LoRA with PEFT; import it before loading",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base or "<base model>"}")',
+            f'model = PeftModel.from_pretrained(base, "{location}")',
+            "```",
+        ]
+    )
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# X-LoRA adapter\n\n"
+        f"An X-LoRA mixture of {len(config.adapters)} LoRA experts over `{base}`, saved with peft-xlora "
+        f"{__version__}. The folder holds the gating classifier and every expert's weights; loading it needs no "
+        f"other files.\n\n## Experts\n\n{experts}\n\n## Usage\n\n{usage}\n"
+    )
+    ModelCard(text).save(os.path.join(directory, CARD_NAME))
+
+
+def _pipeline_tag(config: XLoraConfig) -> str | None:
+    task = getattr(config.task_type, "value", config.task_type)
+    return "text-generation" if task == "CAUSAL_LM" else None
+
+
+# ---------------------------------------------------------------------------------------------------- Hub
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload X-LoRA adapter",
+) -> str:
+    """Uploads the whole checkpoint folder and its model card to the Hub in one commit.
+
+    `PeftModel.push_to_hub` goes through transformers' card writer, which can replace the card; this writes the
+    folder with `save_pretrained` and uploads exactly that.
+
+    Args:
+        model: The X-LoRA `PeftModel`.
+        repo_id: ``user/name``; created if missing.
+        private: Visibility of a newly created repo.
+        token: Hub token; the stored login when None.
+        revision: Branch to commit to.
+        commit_message: The commit message.
+
+    Returns:
+        The URL of the commit.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "checkpoint")
+        save_pretrained(model, folder)
+        write_model_card(model, folder, repo_id=repo_id)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message
+        )
+    return str(getattr(info, "commit_url", info))
