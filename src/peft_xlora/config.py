@@ -38,8 +38,9 @@ class XLoraConfig(PeftConfig):
         global_scaling_weight: Multiplies every scaling after the gate.
         scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
             generated tokens (see the generation docs).
-        experts: Filled in when the model is built and saved with it: for each expert, the PEFT `LoraConfig` (as a
-            dict) that describes its layers. Used to rebuild the experts from a checkpoint without their sources.
+        experts: Filled in when the model is built (in the model's copy of the config) and saved with it: for each
+            expert, the PEFT `LoraConfig` (as a dict) that describes its layers. A config that has it describes a
+            checkpoint: the model built from it takes the experts' weights from that checkpoint, not from `adapters`.
     """
 
     adapters: dict[str, str] = field(
@@ -73,7 +74,6 @@ class XLoraConfig(PeftConfig):
     peft_xlora_version: str | None = field(
         default=None, metadata={"help": "Version of peft-xlora that saved this config; set on save."}
     )
-
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,20 +152,6 @@ class XLoraConfig(PeftConfig):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Loads a saved config; the model built from it takes its experts from the checkpoint, not the sources.
-
-        Args:
-            pretrained_model_name_or_path: Folder or Hub id holding `adapter_config.json`.
-            subfolder: Subfolder inside it.
-            **kwargs: Hub download options and config overrides, as for `PeftConfig.from_pretrained`.
-        """
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if isinstance(config, XLoraConfig):
-            config._from_checkpoint = True
-        return config
 
 
 def _source_str(name: str, source: Union[str, os.PathLike, None]) -> Optional[str]:

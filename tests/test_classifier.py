@@ -1,0 +1,52 @@
+"""The gating classifier and the gate (softmax, temperature, top-k) against row-by-row references."""
+
+import pytest
+import torch
+
+from peft_xlora import XLoraConfig
+from peft_xlora.classifier import XLoraClassifier, gate, gate_reference
+
+CASES = [
+    # temperature, enable_softmax, top_k, softmax_topk, global_weight
+    (1.0, True, None, False, 1.0),
+    (0.5, True, None, False, 2.0),
+    (1.0, False, None, False, 1.0),
+    (1.0, True, 2, False, 1.0),
+    (0.7, True, 2, True, 1.0),
+    (1.3, False, 1, True, 0.5),
+    (1.0, False, 3, False, 1.0),
+]
+
+
+@pytest.mark.parametrize(("temperature", "softmax", "top_k", "softmax_topk", "weight"), CASES)
+def test_gate_matches_reference(temperature, softmax, top_k, softmax_topk, weight):
+    logits = torch.randn(2, 3, 4, 5)
+    ours = gate(
+        logits, temperature=temperature, enable_softmax=softmax, top_k=top_k, softmax_topk=softmax_topk,
+        global_weight=weight,
+    )
+    ref = gate_reference(logits, temperature, softmax, top_k, softmax_topk, weight)
+    torch.testing.assert_close(ours, ref)
+    if top_k is not None:
+        assert ((ours != 0).sum(-1) == top_k).all()
+    if softmax and top_k is None or softmax_topk:
+        torch.testing.assert_close(ours.sum(-1), torch.full(ours.shape[:-1], weight))
+
+
+def test_gate_is_float32_for_half_inputs():
+    logits = torch.randn(1, 2, 1, 3, dtype=torch.bfloat16)
+    out = gate(logits)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.softmax(logits.float(), -1))
+
+
+@pytest.mark.parametrize(("depth", "layerwise"), [(1, False), (2, True), (4, False)])
+def test_classifier_shapes_and_layer_names(depth, layerwise):
+    config = XLoraConfig(adapters={"a": "x", "b": "y", "c": "z"}, xlora_depth=depth, xlora_size=8,
+                         layerwise_scalings=layerwise)
+    clf = XLoraClassifier(config, hidden_size=16, n_layers=5, n_experts=3)
+    out = clf(torch.randn(2, 7, 16))
+    assert out.shape == (2, 7, 5 if layerwise else 1, 3)
+    linear_names = [n for n, m in clf.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear_names) == depth
+    assert all(n.startswith("layers.") for n in linear_names)  # the layout PEFT's built-in uses
