@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Union
 
 import torch
@@ -11,6 +12,15 @@ from torch import nn
 from .classifier import XLoraClassifier, gate
 from .config import XLoraConfig
 from .experts import Expert, ExpertError, compact_targets, expert_from_config, load_expert
+from .generation import (
+    CACHE_KWARGS,
+    XLoraCache,
+    current_scalings_mode,
+    generation_scope,
+    hold_uncached,
+    input_length,
+    prepare_cache,
+)
 from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
 from .routing import Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
@@ -20,6 +30,7 @@ from .routing import Routing, current_routing, install_carriers, pop_routing, pu
 _NOT_FOR_SCALING_PASS = frozenset(
     {
         "labels",
+        "cache",
         "past_key_values",
         "use_cache",
         "cache_position",
@@ -70,7 +81,11 @@ class XLoraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Loads the experts, swaps mixture layers into `model` and builds the classifier."""
-        config = self.peft_config[adapter_name]
+        # The model keeps its own copy: building fills in `hidden_size` and `experts`, which must not leak into a
+        # config object the caller may reuse for another model.
+        config = copy.copy(self.peft_config[adapter_name])
+        config.adapters = dict(config.adapters)
+        self.peft_config[adapter_name] = config
         if len(self.peft_config) > 1 or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             raise ValueError(
                 "X-LoRA must be the only PEFT adapter on the model: unload other adapters first "
@@ -150,7 +165,7 @@ class XLoraModel(BaseTuner):
             )
 
     def _load_experts(self, config: XLoraConfig, shapes: dict[str, tuple[str, int, int]]) -> list[Expert]:
-        from_checkpoint = getattr(config, "_from_checkpoint", False) and config.experts
+        from_checkpoint = config.experts is not None
         experts = []
         for name, source in config.adapters.items():
             if from_checkpoint:
@@ -251,12 +266,13 @@ class XLoraModel(BaseTuner):
         config = self.xlora_config
         if self._static_scalings is not None:
             return Routing(self._static_scalings[None, None])
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            raise NotImplementedError(
-                "X-LoRA cannot extend a KV cache yet: call `generate(..., use_cache=False)` or run the full sequence."
-            )
-        hidden = self._scaling_pass(args, kwargs)  # (batch, seq, hidden)
+        # With a KV cache, the scaling pass extends its own cache beside the main one (see generation.py); in prompt
+        # mode, decoding steps skip it and reuse the prompt's scalings held in the cache.
+        cache, cache_name = prepare_cache(self.model, kwargs, current_scalings_mode(config.scalings_mode))
+        if cache is not None and not cache.needs_scaling_pass(input_length(args, kwargs) or 0):
+            self._latest_scalings = cache.held_scalings  # (batch, 1, n_layers|1, n_experts)
+            return Routing(cache.held_scalings)
+        hidden = self._scaling_pass(args, kwargs, cache, cache_name)  # (batch, seq, hidden)
         logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
         scalings = gate(
             logits,
@@ -266,18 +282,34 @@ class XLoraModel(BaseTuner):
             softmax_topk=config.enable_softmax_topk,
             global_weight=config.global_scaling_weight,
         )
+        if cache is not None:
+            cache.record(scalings)
+        else:
+            scalings = hold_uncached(scalings)
         self._latest_scalings = scalings.detach()
         return Routing(scalings)
 
     @torch.no_grad()
-    def _scaling_pass(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The last hidden state of the model with every expert at `scaling_pass_value`."""
+    def _scaling_pass(
+        self, args: tuple, kwargs: dict, cache: XLoraCache | None = None, cache_name: str | None = None
+    ) -> torch.Tensor:
+        """The last hidden state of the model with every expert at `scaling_pass_value`.
+
+        Args:
+            args: Positional arguments of the model's forward.
+            kwargs: Keyword arguments of the model's forward.
+            cache: The main pass's cache, whose `scaling_cache` this pass extends; None runs without a cache.
+            cache_name: The keyword the model takes its cache under.
+        """
         value = self.xlora_config.scaling_pass_value
         n = len(self.expert_names)
         routing = None if value == 0 else Routing(torch.full((1, 1, 1, n), float(value)))
         inner = getattr(self.model, "base_model", self.model)
         scaling_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_SCALING_PASS}
-        if "past_key_values" in kwargs or "use_cache" in kwargs:
+        if cache is not None:
+            scaling_kwargs[cache_name] = cache.scaling_cache  # advances by the same tokens as the main cache
+            scaling_kwargs["use_cache"] = True
+        elif "use_cache" in kwargs or any(name in kwargs for name in CACHE_KWARGS):
             scaling_kwargs["use_cache"] = False
         with_flag = Routing(routing.scalings if routing else None, scaling_pass=True)
         push_routing(with_flag)
@@ -292,10 +324,17 @@ class XLoraModel(BaseTuner):
         """Runs the X-LoRA forward (the hooks on the model add the scaling pass)."""
         return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Generates with the X-LoRA gate applied to every step."""
-        kwargs["use_cache"] = False
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, scalings_mode: str | None = None, **kwargs: Any) -> Any:
+        """Generates with the X-LoRA gate, caching both passes when the model caches (see docs/generation.md).
+
+        Args:
+            *args: Passed to the transformers model's `generate`.
+            scalings_mode: ``"token"`` or ``"prompt"`` for this call; None uses the config's `scalings_mode`.
+            **kwargs: Passed to the transformers model's `generate`; `use_cache=False` generates without a cache.
+        """
+        mode = self.xlora_config.scalings_mode if scalings_mode is None else scalings_mode
+        with generation_scope(mode, input_length(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ enabling / unloading
 

@@ -1,0 +1,346 @@
+"""Cached generation for X-LoRA: a KV cache for the scaling pass beside the main one, and prompt-level scalings.
+
+Every part of X-LoRA is causal: the scaling pass is a causal decoder, the classifier and the gate act on each token
+alone, and the main pass is a causal decoder again. So a new token's scalings depend only on the tokens before it, and
+both passes can be cached exactly. `XLoraCache` is the main pass's `DynamicCache` that also carries the scaling pass's
+cache; it overrides the methods transformers' generation utilities call to rearrange a cache (beam reordering,
+cropping, batch selection) so that both caches, and the held prompt scalings, always describe the same sequences.
+
+Two granularities (`XLoraConfig.scalings_mode`, or `generate(..., scalings_mode=...)` per call):
+
+* ``"token"``: every token gets its own scalings; each decoding step runs the scaling pass and the main pass on the
+  new token, both against their caches. Exactly equal (within float tolerance) to the uncached forward.
+* ``"prompt"``: the prompt is routed per token as in token mode; the last prompt token's scalings are then held for
+  every later token of the cache, and decoding steps run the main pass only. "The prompt" is everything the cache
+  receives before its first single-token step (so a chunked prefill is one prompt); the scaling pass's cache is
+  dropped at that step. Without a cache, `generate` holds the scalings of the last token of the `generate` input, which
+  gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .config import ScalingsMode
+
+SCALINGS_MODES: tuple[str, ...] = ("token", "prompt")
+
+# Names a transformers forward may use for its KV cache: `cache` in transformers >= 5.2x, `past_key_values` before
+# (still accepted, deprecated).
+CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
+
+
+def check_scalings_mode(mode: str) -> str:
+    """Returns `mode` if it is a known scalings mode, otherwise raises a `ValueError` listing them."""
+    if mode not in SCALINGS_MODES:
+        raise ValueError(f"`scalings_mode` must be one of {list(SCALINGS_MODES)}, got {mode!r}.")
+    return mode
+
+
+class XLoraCache(DynamicCache):
+    """A `DynamicCache` for the main pass that also holds the scaling pass's cache and the held prompt scalings.
+
+    The X-LoRA model creates it (or turns an empty `DynamicCache` it is given into one, in place), so users normally
+    never build it; passing `XLoraCache(config=model.config)` as `cache` works too.
+
+    Args:
+        *args: Passed to `DynamicCache`.
+        scalings_mode: ``"token"`` or ``"prompt"`` (see the module docstring).
+        **kwargs: Passed to `DynamicCache` (e.g. `config`); the scaling pass's cache is built with the same `config`.
+
+    Attributes:
+        scalings_mode: The granularity this cache is used with.
+        scaling_cache: The scaling pass's `DynamicCache`, the same length as this one; None once prompt mode holds its
+            scalings (its keys and values are no longer needed).
+        held_scalings: In prompt mode, (batch, 1, n_layers|1, n_experts) scalings of the last prompt token; None
+            before the prompt or in token mode.
+    """
+
+    def __init__(self, *args: Any, scalings_mode: ScalingsMode = "token", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_xlora(scalings_mode, kwargs.get("config"))
+
+    def _init_xlora(self, scalings_mode: str, config: Any) -> None:
+        self.scalings_mode = check_scalings_mode(scalings_mode)
+        self._model_config = config
+        self.scaling_cache: DynamicCache | None = DynamicCache(config=config)
+        self.held_scalings: torch.Tensor | None = None
+
+    @classmethod
+    def upgrade(cls, cache: DynamicCache, scalings_mode: str, config: Any = None) -> XLoraCache:
+        """Turns an empty plain `DynamicCache` into an `XLoraCache`, in place, so the caller's reference stays valid.
+
+        Changing the class of a live object is what FSDP2's `fully_shard` does to modules; it is safe here because
+        `XLoraCache` only adds attributes and extends methods of `DynamicCache`.
+        """
+        if type(cache) is not DynamicCache or cache.get_seq_length() > 0:
+            raise TypeError("Only an empty, plain DynamicCache can become an XLoraCache.")
+        cache.__class__ = cls
+        cache._init_xlora(scalings_mode, config)
+        return cache
+
+    @property
+    def holds_scalings(self) -> bool:
+        """True once prompt mode has dropped the scaling pass's cache and holds the prompt's scalings."""
+        return self.scaling_cache is None
+
+    def set_scalings_mode(self, mode: str) -> None:
+        """Switches granularity; a cache that holds prompt scalings cannot go back to token mode."""
+        check_scalings_mode(mode)
+        if mode == self.scalings_mode:
+            return
+        if mode == "token" and self.holds_scalings:
+            raise ValueError(
+                "This cache was generated with scalings_mode='prompt': the scaling pass has no cache for its "
+                "generated tokens, so it cannot continue in token mode. Start from a new cache (or none)."
+            )
+        self.scalings_mode = mode
+        self.held_scalings = None
+
+    def needs_scaling_pass(self, n_new_tokens: int) -> bool:
+        """Whether the next forward (of `n_new_tokens` tokens) runs the scaling pass; in prompt mode, may hold.
+
+        Called before the forward, while this cache still has its old length.
+        """
+        if self.scalings_mode == "token":
+            return True
+        if self.holds_scalings:
+            return False
+        if n_new_tokens == 1 and self.get_seq_length() > 0 and self.held_scalings is not None:
+            self.scaling_cache = None  # the first decoding step: the prompt is complete
+            return False
+        return True
+
+    def sync_scaling_cache(self) -> None:
+        """Brings the scaling pass's cache to this cache's length before a forward that extends both.
+
+        The scaling pass runs first; if the main pass then failed, the scaling cache is ahead and is cropped back.
+        A scaling cache that is behind missed tokens (they ran with static scalings or with the adapter disabled),
+        which cannot be recovered.
+        """
+        if self.scaling_cache is None:
+            return
+        ahead = self.scaling_cache.get_seq_length() - self.get_seq_length()
+        if ahead > 0:
+            self.scaling_cache.crop(-ahead)
+        elif ahead < 0:
+            raise RuntimeError(
+                f"The X-LoRA scaling pass's cache holds {self.get_seq_length() + ahead} tokens but the main cache "
+                f"holds {self.get_seq_length()}: some tokens were processed with static scalings or with the adapter "
+                "disabled, so their routing was never computed. Start from a new cache (or none)."
+            )
+
+    def record(self, scalings: torch.Tensor) -> None:
+        """Keeps the last token's scalings in prompt mode. `scalings` is (batch, seq, n_layers|1, n_experts)."""
+        if self.scalings_mode == "prompt":
+            self.held_scalings = scalings[:, -1:].detach()  # (batch, 1, n_layers|1, n_experts)
+
+    # transformers' generation utilities rearrange caches through these methods: both caches and the held scalings
+    # follow, so every row of each always belongs to the same sequence.
+
+    def reset(self) -> None:
+        """Empties both caches and forgets the held scalings."""
+        super().reset()
+        if self.scaling_cache is not None:
+            self.scaling_cache.reset()
+        else:
+            self.scaling_cache = DynamicCache(config=self._model_config)
+        self.held_scalings = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorders both caches (and the held scalings) along the batch for beam search."""
+        super().reorder_cache(beam_idx)
+        if self.scaling_cache is not None:
+            self.scaling_cache.reorder_cache(beam_idx)
+        if self.held_scalings is not None:
+            self.held_scalings = self.held_scalings.index_select(0, beam_idx.to(self.held_scalings.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last `-tokens_to_remove` tokens from both caches."""
+        super().crop(tokens_to_remove)
+        if self.scaling_cache is not None:
+            self.scaling_cache.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeats every row `repeats` times in both caches and the held scalings."""
+        super().batch_repeat_interleave(repeats)
+        if self.scaling_cache is not None:
+            self.scaling_cache.batch_repeat_interleave(repeats)
+        if self.held_scalings is not None:
+            self.held_scalings = self.held_scalings.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps only the rows `indices` in both caches and the held scalings."""
+        super().batch_select_indices(indices)
+        if self.scaling_cache is not None:
+            self.scaling_cache.batch_select_indices(indices)
+        if self.held_scalings is not None:
+            self.held_scalings = self.held_scalings[indices.to(self.held_scalings.device)]
+
+
+@dataclass(frozen=True)
+class GenerationScope:
+    """What `XLoraModel.generate` tells the forwards it makes.
+
+    Attributes:
+        scalings_mode: The granularity of this call.
+        prompt_length: Length of the `generate` input; without a cache, prompt mode holds that position's scalings.
+    """
+
+    scalings_mode: str
+    prompt_length: int | None
+
+
+_SCOPE: ContextVar[GenerationScope | None] = ContextVar("peft_xlora_generation", default=None)
+
+
+def current_scope() -> GenerationScope | None:
+    """The scope of the `generate` call running in this context, or None."""
+    return _SCOPE.get()
+
+
+@contextlib.contextmanager
+def generation_scope(scalings_mode: str, prompt_length: int | None) -> Iterator[None]:
+    """Makes a `GenerationScope` current for the enclosed `generate` call."""
+    token = _SCOPE.set(GenerationScope(check_scalings_mode(scalings_mode), prompt_length))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def input_length(args: tuple, kwargs: dict) -> int | None:
+    """Number of tokens of a forward's (or `generate`'s) input, from its ids or embeddings; None if not found."""
+    for key in ("input_ids", "inputs_embeds", "inputs"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[1] if value.dim() > 1 else None
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1:
+        return args[0].shape[1]
+    return None
+
+
+def hold_after(scalings: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Replaces the scalings of positions >= `prompt_length` by those of position `prompt_length - 1`.
+
+    Args:
+        scalings: (batch, seq, n_layers|1, n_experts), seq > prompt_length.
+        prompt_length: Number of prompt tokens (>= 1).
+
+    Returns:
+        (batch, seq, n_layers|1, n_experts): the prompt routed per token, everything after held.
+    """
+    held = scalings[:, prompt_length - 1 : prompt_length]  # (batch, 1, n_layers|1, n_experts)
+    tail = held.expand(-1, scalings.shape[1] - prompt_length, -1, -1)
+    return torch.cat([scalings[:, :prompt_length], tail], dim=1)
+
+
+def _cache_kwarg_name(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache under."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins or odd wrappers
+        return CACHE_KWARGS[0]
+    return next((name for name in CACHE_KWARGS if name in params), CACHE_KWARGS[0])
+
+
+def _decoder_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def _creates_cache(model: nn.Module, kwargs: dict) -> bool:
+    """Whether this forward of `model` builds and returns a KV cache of its own (a decoder with `use_cache` on).
+
+    Not in training mode: a cache returned there is not extended, and the scaling pass's keys and values would only
+    add memory to the training step.
+    """
+    if model.training:
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        return False
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(_decoder_config(model), "use_cache", False)
+    return bool(use_cache)
+
+
+def prepare_cache(model: nn.Module, kwargs: dict, scalings_mode: str) -> tuple[XLoraCache | None, str | None]:
+    """Finds or makes the `XLoraCache` of a forward of `model`, before its scaling pass.
+
+    A forward that will return a cache gets an `XLoraCache` (written into `kwargs`, which the forward then uses), so
+    the cache it returns can be extended exactly. An empty plain `DynamicCache` given by the caller (transformers'
+    `generate` makes one) becomes an `XLoraCache` in place.
+
+    Args:
+        model: The transformers model whose forward is about to run.
+        kwargs: That forward's keyword arguments; may be modified.
+        scalings_mode: The granularity wanted for this forward.
+
+    Returns:
+        (the cache, or None when the forward runs without one; the keyword it is passed under).
+
+    Raises:
+        ValueError: The caller passed a cache X-LoRA cannot extend (already filled without the scaling pass, or not
+            a dynamic cache).
+    """
+    name = next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
+    if name is None:
+        if not _creates_cache(model, kwargs):
+            return None, None
+        name = _cache_kwarg_name(model)
+        kwargs[name] = XLoraCache(config=_decoder_config(model), scalings_mode=scalings_mode)
+        return kwargs[name], name
+    cache = kwargs[name]
+    if isinstance(cache, XLoraCache):
+        cache.set_scalings_mode(scalings_mode)
+        cache.sync_scaling_cache()
+        return cache, name
+    if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+        return XLoraCache.upgrade(cache, scalings_mode, _decoder_config(model)), name
+    raise ValueError(
+        f"X-LoRA cannot extend this {type(cache).__name__}: its scaling pass needs its own cache of the same tokens. "
+        "Pass no cache or an empty DynamicCache to the first forward (or `generate`) and reuse the XLoraCache it "
+        "returns; static, quantized and offloaded cache implementations are not supported."
+    )
+
+
+def current_scalings_mode(default: str) -> str:
+    """The scalings mode of the running `generate` call, or `default` (the config's) outside one."""
+    scope = _SCOPE.get()
+    return scope.scalings_mode if scope is not None else default
+
+
+def hold_uncached(scalings: torch.Tensor) -> torch.Tensor:
+    """Prompt mode without a cache: inside `generate`, holds the last prompt token's scalings for later positions.
+
+    Each uncached step sees the whole sequence; holding position `prompt_length - 1` gives every generated token the
+    scalings the cached path holds, so both paths produce the same tokens.
+
+    Args:
+        scalings: (batch, seq, n_layers|1, n_experts) of one forward.
+
+    Returns:
+        The same shape; unchanged outside a prompt-mode `generate` call or when seq does not extend the prompt.
+    """
+    scope = _SCOPE.get()
+    if scope is None or scope.scalings_mode != "prompt" or not scope.prompt_length:
+        return scalings
+    if scalings.shape[1] <= scope.prompt_length:
+        return scalings
+    return hold_after(scalings, scope.prompt_length)
