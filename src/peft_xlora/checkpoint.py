@@ -299,6 +299,72 @@ def check_checkpoint_dir(path: str, allow_pickle: bool = False) -> None:
     raise CheckpointError(f"{weights} does not exist: the checkpoint has a config but no weights.")
 
 
+def check_checkpoint(
+    model_id: str, subfolder: str | None = None, allow_pickle: bool = False, **hub_kwargs: Any
+) -> None:
+    """Checks a checkpoint folder or Hub repo before PEFT reads it (see `check_checkpoint_dir`).
+
+    For a Hub repo the weights file is downloaded into the Hub cache (where PEFT then finds it) and checked there.
+
+    Args:
+        model_id: Local folder or Hub id.
+        subfolder: Subfolder inside it.
+        allow_pickle: Accept a pickle-only checkpoint.
+        **hub_kwargs: Options for `hf_hub_download` (revision, token, cache_dir, ...); others are ignored.
+    """
+    local = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(local):
+        check_checkpoint_dir(local, allow_pickle=allow_pickle)
+        return
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    names = inspect.signature(hf_hub_download).parameters
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in names and k not in ("repo_id", "filename", "subfolder")}
+    try:
+        path = hf_hub_download(model_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+    except EntryNotFoundError:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{model_id} has no {WEIGHTS_NAME}. peft-xlora reads only safetensors by default; if the repo holds "
+                f"a {PICKLE_WEIGHTS_NAME} you trust, pass `allow_pickle=True`."
+            ) from None
+        return
+    check_safetensors_file(path)
+
+
+def replace_experts(config: XLoraConfig, sources: dict[str, str]) -> None:
+    """Makes a loaded checkpoint config take some experts from other LoRA adapters instead of the checkpoint.
+
+    The replacement may have another rank or other target modules; its LoRA config replaces the saved one, and its
+    weights are used when the checkpoint is loaded (`join_experts`).
+
+    Args:
+        config: The config just read from the checkpoint.
+        sources: Expert name -> LoRA folder or Hub id.
+
+    Raises:
+        ValueError: A name is not an expert of the checkpoint.
+    """
+    from .experts import load_expert
+
+    unknown = sorted(set(sources) - set(config.adapters))
+    if unknown:
+        raise ValueError(
+            f"`expert_sources` names {unknown}, which are not experts of this checkpoint; its experts are "
+            f"{list(config.adapters)}."
+        )
+    replaced = dict(getattr(config, "_replaced_experts", {}))
+    for name, source in sources.items():
+        expert = load_expert(name, os.fspath(source))
+        config.adapters[name] = os.fspath(source)
+        config.experts[name] = expert.config_dict()
+        replaced[name] = expert
+    config._replaced_experts = replaced
+
+
 # ---------------------------------------------------------------------------------------------------- saving
 
 
@@ -446,7 +512,5 @@ def push_to_hub(
         folder = os.path.join(tmp, "checkpoint")
         save_pretrained(model, folder)
         write_model_card(model, folder, repo_id=repo_id)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message
-        )
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))

@@ -123,9 +123,40 @@ class XLoraConfig(PeftConfig):
         from . import __version__
 
         out = super().to_dict()
+        # A checkpoint carries its experts; local source paths would only leak this machine's layout. Hub ids stay.
+        out["adapters"] = {name: _portable_source(src) for name, src in self.adapters.items()}
         out["expert_order"] = list(self.adapters)
         out["peft_xlora_version"] = __version__
         return out
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> XLoraConfig:
+        """Loads the config of a saved X-LoRA checkpoint, after checking that its files are complete.
+
+        The model built from it takes every expert from the checkpoint. To use another LoRA for some expert instead
+        (another rank or other target modules are fine), pass `expert_sources`; `PeftModel.from_pretrained` forwards
+        it here.
+
+        Args:
+            pretrained_model_name_or_path: Folder or Hub id of the checkpoint.
+            subfolder: Subfolder inside it.
+            **kwargs: `expert_sources` (expert name -> LoRA folder or Hub id), `allow_pickle` (accept a checkpoint
+                that has only `adapter_model.bin`; default False), Hub download options, config overrides.
+
+        Raises:
+            peft_xlora.checkpoint.CheckpointError: A file is missing, truncated, or pickle-only without opt-in.
+        """
+        from .checkpoint import check_checkpoint, replace_experts
+
+        expert_sources = kwargs.pop("expert_sources", None)
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        check_checkpoint(pretrained_model_name_or_path, subfolder=subfolder, allow_pickle=allow_pickle, **kwargs)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if expert_sources:
+            replace_experts(config, expert_sources)
+        return config
 
     def _check_numbers(self) -> None:
         n = len(self.adapters)
@@ -152,6 +183,12 @@ class XLoraConfig(PeftConfig):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
+
+
+def _portable_source(source: str | None) -> str | None:
+    if source is None or os.path.isabs(source) or os.path.exists(source) or source.startswith("."):
+        return None
+    return source
 
 
 def _source_str(name: str, source: Union[str, os.PathLike, None]) -> Optional[str]:
