@@ -23,6 +23,7 @@ from .generation import (
 )
 from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
+from .scalings_log import ScalingsLogMixin
 from .routing import Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
 
 # Keyword arguments of a model's forward that concern only the head, the cache or the output format: the scaling
@@ -43,7 +44,7 @@ _NOT_FOR_SCALING_PASS = frozenset(
 )
 
 
-class XLoraModel(BaseTuner):
+class XLoraModel(ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -270,6 +271,7 @@ class XLoraModel(BaseTuner):
         # mode, decoding steps skip it and reuse the prompt's scalings held in the cache.
         cache, cache_name = prepare_cache(self.model, kwargs, current_scalings_mode(config.scalings_mode))
         if cache is not None and not cache.needs_scaling_pass(input_length(args, kwargs) or 0):
+            self._log_scalings(self._latest_scalings)
             self._latest_scalings = cache.held_scalings  # (batch, 1, n_layers|1, n_experts)
             return Routing(cache.held_scalings)
         hidden = self._scaling_pass(args, kwargs, cache, cache_name)  # (batch, seq, hidden)
@@ -286,6 +288,7 @@ class XLoraModel(BaseTuner):
             cache.record(scalings)
         else:
             scalings = hold_uncached(scalings)
+        self._log_scalings(self._latest_scalings)
         self._latest_scalings = scalings.detach()
         return Routing(scalings)
 
@@ -402,6 +405,21 @@ class XLoraModel(BaseTuner):
     def get_topk_lora(self) -> Optional[int]:
         """The current top-k (None: dense)."""
         return self.xlora_config.top_k_lora
+    def set_use_trainable_adapters(self, use_trainable_adapters: bool) -> None:
+        """Makes the experts' stacked LoRA factors trainable or frozen. Saved with the config.
+
+        Only the declared factors (`XLoraLayer.adapter_layer_names`) change; the classifier and base model keep their
+        `requires_grad`.
+        """
+        self.xlora_config.use_trainable_adapters = bool(use_trainable_adapters)
+        for layer in self.mixture_layers():
+            for name in layer.adapter_layer_names:
+                getattr(layer, name).requires_grad_(bool(use_trainable_adapters))
+
+    def get_use_trainable_adapters(self) -> bool:
+        """Whether the experts' LoRA factors are trained (the config's `use_trainable_adapters`)."""
+        return self.xlora_config.use_trainable_adapters
+
 
     def set_global_scaling_weight(self, weight: float) -> None:
         """Multiplies every scaling by `weight`. Saved with the config."""
