@@ -23,8 +23,8 @@ from .generation import (
 )
 from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
-from .scalings_log import ScalingsLogMixin
 from .routing import Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
+from .scalings_log import ScalingsLogMixin
 
 # Keyword arguments of a model's forward that concern only the head, the cache or the output format: the scaling
 # pass, which runs the inner model once for its last hidden state, leaves them out.
@@ -271,8 +271,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         # mode, decoding steps skip it and reuse the prompt's scalings held in the cache.
         cache, cache_name = prepare_cache(self.model, kwargs, current_scalings_mode(config.scalings_mode))
         if cache is not None and not cache.needs_scaling_pass(input_length(args, kwargs) or 0):
-            self._log_scalings(self._latest_scalings)
             self._latest_scalings = cache.held_scalings  # (batch, 1, n_layers|1, n_experts)
+            self._log_scalings(self._latest_scalings)
             return Routing(cache.held_scalings)
         hidden = self._scaling_pass(args, kwargs, cache, cache_name)  # (batch, seq, hidden)
         logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
@@ -288,8 +288,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             cache.record(scalings)
         else:
             scalings = hold_uncached(scalings)
-        self._log_scalings(self._latest_scalings)
         self._latest_scalings = scalings.detach()
+        self._log_scalings(self._latest_scalings)
         return Routing(scalings)
 
     @torch.no_grad()
@@ -405,6 +405,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
     def get_topk_lora(self) -> Optional[int]:
         """The current top-k (None: dense)."""
         return self.xlora_config.top_k_lora
+
     def set_use_trainable_adapters(self, use_trainable_adapters: bool) -> None:
         """Makes the experts' stacked LoRA factors trainable or frozen. Saved with the config.
 
@@ -419,7 +420,6 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
     def get_use_trainable_adapters(self) -> bool:
         """Whether the experts' LoRA factors are trained (the config's `use_trainable_adapters`)."""
         return self.xlora_config.use_trainable_adapters
-
 
     def set_global_scaling_weight(self, weight: float) -> None:
         """Multiplies every scaling by `weight`. Saved with the config."""
