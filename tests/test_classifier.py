@@ -29,7 +29,7 @@ def test_gate_matches_reference(temperature, softmax, top_k, softmax_topk, weigh
     torch.testing.assert_close(ours, ref)
     if top_k is not None:
         assert ((ours != 0).sum(-1) == top_k).all()
-    if softmax and top_k is None or softmax_topk:
+    if (softmax and top_k is None) or softmax_topk:
         torch.testing.assert_close(ours.sum(-1), torch.full(ours.shape[:-1], weight))
 
 

@@ -4,10 +4,10 @@ import threading
 
 import pytest
 import torch
-from conftest import BUILDERS, EXPERT_SPECS, build_xlora, input_ids
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.save_and_load import load_peft_weights
 
+from conftest import BUILDERS, EXPERT_SPECS, build_xlora, input_ids
 from peft_xlora import XLoraConfig, XLoraLayer, XLoraModel
 from peft_xlora.layer import mixture_reference
 

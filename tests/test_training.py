@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conftest import build_xlora, input_ids
 
 MODES = [None, "reentrant", "non_reentrant"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -32,8 +30,8 @@ class XLoraClassifier(nn.Module):
         hidden_size: int,
         n_layers: int,
         n_experts: int,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.n_layers = n_layers
@@ -65,7 +63,7 @@ def gate(
     *,
     temperature: float = 1.0,
     enable_softmax: bool = True,
-    top_k: Optional[int] = None,
+    top_k: int | None = None,
     softmax_topk: bool = False,
     global_weight: float = 1.0,
 ) -> torch.Tensor:
@@ -89,10 +87,8 @@ def gate(
     if top_k is not None and top_k < scalings.shape[-1]:
         kept = torch.topk(z, top_k, dim=-1).indices  # softmax keeps the order, so rank by logits
         mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, kept, True)
-        if softmax_topk:
-            scalings = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1)
-        else:
-            scalings = scalings * mask
+        # softmax_topk renormalises: a softmax over the kept logits only. Otherwise the dropped experts are zeroed.
+        scalings = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1) if softmax_topk else scalings * mask
     elif softmax_topk:
         scalings = torch.softmax(z, dim=-1)
     return scalings * global_weight
@@ -102,7 +98,7 @@ def gate_reference(
     logits: torch.Tensor,
     temperature: float,
     enable_softmax: bool,
-    top_k: Optional[int],
+    top_k: int | None,
     softmax_topk: bool,
     global_weight: float,
 ) -> torch.Tensor:
@@ -120,7 +116,9 @@ def gate_reference(
         keep = sorted(range(len(values)), key=lambda j: -values[j])[: top_k or len(values)]
         if softmax_topk:
             denominator = sum(torch.tensor([values[j] for j in keep]).exp())
-            probs = [float(torch.tensor(values[j]).exp() / denominator) if j in keep else 0.0 for j in range(len(values))]
+            probs = [
+                float(torch.tensor(values[j]).exp() / denominator) if j in keep else 0.0 for j in range(len(values))
+            ]
         else:
             probs = [probs[j] if j in keep else 0.0 for j in range(len(values))]
         out[i] = torch.tensor(probs) * global_weight

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig
@@ -50,8 +50,8 @@ class ModuleLora:
         is_embedding: Whether the factors come from `lora_embedding_A/B`.
     """
 
-    A: Optional[torch.Tensor]
-    B: Optional[torch.Tensor]
+    A: torch.Tensor | None
+    B: torch.Tensor | None
     rank: int
     scale: float
     dropout: float
@@ -182,7 +182,9 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
     return expert
 
 
-def expert_from_config(name: str, config_dict: dict[str, Any], module_shapes: dict[str, tuple[str, int, int]]) -> Expert:
+def expert_from_config(
+    name: str, config_dict: dict[str, Any], module_shapes: dict[str, tuple[str, int, int]]
+) -> Expert:
     """Rebuilds an expert's structure (no weights) from its saved LoRA config.
 
     Args:

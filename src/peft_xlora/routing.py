@@ -18,7 +18,6 @@ import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -36,22 +35,22 @@ class Routing:
         scaling_pass: True while the scaling pass runs, so a nested call of the top model does not route again.
     """
 
-    scalings: Optional[torch.Tensor]
+    scalings: torch.Tensor | None
     scaling_pass: bool = False
 
 
 # A stack, so nested forwards restore what was current before them. Tuples, never mutated: a copied context (a new
 # thread or asyncio task) must not share a mutable list with its parent.
-_STACK: ContextVar[tuple[Optional[Routing], ...]] = ContextVar("peft_xlora_routing", default=())
+_STACK: ContextVar[tuple[Routing | None, ...]] = ContextVar("peft_xlora_routing", default=())
 
 
-def current_routing() -> Optional[Routing]:
+def current_routing() -> Routing | None:
     """The routing of the forward running in this context, or None outside any X-LoRA forward."""
     stack = _STACK.get()
     return stack[-1] if stack else None
 
 
-def push_routing(routing: Optional[Routing]) -> None:
+def push_routing(routing: Routing | None) -> None:
     """Makes `routing` current until the matching `pop_routing`."""
     _STACK.set((*_STACK.get(), routing))
 
@@ -64,7 +63,7 @@ def pop_routing() -> None:
 
 
 @contextlib.contextmanager
-def use_routing(routing: Optional[Routing]) -> Iterator[None]:
+def use_routing(routing: Routing | None) -> Iterator[None]:
     """Makes `routing` current for the enclosed code."""
     push_routing(routing)
     try:
