@@ -79,8 +79,8 @@ def test_unknown_keys_in_saved_config_are_dropped_with_a_warning(tmp_path):
     data["option_from_the_future"] = 1
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="option_from_the_future"):
-        loaded = XLoraConfig.from_pretrained(tmp_path)
-    assert loaded.adapters == ADAPTERS
+        loaded = PeftConfig.from_pretrained(tmp_path)  # a bare config: XLoraConfig.from_pretrained wants weights
+    assert list(loaded.adapters) == list(ADAPTERS)
 
 
 def test_registration_is_idempotent_and_leaves_builtin_alone():
