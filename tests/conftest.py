@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
 
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Nothing may reach the real Hub: every Hub URL points at the test server of tests/hub_server.py (started by the
+# `hub` fixture in test_hub.py), and offline mode stays on except inside that fixture. huggingface_hub reads
+# HF_ENDPOINT when it is imported, so this must come before any import of it.
+os.environ.setdefault("PEFT_XLORA_TEST_HUB_PORT", str(_free_port()))
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{os.environ['PEFT_XLORA_TEST_HUB_PORT']}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

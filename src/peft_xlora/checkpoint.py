@@ -445,7 +445,13 @@ def write_model_card(model: nn.Module, directory: str, repo_id: str | None = Non
     from . import __version__
 
     config = model.peft_config[getattr(model, "active_adapter", "default")]
-    base = config.base_model_name_or_path
+    base_model = model.get_base_model()
+    base = (
+        config.base_model_name_or_path
+        or getattr(base_model, "name_or_path", None)
+        or getattr(getattr(base_model, "config", None), "name_or_path", None)
+        or None
+    )
     location = repo_id or "path/to/this/checkpoint"
     tags = ["peft", "peft-xlora", "x-lora", "lora", "mixture-of-experts"]
     data = ModelCardData(library_name="peft", base_model=base, tags=tags, pipeline_tag=_pipeline_tag(config))
