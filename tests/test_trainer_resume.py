@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
+from conftest import VOCAB, tiny_llama
 from peft_xlora import XLoraConfig
 
 STEPS, SAVE_AT = 6, 3
