@@ -1,13 +1,32 @@
 """peft-xlora: X-LoRA (Mixture of LoRA Experts) as a PEFT plugin. Importing it registers the method with PEFT."""
 
+from . import xlora_utils
 from .classifier import XLoraClassifier
+from .compat import XLoraCompatWarning, add_xlora_to_model, from_pretrained, xLoRAConfig
 from .config import XLoraConfig
 from .layer import XLoraLayer
 from .model import XLoraModel
+from .plotting import plot_scalings
 from .registration import PEFT_XLORA, register
+from .scalings_log import load_scalings_log, save_scalings_log
 
 __version__ = "0.1.0.dev0"
 
 register(XLoraConfig, XLoraModel)
 
-__all__ = ["PEFT_XLORA", "XLoraClassifier", "XLoraConfig", "XLoraLayer", "XLoraModel", "__version__"]
+__all__ = [
+    "PEFT_XLORA",
+    "XLoraClassifier",
+    "XLoraCompatWarning",
+    "XLoraConfig",
+    "XLoraLayer",
+    "XLoraModel",
+    "__version__",
+    "add_xlora_to_model",
+    "from_pretrained",
+    "load_scalings_log",
+    "plot_scalings",
+    "save_scalings_log",
+    "xLoRAConfig",
+    "xlora_utils",
+]
