@@ -192,11 +192,11 @@ class GenerationScope:
     """What `XLoraModel.generate` tells the forwards it makes.
 
     Attributes:
-        scalings_mode: The granularity of this call.
+        scalings_mode: The granularity asked for in this call, or None to keep the cache's (or the config's).
         prompt_length: Length of the `generate` input; without a cache, prompt mode holds that position's scalings.
     """
 
-    scalings_mode: str
+    scalings_mode: str | None
     prompt_length: int | None
 
 
@@ -209,9 +209,11 @@ def current_scope() -> GenerationScope | None:
 
 
 @contextlib.contextmanager
-def generation_scope(scalings_mode: str, prompt_length: int | None) -> Iterator[None]:
+def generation_scope(scalings_mode: str | None, prompt_length: int | None) -> Iterator[None]:
     """Makes a `GenerationScope` current for the enclosed `generate` call."""
-    token = _SCOPE.set(GenerationScope(check_scalings_mode(scalings_mode), prompt_length))
+    if scalings_mode is not None:
+        check_scalings_mode(scalings_mode)
+    token = _SCOPE.set(GenerationScope(scalings_mode, prompt_length))
     try:
         yield
     finally:
@@ -280,17 +282,18 @@ def _creates_cache(model: nn.Module, kwargs: dict) -> bool:
     return bool(use_cache)
 
 
-def prepare_cache(model: nn.Module, kwargs: dict, scalings_mode: str) -> tuple[XLoraCache | None, str | None]:
+def prepare_cache(model: nn.Module, kwargs: dict, default_mode: str) -> tuple[XLoraCache | None, str | None]:
     """Finds or makes the `XLoraCache` of a forward of `model`, before its scaling pass.
 
     A forward that will return a cache gets an `XLoraCache` (written into `kwargs`, which the forward then uses), so
     the cache it returns can be extended exactly. An empty plain `DynamicCache` given by the caller (transformers'
-    `generate` makes one) becomes an `XLoraCache` in place.
+    `generate` makes one) becomes an `XLoraCache` in place. A new cache takes the mode of the running `generate` call,
+    else `default_mode`; an existing `XLoraCache` keeps its own unless the `generate` call asks for another.
 
     Args:
         model: The transformers model whose forward is about to run.
         kwargs: That forward's keyword arguments; may be modified.
-        scalings_mode: The granularity wanted for this forward.
+        default_mode: The config's `scalings_mode`.
 
     Returns:
         (the cache, or None when the forward runs without one; the keyword it is passed under).
@@ -299,6 +302,8 @@ def prepare_cache(model: nn.Module, kwargs: dict, scalings_mode: str) -> tuple[X
         ValueError: The caller passed a cache X-LoRA cannot extend (already filled without the scaling pass, or not
             a dynamic cache).
     """
+    requested = requested_scalings_mode()
+    scalings_mode = requested or default_mode
     name = next((key for key in CACHE_KWARGS if kwargs.get(key) is not None), None)
     if name is None:
         if not _creates_cache(model, kwargs):
@@ -308,7 +313,8 @@ def prepare_cache(model: nn.Module, kwargs: dict, scalings_mode: str) -> tuple[X
         return kwargs[name], name
     cache = kwargs[name]
     if isinstance(cache, XLoraCache):
-        cache.set_scalings_mode(scalings_mode)
+        if requested is not None:
+            cache.set_scalings_mode(requested)
         cache.sync_scaling_cache()
         return cache, name
     if type(cache) is DynamicCache and cache.get_seq_length() == 0:
@@ -320,13 +326,13 @@ def prepare_cache(model: nn.Module, kwargs: dict, scalings_mode: str) -> tuple[X
     )
 
 
-def current_scalings_mode(default: str) -> str:
-    """The scalings mode of the running `generate` call, or `default` (the config's) outside one."""
+def requested_scalings_mode() -> str | None:
+    """The scalings mode the running `generate` call asked for, or None (outside one, or none asked)."""
     scope = _SCOPE.get()
-    return scope.scalings_mode if scope is not None else default
+    return scope.scalings_mode if scope is not None else None
 
 
-def hold_uncached(scalings: torch.Tensor) -> torch.Tensor:
+def hold_uncached(scalings: torch.Tensor, default_mode: str) -> torch.Tensor:
     """Prompt mode without a cache: inside `generate`, holds the last prompt token's scalings for later positions.
 
     Each uncached step sees the whole sequence; holding position `prompt_length - 1` gives every generated token the
@@ -334,12 +340,13 @@ def hold_uncached(scalings: torch.Tensor) -> torch.Tensor:
 
     Args:
         scalings: (batch, seq, n_layers|1, n_experts) of one forward.
+        default_mode: The config's `scalings_mode`, used unless the `generate` call asked for one.
 
     Returns:
         The same shape; unchanged outside a prompt-mode `generate` call or when seq does not extend the prompt.
     """
     scope = _SCOPE.get()
-    if scope is None or scope.scalings_mode != "prompt" or not scope.prompt_length:
+    if scope is None or (scope.scalings_mode or default_mode) != "prompt" or not scope.prompt_length:
         return scalings
     if scalings.shape[1] <= scope.prompt_length:
         return scalings

@@ -15,7 +15,6 @@ from .experts import Expert, ExpertError, compact_targets, expert_from_config, l
 from .generation import (
     CACHE_KWARGS,
     XLoraCache,
-    current_scalings_mode,
     generation_scope,
     hold_uncached,
     input_length,
@@ -42,6 +41,77 @@ _NOT_FOR_SCALING_PASS = frozenset(
         "return_dict",
     }
 )
+
+_SUPPORTED_LAYERS = (
+    "nn.Linear (and its subclasses, e.g. bitsandbytes' Linear4bit and Linear8bitLt), transformers' Conv1D (GPT-2) "
+    "and nn.Embedding"
+)
+
+
+def _check_model_supported(model: nn.Module, config: XLoraConfig) -> None:
+    """Refuses, before anything is built, the models whose scaling pass cannot give one hidden state per token."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"X-LoRA does not support encoder-decoder models ({type(model).__name__}): its gate gives one set of "
+            "scalings per token of one sequence, and an encoder-decoder model runs two sequences (source and "
+            "target) through different layers. Supported: decoder-only and encoder-only models; see docs/models.md."
+        )
+    if config.task_type == "TOKEN_CLS":
+        raise ValueError(
+            "task_type='TOKEN_CLS' is not supported: PEFT's token-classification wrapper needs `modules_to_save` for "
+            "the head, which X-LoRA does not train. Build the model with task_type=None instead: the head is then "
+            "used as the base model has it (frozen), as with task_type='SEQ_CLS'; see docs/models.md."
+        )
+
+
+def _check_experts_fit(model: nn.Module, experts: list[Expert], shapes: dict[str, tuple[str, int, int]]) -> None:
+    """Every module an expert adapts must be a layer X-LoRA mixes: none may be left out silently."""
+    for expert in experts:
+        for name in expert.modules:
+            if name in shapes:
+                continue
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ExpertError(
+                    f"Expert {expert.name!r} adapts {name!r}, which this {type(model).__name__} does not have: the "
+                    "adapter was trained on another base model. Use experts trained on this model."
+                ) from None
+            kind = type(module)
+            raise ExpertError(
+                f"Expert {expert.name!r} adapts {name!r}, a {kind.__module__}.{kind.__qualname__}, which X-LoRA "
+                f"cannot mix; supported: {_SUPPORTED_LAYERS}. Load the base model unquantized (or quantized with "
+                "bitsandbytes), or use an expert that does not target this module."
+            )
+
+
+def _check_input_device(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Inputs must be on the device of the input embeddings (accelerate moves them itself under `device_map`)."""
+    if getattr(model, "hf_device_map", None) or not hasattr(model, "get_input_embeddings"):
+        return
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    name = "input_ids"
+    if inputs is None:
+        inputs, name = kwargs.get("inputs_embeds"), "inputs_embeds"
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if not isinstance(inputs, torch.Tensor) or not isinstance(weight, torch.Tensor) or inputs.device == weight.device:
+        return
+    raise ValueError(
+        f"`{name}` is on {inputs.device} but the model's input embeddings are on {weight.device}: move the inputs "
+        f"first, e.g. `{name}.to(model.device)`."
+    )
+
+
+def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> None:
+    """The scaling pass must give a last hidden state (batch, seq, hidden_size) for the classifier."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[-1] == hidden_size:
+        return
+    shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+    raise RuntimeError(
+        f"The X-LoRA scaling pass ran {type(inner).__name__} and got {shape}, not a last hidden state of shape "
+        f"(batch, seq, {hidden_size}). X-LoRA reads `last_hidden_state` (or the first output) of the model's "
+        "`base_model`; this model does not provide one. See docs/models.md for the supported models."
+    )
 
 
 class XLoraModel(ScalingsLogMixin, BaseTuner):
@@ -95,10 +165,12 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         self._enabled = True
         self._static_scalings: Optional[torch.Tensor] = None
         self._latest_scalings: Optional[torch.Tensor] = None
+        _check_model_supported(model, config)
         self._infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
         experts = self._load_experts(config, shapes)
+        _check_experts_fit(model, experts, shapes)
         self.expert_names = list(config.adapters)
         # Built from a saved config: the checkpoint's weights fill the experts in `load_adapter`.
         self._experts_pending = any(m.A is None for e in experts for m in e.modules.values())
@@ -152,6 +224,11 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         if model_config is not None and hasattr(model_config, "get_text_config"):
             model_config = model_config.get_text_config()
         actual = getattr(model_config, "hidden_size", None) if model_config is not None else None
+        # The classifier reads what the LM head reads: in some models (OPT with a `word_embed_proj_dim`) that last
+        # hidden state is narrower than `config.hidden_size`.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Linear):
+            actual = head.in_features
         if config.hidden_size is None:
             if actual is None:
                 raise ValueError(
@@ -265,11 +342,12 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
                 "Load it with `PeftModel.from_pretrained(base_model, checkpoint)`."
             )
         config = self.xlora_config
+        _check_input_device(self.model, args, kwargs)
         if self._static_scalings is not None:
             return Routing(self._static_scalings[None, None])
         # With a KV cache, the scaling pass extends its own cache beside the main one (see generation.py); in prompt
         # mode, decoding steps skip it and reuse the prompt's scalings held in the cache.
-        cache, cache_name = prepare_cache(self.model, kwargs, current_scalings_mode(config.scalings_mode))
+        cache, cache_name = prepare_cache(self.model, kwargs, config.scalings_mode)
         if cache is not None and not cache.needs_scaling_pass(input_length(args, kwargs) or 0):
             self._latest_scalings = cache.held_scalings  # (batch, 1, n_layers|1, n_experts)
             self._log_scalings(self._latest_scalings)
@@ -284,10 +362,11 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             softmax_topk=config.enable_softmax_topk,
             global_weight=config.global_scaling_weight,
         )
+        self._check_finite(scalings, hidden)
         if cache is not None:
             cache.record(scalings)
         else:
-            scalings = hold_uncached(scalings)
+            scalings = hold_uncached(scalings, config.scalings_mode)
         self._latest_scalings = scalings.detach()
         self._log_scalings(self._latest_scalings)
         return Routing(scalings)
@@ -321,7 +400,35 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         finally:
             pop_routing()
         hidden = getattr(out, "last_hidden_state", None)
-        return hidden if hidden is not None else out[0]
+        if hidden is None:
+            hidden = out if isinstance(out, torch.Tensor) else out[0]
+        _check_hidden(hidden, self.xlora_config.hidden_size, inner)
+        return hidden
+
+    def _check_finite(self, scalings: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Raises `FloatingPointError` naming the layer, expert and token where the scalings are NaN or infinite."""
+        finite = torch.isfinite(scalings)  # (batch, seq, n_layers|1, n_experts)
+        if bool(finite.all()):
+            return
+        row, token, slot, expert = (~finite).nonzero()[0].tolist()
+        value = scalings[row, token, slot, expert].item()
+        if scalings.shape[2] > 1:
+            where = f"mixture layer {slot} ({self.mixture_layer_names[slot]!r})"
+        else:
+            where = f"all {len(self.mixture_layer_names)} mixture layers (they share one set of scalings)"
+        if not bool(torch.isfinite(hidden).all()):
+            cause = (
+                "the scaling pass's last hidden state already holds NaN/Inf: the base model overflowed on these "
+                "inputs (in float16 try bfloat16 or float32; with scaling_pass_value > 0, check the experts' weights)"
+            )
+        elif not all(bool(torch.isfinite(p).all()) for p in self.xlora_classifier.parameters()):
+            cause = "the gating classifier's weights hold NaN/Inf (a diverged training step: lower the learning rate)"
+        else:
+            cause = "the classifier's logits overflowed (try a larger softmax_temperature or float32)"
+        raise FloatingPointError(
+            f"X-LoRA scalings are not finite ({value}) in {where}, expert {self.expert_names[expert]!r}, batch row "
+            f"{row}, token {token}: {cause}."
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the X-LoRA forward (the hooks on the model add the scaling pass)."""
@@ -332,11 +439,11 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
 
         Args:
             *args: Passed to the transformers model's `generate`.
-            scalings_mode: ``"token"`` or ``"prompt"`` for this call; None uses the config's `scalings_mode`.
+            scalings_mode: ``"token"`` or ``"prompt"`` for this call; None keeps the mode of a cache passed in, or
+                uses the config's `scalings_mode`.
             **kwargs: Passed to the transformers model's `generate`; `use_cache=False` generates without a cache.
         """
-        mode = self.xlora_config.scalings_mode if scalings_mode is None else scalings_mode
-        with generation_scope(mode, input_length(args, kwargs)):
+        with generation_scope(scalings_mode, input_length(args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ enabling / unloading
