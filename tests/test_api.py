@@ -127,6 +127,19 @@ def test_from_pretrained_with_names_or_nothing_uses_the_checkpoint(saved, adapte
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
 
 
+def test_from_pretrained_with_trainable_adapters_readme_example(tmp_path, expert_dirs):
+    # README "trained with trainable adapters": a list of names keeps the experts as trained.
+    model = trained(reference_model(expert_dirs, use_trainable_adapters=True))
+    with torch.no_grad():
+        for layer in model.base_model.mixture_layers():
+            layer.xlora_B.add_(0.1)  # training changed the experts
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    model_created = xlora.from_pretrained(str(tmp_path), tiny_llama(), ["math", "code", "poetry"], "cpu").eval()
+    assert model_created.get_use_trainable_adapters() is True
+    torch.testing.assert_close(logits(model_created), expected, rtol=0, atol=0)
+
+
 def test_from_pretrained_dict_sources_replace_experts(saved, expert_dirs):
     path, expected = saved
     dirs = expert_dirs["llama"]
