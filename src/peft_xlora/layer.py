@@ -154,7 +154,8 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         if routing is None or routing.scalings is None or self.xlora_A.shape[0] == 0:
             return result
         z = self._project_down(x)  # (*lead, R)
-        w = self._rank_weights(routing.scalings, z.shape[:-1]).to(z.dtype)  # broadcasts to (*lead, R)
+        # Under a device_map the scalings live beside the classifier, not necessarily on this layer's device.
+        w = self._rank_weights(routing.scalings, z.shape[:-1]).to(device=z.device, dtype=z.dtype)  # (*lead, R)
         update = (z * w) @ self.xlora_B.T  # (*lead, out)
         if self.is_embedding:
             embed_scale = self._get_embed_scale()

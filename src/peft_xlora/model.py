@@ -113,6 +113,77 @@ def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> N
         "`base_model`; this model does not provide one. See docs/models.md for the supported models."
     )
 
+_SUPPORTED_LAYERS = (
+    "nn.Linear (and its subclasses, e.g. bitsandbytes' Linear4bit and Linear8bitLt), transformers' Conv1D (GPT-2) "
+    "and nn.Embedding"
+)
+
+
+def _check_model_supported(model: nn.Module, config: XLoraConfig) -> None:
+    """Refuses, before anything is built, the models whose scaling pass cannot give one hidden state per token."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"X-LoRA does not support encoder-decoder models ({type(model).__name__}): its gate gives one set of "
+            "scalings per token of one sequence, and an encoder-decoder model runs two sequences (source and "
+            "target) through different layers. Supported: decoder-only and encoder-only models; see docs/models.md."
+        )
+    if config.task_type == "TOKEN_CLS":
+        raise ValueError(
+            "task_type='TOKEN_CLS' is not supported: PEFT's token-classification wrapper needs `modules_to_save` for "
+            "the head, which X-LoRA does not train. Build the model with task_type=None instead: the head is then "
+            "used as the base model has it (frozen), as with task_type='SEQ_CLS'; see docs/models.md."
+        )
+
+
+def _check_experts_fit(model: nn.Module, experts: list[Expert], shapes: dict[str, tuple[str, int, int]]) -> None:
+    """Every module an expert adapts must be a layer X-LoRA mixes: none may be left out silently."""
+    for expert in experts:
+        for name in expert.modules:
+            if name in shapes:
+                continue
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ExpertError(
+                    f"Expert {expert.name!r} adapts {name!r}, which this {type(model).__name__} does not have: the "
+                    "adapter was trained on another base model. Use experts trained on this model."
+                ) from None
+            kind = type(module)
+            raise ExpertError(
+                f"Expert {expert.name!r} adapts {name!r}, a {kind.__module__}.{kind.__qualname__}, which X-LoRA "
+                f"cannot mix; supported: {_SUPPORTED_LAYERS}. Load the base model unquantized (or quantized with "
+                "bitsandbytes), or use an expert that does not target this module."
+            )
+
+
+def _check_input_device(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Inputs must be on the device of the input embeddings (accelerate moves them itself under `device_map`)."""
+    if getattr(model, "hf_device_map", None) or not hasattr(model, "get_input_embeddings"):
+        return
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    name = "input_ids"
+    if inputs is None:
+        inputs, name = kwargs.get("inputs_embeds"), "inputs_embeds"
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    if not isinstance(inputs, torch.Tensor) or not isinstance(weight, torch.Tensor) or inputs.device == weight.device:
+        return
+    raise ValueError(
+        f"`{name}` is on {inputs.device} but the model's input embeddings are on {weight.device}: move the inputs "
+        f"first, e.g. `{name}.to(model.device)`."
+    )
+
+
+def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> None:
+    """The scaling pass must give a last hidden state (batch, seq, hidden_size) for the classifier."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and hidden.shape[-1] == hidden_size:
+        return
+    shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+    raise RuntimeError(
+        f"The X-LoRA scaling pass ran {type(inner).__name__} and got {shape}, not a last hidden state of shape "
+        f"(batch, seq, {hidden_size}). X-LoRA reads `last_hidden_state` (or the first output) of the model's "
+        "`base_model`; this model does not provide one. See docs/models.md for the supported models."
+    )
+
 
 class XLoraModel(ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
@@ -166,10 +237,12 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         self._static_scalings: Optional[torch.Tensor] = None
         self._latest_scalings: Optional[torch.Tensor] = None
         _check_model_supported(model, config)
+        _check_model_supported(model, config)
         self._infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
         experts = self._load_experts(config, shapes)
+        _check_experts_fit(model, experts, shapes)
         _check_experts_fit(model, experts, shapes)
         self.expert_names = list(config.adapters)
         # Built from a saved config: the checkpoint's weights fill the experts in `load_adapter`.

@@ -1,0 +1,218 @@
+"""Every architecture users bring, as a tiny random config (never downloaded): supported or refused up front.
+
+One table drives the tests. For each supported architecture: two LoRA experts with different ranks and target modules
+(Linear, fused projections, GPT-2's Conv1D, embeddings) are saved, X-LoRA wraps exactly the modules they adapt,
+pinning the gate to one expert gives exactly that expert's PEFT LoRA model, one training step trains the gate and
+nothing else, and generation with the KV cache gives the same tokens as generation without it. Each refused
+architecture fails at `get_peft_model` with an error that says why. docs/models.md lists the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import transformers as tf
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from peft_xlora import XLoraConfig, XLoraLayer
+
+VOCAB = 61
+BATCH, SEQ = 2, 6
+DECODER = {
+    "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+BERT = {
+    "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "max_position_embeddings": 64, "num_labels": 3,
+}  # fmt: skip
+
+
+@dataclass
+class Arch:
+    """One row of the architecture table.
+
+    Attributes:
+        name: Test id, and the row name in docs/models.md.
+        config_cls: The transformers config class.
+        model_cls: The model class built from it.
+        config: Keyword arguments of the tiny config.
+        targets: Target modules of the two experts (they differ on purpose).
+        task: The X-LoRA config's `task_type`.
+        refused: For an unsupported architecture, a regex of the error `get_peft_model` must raise.
+        embed_scale: The embedding module whose `embed_scale` (Gemma) must be honoured, if any.
+    """
+
+    name: str
+    config_cls: type
+    model_cls: type
+    config: dict
+    targets: tuple[list[str], list[str]] = (["q_proj", "v_proj"], ["o_proj", "down_proj", "embed_tokens"])
+    task: str | None = "CAUSAL_LM"
+    refused: str | None = None
+    embed_scale: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def build(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return self.model_cls(self.config_cls(**self.config)).eval()
+
+
+ARCHS = [
+    Arch("llama", tf.LlamaConfig, tf.LlamaForCausalLM, DECODER),
+    Arch("mistral", tf.MistralConfig, tf.MistralForCausalLM, DECODER, (["q_proj", "k_proj"], ["v_proj", "up_proj"])),
+    Arch("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, DECODER, (["q_proj", "v_proj"], ["gate_proj", "embed_tokens"])),
+    Arch("gemma", tf.GemmaConfig, tf.GemmaForCausalLM, {**DECODER, "head_dim": 8},
+         (["q_proj", "embed_tokens"], ["v_proj", "down_proj"]), embed_scale="model.embed_tokens"),
+    Arch("gemma3", tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**DECODER, "head_dim": 8, "sliding_window": 4},
+         (["q_proj", "embed_tokens"], ["o_proj", "up_proj"]), embed_scale="model.embed_tokens"),
+    Arch("phi3", tf.Phi3Config, tf.Phi3ForCausalLM, {**DECODER, "num_key_value_heads": 2},
+         (["qkv_proj"], ["gate_up_proj", "o_proj", "embed_tokens"])),
+    Arch("gpt2", tf.GPT2Config, tf.GPT2LMHeadModel,
+         {"vocab_size": VOCAB, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64, "bos_token_id": 1,
+          "eos_token_id": 2}, (["c_attn", "c_proj"], ["c_fc", "wte"])),
+    Arch("opt", tf.OPTConfig, tf.OPTForCausalLM,
+         {"vocab_size": VOCAB, "hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "max_position_embeddings": 64, "word_embed_proj_dim": 16, "pad_token_id": 0, "bos_token_id": 1,
+          "eos_token_id": 2}, (["q_proj", "v_proj"], ["out_proj", "fc1", "embed_tokens"])),
+    # OPT-350m style: the last hidden state is projected to `word_embed_proj_dim`, narrower than `hidden_size`.
+    Arch("opt-projected", tf.OPTConfig, tf.OPTForCausalLM,
+         {"vocab_size": VOCAB, "hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "max_position_embeddings": 64, "word_embed_proj_dim": 8, "pad_token_id": 0, "bos_token_id": 1,
+          "eos_token_id": 2}, (["q_proj", "v_proj"], ["fc2", "project_in"])),
+    Arch("gpt-neox", tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM,
+         {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2},
+         (["query_key_value"], ["dense_h_to_4h", "dense", "embed_in"])),
+    Arch("llama-seq-cls", tf.LlamaConfig, tf.LlamaForSequenceClassification, {**DECODER, "num_labels": 3},
+         (["q_proj", "v_proj"], ["o_proj", "embed_tokens"]), task="SEQ_CLS"),
+    Arch("bert-seq-cls", tf.BertConfig, tf.BertForSequenceClassification, BERT,
+         (["query", "value"], ["intermediate.dense", "word_embeddings"]), task="SEQ_CLS"),
+    Arch("bert-token-cls", tf.BertConfig, tf.BertForTokenClassification, BERT,
+         (["query", "value"], ["output.dense"]), task=None),
+    Arch("bert-token-cls-task", tf.BertConfig, tf.BertForTokenClassification, BERT, (["query"], ["value"]),
+         task="TOKEN_CLS", refused=r"task_type='TOKEN_CLS' is not supported.*task_type=None"),
+    Arch("bart", tf.BartConfig, tf.BartForConditionalGeneration,
+         {"vocab_size": VOCAB, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+          "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_position_embeddings": 64},
+         (["q_proj"], ["fc1"]), task="SEQ_2_SEQ_LM", refused="does not support encoder-decoder models"),
+    Arch("t5", tf.T5Config, tf.T5ForConditionalGeneration,
+         {"vocab_size": VOCAB, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2,
+          "decoder_start_token_id": 0}, (["q"], ["wi"]), task="SEQ_2_SEQ_LM",
+         refused="does not support encoder-decoder models"),
+]  # fmt: skip
+SUPPORTED = [a for a in ARCHS if a.refused is None]
+REFUSED = [a for a in ARCHS if a.refused is not None]
+
+
+def save_experts(arch: Arch, root) -> dict[str, str]:
+    """Two distinct random LoRA experts of ranks 2 and 4 on different modules, saved as PEFT checkpoints."""
+    paths = {}
+    for i, targets in enumerate(arch.targets):
+        torch.manual_seed(100 + i)
+        lora = get_peft_model(arch.build(), LoraConfig(r=2 + 2 * i, lora_alpha=4, target_modules=targets,
+                                                       init_lora_weights=False))
+        with torch.no_grad():  # PEFT zero-initialises B of embedding LoRAs even with init_lora_weights=False
+            for name, param in lora.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn_like(param) * 0.3)
+        path = root / f"{arch.name}-expert{i}"
+        lora.save_pretrained(path)
+        paths[f"expert{i}"] = str(path)
+    return paths
+
+
+def labels_for(arch: Arch, ids: torch.Tensor) -> torch.Tensor:
+    if arch.task == "SEQ_CLS":
+        return torch.tensor([0, 2])
+    if arch.model_cls is tf.BertForTokenClassification:
+        return ids % 3
+    return ids
+
+
+def output_of(out) -> torch.Tensor:
+    return out.logits
+
+
+@pytest.mark.parametrize("arch", SUPPORTED, ids=lambda a: a.name)
+def test_supported_architecture(arch, tmp_path):
+    paths = save_experts(arch, tmp_path)
+    model = get_peft_model(arch.build(), XLoraConfig(task_type=arch.task, adapters=paths, xlora_depth=2,
+                                                     xlora_size=8, xlora_dropout_p=0.0))
+    tuner = model.base_model
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+    # Wraps exactly the modules the experts adapt, whatever their type.
+    adapted = {name for path in paths.values() for name in _adapted_modules(path)}
+    assert set(tuner.mixture_layer_names) == adapted
+    assert all(isinstance(m, XLoraLayer) for m in tuner.mixture_layers())
+
+    # Pinned to one expert, X-LoRA is exactly that expert's PEFT LoRA model (embedding scale included).
+    if arch.embed_scale:
+        scale = model.get_base_model().get_submodule(arch.embed_scale).base_layer.embed_scale
+        assert float(scale) != 1.0  # the check below would not notice an ignored scale otherwise
+    for name, path in paths.items():
+        model.set_static_scalings({name: 1.0})
+        ours = output_of(model(input_ids=ids))
+        reference = PeftModel.from_pretrained(arch.build(), path).eval()
+        torch.testing.assert_close(ours, output_of(reference(input_ids=ids)), rtol=1e-5, atol=1e-5)
+    model.set_static_scalings(None)
+
+    # Gated: per-token scalings, one row per adapted layer, rows sum to 1, output differs from the base model.
+    out = output_of(model(input_ids=ids))
+    scalings = model.get_latest_scalings()
+    assert scalings.shape == (BATCH, SEQ, len(adapted), 2)
+    torch.testing.assert_close(scalings.sum(-1), torch.ones(scalings.shape[:-1]))
+    with model.disable_adapter():
+        assert not torch.allclose(out, output_of(model(input_ids=ids)), atol=1e-4)
+
+    # One training step: only the gate gets gradients, and it moves.
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = model(input_ids=ids, labels=labels_for(arch, ids)).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("xlora_classifier" in n for n in grads)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("xlora_classifier" in n for n in changed)
+    model.eval()
+
+    # Generation: with the KV cache of both passes, the same tokens as without a cache.
+    if arch.task == "CAUSAL_LM":
+        kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+        cached = model.generate(**kwargs)
+        assert cached.shape == (BATCH, SEQ + 3)
+        assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
+
+
+def _adapted_modules(path: str) -> set[str]:
+    from peft.utils.save_and_load import load_peft_weights
+
+    names = set()
+    for key in load_peft_weights(path):
+        if "lora_" not in key:
+            continue  # the base embedding PEFT saves beside embedding LoRAs
+        module = key.removeprefix("base_model.model.")
+        for part in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B"):
+            module = module.split(part)[0]
+        names.add(module)
+    return names
+
+
+@pytest.mark.parametrize("arch", REFUSED, ids=lambda a: a.name)
+def test_refused_architecture(arch, tmp_path):
+    paths = save_experts(arch, tmp_path)
+    base = arch.build()
+    state = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(ValueError, match=arch.refused):
+        get_peft_model(base, XLoraConfig(task_type=arch.task, adapters=paths))
+    # Refused before anything was changed: the model is untouched.
+    assert not any(isinstance(m, XLoraLayer) for m in base.modules())
+    assert all(torch.equal(p, state[n]) for n, p in base.state_dict().items())
