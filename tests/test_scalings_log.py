@@ -216,3 +216,17 @@ def test_file_errors_say_what_to_do(model, tmp_path):
         save_scalings_log([torch.zeros(1, 1, 1)], tmp_path / "log")
     with pytest.raises(FileNotFoundError, match="flush_log_scalings"):
         load_scalings_log(tmp_path / "missing")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_log_entries_of_a_cuda_model_are_on_cpu(expert_dirs, tmp_path):
+    model = build_xlora("llama", expert_dirs).eval().cuda()
+    model.enable_scalings_logging()
+    model.generate(input_ids=input_ids(batch=2, seq=5).cuda(), max_new_tokens=2, do_sample=False)
+    log = model.get_scalings_log()
+    assert [e.device.type for e in log] == ["cpu"] * 2
+    torch.testing.assert_close(log[-1], model.get_latest_scalings().cpu(), rtol=0, atol=0)
+    model.flush_log_scalings(tmp_path / "log")
+    for a, b in zip(load_scalings_log(tmp_path / "log"), log):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
