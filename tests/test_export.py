@@ -6,12 +6,12 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import BUILDERS, build_xlora, input_ids
 from peft import PeftModel
-from test_checkpoint import perturb_trainable
 
+from conftest import BUILDERS, build_xlora, input_ids
 from peft_xlora.export import ORDERING_NAME, export_lora, export_mistralrs
 from peft_xlora.migration import from_xlora_package
+from test_checkpoint import perturb_trainable
 
 
 def logits(model):

@@ -158,19 +158,20 @@ def from_peft_builtin(
     with tempfile.TemporaryDirectory() as tmp:
         sources, problems = {}, []
         for old, new in zip(old_names, names):
-            if old in expert_sources:
-                sources[new] = os.fspath(expert_sources[old])
-                continue
             folder = os.path.join(path, old)
-            missing = ["the whole subfolder"] if not os.path.isdir(folder) else []
-            if not missing:
-                missing = _clean_lora_folder(folder, os.path.join(tmp, old), base_model)
+            if os.path.isdir(folder):
                 # classifier layer `old` was saved here, under a key with ".<old>" removed
                 sub = _read_safetensors(os.path.join(folder, "adapter_model.safetensors"))
                 for part in ("weight", "bias"):
                     key = f"layers.{old}.{part}"
                     if key not in classifier and f"{prefix}layers.{part}" in sub:
                         classifier[key] = sub[f"{prefix}layers.{part}"]
+            if old in expert_sources:
+                sources[new] = os.fspath(expert_sources[old])
+                continue
+            missing = ["the whole subfolder"] if not os.path.isdir(folder) else []
+            if not missing:
+                missing = _clean_lora_folder(folder, os.path.join(tmp, old), base_model)
             if not missing:
                 sources[new] = os.path.join(tmp, old)
                 continue
