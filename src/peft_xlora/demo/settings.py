@@ -1,0 +1,89 @@
+"""The demo's settings: the real run on SmolLM2-135M and the `--tiny` run on a random 2-layer Llama."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that decides what the demo trains and measures; cached artefacts are keyed by these values.
+
+    Attributes:
+        tiny: Random tiny model and synthetic domains instead of SmolLM2 and real text.
+        seed: Seed of data sampling and training.
+        seq_len: Tokens per training sequence.
+        batch_size: Sequences per training step (experts and gates).
+        expert_steps: Optimiser steps per LoRA expert.
+        expert_lr: Peak learning rate of the experts.
+        lora: LoraConfig arguments of every expert.
+        router_steps: Optimiser steps of each X-LoRA gate (ours and PEFT's built-in, trained the same way).
+        router_lr: Peak learning rate of the gates.
+        router_depth: Linear layers in the gate's classifier.
+        router_size: Hidden width of the classifier.
+        train_segments: Domain segments per mixed training sequence (half of each batch is mixed, half pure).
+        eval_seq_len: Tokens per held-out sequence.
+        eval_pure: Held-out sequences per domain.
+        eval_mixed: Held-out mixed documents.
+        eval_segments: Domain segments per held-out mixed document.
+        eval_batch: Sequences per evaluation forward.
+        max_chars: Characters kept per source document.
+        gen_tokens: Tokens generated per domain at the end.
+    """
+
+    tiny: bool = False
+    seed: int = 0
+    seq_len: int = 128
+    batch_size: int = 4
+    expert_steps: int = 30
+    expert_lr: float = 2e-3
+    lora: dict[str, Any] = field(
+        default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    )
+    router_steps: int = 30
+    router_lr: float = 5e-3
+    router_depth: int = 2
+    router_size: int = 64
+    train_segments: int = 2
+    eval_seq_len: int = 256
+    eval_pure: int = 4
+    eval_mixed: int = 6
+    eval_segments: int = 3
+    eval_batch: int = 2
+    max_chars: int = 60_000
+    gen_tokens: int = 32
+
+    def recipe(self, *fields: str) -> dict[str, Any]:
+        """The named settings as a dict (all when none named), for cache keys."""
+        data = asdict(self)
+        return {k: data[k] for k in fields} if fields else data
+
+
+REAL = DemoSettings()
+TINY = DemoSettings(
+    tiny=True,
+    seq_len=48,
+    batch_size=8,
+    expert_steps=60,
+    expert_lr=1e-2,
+    lora={
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
+    },
+    router_steps=40,
+    router_lr=1e-2,
+    router_size=16,
+    eval_seq_len=64,
+    eval_pure=4,
+    eval_mixed=4,
+    eval_batch=4,
+    gen_tokens=16,
+)
+
+
+def preset(tiny: bool, **overrides: Any) -> DemoSettings:
+    """The real or tiny settings with the given fields replaced (None values are ignored)."""
+    return replace(TINY if tiny else REAL, **{k: v for k, v in overrides.items() if v is not None})
