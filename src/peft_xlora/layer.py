@@ -116,20 +116,55 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
 
     def _rank_weights(self, scalings: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
         """Per-rank weights s[expert_of_rank] * scale_of_rank, shaped to broadcast against (*lead_shape, R)."""
-        slot = self.layer_index if scalings.shape[2] > 1 else 0
-        s = scalings[:, :, slot, :]  # (batch|1, seq|1, n_experts)
+        s = self._layer_scalings(scalings)  # (batch|1, seq|1, n_experts)
         w = s.index_select(-1, self.rank_expert.to(s.device)) * self.rank_scale.to(s.device)  # (batch|1, seq|1, R)
-        n_rows, n_tokens, rank = w.shape
+        return self._per_token(w, lead_shape)
+
+    def _expert_weights(self, scalings: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+        """Per-expert weights s[expert] * scale_of_expert of this layer's experts, to broadcast against (*lead, E_l).
+
+        Only for layers whose experts all have the same rank: then every expert's ranks are one contiguous block of
+        that size, and the weights are applied per block, so the (tokens, R) per-rank weights are never built.
+        """
+        s = self._layer_scalings(scalings)  # (batch|1, seq|1, n_experts)
+        rank = self.ranks[0]
+        if self.expert_indices != list(range(s.shape[-1])):  # this layer is adapted by some experts only
+            s = s.index_select(-1, self.rank_expert[::rank].to(s.device))
+        w = s * self.rank_scale[::rank].to(s.device)  # (batch|1, seq|1, E_l): the same products as `_rank_weights`
+        return self._per_token(w, lead_shape)
+
+    def _layer_scalings(self, scalings: torch.Tensor) -> torch.Tensor:
+        slot = self.layer_index if scalings.shape[2] > 1 else 0
+        return scalings[:, :, slot, :]  # (batch|1, seq|1, n_experts)
+
+    def _per_token(self, w: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
+        """(batch|1, seq|1, K) -> a tensor that broadcasts against (*lead_shape, K)."""
+        n_rows, n_tokens, k = w.shape
         if n_rows * n_tokens == 1:
-            return w.reshape((1,) * len(lead_shape) + (rank,))
+            return w.reshape((1,) * len(lead_shape) + (k,))
         if len(lead_shape) == 2 and n_rows in (1, lead_shape[0]) and n_tokens in (1, lead_shape[1]):
             return w
         if n_rows * n_tokens == lead_shape.numel():  # the model flattened (batch, seq)
-            return w.reshape(*lead_shape, rank)
+            return w.reshape(*lead_shape, k)
         raise RuntimeError(
-            f"X-LoRA scalings cover {tuple(s.shape[:2])} tokens but layer {self.layer_index} sees input of shape "
+            f"X-LoRA scalings cover {(n_rows, n_tokens)} tokens but layer {self.layer_index} sees input of shape "
             f"{tuple(lead_shape)}; the model reshapes tokens in a way X-LoRA does not support."
         )
+
+    def _weigh(self, z: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
+        """Each rank's activation z times its expert's scaling and alpha / r: (*lead, R)."""
+        lead = z.shape[:-1]
+        # Under a device_map the scalings live beside the classifier, not necessarily on this layer's device.
+        scalings = scalings.to(z.device)
+        # Without autograd z is ours alone (fresh from `_project_down`): weigh it in place, saving a (tokens, R)
+        # tensor.
+        in_place = not (torch.is_grad_enabled() and (z.requires_grad or scalings.requires_grad))
+        if len(set(self.ranks)) == 1:
+            w = self._expert_weights(scalings, lead).to(z.dtype).unsqueeze(-1)  # (*lead|1, E_l, 1)
+            blocks = z.unflatten(-1, (len(self.ranks), self.ranks[0]))  # (*lead, E_l, r)
+            return (blocks.mul_(w) if in_place else blocks * w).flatten(-2)
+        w = self._rank_weights(scalings, lead).to(z.dtype)  # (*lead|1, R)
+        return z.mul_(w) if in_place else z * w
 
     def _project_down(self, x: torch.Tensor) -> torch.Tensor:
         """z = dropout(x) @ A_cat.T, (..., R); each rank row sees its own expert's dropout while training."""
@@ -154,9 +189,7 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         if routing is None or routing.scalings is None or self.xlora_A.shape[0] == 0:
             return result
         z = self._project_down(x)  # (*lead, R)
-        # Under a device_map the scalings live beside the classifier, not necessarily on this layer's device.
-        w = self._rank_weights(routing.scalings, z.shape[:-1]).to(device=z.device, dtype=z.dtype)  # (*lead, R)
-        update = (z * w) @ self.xlora_B.T  # (*lead, out)
+        update = self._weigh(z, routing.scalings) @ self.xlora_B.T  # (*lead, out)
         if self.is_embedding:
             embed_scale = self._get_embed_scale()
             if embed_scale is not None:

@@ -1,0 +1,310 @@
+"""Benchmark harness: base model, the dual-pass floor, PEFT's built-in X-LoRA and peft-xlora, side by side.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.run                      # reference workload, N = 2, 8, 32 (several minutes on 2 cores)
+    python -m benchmarks.run --n 8 --reps 3       # one N
+    python -m benchmarks.run --phases prefill train generate --gen-new-tokens 128
+    python -m benchmarks.run --smoke              # tiny sizes, one repetition: checks the harness, not the speed
+
+Writes ``<out>/benchmark-<tag>.json`` and ``.png`` (default ``benchmarks/results/``) and prints a table of medians
+and ratios. For each N and phase all methods are built together and their repetitions interleaved, so slow drifts of
+the machine hit every method alike. Memory is measured separately, one fresh process per case (see `memory.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from . import memory
+from .cases import METHODS, SMOKE, Workload, build_case, make_experts, supported
+
+# (name, phase, numerator, denominator, n, limit): the targets of issue 4, checked on every run.
+TARGETS = [
+    ("prefill: ours <= 1.10x floor (N=8)", "prefill", "ours", "floor", 8, 1.10),
+    ("prefill: ours <= 1.10x floor (N=32)", "prefill", "ours", "floor", 32, 1.10),
+    ("train: ours <= 0.75x PEFT built-in (N=8)", "train", "ours", "peft", 8, 0.75),
+    ("train: ours <= 1.05x floor (N=8)", "train", "ours", "floor", 8, 1.05),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=None, help="numbers of experts (default 2 8 32; smoke: 2)")
+    p.add_argument("--phases", nargs="+", default=["prefill", "train"], choices=["prefill", "train", "generate"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 5; smoke: 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; smoke: 0)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
+                   help="peak RSS per case: a fresh process each (default), this process, or not at all (smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, one repetition: tests the harness")
+    p.add_argument("--hidden-size", type=int, help="override the workload's hidden size (with --intermediate-size)")
+    p.add_argument("--intermediate-size", type=int)
+    p.add_argument("--layers", type=int, help="override the number of decoder layers")
+    p.add_argument("--gen-new-tokens", type=int, nargs="+", help="generation lengths (default 128 512)")
+    p.add_argument("--experts-dir", help="where to keep the random experts (default: a temporary folder)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tag", default=None, help="file name suffix (default: smoke or reference)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    args.n = args.n or ([2] if args.smoke else [2, 8, 32])
+    args.reps = args.reps if args.reps is not None else (1 if args.smoke else 5)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 1)
+    args.memory = args.memory or ("off" if args.smoke else "subprocess")
+    args.tag = args.tag or ("smoke" if args.smoke else "reference")
+    return args
+
+
+def workload_from(args: argparse.Namespace) -> Workload:
+    """The workload named by the options."""
+    work = SMOKE if args.smoke else Workload()
+    changes: dict[str, Any] = {}
+    if args.hidden_size:
+        changes["hidden_size"] = args.hidden_size
+    if args.intermediate_size:
+        changes["intermediate_size"] = args.intermediate_size
+    if args.layers:
+        changes["num_hidden_layers"] = args.layers
+    if args.gen_new_tokens:
+        changes["gen_new_tokens"] = args.gen_new_tokens
+    return replace(work, **changes)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import peft
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "git_commit": commit,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _time(step: Any) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def time_group(work: Workload, phase: str, n: int, methods: list[str], experts: dict[str, str],
+               reps: int, warmup: int) -> list[dict[str, Any]]:
+    """Times every method of one (phase, N), repetitions interleaved across methods."""
+    cases = {m: build_case(work, m, phase, n, experts) for m in methods}
+    if phase == "generate":
+        steps = {(m, new): case.info["steps"][new] for m, case in cases.items() for new in work.gen_new_tokens}
+    else:
+        steps = {(m, None): case.step for m, case in cases.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[tuple, list[float]] = {key: [] for key in steps}
+    for _ in range(reps):
+        for key, step in steps.items():
+            times[key].append(_time(step))
+    rows = []
+    for (method, new), ts in times.items():
+        info = {k: v for k, v in cases[method].info.items() if k != "steps"}
+        row = {"phase": phase, "method": method, "n": n, "median_s": statistics.median(ts), "min_s": min(ts),
+               "times_s": ts, "info": info}
+        if new is not None:
+            row["new_tokens"] = new
+        rows.append(row)
+    del cases, steps
+    gc.collect()
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios of medians within each (phase, N[, new tokens]) group: what the docs quote."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        groups.setdefault((r["phase"], r["n"], r.get("new_tokens")), {})[r["method"]] = r["median_s"]
+    out = []
+    for (phase, n, new), med in groups.items():
+        ref = "base" if "base" in med else ("lora" if "lora" in med else None)
+        entry: dict[str, Any] = {"phase": phase, "n": n}
+        if new is not None:
+            entry["new_tokens"] = new
+        for num in ("floor", "peft", "ours"):
+            if num in med and ref:
+                entry[f"{num}_vs_{ref}"] = med[num] / med[ref]
+        for den in ("floor", "peft"):
+            if "ours" in med and den in med:
+                entry[f"ours_vs_{den}"] = med["ours"] / med[den]
+        out.append(entry)
+    return out
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluates the issue's targets that this run has the numbers for."""
+    med = {(r["phase"], r["method"], r["n"]): r for r in rows if "new_tokens" not in r}
+    out = []
+    for name, phase, num, den, n, limit in TARGETS:
+        if (phase, num, n) in med and (phase, den, n) in med:
+            value = med[(phase, num, n)]["median_s"] / med[(phase, den, n)]["median_s"]
+            out.append({"target": name, "value": value, "limit": limit, "met": value <= limit})
+    if ("prefill", "ours", 8) in med and ("prefill", "ours", 32) in med:
+        value = med[("prefill", "ours", 32)]["median_s"] / med[("prefill", "ours", 8)]["median_s"]
+        out.append({"target": "prefill growth: ours N=32 <= 1.6x ours N=8", "value": value, "limit": 1.6,
+                    "met": value <= 1.6})
+    for n in sorted({r["n"] for r in rows}):
+        a, b = med.get(("train", "ours", n), {}), med.get(("train", "floor", n), {})
+        if "peak_rss_gib" in a and "peak_rss_gib" in b:
+            value = a["peak_rss_gib"] / b["peak_rss_gib"]
+            out.append({"target": f"train peak RSS: ours <= floor (N={n})", "value": value, "limit": 1.0,
+                        "met": value <= 1.0})
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: one line per (phase, N, method)."""
+    ref_of = {}
+    for r in rows:
+        if r["method"] in ("base", "lora"):
+            ref_of[(r["phase"], r["n"], r.get("new_tokens"))] = r["median_s"]
+    floor_of = {(r["phase"], r["n"], r.get("new_tokens")): r["median_s"] for r in rows if r["method"] == "floor"}
+    lines = [
+        "| phase | N | method | median s | vs base/lora | vs floor | peak RSS GiB | RSS increase GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        key = (r["phase"], r["n"], r.get("new_tokens"))
+        phase = r["phase"] + (f" {r['new_tokens']} tok" if "new_tokens" in r else "")
+        vs_ref = f"{r['median_s'] / ref_of[key]:.2f}x" if key in ref_of else ""
+        vs_floor = f"{r['median_s'] / floor_of[key]:.2f}x" if key in floor_of else ""
+        mem = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else ""
+        inc = f"{r['peak_increase_gib']:.2f}" if "peak_increase_gib" in r else ""
+        lines.append(f"| {phase} | {r['n']} | {r['method']} | {r['median_s']:.4f} | {vs_ref} | {vs_floor} | {mem} | "
+                     f"{inc} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> str | None:
+    """Median time against N, one panel per phase; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'peft-xlora[plot]'): no plot written", file=sys.stderr)
+        return None
+    rows = [r for r in result["results"] if "new_tokens" not in r]
+    phases = sorted({r["phase"] for r in rows}, key=["prefill", "train"].index)
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        for method in METHODS:
+            pts = sorted((r["n"], r["median_s"]) for r in rows if r["phase"] == phase and r["method"] == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts N")
+        ax.set_ylabel("median seconds")
+        ax.set_title(phase)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"peft-xlora benchmark ({result['machine']['cpu']}, {result['machine']['torch_threads']} threads)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark and writes its JSON (and plot); returns the JSON's content."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = workload_from(args)
+    if args.memory != "off" and not memory.supported():
+        print("peak RSS cannot be reset on this system: memory not measured", file=sys.stderr)
+        args.memory = "off"
+
+    with tempfile.TemporaryDirectory(prefix="xlora-bench-") as tmp:
+        experts_root = args.experts_dir or tmp
+        os.makedirs(experts_root, exist_ok=True)
+        all_experts = make_experts(work, max(args.n), experts_root)
+        rows: list[dict[str, Any]] = []
+        for phase in args.phases:
+            for n in args.n:
+                methods = [m for m in args.methods if (m, phase) in supported(m, phase)]
+                experts = {str(i): all_experts[str(i)] for i in range(n)}
+                group = time_group(work, phase, n, methods, experts, args.reps, args.warmup)
+                for row in group:
+                    if args.memory != "off":
+                        spec = {"workload": work.to_dict(), "method": row["method"], "phase": phase, "n": n,
+                                "experts": experts, "threads": args.threads, "new_tokens": row.get("new_tokens")}
+                        run = memory.run_case_subprocess if args.memory == "subprocess" else memory.run_case_here
+                        row.update(run(spec))
+                    print(f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
+                          + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
+                          + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""), flush=True)
+                rows.extend(group)
+
+    result = {
+        "machine": machine(),
+        "workload": work.to_dict(),
+        "settings": {"n": args.n, "phases": args.phases, "methods": args.methods, "reps": args.reps,
+                     "warmup": args.warmup, "memory": args.memory, "smoke": args.smoke},
+        "memory_method": memory.__doc__.strip().split("\n\n")[1] if args.memory != "off" else None,
+        "results": rows,
+        "ratios": ratios(rows),
+        "targets": check_targets(rows),
+        # Generation with peft-xlora's KV cache is issue 5; `--phases ... generate` measures what exists today.
+        "generation": [r for r in rows if r["phase"] == "generate"] or None,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, f"benchmark-{args.tag}.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    png = None if args.no_plot else plot(result, os.path.join(args.out, f"benchmark-{args.tag}.png"))
+    print()
+    print(format_table(rows))
+    print()
+    for t in result["targets"]:
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.2f} (limit {t['limit']})")
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()
