@@ -112,6 +112,8 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
     model.set_static_scalings({"digits": 0.7, "letters": 0.3})
     with torch.no_grad():
         torch.testing.assert_close(lora(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert run("export", trained, "--format", "mistralrs", "--out", tmp_path / "mistralrs") == 0
+    assert (tmp_path / "mistralrs" / "xlora-ordering.json").is_file()
 
 
 def test_errors_are_one_line_with_exit_status_2(workspace, tmp_path, capsys):

@@ -373,31 +373,24 @@ def inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
-    """`peft-xlora export`: a plain LoRA at fixed weights, or the mistral.rs layout."""
-    from . import checkpoint as ckpt
+    """`peft-xlora export`: a plain LoRA at fixed weights, or the mistral.rs layout (see `peft_xlora.export`)."""
+    from .export import export_lora, export_mistralrs
 
-    if args.format == "mistralrs":
-        exporter = getattr(ckpt, "export_mistralrs", None)
-        if exporter is None:
-            raise UserError("This version cannot export the mistral.rs layout yet; use --format lora.")
-        model, _, _ = load_xlora(args.checkpoint, args.base)
-        exporter(model, str(args.out))
-        print(f"Exported the mistral.rs X-LoRA layout to {args.out}")
-        return {"out": str(args.out)}
-    if not args.weights:
+    if args.format == "lora" and not args.weights:
         raise UserError("--format lora needs --weights NAME=W,... (the fixed expert weights of the exported LoRA).")
+    if args.format == "mistralrs" and args.weights:
+        raise UserError("--weights applies to --format lora only; the mistral.rs layout keeps the learned gate.")
     model, _, _ = load_xlora(args.checkpoint, args.base)
-    from .export_lora import export_fixed_lora
-
     try:
-        export_fixed_lora(model, args.weights, args.out)
+        if args.format == "lora":
+            export_lora(model, args.out, weights=args.weights)
+            print(f"Exported a plain PEFT LoRA equal to the mixture at {args.weights} to {args.out}")
+        else:
+            export_mistralrs(model, args.out)
+            print(f"Exported the mistral.rs X-LoRA layout to {args.out} (pass --order {args.out}/xlora-ordering.json)")
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    print(f"Exported a plain PEFT LoRA equal to the mixture at {args.weights} to {args.out}")
     return {"out": str(args.out)}
-
-
-# ---------------------------------------------------------------------------------------------------- demo
 
 
 def demo(args: argparse.Namespace) -> dict[str, Any]:
