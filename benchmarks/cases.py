@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.utils import logging as hf_logging
 
 import peft_xlora
@@ -54,10 +54,12 @@ class Workload:
     gen_new_tokens: list[int] = field(default_factory=lambda: [128, 512])
     dtype: str = "float32"
     device: str = "cpu"
+    arch: str = "llama"  # or "mistral"
 
     def llama_config(self) -> LlamaConfig:
-        """The random base model's config."""
-        return LlamaConfig(
+        """The random base model's config (a `MistralConfig` of the same sizes when `arch` is "mistral")."""
+        config_class = MistralConfig if self.arch == "mistral" else LlamaConfig
+        return config_class(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -101,9 +103,15 @@ def torch_dtype(work: Workload) -> torch.dtype:
 def build_base(work: Workload) -> LlamaForCausalLM:
     """The random base model; the same weights on every call."""
     torch.manual_seed(0)
-    with torch.device(work.device):
-        model = LlamaForCausalLM(work.llama_config())
-    return model.to(torch_dtype(work)).eval()
+    model_class = MistralForCausalLM if work.arch == "mistral" else LlamaForCausalLM
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype(work))  # built in the target dtype: no float32 copy of a large model
+    try:
+        with torch.device(work.device):
+            model = model_class(work.llama_config())
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
 
 
 def make_experts(work: Workload, n: int, root: str) -> dict[str, str]:

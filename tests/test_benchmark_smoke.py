@@ -63,3 +63,20 @@ def test_format_table_lists_every_row(smoke):
     _, result, _ = smoke
     table = bench.format_table(result["results"])
     assert len(table.splitlines()) == 2 + len(result["results"])
+
+
+def test_gpu_script_runs_tiny_on_cpu(tmp_path):
+    from benchmarks import gpu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = gpu.main(["--tiny", "--device", "cpu", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["workload"]["dtype"] == "bfloat16" and result["workload"]["arch"] == "mistral"
+    got = {(r["phase"], r["method"]) for r in result["results"]}
+    assert got == {("prefill", m) for m in ("base", "floor", "peft", "ours")} | {
+        ("train", m) for m in ("lora", "floor", "peft", "ours")
+    }
+    assert list(tmp_path.glob("gpu-*-tiny.json"))
