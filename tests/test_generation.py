@@ -294,8 +294,10 @@ def test_callers_caches(expert_dirs):
         filled = DynamicCache()
         with model.disable_adapter():
             model(input_ids=seq[:, :4], cache=filled)
-        with pytest.raises(ValueError, match="cannot extend"):
+        with pytest.raises(ValueError, match="without X-LoRA's scaling pass"):
             model(input_ids=seq[:, 4:], cache=filled)
+        with pytest.raises(ValueError, match="StaticCache"):
+            model.generate(input_ids=seq, max_new_tokens=2, cache_implementation="static")
         # Tokens run with static scalings never reached the scaling cache: continuing without them is refused.
         cache = model(input_ids=seq[:, :3]).cache
         model.base_model.set_static_scalings({"math": 1.0})

@@ -299,8 +299,8 @@ def prepare_cache(model: nn.Module, kwargs: dict, default_mode: str) -> tuple[XL
         (the cache, or None when the forward runs without one; the keyword it is passed under).
 
     Raises:
-        ValueError: The caller passed a cache X-LoRA cannot extend (already filled without the scaling pass, or not
-            a dynamic cache).
+        ValueError: The caller passed a cache X-LoRA cannot extend: not a dynamic cache, or a plain one already filled
+            without the scaling pass.
     """
     requested = requested_scalings_mode()
     scalings_mode = requested or default_mode
@@ -317,12 +317,18 @@ def prepare_cache(model: nn.Module, kwargs: dict, default_mode: str) -> tuple[XL
             cache.set_scalings_mode(requested)
         cache.sync_scaling_cache()
         return cache, name
-    if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+    if type(cache) is not DynamicCache:
+        raise ValueError(
+            f"X-LoRA cannot cache with a {type(cache).__name__}: its scaling pass keeps a second cache, which only "
+            "the dynamic cache (transformers' default) carries. Leave `cache_implementation` unset (or 'dynamic'), "
+            "or generate with use_cache=False."
+        )
+    if cache.get_seq_length() == 0:
         return XLoraCache.upgrade(cache, scalings_mode, _decoder_config(model)), name
     raise ValueError(
-        f"X-LoRA cannot extend this {type(cache).__name__}: its scaling pass needs its own cache of the same tokens. "
-        "Pass no cache or an empty DynamicCache to the first forward (or `generate`) and reuse the XLoraCache it "
-        "returns; static, quantized and offloaded cache implementations are not supported."
+        "X-LoRA cannot extend this DynamicCache: it was filled without X-LoRA's scaling pass (e.g. by the plain model "
+        "or under `disable_adapter()`), whose own cache of the same tokens is missing. Pass no cache or an empty "
+        "DynamicCache to the first forward (or `generate`) and reuse the XLoraCache it returns."
     )
 
 
