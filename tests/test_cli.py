@@ -96,6 +96,17 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
     ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert result["generations"][0]["continuation"] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
+    # Pinned to one expert, the CLI generates what that expert's gate gives in the loaded model.
+    args = ["generate", trained, "--prompt", "12 + 3 =", "--max-new-tokens", 6, "--json"]
+    assert run(*args, "--static", "digits=1") == 0
+    pinned = json.loads(capsys.readouterr().out)["generations"][0]["continuation"]
+    model.set_static_scalings({"digits": 1.0})
+    ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    model.set_static_scalings(None)
+    assert pinned == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+    assert run(*args, "--mode", "prompt") == 0
+    assert len(json.loads(capsys.readouterr().out)["generations"]) == 1
+
     plot = tmp_path / "inspect.png"
     assert run("inspect", trained, "--text", "abba 12", "--plot", plot, "--json") == 0
     info = json.loads(capsys.readouterr().out)
