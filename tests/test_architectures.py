@@ -216,3 +216,51 @@ def test_refused_architecture(arch, tmp_path):
     # Refused before anything was changed: the model is untouched.
     assert not any(isinstance(m, XLoraLayer) for m in base.modules())
     assert all(torch.equal(p, state[n]) for n, p in base.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- quantized layers
+
+
+def _bnb_quantized(bnb, kind: str) -> torch.nn.Module:
+    """tiny_llama with every Linear that bitsandbytes' CPU kernels accept (sizes multiple of 32) quantized."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        if module.in_features % 32 or module.out_features % 32:
+            continue
+        if kind == "4bit":
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32)
+            layer.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, blocksize=32)
+        else:
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(module.weight.data.clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to("cpu"))  # .to() quantizes
+    return model.eval()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_bitsandbytes_layers_are_wrapped(kind, expert_dirs):
+    bnb = pytest.importorskip("bitsandbytes")
+    from conftest import input_ids
+
+    dirs = expert_dirs["llama"]
+    model = get_peft_model(_bnb_quantized(bnb, kind), XLoraConfig(task_type="CAUSAL_LM", adapters=dirs, xlora_size=8))
+    quantized = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[kind]
+    wrapped = [layer.base_layer for layer in model.base_model.mixture_layers()]
+    assert sum(isinstance(b, quantized) for b in wrapped) >= 3  # q_proj, o_proj, down_proj, ... all mixed
+    ids = input_ids()
+    for name, path in dirs.items():
+        model.set_static_scalings({name: 1.0})
+        reference = PeftModel.from_pretrained(_bnb_quantized(bnb, kind), path).eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    model.set_static_scalings(None)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.base_model.xlora_classifier.layers[0].weight.grad.abs().sum() > 0
