@@ -64,7 +64,7 @@ class HubServer:
 
 class _Handler(BaseHTTPRequestHandler):
     hub: HubServer
-    protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):
         pass  # keep test output clean
@@ -80,6 +80,10 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, str(value))
         self.send_header("Content-Length", str(len(body)))
+        # No keep-alive: a client's pooled connection would otherwise outlive this server and reach a stopped
+        # server's handler thread (and its repos) in the next test.
+        self.send_header("Connection", "close")
+        self.close_connection = True
         self.end_headers()
         if not head and body:
             self.wfile.write(body)
