@@ -85,8 +85,9 @@ def test_mistralrs_layout(tmp_path, expert_dirs, depth):
     assert ordering["layers"] == {name: i for i, name in enumerate(tuner.mixture_layer_names)}
     assert ordering["base_model_id"] == "test-org/tiny-llama"
 
-    # every expert folder is a standard LoRA adapter equal to the expert it came from
-    for name, source in expert_dirs["llama"].items():
+    # every expert folder is a standard LoRA adapter equal to the expert it came from (the experts do not depend
+    # on the classifier's depth: checked once)
+    for name, source in expert_dirs["llama"].items() if depth == 1 else ():
         exported = PeftModel.from_pretrained(BUILDERS["llama"](), out / name).eval()
         original = PeftModel.from_pretrained(BUILDERS["llama"](), source).eval()
         torch.testing.assert_close(logits(exported), logits(original), rtol=0, atol=0)

@@ -92,3 +92,13 @@ def test_hub_repo_without_safetensors_is_refused(hub, expert_dirs):
     del hub.repos[REPO].files["adapter_model.safetensors"]
     with pytest.raises(CheckpointError, match="only safetensors"):
         PeftModel.from_pretrained(tiny_llama(), REPO)
+
+
+def test_peft_push_to_hub_round_trips_too(hub, expert_dirs):
+    # PEFT's own push (through transformers' PushToHubMixin) uploads a loadable checkpoint; its card is PEFT's.
+    model = trained_llama(expert_dirs)
+    ref = logits(model)
+    model.push_to_hub(REPO)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(hub.repos[REPO].files)
+    loaded = PeftModel.from_pretrained(tiny_llama(), REPO).eval()
+    torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
