@@ -113,16 +113,19 @@ def machine() -> dict[str, Any]:
         "peft": peft.__version__,
         "git_commit": commit,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # Other processes compete for the cores when this is well above 0: read the timings with that in mind.
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def _time(step: Any) -> float:
-    start = time.perf_counter()
+def _time(step: Any) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (all threads of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def time_group(work: Workload, phase: str, n: int, methods: list[str], experts: dict[str, str],
@@ -137,14 +140,19 @@ def time_group(work: Workload, phase: str, n: int, methods: list[str], experts: 
         for _ in range(warmup):
             step()
     times: dict[tuple, list[float]] = {key: [] for key in steps}
+    cpu_times: dict[tuple, list[float]] = {key: [] for key in steps}
     for _ in range(reps):
         for key, step in steps.items():
-            times[key].append(_time(step))
+            wall, cpu = _time(step)
+            times[key].append(wall)
+            cpu_times[key].append(cpu)
     rows = []
     for (method, new), ts in times.items():
         info = {k: v for k, v in cases[method].info.items() if k != "steps"}
+        # CPU time counts the work of all threads; on a shared machine it drifts less than wall time does.
         row = {"phase": phase, "method": method, "n": n, "median_s": statistics.median(ts), "min_s": min(ts),
-               "times_s": ts, "info": info}
+               "times_s": ts, "cpu_median_s": statistics.median(cpu_times[(method, new)]),
+               "cpu_times_s": cpu_times[(method, new)], "info": info}
         if new is not None:
             row["new_tokens"] = new
         rows.append(row)
@@ -201,20 +209,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["method"] in ("base", "lora"):
             ref_of[(r["phase"], r["n"], r.get("new_tokens"))] = r["median_s"]
-    floor_of = {(r["phase"], r["n"], r.get("new_tokens")): r["median_s"] for r in rows if r["method"] == "floor"}
+    floor_of = {(r["phase"], r["n"], r.get("new_tokens")): r for r in rows if r["method"] == "floor"}
     lines = [
-        "| phase | N | method | median s | vs base/lora | vs floor | peak RSS GiB | RSS increase GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| phase | N | method | median s | vs base/lora | vs floor | CPU s | CPU vs floor | peak RSS GiB "
+        "| RSS increase GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         key = (r["phase"], r["n"], r.get("new_tokens"))
         phase = r["phase"] + (f" {r['new_tokens']} tok" if "new_tokens" in r else "")
         vs_ref = f"{r['median_s'] / ref_of[key]:.2f}x" if key in ref_of else ""
-        vs_floor = f"{r['median_s'] / floor_of[key]:.2f}x" if key in floor_of else ""
+        vs_floor = f"{r['median_s'] / floor_of[key]['median_s']:.2f}x" if key in floor_of else ""
+        cpu_vs_floor = f"{r['cpu_median_s'] / floor_of[key]['cpu_median_s']:.2f}x" if key in floor_of else ""
         mem = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else ""
         inc = f"{r['peak_increase_gib']:.2f}" if "peak_increase_gib" in r else ""
-        lines.append(f"| {phase} | {r['n']} | {r['method']} | {r['median_s']:.4f} | {vs_ref} | {vs_floor} | {mem} | "
-                     f"{inc} |")
+        lines.append(f"| {phase} | {r['n']} | {r['method']} | {r['median_s']:.3f} | {vs_ref} | {vs_floor} | "
+                     f"{r['cpu_median_s']:.3f} | {cpu_vs_floor} | {mem} | {inc} |")
     return "\n".join(lines)
 
 
@@ -259,29 +269,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("peak RSS cannot be reset on this system: memory not measured", file=sys.stderr)
         args.memory = "off"
 
+    machine_at_start = machine()
     with tempfile.TemporaryDirectory(prefix="xlora-bench-") as tmp:
         experts_root = args.experts_dir or tmp
         os.makedirs(experts_root, exist_ok=True)
         all_experts = make_experts(work, max(args.n), experts_root)
         rows: list[dict[str, Any]] = []
+        measured: dict[tuple, dict[str, Any]] = {}
         for phase in args.phases:
             for n in args.n:
                 methods = [m for m in args.methods if (m, phase) in supported(m, phase)]
                 experts = {str(i): all_experts[str(i)] for i in range(n)}
                 group = time_group(work, phase, n, methods, experts, args.reps, args.warmup)
                 for row in group:
-                    if args.memory != "off":
+                    # base and lora do not depend on N: their memory is measured once, at the first N.
+                    once = row["method"] in ("base", "lora") and n != args.n[0]
+                    if args.memory != "off" and not once:
                         spec = {"workload": work.to_dict(), "method": row["method"], "phase": phase, "n": n,
                                 "experts": experts, "threads": args.threads, "new_tokens": row.get("new_tokens")}
                         run = memory.run_case_subprocess if args.memory == "subprocess" else memory.run_case_here
                         row.update(run(spec))
+                        measured[(phase, row["method"], row.get("new_tokens"))] = row
+                    elif once and (phase, row["method"], row.get("new_tokens")) in measured:
+                        first = measured[(phase, row["method"], row.get("new_tokens"))]
+                        row.update({k: first[k] for k in ("peak_rss_gib", "peak_increase_gib")})
                     print(f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
                           + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
                           + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""), flush=True)
                 rows.extend(group)
 
     result = {
-        "machine": machine(),
+        "machine": {**machine_at_start, "load_average_at_end": machine()["load_average_1_5_15"]},
         "workload": work.to_dict(),
         "settings": {"n": args.n, "phases": args.phases, "methods": args.methods, "reps": args.reps,
                      "warmup": args.warmup, "memory": args.memory, "smoke": args.smoke},
