@@ -254,15 +254,20 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, expert_dirs, monkeypatc
     torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
 
 
-def test_save_replaces_previous_checkpoint(tmp_path, expert_dirs):
+@pytest.mark.parametrize("other_files", [False, True], ids=["checkpoint-only", "shared-folder"])
+def test_save_replaces_previous_checkpoint(tmp_path, expert_dirs, other_files):
     target = tmp_path / "ckpt"
     save_pretrained(trained_llama(expert_dirs), target)
-    (target / "stale.txt").write_text("from the old save")
+    if other_files:  # e.g. a tokenizer saved into the same folder: it must survive the new save
+        (target / "tokenizer.json").write_text("{}")
+        (target / "logs").mkdir()
     new = trained_llama(expert_dirs)
     perturb_trainable(new, seed=5)
     ref = logits(new)
     save_pretrained(new, target)
-    assert not (target / "stale.txt").exists()
+    expected = {"README.md", "adapter_config.json", WEIGHTS_NAME}
+    expected |= {"tokenizer.json", "logs"} if other_files else set()
+    assert set(os.listdir(target)) == expected
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), ref, rtol=0, atol=0)
 

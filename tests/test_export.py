@@ -105,3 +105,14 @@ def test_mistralrs_needs_base_model_id_and_folder_names(tmp_path, expert_dirs):
     with pytest.raises(ValueError, match="cannot be a folder name"):
         export_mistralrs(odd, tmp_path / "out", base_model_id="x/y")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_never_deletes_other_files(tmp_path, expert_dirs):
+    model = build_xlora("llama", expert_dirs).eval()
+    export_lora(model, tmp_path / "out", {"math": 1.0})
+    export_lora(model, tmp_path / "out", {"code": 1.0})  # replacing a previous export is fine
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        export_lora(model, tmp_path / "out", {"math": 1.0})
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -374,6 +374,8 @@ def save_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> Non
     Everything is written to a new folder beside `save_directory`, checked by reading it back, and only then renamed
     into place. If `save_directory` existed, it is first renamed to a backup that is deleted once the new folder is in
     place; should the process die between the two renames, the backup (``<dir>.xlora-old-*``) holds the old checkpoint.
+    A `save_directory` that also holds other files (a tokenizer, logs) keeps them: the checkpoint's files are then
+    replaced one by one, each atomically, weights first and config last.
 
     Args:
         model: The `PeftModel` with X-LoRA.
@@ -397,7 +399,10 @@ def save_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> Non
         write_model_card(model, tmp)
         check_checkpoint_dir(tmp)
         _fsync_tree(tmp)
-        _replace_dir(tmp, target)
+        if os.path.isdir(target) and not set(os.listdir(target)) <= _OWN_FILES:
+            _replace_files(tmp, target)  # the folder also holds other things (a tokenizer, logs): keep them
+        else:
+            _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -413,6 +418,23 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+_OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, CARD_NAME}
+
+
+def _replace_files(new: str, target: str) -> None:
+    """Moves the files of `new` into `target` one by one, each replacing its old version atomically.
+
+    Used when `target` holds files that are not part of the checkpoint. The weights go first and the config last, so
+    an interruption leaves either the old pair, or new weights beside the old config; loading checks that they match.
+    """
+    order = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
+    for name in sorted(os.listdir(new), key=lambda n: order.index(n) if n in order else len(order)):
+        os.replace(os.path.join(new, name), os.path.join(target, name))
+    if os.path.exists(os.path.join(target, PICKLE_WEIGHTS_NAME)):
+        os.remove(os.path.join(target, PICKLE_WEIGHTS_NAME))  # an older pickle save would shadow nothing but confuse
+    shutil.rmtree(new, ignore_errors=True)
 
 
 def _replace_dir(new: str, target: str) -> None:

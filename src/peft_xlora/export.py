@@ -79,6 +79,13 @@ def _write_folder(directory: str | os.PathLike, write) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.xlora-tmp-", dir=os.path.dirname(target))
     try:
         write(tmp)
+        if os.path.isdir(target):
+            foreign = sorted(set(os.listdir(target)) - set(os.listdir(tmp)))
+            if foreign:
+                raise FileExistsError(
+                    f"{target} already holds {foreign}, which this export would delete; export into a new or empty "
+                    "folder (or one that holds only a previous export of the same model)."
+                )
         _replace_dir(tmp, target)
     except BaseException:
         import shutil
