@@ -185,6 +185,11 @@ def test_original_layout_errors(tmp_path, expert_dirs):
         from_xlora_package(tiny_llama(), tmp_path / "a")
     model = from_xlora_package(tiny_llama(), tmp_path / "a", adapters={"code": expert_dirs["llama"]["code"]})
     assert model.base_model.expert_names == ["math", "code", "poetry"]
+    # frozen experts recorded by path (the original's `adapters` dict) are read from there, with a warning
+    write_original(tmp_path / "a2", expert_dirs, linears, adapters=expert_dirs["llama"])
+    shutil.rmtree(tmp_path / "a2" / "code")
+    with pytest.warns(MigrationWarning, match="recorded in xlora_config.json"):
+        from_xlora_package(tiny_llama(), tmp_path / "a2")
 
     write_original(tmp_path / "b", expert_dirs, {"last": linears["last"]}, xlora_depth=2)
     with pytest.raises(CheckpointError, match=r"holds 1 linear layers but xlora_config\.json says xlora_depth=2"):

@@ -276,6 +276,7 @@ def from_xlora_package(
                 f"{path}/xlora_config.json sets `{option}`, which peft-xlora does not reproduce (the original pools "
                 "or renormalises across the whole batch); the migrated model would compute something else."
             )
+    recorded = saved["adapters"] if isinstance(saved["adapters"], dict) else {}
     sources, missing = {}, []
     for name in names:
         folder = os.path.join(path, name)
@@ -283,6 +284,14 @@ def from_xlora_package(
             sources[name] = os.fspath(given[name])
         elif os.path.isfile(os.path.join(folder, "adapter_config.json")):
             sources[name] = folder
+        elif recorded.get(name) and os.path.isdir(recorded[name]) and not saved.get("use_trainable_adapters"):
+            warnings.warn(
+                f"Expert {name!r} is not saved in {path}; using the path recorded in xlora_config.json, "
+                f"{recorded[name]}.",
+                MigrationWarning,
+                stacklevel=2,
+            )
+            sources[name] = recorded[name]
         else:
             missing.append(name)
     if missing:
