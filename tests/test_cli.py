@@ -14,9 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft_xlora.cli import main
 from peft_xlora.demo.base import load_base, tiny_base
 
-TEXT = {
-    "digits": "".join(f"{i * 7 % 100} + {i} = {i * 8 % 100}\n" for i in range(60)),
+TEXT = {  # not in alphabetical order: the gate's order must survive JSON's sorted keys
     "letters": " ".join(["abba", "cddc", "effe", "ghhg"] * 40),
+    "digits": "".join(f"{i * 7 % 100} + {i} = {i * 8 % 100}\n" for i in range(60)),
 }
 
 
@@ -110,7 +110,8 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
     plot = tmp_path / "inspect.png"
     assert run("inspect", trained, "--text", "abba 12", "--plot", plot, "--json") == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["expert_order"] == ["digits", "letters"]
+    assert info["expert_order"] == ["letters", "digits"]
+    assert list(info["experts"]) == ["letters", "digits"]
     assert info["experts"]["digits"]["r"] == 4
     assert info["parameters"]["classifier"] == 48 * 16 + 16 + 16 * 2 + 2
     assert info["parameters"]["experts"] == 2 * 2 * 2 * (4 * 48) + 2 * 2 * (4 * 48 + 4 * 24)

@@ -294,7 +294,10 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
 
     config = _checkpoint_config(checkpoint)
     experts = {}
-    for name, lora in (config.get("experts") or {}).items():
+    saved = config.get("experts") or {}
+    # The JSON file has sorted keys; `expert_order` is the order of the gate's outputs.
+    for name in config.get("expert_order") or list(saved):
+        lora = saved.get(name) or {}
         experts[name] = {
             "r": lora.get("r"),
             "lora_alpha": lora.get("lora_alpha"),

@@ -135,25 +135,28 @@ class Demo:
 
     def prepare_experts(self) -> None:
         """Trains one LoRA expert per domain, or reuses the cached one."""
-        s = self.s
-        self.expert_dirs: dict[str, str] = {}
-        base = None
         for i, domain in enumerate(self.domains):
-            key = self._recipe(domain=domain, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
-            path = self.cache_dir / "experts" / f"{domain}-{key}"
-            self.expert_dirs[domain] = str(path)
-            self.cache_hits[f"expert {domain}"] = path.is_dir()
-            if path.is_dir():
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            base = base or self.new_base()
-            g = torch.Generator().manual_seed(s.seed + 10 + i)
-            batches = demo_data.batches(self.train_chunks[domain], s.batch_size, s.expert_steps, g)
-            torch.manual_seed(s.seed + 10 + i)
-            losses = train_lora_expert(
-                base, batches, path, s.expert_steps, s.expert_lr, s.lora, f"expert {domain}", quiet=self.quiet
-            )
-            self.log(f"   expert {domain}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+            self.prepare_expert(i, domain)
+
+    def prepare_expert(self, i: int, domain: str) -> None:
+        """Trains the LoRA expert of the `i`-th domain, unless the cache has it; records its folder."""
+        s = self.s
+        if not hasattr(self, "expert_dirs"):
+            self.expert_dirs: dict[str, str] = {}
+        key = self._recipe(domain=domain, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
+        path = self.cache_dir / "experts" / f"{domain}-{key}"
+        self.expert_dirs[domain] = str(path)
+        self.cache_hits[f"expert {domain}"] = path.is_dir()
+        if path.is_dir():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(s.seed + 10 + i)
+        batches = demo_data.batches(self.train_chunks[domain], s.batch_size, s.expert_steps, g)
+        torch.manual_seed(s.seed + 10 + i)
+        losses = train_lora_expert(
+            self.new_base(), batches, path, s.expert_steps, s.expert_lr, s.lora, f"expert {domain}", quiet=self.quiet
+        )
+        self.log(f"   expert {domain}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
 
     def router_batches(self, seed: int):
         """Training batches of the gates: half mixed-domain sequences, half pure ones."""
