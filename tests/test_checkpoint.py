@@ -193,12 +193,15 @@ def test_mismatched_weights_are_listed(tmp_path, expert_dirs):
     del weights["base_model.xlora_classifier.layers.3.bias"]
     key = "base_model.model.model.layers.0.self_attn.q_proj.xlora_experts.math.lora_A"
     weights[key] = weights[key][:2].clone()
+    other = key.replace(".math.", ".code.")  # a wrong input size too: the stacking must not fail before the report
+    weights[other] = weights[other][:, :31].clone()
     safetensors.torch.save_file(weights, tmp_path / WEIGHTS_NAME)
     with pytest.raises(CheckpointError) as info:
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
     message = str(info.value)
     assert "layers.3.bias" in message and "1 tensors missing" in message
     assert f"{key}: (2, 32) in the checkpoint, (4, 32) in the model" in message
+    assert f"{other}: (2, 31) in the checkpoint, (2, 32) in the model" in message
 
 
 def test_pickle_is_refused_unless_allowed(tmp_path, expert_dirs):

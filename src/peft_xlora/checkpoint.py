@@ -153,6 +153,7 @@ def join_experts(
         ckpt_module = module_key if module_key.startswith("base_model.") or not prefixed else PEFT_PREFIX + module_key
         module_name = module_key.removeprefix(PEFT_PREFIX)
         parts_a, parts_b = [], []
+        problems_before = len(missing) + len(wrong_shape)
         for position, index in enumerate(layer.expert_indices):
             name = names[index]
             start, stop = rank_bounds(layer, position)
@@ -174,7 +175,7 @@ def join_experts(
                     continue
             parts_a.append(a)
             parts_b.append(b)
-        if len(parts_a) == len(layer.expert_indices):
+        if len(missing) + len(wrong_shape) == problems_before:  # every factor of this layer is present and fits
             dtype = parts_a[0].dtype if parts_a else layer.xlora_A.dtype
             out[f"{module_key}.xlora_A"] = torch.cat([p.to(dtype) for p in parts_a], dim=0)  # (R, in)
             out[f"{module_key}.xlora_B"] = torch.cat([p.to(dtype) for p in parts_b], dim=1)  # (out, R)
