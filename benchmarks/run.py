@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default=None, help="file name suffix (default: smoke or reference)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report", metavar="JSON", help="only print the table and redraw the plot of a written JSON")
     args = p.parse_args(argv)
     args.n = args.n or ([2] if args.smoke else [2, 8, 32])
     args.reps = args.reps if args.reps is not None else (1 if args.smoke else 5)
@@ -215,7 +216,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "| RSS increase GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(rows, key=lambda r: (r["phase"] != "prefill", r["phase"], r["n"], r.get("new_tokens") or 0,
+                                         order[r["method"]])):
         key = (r["phase"], r["n"], r.get("new_tokens"))
         phase = r["phase"] + (f" {r['new_tokens']} tok" if "new_tokens" in r else "")
         vs_ref = f"{r['median_s'] / ref_of[key]:.2f}x" if key in ref_of else ""
@@ -263,49 +266,13 @@ def plot(result: dict[str, Any], path: str) -> str | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark and writes its JSON (and plot); returns the JSON's content."""
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    work = workload_from(args)
-    if args.memory != "off" and not memory.supported():
-        print("peak RSS cannot be reset on this system: memory not measured", file=sys.stderr)
-        args.memory = "off"
-
-    machine_at_start = machine()
-    with tempfile.TemporaryDirectory(prefix="xlora-bench-") as tmp:
-        experts_root = args.experts_dir or tmp
-        os.makedirs(experts_root, exist_ok=True)
-        all_experts = make_experts(work, max(args.n), experts_root)
-        rows: list[dict[str, Any]] = []
-        measured: dict[tuple, dict[str, Any]] = {}
-        for phase in args.phases:
-            for n in args.n:
-                methods = [m for m in args.methods if (m, phase) in supported(m, phase)]
-                experts = {str(i): all_experts[str(i)] for i in range(n)}
-                group = time_group(work, phase, n, methods, experts, args.reps, args.warmup)
-                for row in group:
-                    # base and lora do not depend on N: their memory is measured once, at the first N.
-                    once = row["method"] in ("base", "lora") and n != args.n[0]
-                    if args.memory != "off" and not once:
-                        spec = {"workload": work.to_dict(), "method": row["method"], "phase": phase, "n": n,
-                                "experts": experts, "threads": args.threads, "new_tokens": row.get("new_tokens")}
-                        run = memory.run_case_subprocess if args.memory == "subprocess" else memory.run_case_here
-                        row.update(run(spec))
-                        measured[(phase, row["method"], row.get("new_tokens"))] = row
-                    elif once and (phase, row["method"], row.get("new_tokens")) in measured:
-                        first = measured[(phase, row["method"], row.get("new_tokens"))]
-                        row.update({k: first[k] for k in ("peak_rss_gib", "peak_increase_gib")})
-                    print(f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
-                          + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
-                          + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""), flush=True)
-                rows.extend(group)
-
-    result = {
+def _result(args: argparse.Namespace, work: Workload, machine_at_start: dict[str, Any],
+            rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "machine": {**machine_at_start, "load_average_at_end": machine()["load_average_1_5_15"]},
         "workload": work.to_dict(),
         "settings": {"n": args.n, "phases": args.phases, "methods": args.methods, "reps": args.reps,
-                     "warmup": args.warmup, "memory": args.memory, "smoke": args.smoke},
+                     "warmup": args.warmup, "threads": args.threads, "memory": args.memory, "smoke": args.smoke},
         "memory_method": memory.__doc__.strip().split("\n\n")[1] if args.memory != "off" else None,
         "results": rows,
         "ratios": ratios(rows),
@@ -313,18 +280,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Generation with peft-xlora's KV cache is issue 5; `--phases ... generate` measures what exists today.
         "generation": [r for r in rows if r["phase"] == "generate"] or None,
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark and writes its JSON (and plot); returns the JSON's content."""
+    args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            result = json.load(f)
+        png = None if args.no_plot else plot(result, args.report.removesuffix(".json") + ".png")
+        _report(result, args.report, png)
+        return result
+    torch.set_num_threads(args.threads)
+    work = workload_from(args)
+    if args.memory != "off" and not memory.supported():
+        print("peak RSS cannot be reset on this system: memory not measured", file=sys.stderr)
+        args.memory = "off"
+
+    machine_at_start = machine()
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"benchmark-{args.tag}.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
+    rows: list[dict[str, Any]] = []
+    measured: dict[tuple, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="xlora-bench-") as tmp:
+        experts_root = args.experts_dir or tmp
+        os.makedirs(experts_root, exist_ok=True)
+        all_experts = make_experts(work, max(args.n), experts_root)
+        # N outer, phase inner, the JSON rewritten after each group: a long run stopped early keeps whole N's.
+        for n in args.n:
+            for phase in args.phases:
+                methods = [m for m in args.methods if (m, phase) in supported(m, phase)]
+                experts = {str(i): all_experts[str(i)] for i in range(n)}
+                group = time_group(work, phase, n, methods, experts, args.reps, args.warmup)
+                for row in group:
+                    # base and lora do not depend on N: their memory is measured once, at the first N.
+                    key = (phase, row["method"], row.get("new_tokens"))
+                    once = row["method"] in ("base", "lora") and key in measured
+                    if args.memory != "off" and not once:
+                        spec = {"workload": work.to_dict(), "method": row["method"], "phase": phase, "n": n,
+                                "experts": experts, "threads": args.threads, "new_tokens": row.get("new_tokens")}
+                        run = memory.run_case_subprocess if args.memory == "subprocess" else memory.run_case_here
+                        row.update(run(spec))
+                        measured[key] = row
+                    elif once:
+                        row.update({k: measured[key][k] for k in ("peak_rss_gib", "peak_increase_gib")})
+                    print(f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
+                          + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
+                          + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""), flush=True)
+                rows.extend(group)
+                result = _result(args, work, machine_at_start, rows)
+                with open(json_path, "w") as f:
+                    json.dump(result, f, indent=1)
+
     png = None if args.no_plot else plot(result, os.path.join(args.out, f"benchmark-{args.tag}.png"))
+    _report(result, json_path, png)
+    return result
+
+
+def _report(result: dict[str, Any], json_path: str, png: str | None) -> None:
     print()
-    print(format_table(rows))
+    print(format_table(result["results"]))
     print()
     for t in result["targets"]:
         print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.2f} (limit {t['limit']})")
-    print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
-    return result
+    print(f"\n{json_path}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":
