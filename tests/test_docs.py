@@ -9,7 +9,8 @@ How code blocks in `docs/*.md` and `README.md` are tested (the convention page a
   `base` (a fresh tiny random Llama, `LlamaForCausalLM`), `tokenizer` (a matching word-level tokenizer) and `ids`
   (a `(2, 8)` LongTensor of token ids). Everything else a block needs it imports or builds itself.
 - Placeholder ids and paths in string literals (`"your/base-model"`, `"path/to/lora-math"`, `"cuda"`, ...) are
-  replaced by local equivalents before running: the table is `PLACEHOLDERS` below. A new placeholder needs a row.
+  replaced by local equivalents before running: the table is `_placeholders` below. A new placeholder needs a row.
+  `max_new_tokens=N` runs with at most `MAX_NEW_TOKENS` tokens.
 - A hidden setup may precede a block: an HTML comment `<!-- test-setup` ... `-->` right before the fence (blank lines
   between are allowed). Its body runs first in the same namespace and is not shown on the site. Use it when prose
   uses a name for something the prelude does not define (e.g. `model` meaning an X-LoRA model).
@@ -60,6 +61,7 @@ def _placeholders(world: Path) -> dict[str, str]:
         "HuggingFaceH4/zephyr-7b-beta": base,
         # a trained X-LoRA checkpoint over experts adapter_1 and adapter_2
         "./path/to/saved/model": str(world / "xlora-checkpoint"),
+        "path/to/xlora-checkpoint": str(world / "xlora-checkpoint"),
         "Mistral_v204-rerun_V51Zephyr/checkpoint-420/": str(world / "xlora-checkpoint"),
         "cuda": "cuda" if torch.cuda.is_available() else "cpu",
         "cuda:0": "cuda:0" if torch.cuda.is_available() else "cpu",
@@ -80,7 +82,7 @@ def world(tmp_path_factory) -> Path:
     """The local stand-ins for the placeholders: a saved base model and tokenizer, experts, a trained checkpoint."""
     root = tmp_path_factory.mktemp("docs-world")
     tiny_llama().save_pretrained(root / "base-model")
-    tiny_tokenizer(VOCAB).save_pretrained(root / "base-model")
+    _tokenizer().save_pretrained(root / "base-model")
     specs = list(EXPERT_SPECS["llama"].values())
     for seed, name in enumerate(EXPERT_NAMES + COMPAT_EXPERT_NAMES):
         make_expert("llama", specs[seed % len(specs)], seed, str(root / "experts" / name))
@@ -160,17 +162,27 @@ def parse_blocks(page: Path) -> list[Block]:
     return blocks
 
 
+MAX_NEW_TOKENS = 8
+
+
 def _substitute(code: str, table: dict[str, str]) -> str:
     for key, value in table.items():
         for quote in ('"', "'"):
             code = code.replace(f"{quote}{key}{quote}", repr(value))
-    return code
+    # Realistic generation lengths cost minutes on a tiny model over many pages; the tokens add nothing to the test.
+    return re.sub(r"\bmax_new_tokens=(\d+)", lambda m: f"max_new_tokens={min(int(m[1]), MAX_NEW_TOKENS)}", code)
+
+
+def _tokenizer():
+    tokenizer = tiny_tokenizer(VOCAB)
+    tokenizer.pad_token = "<pad>"  # id 0, the tiny models' pad_token_id
+    return tokenizer
 
 
 def _prelude() -> dict:
     """What every page's code may assume: a base model, a tokenizer and a batch of token ids."""
     ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    return {"__name__": "__docs__", "base": tiny_llama(), "tokenizer": tiny_tokenizer(VOCAB), "ids": ids}
+    return {"__name__": "__docs__", "base": tiny_llama(), "tokenizer": _tokenizer(), "ids": ids}
 
 
 def _run(code: str, first_line: int, page: Path, namespace: dict) -> None:
@@ -232,6 +244,8 @@ def test_substitution_only_touches_whole_literals():
     table = {"path/to/lora-math": "/tmp/m"}
     code = 'a = "path/to/lora-math"; b = "path/to/lora-math2"; c = \'path/to/lora-math\''
     assert _substitute(code, table) == "a = '/tmp/m'; b = \"path/to/lora-math2\"; c = '/tmp/m'"
+    assert _substitute("generate(x, max_new_tokens=128)", {}) == "generate(x, max_new_tokens=8)"
+    assert _substitute("generate(x, max_new_tokens=3)", {}) == "generate(x, max_new_tokens=3)"
 
 
 # ---- every public name is documented ----
