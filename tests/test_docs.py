@@ -294,3 +294,25 @@ def test_example_runs(script, tmp_path):
         [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, f"{script.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+# ---- the CLI reference is generated from the parser ----
+
+
+def test_cli_reference_is_the_parsers_help():
+    import argparse
+    import importlib.util
+
+    from peft_xlora.cli import build_parser
+
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "scripts" / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    assert hooks.MARKER in (DOCS / "cli.md").read_text("utf-8")
+    reference = hooks.render_cli_reference()
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in subparsers.choices.items():
+        assert f"### `peft-xlora {name}`" in reference
+        for action in sub._actions:
+            for option in action.option_strings:
+                assert option in reference, f"`peft-xlora {name} {option}` is missing from the generated reference"
