@@ -382,3 +382,27 @@ def test_scaling_cache_ahead_after_a_failed_forward_is_cropped(expert_dirs, monk
         out = model(input_ids=seq[:, 4:], cache=cache)
     torch.testing.assert_close(out.logits, full[:, 4:], **TOL)
 
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_lookup_and_chunked_prefill(mode, expert_dirs):
+    # Both feed several tokens per forward after the first: candidate verification (then a crop of the rejected
+    # ones from both caches) and a prompt split into chunks. Neither may change the tokens.
+    model = model_for("llama", expert_dirs, scalings_mode=mode)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])  # repeats, so prompt lookup finds candidates
+    kwargs = {"input_ids": ids, "max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    reference = model.generate(**kwargs, use_cache=False)
+    lengths = []
+    hook = model.base_model.model.register_forward_pre_hook(
+        lambda module, args, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        lookup = model.generate(**kwargs, prompt_lookup_num_tokens=3)
+        assert lengths[0] >= ids.shape[1] and max(lengths[1:]) > 1  # candidates were verified several at a time
+        lengths.clear()
+        chunked = model.generate(**kwargs, prefill_chunk_size=4)
+        assert lengths[:3] == [4, 4, 3]
+    finally:
+        hook.remove()
+    assert torch.equal(lookup, reference)
+    assert torch.equal(chunked, reference)

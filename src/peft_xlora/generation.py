@@ -11,10 +11,10 @@ Two granularities (`XLoraConfig.scalings_mode`, or `generate(..., scalings_mode=
 * ``"token"``: every token gets its own scalings; each decoding step runs the scaling pass and the main pass on the
   new token, both against their caches. Exactly equal (within float tolerance) to the uncached forward.
 * ``"prompt"``: the prompt is routed per token as in token mode; the last prompt token's scalings are then held for
-  every later token of the cache, and decoding steps run the main pass only. "The prompt" is everything the cache
-  receives before its first single-token step (so a chunked prefill is one prompt); the scaling pass's cache is
-  dropped at that step. Without a cache, `generate` holds the scalings of the last token of the `generate` input, which
-  gives the same tokens.
+  every later token of the cache, and decoding steps run the main pass only. In `generate`, the prompt is the input of
+  the call (however transformers splits it into forwards); in a hand-written loop, everything the cache receives
+  before its first one-token step. The scaling pass's cache is dropped once the prompt is complete. Without a cache,
+  `generate` holds the scalings of the last token of its input, which gives the same tokens.
 """
 
 from __future__ import annotations
@@ -109,14 +109,22 @@ class XLoraCache(DynamicCache):
     def needs_scaling_pass(self, n_new_tokens: int) -> bool:
         """Whether the next forward (of `n_new_tokens` tokens) runs the scaling pass; in prompt mode, may hold.
 
-        Called before the forward, while this cache still has its old length.
+        Called before the forward, while this cache still has its old length. In prompt mode, the prompt ends where
+        the running `generate` call's input ends (so candidate-verifying steps of assisted decoding hold too);
+        outside `generate`, at the first one-token step.
         """
         if self.scalings_mode == "token":
             return True
         if self.holds_scalings:
             return False
-        if n_new_tokens == 1 and self.get_seq_length() > 0 and self.held_scalings is not None:
-            self.scaling_cache = None  # the first decoding step: the prompt is complete
+        past = self.get_seq_length()
+        scope = _SCOPE.get()
+        if scope is not None and scope.prompt_length is not None:
+            generated = past >= scope.prompt_length
+        else:
+            generated = n_new_tokens == 1 and past > 0
+        if generated and self.held_scalings is not None:
+            self.scaling_cache = None  # the prompt is complete: its keys and values are no longer needed
             return False
         return True
 
@@ -139,10 +147,30 @@ class XLoraCache(DynamicCache):
                 "disabled, so their routing was never computed. Start from a new cache (or none)."
             )
 
-    def record(self, scalings: torch.Tensor) -> None:
-        """Keeps the last token's scalings in prompt mode. `scalings` is (batch, seq, n_layers|1, n_experts)."""
-        if self.scalings_mode == "prompt":
+    def record(self, scalings: torch.Tensor) -> torch.Tensor:
+        """In prompt mode, holds the last prompt token's scalings; returns the scalings this forward uses.
+
+        Called before the forward (this cache still has its old length). A forward can reach past the end of the
+        `generate` call's prompt (assisted decoding prefills the prompt with candidate tokens): its positions from
+        the prompt's end on already use the held scalings.
+
+        Args:
+            scalings: (batch, seq, n_layers|1, n_experts) from the scaling pass over this forward's tokens.
+
+        Returns:
+            The same shape: unchanged in token mode or within the prompt.
+        """
+        if self.scalings_mode != "prompt":
+            return scalings
+        past = self.get_seq_length()
+        scope = _SCOPE.get()
+        prompt_length = scope.prompt_length if scope is not None else None
+        if prompt_length is not None and past < prompt_length < past + scalings.shape[1]:
+            scalings = hold_after(scalings, prompt_length - past)
+            self.held_scalings = scalings[:, prompt_length - past - 1 : prompt_length - past].detach()
+        else:
             self.held_scalings = scalings[:, -1:].detach()  # (batch, 1, n_layers|1, n_experts)
+        return scalings
 
     # transformers' generation utilities rearrange caches through these methods: both caches and the held scalings
     # follow, so every row of each always belongs to the same sequence.

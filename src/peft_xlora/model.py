@@ -87,19 +87,27 @@ def _check_experts_fit(model: nn.Module, experts: list[Expert], shapes: dict[str
 
 def _check_input_device(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Inputs must be on the device of the input embeddings (accelerate moves them itself under `device_map`)."""
-    if getattr(model, "hf_device_map", None) or not hasattr(model, "get_input_embeddings"):
+    if getattr(model, "hf_device_map", None):
         return
     inputs = kwargs.get("input_ids", args[0] if args else None)
     name = "input_ids"
     if inputs is None:
         inputs, name = kwargs.get("inputs_embeds"), "inputs_embeds"
-    weight = getattr(model.get_input_embeddings(), "weight", None)
+    weight = getattr(_embeddings(model, "get_input_embeddings"), "weight", None)
     if not isinstance(inputs, torch.Tensor) or not isinstance(weight, torch.Tensor) or inputs.device == weight.device:
         return
     raise ValueError(
         f"`{name}` is on {inputs.device} but the model's input embeddings are on {weight.device}: move the inputs "
         f"first, e.g. `{name}.to(model.device)`."
     )
+
+
+def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    """`model.get_input_embeddings()` / `get_output_embeddings()`, or None where the model has no such layer."""
+    try:
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> None:
@@ -112,6 +120,7 @@ def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> N
         f"(batch, seq, {hidden_size}). X-LoRA reads `last_hidden_state` (or the first output) of the model's "
         "`base_model`; this model does not provide one. See docs/models.md for the supported models."
     )
+
 
 class XLoraModel(ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
@@ -165,12 +174,10 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         self._static_scalings: Optional[torch.Tensor] = None
         self._latest_scalings: Optional[torch.Tensor] = None
         _check_model_supported(model, config)
-        _check_model_supported(model, config)
         self._infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
         experts = self._load_experts(config, shapes)
-        _check_experts_fit(model, experts, shapes)
         _check_experts_fit(model, experts, shapes)
         self.expert_names = list(config.adapters)
         # Built from a saved config: the checkpoint's weights fill the experts in `load_adapter`.
@@ -227,7 +234,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         actual = getattr(model_config, "hidden_size", None) if model_config is not None else None
         # The classifier reads what the LM head reads: in some models (OPT with a `word_embed_proj_dim`) that last
         # hidden state is narrower than `config.hidden_size`.
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = _embeddings(model, "get_output_embeddings")
         if isinstance(head, nn.Linear):
             actual = head.in_features
         if config.hidden_size is None:
@@ -365,7 +372,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         )
         self._check_finite(scalings, hidden)
         if cache is not None:
-            cache.record(scalings)
+            scalings = cache.record(scalings)
         else:
             scalings = hold_uncached(scalings, config.scalings_mode)
         self._latest_scalings = scalings.detach()
