@@ -310,3 +310,15 @@ def test_transformers_load_adapter(tmp_path, expert_dirs):
     base = tiny_llama()
     base.load_adapter(str(tmp_path))
     torch.testing.assert_close(logits(base), ref, rtol=0, atol=0)
+
+
+def test_odd_expert_names_round_trip(tmp_path, expert_dirs):
+    # Expert names go into tensor keys: names that look like key parts must not be confused with them.
+    names = ["0", "math.v2", "default"]
+    model = trained_llama({"llama": dict(zip(names, expert_dirs["llama"].values()))})
+    ref = logits(model)
+    save_pretrained(model, tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert loaded.base_model.expert_names == names
+    assert_state_dicts_equal(model, loaded)
+    torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
