@@ -12,7 +12,8 @@ from peft import PeftModel, get_peft_model
 from conftest import tiny_llama
 from hub_server import HubServer
 from peft_xlora import XLoraConfig
-from peft_xlora.checkpoint import CheckpointError, push_to_hub
+from peft_xlora.checkpoint import CheckpointError
+from peft_xlora.hub import push_to_hub
 from test_checkpoint import logits, trained_llama
 
 REPO = "user/xlora-tiny"

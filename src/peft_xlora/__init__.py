@@ -1,11 +1,12 @@
 """peft-xlora: X-LoRA (Mixture of LoRA Experts) as a PEFT plugin. Importing it registers the method with PEFT."""
 
 from . import xlora_utils
-from .checkpoint import push_to_hub, save_pretrained
+from .checkpoint import save_pretrained
 from .classifier import XLoraClassifier
 from .compat import XLoraCompatWarning, add_xlora_to_model, from_pretrained, xLoRAConfig
 from .config import XLoraConfig
 from .export import export_lora, export_mistralrs
+from .hub import push_to_hub
 from .layer import XLoraLayer
 from .migration import migrate
 from .model import XLoraModel
