@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .devices import execution_device
 from .experts import ModuleLora
 from .routing import current_routing
 
@@ -76,7 +77,8 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         self.layer_index = layer_index
         self._active_adapter = "default"
         weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        device = execution_device(base_layer)  # not meta when accelerate offloads the base layer
+        factory = {"device": device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
 
         ranks = [lora.rank for lora in loras]
         total = sum(ranks)
@@ -85,10 +87,10 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         self.xlora_B = nn.Parameter(torch.zeros(self.out_features, total, **factory), requires_grad=requires_grad)
         # Per rank row: which expert it belongs to, its alpha/r, its dropout. Derived from the config, not saved.
         expert_of_rank = [e for e, r in zip(expert_indices, ranks) for _ in range(r)]
-        self.register_buffer("rank_expert", torch.tensor(expert_of_rank, dtype=torch.long, device=weight.device),
+        self.register_buffer("rank_expert", torch.tensor(expert_of_rank, dtype=torch.long, device=device),
                              persistent=False)
         scale_of_rank = [lora.scale for lora, r in zip(loras, ranks) for _ in range(r)]
-        self.register_buffer("rank_scale", torch.tensor(scale_of_rank, dtype=torch.float32, device=weight.device),
+        self.register_buffer("rank_scale", torch.tensor(scale_of_rank, dtype=torch.float32, device=device),
                              persistent=False)
         self.dropouts = sorted({lora.dropout for lora in loras})
         dropout_of_rank = [lora.dropout for lora, r in zip(loras, ranks) for _ in range(r)]

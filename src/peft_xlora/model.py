@@ -11,6 +11,7 @@ from torch import nn
 
 from .classifier import XLoraClassifier, gate
 from .config import XLoraConfig
+from .devices import execution_device, last_module_with_weights
 from .experts import Expert, ExpertError, compact_targets, expert_from_config, load_expert
 from .generation import (
     CACHE_KWARGS,
@@ -217,7 +218,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             config.hidden_size,
             n_layers=len(self.mixture_layer_names),
             n_experts=len(experts),
-            device=params[-1].device,  # beside the last layers, which produce its input
+            device=execution_device(last_module_with_weights(model)),  # beside the last layers, which give its input
             dtype=dtype,
         )
         self._mark_only_adapters_as_trainable(model)
@@ -609,6 +610,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         from .checkpoint import join_experts, restore_saved_dtypes
 
         state_dict = join_experts(model, config, state_dict, replaced=getattr(config, "_replaced_experts", None))
+        # The replacements' factors are in `state_dict` now; later loads (e.g. resuming) read them from checkpoints.
+        config.__dict__.pop("_replaced_experts", None)
         restore_saved_dtypes(model, state_dict)
         for module in model.modules():
             if isinstance(module, XLoraModel):

@@ -127,8 +127,17 @@ def install_carriers(model: nn.Module, holds_mixture: set[str]) -> int:
         prefix = f"{name}." if name else ""
         if any(m.startswith(prefix) for m in holds_mixture):
             module.__class__ = _carrier_class(type(module))
+            _rebind_accelerate_forward(module)
             count += 1
     return count
+
+
+def _rebind_accelerate_forward(module: nn.Module) -> None:
+    # accelerate's hooks (device_map, offload) replace the instance's `forward` with a wrapper that calls the
+    # `_old_forward` bound when the hook was added: the original class's forward, which would receive the carrier's
+    # extra arguments. Point it at the class's current forward (the carrier's, or the original's again on removal).
+    if "_old_forward" in module.__dict__:
+        module._old_forward = type(module).forward.__get__(module)
 
 
 def remove_carriers(model: nn.Module) -> None:
@@ -137,3 +146,4 @@ def remove_carriers(model: nn.Module) -> None:
         original = getattr(type(module), "_xlora_original_class", None)
         if original is not None:
             module.__class__ = original
+            _rebind_accelerate_forward(module)
