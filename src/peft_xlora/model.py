@@ -612,8 +612,6 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         state_dict = join_experts(model, config, state_dict, replaced=getattr(config, "_replaced_experts", None))
         # The replacements' factors are in `state_dict` now; later loads (e.g. resuming) read them from checkpoints.
         config.__dict__.pop("_replaced_experts", None)
-        # The replacements' factors are in `state_dict` now; later loads (e.g. resuming) read them from checkpoints.
-        config.__dict__.pop("_replaced_experts", None)
         restore_saved_dtypes(model, state_dict)
         for module in model.modules():
             if isinstance(module, XLoraModel):
