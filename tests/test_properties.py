@@ -9,7 +9,9 @@ derandomized so every run checks the same cases.
 from __future__ import annotations
 
 import functools
+import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from peft import PeftModel
 from torch import nn
 
 from conftest import BUILDERS, build_xlora, input_ids
+from peft_xlora import XLoraConfig
 from peft_xlora.classifier import gate, gate_reference
 from peft_xlora.experts import ModuleLora
 from peft_xlora.layer import XLoraLayer, mixture_reference
@@ -151,3 +154,34 @@ def test_stacked_mixture_equals_per_expert_loop(case):
     slot = index if n_layers > 1 else 0
     ref = mixture_reference(x, base(x), [(lo.A, lo.B, lo.scale) for lo in loras], scalings[:, :, slot][..., users])
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+numbers = st.one_of(st.integers(-3, 10), st.floats(allow_nan=True, allow_infinity=True), st.none())
+
+
+@FAST
+@given(depth=numbers, size=numbers, dropout=numbers, temperature=numbers, top_k=numbers, pass_value=numbers,
+       weight=numbers, softmax_topk=st.booleans())
+def test_config_accepts_exactly_the_valid_values(depth, size, dropout, temperature, top_k, pass_value, weight,
+                                                 softmax_topk):
+    # Any value is either accepted, and then within its documented range, or refused with a ValueError naming it.
+    values = {"xlora_depth": depth, "xlora_size": size, "xlora_dropout_p": dropout, "softmax_temperature": temperature,
+              "top_k_lora": top_k, "scaling_pass_value": pass_value, "global_scaling_weight": weight,
+              "enable_softmax_topk": softmax_topk}
+    valid = (
+        isinstance(depth, int) and depth >= 1
+        and isinstance(size, int) and size >= 1
+        and dropout is not None and 0 <= dropout < 1
+        and temperature is not None and math.isfinite(temperature) and temperature > 0
+        and (top_k is None or (isinstance(top_k, int) and 1 <= top_k <= 3))
+        and pass_value is not None and math.isfinite(pass_value)
+        and weight is not None and math.isfinite(weight)
+        and (not softmax_topk or top_k is not None)
+    )  # fmt: skip
+    adapters = {"a": "x", "b": "y", "c": "z"}
+    if valid:
+        config = XLoraConfig(adapters=adapters, **values)
+        assert config.top_k_lora == top_k and config.softmax_temperature == temperature
+    else:
+        with pytest.raises(ValueError):
+            XLoraConfig(adapters=adapters, **values)

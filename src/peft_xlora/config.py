@@ -166,6 +166,10 @@ class XLoraConfig(PeftConfig):
             raise ValueError(f"`xlora_depth` must be an int >= 1, got {self.xlora_depth!r}.")
         if not (isinstance(self.xlora_size, int) and self.xlora_size >= 1):
             raise ValueError(f"`xlora_size` must be an int >= 1, got {self.xlora_size!r}.")
+        for name in ("xlora_dropout_p", "softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # None or a string compares badly
+                raise ValueError(f"`{name}` must be a number, got {value!r}.")
         if not 0.0 <= self.xlora_dropout_p < 1.0:
             raise ValueError(f"`xlora_dropout_p` must be in [0, 1), got {self.xlora_dropout_p!r}.")
         if not (math.isfinite(self.softmax_temperature) and self.softmax_temperature > 0):
