@@ -44,6 +44,7 @@ MAX_UNTESTED = 6
 # Script name -> arguments that make it finish in seconds. `{tmp}` is replaced by a fresh temporary folder.
 EXAMPLE_ARGS: dict[str, list[str]] = {
     "quickstart.py": ["--steps", "2", "--out", "{tmp}"],
+    "gating_heatmap.py": ["--steps", "2", "--out", "{tmp}/gating.png"],
 }
 
 EXPERT_NAMES = ["math", "code", "poetry"]
