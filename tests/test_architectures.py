@@ -264,3 +264,34 @@ def test_bitsandbytes_layers_are_wrapped(kind, expert_dirs):
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.base_model.xlora_classifier.layers[0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- LoRA options
+
+
+def test_rank_and_alpha_patterns_layer_subsets_rslora(tmp_path):
+    """Experts with per-module ranks/alphas, rsLoRA and a subset of layers mix exactly as PEFT applies them."""
+    arch = Arch("llama-2-layers", tf.LlamaConfig, tf.LlamaForCausalLM, {**DECODER, "num_hidden_layers": 2})
+    configs = {
+        "patterns": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                               rank_pattern={"v_proj": 6}, alpha_pattern={"down_proj": 1}, init_lora_weights=False),
+        "subset": LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
+                             use_rslora=True, lora_dropout=0.1, init_lora_weights=False),
+    }
+    paths = {}
+    for i, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(200 + i)
+        lora = get_peft_model(arch.build(), config)
+        lora.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    model = get_peft_model(arch.build(), XLoraConfig(task_type="CAUSAL_LM", adapters=paths, xlora_size=8)).eval()
+    layers = dict(zip(model.base_model.mixture_layer_names, model.base_model.mixture_layers()))
+    assert layers["model.layers.0.self_attn.v_proj"].ranks == [6]
+    assert "model.layers.0.mlp.up_proj" not in layers and layers["model.layers.1.mlp.up_proj"].ranks == [3]
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    for name, path in paths.items():
+        model.set_static_scalings({name: 1.0})
+        reference = PeftModel.from_pretrained(arch.build(), path).eval()
+        ours = model(input_ids=ids).logits
+        torch.testing.assert_close(ours, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours, arch.build()(input_ids=ids).logits, atol=1e-4)  # the expert does something
