@@ -295,3 +295,19 @@ def test_rank_and_alpha_patterns_layer_subsets_rslora(tmp_path):
         ours = model(input_ids=ids).logits
         torch.testing.assert_close(ours, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(ours, arch.build()(input_ids=ids).logits, atol=1e-4)  # the expert does something
+
+
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED if a.embed_scale], ids=lambda a: a.name)
+def test_embed_scale_applies_to_the_expert_update(arch, tmp_path):
+    # Independent of how PEFT computes its forward: pinned to an embedding expert, X-LoRA equals the base model with
+    # that LoRA merged into the embedding weight, which the model's own `embed_scale` then multiplies. Untied, so that
+    # merging does not change the LM head as well.
+    arch = Arch(arch.name, arch.config_cls, arch.model_cls, {**arch.config, "tie_word_embeddings": False},
+                arch.targets, embed_scale=arch.embed_scale)
+    paths = save_experts(arch, tmp_path)
+    name = next(n for n, targets in zip(paths, arch.targets) if "embed_tokens" in targets)
+    model = get_peft_model(arch.build(), XLoraConfig(task_type=arch.task, adapters=paths, xlora_size=8)).eval()
+    model.set_static_scalings({name: 1.0})
+    merged = PeftModel.from_pretrained(arch.build(), paths[name]).merge_and_unload().eval()
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
