@@ -128,6 +128,13 @@ def encoder_decoder(expert_dirs, tmp_path, monkeypatch):
     get_peft_model(t5, peft_xlora.XLoraConfig(task_type="SEQ_2_SEQ_LM", adapters=expert_dirs["llama"]))
 
 
+def transformers_load_adapter(expert_dirs, tmp_path, monkeypatch):
+    path = _xlora_checkpoint(expert_dirs, tmp_path)
+    base = tiny_llama()
+    base.load_adapter(str(path))
+    base(input_ids=input_ids())
+
+
 SCENARIOS: list[Callable] = [
     forgot_import,
     base_reused,
@@ -143,6 +150,7 @@ SCENARIOS: list[Callable] = [
     plain_cache,
     inputs_on_other_device,
     encoder_decoder,
+    transformers_load_adapter,
 ]
 
 
