@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import peft_xlora  # noqa: E402, F401 - registers the method
+import peft_xlora  # noqa: E402 - registers the method
 
 hf_logging.set_verbosity_error()
 torch.set_num_threads(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -46,7 +46,7 @@ class XLoraConfig(PeftConfig):
     adapters: dict[str, str] = field(
         default=None, metadata={"help": "Expert name -> LoRA checkpoint (local folder or Hub id)."}
     )
-    hidden_size: Optional[int] = field(
+    hidden_size: int | None = field(
         default=None, metadata={"help": "Hidden size of the base model; inferred from the model when None."}
     )
     enable_softmax: bool = field(default=True, metadata={"help": "Softmax over the experts (dense gating)."})
@@ -55,7 +55,7 @@ class XLoraConfig(PeftConfig):
     )
     softmax_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
     layerwise_scalings: bool = field(default=False, metadata={"help": "One scaling per adapted layer and expert."})
-    top_k_lora: Optional[int] = field(default=None, metadata={"help": "Keep the k largest scalings per token."})
+    top_k_lora: int | None = field(default=None, metadata={"help": "Keep the k largest scalings per token."})
     xlora_depth: int = field(default=1, metadata={"help": "Number of linear layers in the classifier."})
     xlora_size: int = field(default=2048, metadata={"help": "Hidden width of the classifier."})
     xlora_dropout_p: float = field(default=0.2, metadata={"help": "Dropout inside the classifier."})
@@ -65,7 +65,7 @@ class XLoraConfig(PeftConfig):
     scalings_mode: ScalingsMode = field(
         default="token", metadata={"help": "'token': per-token scalings; 'prompt': hold the prompt's scalings."}
     )
-    experts: Optional[dict[str, dict[str, Any]]] = field(
+    experts: dict[str, dict[str, Any]] | None = field(
         default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
     )
     expert_order: list[str] | None = field(
@@ -195,7 +195,7 @@ def _portable_source(source: str | None) -> str | None:
     return source
 
 
-def _source_str(name: str, source: Union[str, os.PathLike, None]) -> Optional[str]:
+def _source_str(name: str, source: str | os.PathLike | None) -> str | None:
     if source is None or isinstance(source, str):
         return source
     if isinstance(source, os.PathLike):

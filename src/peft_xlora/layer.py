@@ -13,7 +13,7 @@ is two matmuls and one elementwise product whatever E is:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     Conv1D = ()
 
 
-def module_kind(module: nn.Module) -> Optional[tuple[str, int, int]]:
+def module_kind(module: nn.Module) -> tuple[str, int, int] | None:
     """The kind and (in, out) sizes of a module X-LoRA can adapt, or None.
 
     Returns:
@@ -169,7 +169,7 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         return z.mul_(w) if in_place else z * w
 
     def _project_down(self, x: torch.Tensor) -> torch.Tensor:
-        """z = dropout(x) @ A_cat.T, (..., R); each rank row sees its own expert's dropout while training."""
+        """Computes z = dropout(x) @ A_cat.T, (..., R); each rank row sees its own expert's dropout while training."""
         A = self.xlora_A
         if self.is_embedding:
             return F.embedding(x, A.T)
@@ -202,6 +202,7 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         return f"xlora.{super().__repr__()}"
 
     def extra_repr(self) -> str:
+        """The layer's position among the mixture layers, its experts and their ranks, for `print(model)`."""
         return f"layer_index={self.layer_index}, experts={self.expert_indices}, ranks={self.ranks}"
 
 
