@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -145,10 +145,10 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
     def __init__(
         self,
         model: nn.Module,
-        config: Union[XLoraConfig, dict[str, XLoraConfig]],
+        config: XLoraConfig | dict[str, XLoraConfig],
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
@@ -172,8 +172,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
                 "(`merge_and_unload()` or `unload()`), and give all experts to one XLoraConfig."
             )
         self._enabled = True
-        self._static_scalings: Optional[torch.Tensor] = None
-        self._latest_scalings: Optional[torch.Tensor] = None
+        self._static_scalings: torch.Tensor | None = None
+        self._latest_scalings: torch.Tensor | None = None
         _check_model_supported(model, config)
         self._infer_hidden_size(model, config)
 
@@ -286,7 +286,9 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
                     "Was the adapter trained on another base model?"
                 )
             if lora.is_embedding != (kind[0] == "embedding"):
-                raise ExpertError(f"Expert {experts[i].name!r}: module {name!r} is not the layer type it was trained on.")
+                raise ExpertError(
+                    f"Expert {experts[i].name!r}: module {name!r} is not the layer type it was trained on."
+                )
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freezes the base model; the classifier trains, and the experts when `use_trainable_adapters`."""
@@ -295,7 +297,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             param.requires_grad_(False)
         self.set_requires_grad(self.active_adapter, requires_grad=not config.inference_mode)
 
-    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Sets `requires_grad` on the declared trainable parameters: classifier, and experts if trainable."""
         self.xlora_classifier.requires_grad_(requires_grad)
         experts_train = requires_grad and self.xlora_config.use_trainable_adapters
@@ -341,7 +343,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         pop_routing()
 
-    def _route(self, args: tuple, kwargs: dict) -> Optional[Routing]:
+    def _route(self, args: tuple, kwargs: dict) -> Routing | None:
         """Runs the scaling pass and the classifier; returns the routing for the main pass."""
         if not self._enabled:
             return None
@@ -362,20 +364,20 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             self._log_scalings(self._latest_scalings)
             return Routing(cache.held_scalings)
         hidden = self._scaling_pass(args, kwargs, cache, cache_name)  # (batch, seq, hidden)
-        logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
-        scalings = gate(
-            logits,
-            temperature=config.softmax_temperature,
-            enable_softmax=config.enable_softmax,
-            top_k=config.top_k_lora,
-            softmax_topk=config.enable_softmax_topk,
-            global_weight=config.global_scaling_weight,
-        )
+        # The classifier and the gate run in their own dtype (float32 for a trained classifier) even under
+        # torch.autocast: low-precision logits would quantise the routing decisions.
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
+            scalings = gate(
+                logits,
+                temperature=config.softmax_temperature,
+                enable_softmax=config.enable_softmax,
+                top_k=config.top_k_lora,
+                softmax_topk=config.enable_softmax_topk,
+                global_weight=config.global_scaling_weight,
+            )
         self._check_finite(scalings, hidden)
-        if cache is not None:
-            scalings = cache.record(scalings)
-        else:
-            scalings = hold_uncached(scalings, config.scalings_mode)
+        scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)
         self._latest_scalings = scalings.detach()
         self._log_scalings(self._latest_scalings)
         return Routing(scalings)
@@ -465,7 +467,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         """Runs the plain base model. Does not touch `requires_grad` or train/eval mode."""
         self._enabled = False
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """X-LoRA holds one adapter; only its own name is accepted."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if names != [self.active_adapter]:
@@ -496,19 +498,19 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
 
     # ------------------------------------------------------------------ gating API
 
-    def get_latest_scalings(self) -> Optional[torch.Tensor]:
+    def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward."""
         s = self._latest_scalings
         if s is None:
             return None
         return s.expand(-1, -1, len(self.mixture_layer_names), -1)
 
-    def set_scaling_pass_value(self, value: Optional[float]) -> None:
+    def set_scaling_pass_value(self, value: float | None) -> None:
         """Sets the experts' weight in the scaling pass; None means 1 / n_experts. Saved with the config."""
         self.xlora_config.scaling_pass_value = 1.0 / len(self.expert_names) if value is None else float(value)
         self.xlora_config._check_numbers()
 
-    def set_topk_lora(self, value: Optional[int]) -> None:
+    def set_topk_lora(self, value: int | None) -> None:
         """Keeps only the k largest scalings per token (None: dense). Saved with the config."""
         old = self.xlora_config.top_k_lora
         self.xlora_config.top_k_lora = value
@@ -518,7 +520,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             self.xlora_config.top_k_lora = old
             raise
 
-    def get_topk_lora(self) -> Optional[int]:
+    def get_topk_lora(self) -> int | None:
         """The current top-k (None: dense)."""
         return self.xlora_config.top_k_lora
 
@@ -546,7 +548,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         """The global scaling weight."""
         return self.xlora_config.global_scaling_weight
 
-    def set_static_scalings(self, weights: Union[dict[str, float], torch.Tensor, None]) -> None:
+    def set_static_scalings(self, weights: dict[str, float] | torch.Tensor | None) -> None:
         """Pins the gate to fixed weights, skipping the scaling pass; None gives the gate back to the classifier.
 
         Args:
@@ -566,7 +568,9 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         if weights.shape == (n,):
             weights = weights[None]
         if weights.shape not in ((1, n), (n_layers, n)):
-            raise ValueError(f"Static scalings must have shape ({n},) or ({n_layers}, {n}); got {tuple(weights.shape)}.")
+            raise ValueError(
+                f"Static scalings must have shape ({n},) or ({n_layers}, {n}); got {tuple(weights.shape)}."
+            )
         if not torch.isfinite(weights).all():
             raise ValueError("Static scalings must be finite numbers.")
         self._static_scalings = weights.to(self.xlora_classifier.layers[0].weight.device)  # (n_layers|1, n_experts)
@@ -579,7 +583,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
     def print_trainable_parameters(self) -> None:
         """Prints the trainable and total parameter counts."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # ------------------------------------------------------------------ checkpoints
 
