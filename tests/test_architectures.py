@@ -3,8 +3,9 @@
 One table drives the tests. For each supported architecture: two LoRA experts with different ranks and target modules
 (Linear, fused projections, GPT-2's Conv1D, embeddings) are saved, X-LoRA wraps exactly the modules they adapt,
 pinning the gate to one expert gives exactly that expert's PEFT LoRA model, one training step trains the gate and
-nothing else, and generation with the KV cache gives the same tokens as generation without it. Each refused
-architecture fails at `get_peft_model` with an error that says why. docs/models.md lists the same table.
+nothing else, the trained model saves and loads back exactly, and generation with the KV cache gives the same tokens
+as generation without it. Each refused architecture fails at `get_peft_model` with an error that says why.
+docs/models.md lists the same table.
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ def test_supported_architecture(arch, tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("xlora_classifier" in n for n in changed)
     model.eval()
+
+    # The trained model saves and loads back exactly (the classification head is the base model's, not saved).
+    model.save_pretrained(tmp_path / "xlora")
+    loaded = PeftModel.from_pretrained(arch.build(), tmp_path / "xlora").eval()
+    torch.testing.assert_close(output_of(loaded(input_ids=ids)), output_of(model(input_ids=ids)), rtol=0, atol=0)
 
     # Generation: with the KV cache of both passes, the same tokens as without a cache.
     if arch.task == "CAUSAL_LM":
