@@ -198,6 +198,27 @@ def test_supported_architecture(arch, tmp_path):
         assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
 
 
+
+@pytest.mark.parametrize("arch", SUPPORTED, ids=lambda a: a.name)
+def test_gradient_checkpointing(arch, tmp_path):
+    # The gate's gradient is the same with gradient checkpointing, in both modes, as without it.
+    paths = save_experts(arch, tmp_path)
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for reentrant in (None, False, True):
+        model = get_peft_model(arch.build(), XLoraConfig(task_type=arch.task, adapters=paths, xlora_depth=2,
+                                                         xlora_size=8, xlora_dropout_p=0.0))
+        model.train()
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+            assert model.get_base_model().is_activation_checkpointing
+        model(input_ids=ids, labels=labels_for(arch, ids)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.base_model.xlora_classifier.parameters()]))
+    assert grads[0].abs().sum() > 0
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
+
 def _adapted_modules(path: str) -> set[str]:
     from peft.utils.save_and_load import load_peft_weights
 
