@@ -26,6 +26,9 @@ VARIANTS = {
     "topk-trainable-experts": {"top_k_lora": 1, "use_trainable_adapters": True},
     "layerwise-checkpointed": {"layerwise_scalings": True, "_checkpointing": "non_reentrant"},
     "reentrant-checkpointed": {"_checkpointing": "reentrant"},
+    # Trainer wraps PEFT models with find_unused_parameters=True unless told otherwise.
+    "find-unused-non-reentrant": {"top_k_lora": 2, "_checkpointing": "non_reentrant", "_find_unused": True},
+    "find-unused-reentrant": {"_checkpointing": "reentrant", "_find_unused": True},
 }
 
 
@@ -61,7 +64,10 @@ def _ddp_worker(expert_dirs: dict, variant: str, out_path: str) -> None:
     torch.set_num_threads(1)
     # The fork inherits the parent's accelerate singletons (e.g. from a Trainer test): start from a clean state.
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=True)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=VARIANTS[variant].get("_find_unused", False))
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp_kwargs])
     assert accelerator.num_processes == 2 and dist.get_backend() == "gloo"
     model = _build(expert_dirs, variant)
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=LR)

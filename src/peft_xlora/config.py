@@ -38,6 +38,9 @@ class XLoraConfig(PeftConfig):
         global_scaling_weight: Multiplies every scaling after the gate.
         scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
             generated tokens (see the generation docs).
+        router_load_balancing_coef: Weight of the load-balancing term added to the model's loss (>= 0; 0 = off).
+            See `peft_xlora.regularisers`.
+        router_entropy_coef: Weight of the mean per-token routing entropy added to the loss (>= 0; 0 = off).
         experts: Filled in when the model is built (in the model's copy of the config) and saved with it: for each
             expert, the PEFT `LoraConfig` (as a dict) that describes its layers. A config that has it describes a
             checkpoint: the model built from it takes the experts' weights from that checkpoint, not from `adapters`.
@@ -64,6 +67,12 @@ class XLoraConfig(PeftConfig):
     global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every scaling."})
     scalings_mode: ScalingsMode = field(
         default="token", metadata={"help": "'token': per-token scalings; 'prompt': hold the prompt's scalings."}
+    )
+    router_load_balancing_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the router load-balancing loss added to the loss (0 = off)."}
+    )
+    router_entropy_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the per-token routing entropy added to the loss (0 = off)."}
     )
     experts: dict[str, dict[str, Any]] | None = field(
         default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
@@ -185,6 +194,11 @@ class XLoraConfig(PeftConfig):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        for name in ("router_load_balancing_coef", "router_entropy_coef"):
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (is_number and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
 

@@ -23,6 +23,7 @@ from .generation import (
 )
 from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
+from .regularisers import router_losses
 from .routing import Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
 from .scalings_log import ScalingsLogMixin
 
@@ -109,6 +110,16 @@ def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
         return getattr(model, getter)()
     except (AttributeError, NotImplementedError):
         return None
+
+
+def _add_router_loss(output: Any, router_loss: torch.Tensor) -> Any:
+    """Adds the router regularisers to a transformers output's loss and records them as its `router_loss`."""
+    if not isinstance(output, dict):  # return_dict=False: a tuple whose layout depends on the model
+        return None
+    if output.get("loss") is not None:
+        output["loss"] = output["loss"] + router_loss.to(output["loss"].device)
+    output["router_loss"] = router_loss
+    return output
 
 
 def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> None:
@@ -340,8 +351,12 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             raise
         push_routing(routing)
 
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        routing = current_routing()
         pop_routing()
+        if routing is None or routing.router_loss is None or routing.scaling_pass:
+            return None
+        return _add_router_loss(output, routing.router_loss)
 
     def _route(self, args: tuple, kwargs: dict) -> Routing | None:
         """Runs the scaling pass and the classifier; returns the routing for the main pass."""
@@ -380,7 +395,29 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)
         self._latest_scalings = scalings.detach()
         self._log_scalings(self._latest_scalings)
-        return Routing(scalings)
+        return Routing(scalings, router_loss=self._router_loss(logits, kwargs))
+
+    def _router_loss(self, logits: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """The weighted router regularisers of this forward, or None when they are off (the default)."""
+        config = self.xlora_config
+        coefs = {"load_balancing": config.router_load_balancing_coef, "entropy": config.router_entropy_coef}
+        if not any(coefs.values()):
+            return None
+        mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:2]):
+            mask = None  # 4D or absent masks: every token counts
+        with torch.autocast(logits.device.type, enabled=False):
+            terms = router_losses(logits, config.softmax_temperature, config.top_k_lora, mask)
+        self._latest_router_losses = {name: value.detach() for name, value in terms.items()}
+        return sum(coefs[name] * terms[name] for name in coefs)
+
+    def get_latest_router_losses(self) -> dict[str, torch.Tensor] | None:
+        """The router regularisers of the last forward (unweighted, detached), for logging; None when they are off.
+
+        The weighted sum is added to the model output's `loss` (when labels are given) and returned as its
+        `router_loss` entry.
+        """
+        return getattr(self, "_latest_router_losses", None)
 
     @torch.no_grad()
     def _scaling_pass(

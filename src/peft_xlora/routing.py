@@ -33,10 +33,13 @@ class Routing:
         scalings: Per-token expert weights, (batch|1, seq|1, n_layers|1, n_experts), global weight applied; a size-1
             dim broadcasts. None runs the base layers alone.
         scaling_pass: True while the scaling pass runs, so a nested call of the top model does not route again.
+        router_loss: The weighted router regularisers of this forward (a scalar with grad), added to the model's
+            loss after the forward; None when they are off.
     """
 
     scalings: torch.Tensor | None
     scaling_pass: bool = False
+    router_loss: torch.Tensor | None = None
 
 
 # A stack, so nested forwards restore what was current before them. Tuples, never mutated: a copied context (a new
