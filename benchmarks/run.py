@@ -259,18 +259,24 @@ def plot(result: dict[str, Any], path: str) -> str | None:
     except ImportError:
         print("matplotlib is not installed (pip install 'peft-xlora[plot]'): no plot written", file=sys.stderr)
         return None
-    rows = [r for r in result["results"] if "new_tokens" not in r]
-    phases = sorted({r["phase"] for r in rows}, key=["prefill", "train"].index)
+    rows = result["results"]
+    if not rows:
+        return None
+    phases = sorted({r["phase"] for r in rows}, key=["prefill", "train", "generate"].index)
     # Top row wall-clock medians, bottom row CPU-time medians (steadier on a shared machine).
     fields = [("median_s", "wall")] + ([("cpu_median_s", "CPU")] if all("cpu_median_s" in r for r in rows) else [])
     fig, axes = plt.subplots(len(fields), len(phases), figsize=(5.5 * len(phases), 4 * len(fields)), squeeze=False)
     ns = sorted({r["n"] for r in rows})
     for row_axes, (field, label) in zip(axes, fields):
         for ax, phase in zip(row_axes, phases):
+            lengths = sorted({r.get("new_tokens") for r in rows if r["phase"] == phase}, key=lambda t: t or 0)
             for method in METHODS:
-                pts = sorted((r["n"], r[field]) for r in rows if r["phase"] == phase and r["method"] == method)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                for new in lengths:  # generation: one line per number of new tokens
+                    pts = sorted((r["n"], r[field]) for r in rows
+                                 if r["phase"] == phase and r["method"] == method and r.get("new_tokens") == new)
+                    if pts:
+                        label = method if new is None else f"{method}, {new} tokens"
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")  # built-in X-LoRA at N = 32 is an order of magnitude above the rest
             ax.set_xticks(ns, [str(n) for n in ns])
