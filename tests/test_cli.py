@@ -164,3 +164,16 @@ def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert all(again["cache_hits"].values())
     assert again["table"] == table  # same cached artefacts, same held-out data: the same numbers
+
+
+def test_demo_reads_the_gate_by_expert_name_not_position(tmp_path):
+    # A cached gate keeps the expert order it was built with, which may differ from the demo's domain order.
+    from types import SimpleNamespace
+
+    from peft_xlora.demo import Demo, preset
+
+    demo = Demo(preset(True), tmp_path, tmp_path)
+    demo.domains = ["shakespeare", "python", "pydoc"]
+    demo.xlora = SimpleNamespace(base_model=SimpleNamespace(expert_names=["python", "shakespeare", "pydoc"]))
+    scalings = torch.tensor([[0.7, 0.2, 0.1]])  # (seq, n_experts) in the gate's order
+    assert scalings[:, demo._gate_columns()].tolist() == [[0.2, 0.7, 0.1]]  # python 0.7, in domain order

@@ -194,7 +194,7 @@ class Demo:
             return
         config = XLoraConfig(
             task_type="CAUSAL_LM",
-            adapters=self.expert_dirs,
+            adapters={d: self.expert_dirs[d] for d in self.domains},  # gate order = domain order
             xlora_depth=s.router_depth,
             xlora_size=s.router_size,
             xlora_dropout_p=0.0,
@@ -295,11 +295,18 @@ class Demo:
         ids = self.eval_set.mixed.input_ids[:1]
         with torch.no_grad():
             self.xlora(input_ids=ids, use_cache=False)
-        scalings = self.xlora.get_latest_scalings()[0].mean(dim=1)  # (seq, n_experts), averaged over layers
+        # (seq, n_experts), averaged over layers, columns in domain order (a cached gate may order its experts
+        # differently: its checkpoint keeps the order it was built with).
+        scalings = self.xlora.get_latest_scalings()[0].mean(dim=1)[:, self._gate_columns()]
         tokens = [self.tokenizer.decode([t]) for t in ids[0].tolist()]
         path = self.out_dir / "gating_heatmap.png"
         gating_heatmap(scalings, tokens, self.domains, self.eval_set.mixed.domains[0], path)
         return path
+
+    def _gate_columns(self) -> list[int]:
+        """Index of each domain's expert among the gate's outputs."""
+        names = list(self.xlora.base_model.expert_names)
+        return [names.index(domain) for domain in self.domains]
 
     def generate(self) -> dict[str, str]:
         """A short greedy continuation per domain by our X-LoRA, from the start of a held-out window."""
@@ -314,7 +321,7 @@ class Demo:
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 )
-            scalings = self.xlora.get_latest_scalings()
+            scalings = self.xlora.get_latest_scalings()[..., self._gate_columns()]  # domain order
             out[domain] = {
                 "prompt": self.tokenizer.decode(prompt[0]),
                 "continuation": self.tokenizer.decode(ids[0, prompt.shape[1] :]),
