@@ -11,6 +11,7 @@ Usage: `python examples/measure_checkpointing.py` (prints a Markdown table).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -26,11 +27,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peft_xlora
 
 MODES = ["none", "non_reentrant", "reentrant"]
+# The test suite sets PEFT_XLORA_EXAMPLE_SMOKE=1: a tiny model and batch, only to check that the script runs.
+SMOKE = os.environ.get("PEFT_XLORA_EXAMPLE_SMOKE") == "1"
+HIDDEN, LAYERS, SEQ = (32, 2, 16) if SMOKE else (512, 8, 512)
 
 
 def base_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN, num_hidden_layers=LAYERS,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
     return LlamaForCausalLM(config)
 
@@ -53,7 +57,7 @@ def measure(mode: str, experts: dict[str, str]) -> dict[str, float]:
     if mode != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
     model.train()
-    ids = torch.randint(0, 1000, (4, 512), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1000, (4, SEQ), generator=torch.Generator().manual_seed(0))
 
     storages: dict[int, int] = {}
 

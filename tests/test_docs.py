@@ -17,7 +17,8 @@ How code blocks in `docs/*.md` and `README.md` are tested (the convention page a
 - A block that cannot run in tests (a GPU, a real 7B model, a network) is preceded by `<!-- no-test: reason -->`.
   Keep these few: the test lists them and fails if there are more than `MAX_UNTESTED`.
 
-Every script in `examples/` runs with the small arguments of `EXAMPLE_ARGS`; a new example needs a row there.
+Every script in `examples/` runs with the small arguments of `EXAMPLE_ARGS`; a new example needs a row there. A
+script that has no small arguments (a measurement at real sizes) shrinks itself when `PEFT_XLORA_EXAMPLE_SMOKE=1`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ MAX_UNTESTED = 6
 EXAMPLE_ARGS: dict[str, list[str]] = {
     "quickstart.py": ["--steps", "2", "--out", "{tmp}"],
     "gating_heatmap.py": ["--steps", "2", "--out", "{tmp}/gating.png"],
+    "train_with_trainer.py": ["--steps", "2", "--out", "{tmp}", "--gradient-checkpointing", "--train-experts"],
+    "router_regularisers.py": ["--steps", "2"],
+    "measure_checkpointing.py": [],  # sized down by PEFT_XLORA_EXAMPLE_SMOKE=1
 }
 
 EXPERT_NAMES = ["math", "code", "poetry"]
@@ -290,7 +294,8 @@ def test_every_example_is_listed():
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path / "out")) for a in EXAMPLE_ARGS[script.name]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT / "src"),
+           "PEFT_XLORA_EXAMPLE_SMOKE": "1"}
     result = subprocess.run(
         [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
