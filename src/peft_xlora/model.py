@@ -433,7 +433,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         """
         value = self.xlora_config.scaling_pass_value
         n = len(self.expert_names)
-        routing = None if value == 0 else Routing(torch.full((1, 1, 1, n), float(value)))
+        device = self.xlora_classifier.layers[0].weight.device  # built where the scalings are, not on the CPU
+        routing = None if value == 0 else Routing(torch.full((1, 1, 1, n), float(value), device=device))
         inner = getattr(self.model, "base_model", self.model)
         scaling_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_SCALING_PASS}
         if cache is not None:
