@@ -14,7 +14,8 @@ prompt 64 tokens, greedy, exactly `new` tokens). Methods:
 - ``floor``: per token, a base cached step plus a ``lora`` cached step: the least work a cached dual pass can do.
   Its time is the sum of the two measured times.
 - ``token`` / ``prompt``: peft-xlora in each scalings mode, cached.
-- ``peft``: PEFT's built-in X-LoRA (it refuses the cache), at the shortest length only (it grows with the square).
+- ``peft``: PEFT's built-in X-LoRA (it refuses the cache), at the shortest length only (it grows with the square)
+  unless ``--peft-all``.
 
 Repetitions of all methods are interleaved so that drifts of a shared machine hit every method alike; the table shows
 medians of wall-clock time and, with ``--cpu-time``, of the process's CPU time (``time.process_time``), which a busy
@@ -54,7 +55,9 @@ def _generate_step(model: torch.nn.Module, prompt: torch.Tensor, new: int, **kwa
     return step
 
 
-def measure(work: Workload, n: int, news: list[int], reps: int, with_peft: bool, clock: Callable[[], float]) -> dict:
+def measure(
+    work: Workload, n: int, news: list[int], reps: int, peft_news: list[int], clock: Callable[[], float]
+) -> dict:
     """Builds every method once and times interleaved repetitions; returns median seconds per (method, new) run."""
     root = tempfile.mkdtemp(prefix="xlora-gen-")
     experts = make_experts(work, n, root)
@@ -70,21 +73,26 @@ def measure(work: Workload, n: int, news: list[int], reps: int, with_peft: bool,
         steps["lora", new] = _generate_step(models["lora"], prompt, new, use_cache=True)
         steps["token", new] = _generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="token")
         steps["prompt", new] = _generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="prompt")
-    if with_peft:
+    if peft_news:
         models["peft"] = _build_model(work, "peft", n, experts, train=False).eval()
-        steps["peft", min(news)] = _generate_step(models["peft"], prompt, min(news), use_cache=False)
+        for new in peft_news:
+            steps["peft", new] = _generate_step(models["peft"], prompt, new, use_cache=False)
 
-    # Same tokens from both of our modes' caches and from an uncached run is what the tests assert; here only check
-    # that the timed runs really produce `new` tokens.
-    for (method, new), step in steps.items():
-        out = step()  # warm-up
-        assert out.shape[1] == work.gen_prompt + new, (method, new, out.shape)
+    # Warm-up: a short generation per model and mode (a full-length one would double PEFT's minutes).
+    for key in steps:
+        method = key[0]
+        model = models["ours" if method in ("token", "prompt") else method]
+        extra = {"scalings_mode": method} if method in ("token", "prompt") else {}
+        _generate_step(model, prompt, 4, use_cache=method != "peft", **extra)()
+    # That both of our modes' caches give the uncached tokens is what the tests assert; here only check that the
+    # timed runs produce `new` tokens.
     times: dict[tuple[str, int], list[float]] = {key: [] for key in steps}
     for _ in range(reps):
         for key, step in steps.items():
             start = clock()
-            step()
+            out = step()
             times[key].append(clock() - start)
+            assert out.shape[1] == work.gen_prompt + key[1], (key, out.shape)
     return {f"{m}@{new}": statistics.median(t) for (m, new), t in times.items()}
 
 
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's built-in X-LoRA (slow)")
+    parser.add_argument("--peft-all", action="store_true", help="PEFT's built-in at every length, not the shortest")
     parser.add_argument("--cpu-time", action="store_true", help="time with process CPU time instead of wall time")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--json", help="also write the results to this file")
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     news = [4] if args.smoke else args.new
     clock = time.process_time if args.cpu_time else time.perf_counter
     reps = 1 if args.smoke else args.reps
-    seconds = measure(work, args.n, news, reps, not args.no_peft, clock)
+    peft_news = [] if args.no_peft else news if args.peft_all else [min(news)]
+    seconds = measure(work, args.n, news, reps, peft_news, clock)
     rows = table(seconds, news)
     methods = ("base", "floor", "lora", "token", "prompt", "peft")
     kind = "CPU" if args.cpu_time else "wall"
