@@ -40,6 +40,9 @@ class XLoraConfig(PeftConfig):
             generated tokens (see the generation docs).
         router_load_balancing_coef: Weight of the load-balancing term added to the model's loss (>= 0; 0 = off).
             See `peft_xlora.regularisers`.
+        scaling_pass_layers: Run only the first k decoder layers in the scaling pass and feed the classifier their
+            output (the residual stream, before any final norm): a cheaper scaling pass that sees less of the
+            model. None runs the whole model, as X-LoRA does. See docs/performance.md for the trade-off.
         router_entropy_coef: Weight of the mean per-token routing entropy added to the loss (>= 0; 0 = off).
         experts: Filled in when the model is built (in the model's copy of the config) and saved with it: for each
             expert, the PEFT `LoraConfig` (as a dict) that describes its layers. A config that has it describes a
@@ -67,6 +70,10 @@ class XLoraConfig(PeftConfig):
     global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every scaling."})
     scalings_mode: ScalingsMode = field(
         default="token", metadata={"help": "'token': per-token scalings; 'prompt': hold the prompt's scalings."}
+    )
+    scaling_pass_layers: int | None = field(
+        default=None,
+        metadata={"help": "Route from the hidden state after the first k decoder layers (None: the whole model)."},
     )
     router_load_balancing_coef: float = field(
         default=0.0, metadata={"help": "Weight of the router load-balancing loss added to the loss (0 = off)."}
@@ -199,6 +206,9 @@ class XLoraConfig(PeftConfig):
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (is_number and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+        k = self.scaling_pass_layers
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
 

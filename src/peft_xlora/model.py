@@ -134,6 +134,29 @@ def _check_hidden(hidden: torch.Tensor, hidden_size: int, inner: nn.Module) -> N
     )
 
 
+class _ScalingPassExit(Exception):  # control flow, not an error
+    """Carries the hidden state out of a scaling pass cut short by `scaling_pass_layers`."""
+
+    def __init__(self, hidden: Any) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+def _scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
+    """The k-th decoder layer (1-based) of the model's stack, after which a shortened scaling pass stops."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            "`scaling_pass_layers` needs a transformers model whose decoder layers are GradientCheckpointingLayer "
+            f"modules; {type(model).__name__} has none. Leave scaling_pass_layers=None."
+        )
+    if k > len(layers):
+        raise ValueError(f"`scaling_pass_layers={k}` but the model has {len(layers)} decoder layers.")
+    return layers[k - 1]
+
+
 class XLoraModel(ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
@@ -222,6 +245,11 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         config.experts = {e.name: e.config_dict() for e in experts}
 
         install_carriers(model, set(self.mixture_layer_names))
+        self._early_exit_hook = None
+        if config.scaling_pass_layers is not None:
+            self._early_exit_hook = _scaling_pass_exit_layer(model, config.scaling_pass_layers).register_forward_hook(
+                self._exit_scaling_pass
+            )
         params = list(model.parameters())
         dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         self.xlora_classifier = XLoraClassifier(
@@ -446,6 +474,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         push_routing(with_flag)
         try:
             out = inner(*args, **scaling_kwargs)
+        except _ScalingPassExit as exit_:  # `scaling_pass_layers`: stopped after the k-th decoder layer
+            out = exit_.hidden
         finally:
             pop_routing()
         hidden = getattr(out, "last_hidden_state", None)
@@ -453,6 +483,12 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             hidden = out if isinstance(out, torch.Tensor) else out[0]
         _check_hidden(hidden, self.xlora_config.hidden_size, inner)
         return hidden
+
+    def _exit_scaling_pass(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # Forward hook on the k-th decoder layer: in this model's scaling pass, the rest of the stack is not needed.
+        routing = current_routing()
+        if routing is not None and routing.scaling_pass:
+            raise _ScalingPassExit(output)
 
     def _check_finite(self, scalings: torch.Tensor, hidden: torch.Tensor) -> None:
         """Raises `FloatingPointError` naming the layer, expert and token where the scalings are NaN or infinite."""
@@ -525,6 +561,8 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             parent = self.model.get_submodule(parent_name)
             setattr(parent, child_name, getattr(parent, child_name).base_layer)
         remove_carriers(self.model)
+        if self._early_exit_hook is not None:
+            self._early_exit_hook.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
