@@ -298,18 +298,190 @@ def test_low_cpu_mem_usage_and_trainable_loading(tmp_path, expert_dirs):
     torch.testing.assert_close(logits(trainable.eval()), ref, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers' load_adapter loads weights with its own loader into the bare model, where the X-LoRA "
-    "classifier (held by the tuner) is not; the forward then raises. Use PeftModel.from_pretrained.",
+# ---------------------------------------------------------------------------------------------------- transformers
+
+
+@pytest.fixture
+def open_peft_gate(monkeypatch):
+    """transformers 5.24 refuses its adapter methods (other than `load_adapter`) for every adapter type with PEFT
+    < 0.22; PEFT 0.21 is installed. Lifting that version gate runs transformers' real code against our layers."""
+    import transformers.integrations.peft as integration
+
+    monkeypatch.setattr(integration, "check_peft_version", lambda **kwargs: None)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"layerwise_scalings": True, "xlora_depth": 2, "xlora_size": 16}],
+    ids=["default-config", "layerwise-depth2"],
 )
-def test_transformers_load_adapter(tmp_path, expert_dirs):
+def test_transformers_load_adapter(tmp_path, expert_dirs, overrides):
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], **overrides)
+    model = get_peft_model(tiny_llama(), config)
+    perturb_trainable(model)
+    model.eval()
+    ref = logits(model)
+    save_pretrained(model, tmp_path)
+
+    peft_loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    base = tiny_llama()
+    info = base.load_adapter(str(tmp_path))
+    assert (info.missing_keys, info.unexpected_keys) == (set(), set())
+    torch.testing.assert_close(logits(base), logits(peft_loaded), rtol=0, atol=0)
+    torch.testing.assert_close(logits(base), ref, rtol=0, atol=0)
+
+    # the same tensors, once each: the bare model's keys are the PeftModel's without `base_model.model.`
+    bare = {k: v for k, v in base.state_dict().items() if "xlora_" in k}
+    wrapped = {k: v for k, v in peft_loaded.state_dict().items() if "xlora_" in k}
+    assert {"base_model.model." + k for k in bare} == set(wrapped)
+    assert all(torch.equal(v, wrapped["base_model.model." + k]) for k, v in bare.items())
+    classifier = {"xlora_classifier." + k for k in base.xlora_classifier.state_dict()}
+    assert classifier and classifier <= set(bare)
+    assert base.peft_config["default"].peft_type == "PEFT_XLORA" and base._hf_peft_config_loaded
+    assert not base.training and not any(p.requires_grad for p in base.parameters())  # loaded for inference
+
+
+def test_transformers_load_adapter_trainable_and_named(tmp_path, expert_dirs):
     model = trained_llama(expert_dirs)
     ref = logits(model)
     save_pretrained(model, tmp_path)
     base = tiny_llama()
+    base.load_adapter(str(tmp_path), adapter_name="mix", is_trainable=True)
+    assert list(base.peft_config) == ["mix"]
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in base.named_parameters() if n.startswith("xlora_classifier.")}
+    torch.testing.assert_close(logits(base.eval()), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already exists"):
+        base.load_adapter(str(tmp_path), adapter_name="mix")
+
+
+def test_auto_model_from_adapter_folder(tmp_path, expert_dirs):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # so the saved config names a local base model
+    model = get_peft_model(
+        base, XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=16)
+    )
+    perturb_trainable(model)
+    ref = logits(model.eval())
+    save_pretrained(model, tmp_path / "ckpt")
+
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert "xlora_classifier" in dict(auto.named_children())
+    torch.testing.assert_close(logits(auto), ref, rtol=0, atol=0)
+
+
+def test_transformers_load_adapter_refuses_incomplete_checkpoints(tmp_path, expert_dirs):
+    save_pretrained(trained_llama(expert_dirs), tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    del weights["base_model.xlora_classifier.layers.3.bias"]
+    del weights["base_model.model.model.layers.1.mlp.gate_proj.xlora_experts.poetry.lora_B"]
+    safetensors.torch.save_file(weights, tmp_path / WEIGHTS_NAME)
+    base = tiny_llama()
+    plain = logits(base)
+    with pytest.raises(CheckpointError, match="2 tensors missing") as info:
+        base.load_adapter(str(tmp_path))
+    assert "base_model.xlora_classifier.layers.3.bias" in str(info.value)
+    assert "layers.1.mlp.gate_proj.xlora_experts.poetry.lora_B" in str(info.value)
+    # nothing half-built is left behind: the model is the plain base model again
+    assert not any("xlora" in n for n, _ in base.named_modules())
+    assert not hasattr(base, "peft_config") and not base._hf_peft_config_loaded
+    torch.testing.assert_close(logits(base), plain, rtol=0, atol=0)
+
+    (tmp_path / WEIGHTS_NAME).write_bytes((tmp_path / WEIGHTS_NAME).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME} is truncated"):
+        tiny_llama().load_adapter(str(tmp_path))
+
+
+def test_transformers_adapter_methods(tmp_path, expert_dirs, open_peft_gate):
+    model = trained_llama(expert_dirs)
+    ref = logits(model)
+    save_pretrained(model, tmp_path)
+    base = tiny_llama()
+    plain = logits(base)
+    base.load_adapter(str(tmp_path))
+    assert base.active_adapters() == ["default"]
+
+    base.disable_adapters()
+    torch.testing.assert_close(logits(base), plain, rtol=0, atol=0)
+    base.enable_adapters()
+    torch.testing.assert_close(logits(base), ref, rtol=0, atol=0)
+
+    base.set_adapter("default")  # PEFT's layer method would fail here: it expects per-adapter ModuleDicts
+    with pytest.raises(ValueError, match="other not found"):
+        base.set_adapter("other")
+    with pytest.raises(ValueError, match="layer by layer"):
+        base.delete_adapter("default")
+    torch.testing.assert_close(logits(base), ref, rtol=0, atol=0)  # a refused call changes nothing
+
+    peft_xlora.unload_adapter(base)
+    assert not any("xlora" in n for n, _ in base.named_modules())
+    assert not hasattr(base, "peft_config")
+    torch.testing.assert_close(logits(base), plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no X-LoRA adapter"):
+        peft_xlora.unload_adapter(base)
+
+
+def test_bare_model_save_loads_back(tmp_path, expert_dirs, open_peft_gate):
+    # transformers' save_pretrained of a bare model prefixes every key with `base_model.model.`: the classifier is
+    # then saved as `base_model.model.xlora_classifier.*`, which loading accepts beside the usual layout.
+    model = trained_llama(expert_dirs)
+    ref = logits(model)
+    save_pretrained(model, tmp_path / "ckpt")
+    base = tiny_llama()
+    base.load_adapter(str(tmp_path / "ckpt"))
+    base.save_pretrained(tmp_path / "bare")
+    keys = safetensors.torch.load_file(tmp_path / "bare" / WEIGHTS_NAME).keys()
+    assert "base_model.model.xlora_classifier.layers.0.weight" in keys
+    torch.testing.assert_close(
+        logits(PeftModel.from_pretrained(tiny_llama(), tmp_path / "bare").eval()), ref, rtol=0, atol=0
+    )
+    other = tiny_llama()
+    other.load_adapter(str(tmp_path / "bare"))
+    torch.testing.assert_close(logits(other), ref, rtol=0, atol=0)
+
+
+def test_checkpoint_in_the_original_key_layout_loads(tmp_path, expert_dirs):
+    # The file written by hand, key by key, in the layout of every checkpoint saved so far: classifier under
+    # `base_model.xlora_classifier.`, each expert's factors under `base_model.model.<module>.xlora_experts.<name>.`.
+    model = trained_llama(expert_dirs, layerwise_scalings=True)
+    ref = logits(model)
+    tuner = model.base_model
+    tensors = {
+        f"base_model.xlora_classifier.{key}": value.clone()
+        for key, value in tuner.xlora_classifier.state_dict().items()
+    }
+    for module_name, layer in zip(tuner.mixture_layer_names, tuner.mixture_layers()):
+        start = 0
+        for index, rank in zip(layer.expert_indices, layer.ranks):
+            key = f"base_model.model.{module_name}.xlora_experts.{tuner.expert_names[index]}"
+            tensors[f"{key}.lora_A"] = layer.xlora_A[start : start + rank].detach().clone()
+            tensors[f"{key}.lora_B"] = layer.xlora_B[:, start : start + rank].detach().clone()
+            start += rank
+    safetensors.torch.save_file(tensors, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(tmp_path)
+
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()), ref, rtol=0, atol=0)
+    base = tiny_llama()
     base.load_adapter(str(tmp_path))
     torch.testing.assert_close(logits(base), ref, rtol=0, atol=0)
+    # and saving today writes exactly those keys
+    save_pretrained(model, tmp_path / "now")
+    assert safetensors.torch.load_file(tmp_path / "now" / WEIGHTS_NAME).keys() == tensors.keys()
+
+
+def test_classifier_belongs_to_the_transformers_model(expert_dirs):
+    model = trained_llama(expert_dirs)
+    tuner = model.base_model
+    assert tuner.xlora_classifier is tuner.model.xlora_classifier
+    keys = [k for k in model.state_dict() if "xlora_classifier" in k]
+    assert keys and all(k.startswith("base_model.model.xlora_classifier.") for k in keys)  # once, not twice
+    n_classifier = sum(p.numel() for p in tuner.xlora_classifier.parameters())
+    assert model.get_nb_trainable_parameters()[0] == n_classifier
+    base = model.unload()
+    assert "xlora_classifier" not in dict(base.named_children())
+    assert not any("xlora" in k for k in base.state_dict())
 
 
 def test_odd_expert_names_round_trip(tmp_path, expert_dirs):

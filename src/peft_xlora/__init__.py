@@ -13,6 +13,7 @@ from .model import XLoraModel
 from .plotting import plot_scalings
 from .registration import PEFT_XLORA, register
 from .scalings_log import load_scalings_log, save_scalings_log
+from .transformers_integration import unload_adapter
 
 __version__ = "0.1.0.dev0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "push_to_hub",
     "save_pretrained",
     "save_scalings_log",
+    "unload_adapter",
     "xLoRAConfig",
     "xlora_utils",
 ]

@@ -19,6 +19,12 @@ The model itself holds each module's experts stacked (`XLoraLayer.xlora_A`, (R, 
 expert and loading joins them again. Per-expert keys let an expert be replaced at load time by one of another rank or
 other target modules, and let the experts be exported as plain LoRA adapters. Keys are built from the module and expert
 names, never parsed, so expert names may contain any character.
+
+The classifier is a submodule of the transformers model (``base_model.model.xlora_classifier`` in the `PeftModel`),
+so that transformers' `model.load_adapter`, which keeps only the transformers model, has it too. Its checkpoint keys
+stay ``base_model.xlora_classifier.*`` (the layout of every checkpoint written so far): saving and loading map between
+the two. Loading also accepts ``base_model.model.xlora_classifier.*``, which transformers' `save_pretrained` of a bare
+model writes (it prefixes every key of the model with ``base_model.model.``).
 """
 
 from __future__ import annotations
@@ -104,6 +110,9 @@ def split_experts(
     """
     names = _expert_names(model, config)
     out = dict(state_dict)
+    for model_key, saved_key, _ in _classifier_keys(model):
+        if model_key in out:
+            out[saved_key] = out.pop(model_key)
     for module_key, layer in _mixture_layers(model):
         stacked_a = out.pop(f"{module_key}.xlora_A", None)
         stacked_b = out.pop(f"{module_key}.xlora_B", None)
@@ -117,6 +126,11 @@ def split_experts(
     return out
 
 
+def classifier_entries(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The classifier's entries of `model`'s state dict, under the model's keys."""
+    return {key: state_dict[key] for key, _, _ in _classifier_keys(model) if key in state_dict}
+
+
 def join_experts(
     model: nn.Module,
     config: XLoraConfig,
@@ -126,7 +140,8 @@ def join_experts(
     """Checkpoint state dict -> model state dict, checking that it holds exactly what the model needs.
 
     Args:
-        model: The `PeftModel` the weights are loaded into.
+        model: The `PeftModel` the weights are loaded into, or the bare transformers model after transformers'
+            `model.load_adapter` built X-LoRA into it.
         config: Its X-LoRA config.
         state_dict: The checkpoint's tensors.
         replaced: Expert name -> `Expert` (from `experts.load_expert`) for experts whose source was swapped at load
@@ -181,16 +196,15 @@ def join_experts(
             out[f"{module_key}.xlora_A"] = torch.cat([p.to(dtype) for p in parts_a], dim=0)  # (R, in)
             out[f"{module_key}.xlora_B"] = torch.cat([p.to(dtype) for p in parts_b], dim=1)  # (out, R)
 
-    classifier_keys = _classifier_keys(model)
-    for model_key in classifier_keys:
-        ckpt_key = model_key if model_key.startswith("base_model.") else "base_model." + model_key
-        tensor = remaining.pop(ckpt_key, None)
+    for model_key, _, loadable in _classifier_keys(model):
+        found = [k for k in loadable if k in remaining]  # a second layout of the same tensor stays "unexpected"
+        tensor = remaining.pop(found[0]) if found else None
         if tensor is None:
-            missing.append(ckpt_key)
+            missing.append(loadable[0])
         else:
             expected = tuple(model.get_parameter(model_key).shape)
             if tuple(tensor.shape) != expected:
-                wrong_shape.append(f"{ckpt_key}: {tuple(tensor.shape)} in the checkpoint, {expected} in the model")
+                wrong_shape.append(f"{found[0]}: {tuple(tensor.shape)} in the checkpoint, {expected} in the model")
             out[model_key] = tensor
     problems = []
     if missing:
@@ -207,13 +221,29 @@ def join_experts(
     return out
 
 
-def _classifier_keys(model: nn.Module) -> list[str]:
-    from .model import XLoraModel
+def _classifier_keys(model: nn.Module) -> list[tuple[str, str, list[str]]]:
+    """For each classifier parameter: its key in `model`, the key it is saved under, the keys it may be loaded from.
+
+    In a `PeftModel` the classifier is ``base_model.model.xlora_classifier``, saved as ``base_model.xlora_classifier``.
+    In a bare transformers model (transformers' PEFT integration) it is ``xlora_classifier`` and is saved under that
+    key, relative to the model like every other key there. Either loads from ``base_model.xlora_classifier.*`` (what
+    this package writes), ``base_model.model.xlora_classifier.*`` (what transformers' `save_pretrained` writes) and,
+    into a bare model, the unprefixed key.
+    """
+    from .classifier import XLoraClassifier
 
     for name, module in model.named_modules():
-        if isinstance(module, XLoraModel):
-            prefix = f"{name}.xlora_classifier." if name else "xlora_classifier."
-            return [prefix + k for k, _ in module.xlora_classifier.named_parameters()]
+        if isinstance(module, XLoraClassifier):
+            wrapped = name.startswith(PEFT_PREFIX)
+            out = []
+            for rel, _ in module.named_parameters():
+                model_key = f"{name}.{rel}"
+                canonical = CLASSIFIER_PREFIX + rel
+                loadable = [canonical, PEFT_PREFIX + model_key.removeprefix(PEFT_PREFIX)]
+                if not wrapped:
+                    loadable.append(model_key)
+                out.append((model_key, canonical if wrapped else model_key, loadable))
+            return out
     return []
 
 

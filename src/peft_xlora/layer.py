@@ -188,7 +188,7 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         """Base layer output plus the gated expert updates of the current routing."""
         result = self.base_layer(x, *args, **kwargs)
         routing = current_routing()
-        if routing is None or routing.scalings is None or self.xlora_A.shape[0] == 0:
+        if self.disable_adapters or routing is None or routing.scalings is None or self.xlora_A.shape[0] == 0:
             return result
         z = self._project_down(x)  # (*lead, R)
         update = self._weigh(z, routing.scalings) @ self.xlora_B.T  # (*lead, out)
@@ -197,6 +197,26 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
             if embed_scale is not None:
                 update = update * embed_scale.to(update.dtype)
         return result + update.to(result.dtype)
+
+    # transformers' adapter API (`model.enable_adapters()`, `disable_adapters()`, `set_adapter()`, `delete_adapter()`)
+    # calls these on every tuner layer. PEFT's versions expect per-adapter ModuleDicts; X-LoRA has one adapter.
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turns this layer's expert updates on or off; `requires_grad` stays as it is."""
+        self._disable_adapters = not enabled
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """X-LoRA has one adapter; only its own name is accepted."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if names != [self._active_adapter]:
+            raise ValueError(f"This X-LoRA model has one adapter, {self._active_adapter!r}; got {adapter_names!r}.")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Not possible layer by layer: the experts, classifier and hooks go together."""
+        raise ValueError(
+            "X-LoRA cannot delete its adapter layer by layer. On a PeftModel call `model.unload()`; on a transformers "
+            "model that `load_adapter` built X-LoRA into, call `peft_xlora.unload_adapter(model)`."
+        )
 
     def __repr__(self) -> str:
         return f"xlora.{super().__repr__()}"

@@ -27,6 +27,9 @@ from .regularisers import router_losses
 from .routing import Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
 from .scalings_log import ScalingsLogMixin
 
+#: Attribute of the transformers model that holds the gating classifier.
+CLASSIFIER_NAME = "xlora_classifier"
+
 # Keyword arguments of a model's forward that concern only the head, the cache or the output format: the scaling
 # pass, which runs the inner model once for its last hidden state, leaves them out.
 _NOT_FOR_SCALING_PASS = frozenset(
@@ -193,6 +196,11 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         """The config of the (single) X-LoRA adapter."""
         return self.peft_config[self.active_adapter]
 
+    @property
+    def xlora_classifier(self) -> XLoraClassifier:
+        """The gating classifier; it lives on the transformers model as `model.xlora_classifier`."""
+        return self.model.get_submodule(CLASSIFIER_NAME)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         """Loads the experts, swaps mixture layers into `model` and builds the classifier."""
         # The model keeps its own copy: building fills in `hidden_size` and `experts`, which must not leak into a
@@ -220,6 +228,7 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
 
         trainable = config.use_trainable_adapters and not config.inference_mode
         self.mixture_layer_names: list[str] = []
+        self._layers: list[XLoraLayer] = []  # a plain list: the model, not the tuner, owns them
         for name in shapes:  # named_modules order: a stable layer index
             users = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
             if not users:
@@ -235,7 +244,9 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
                 [lora for _, lora in users],
                 requires_grad=trainable,
             )
+            layer._active_adapter = adapter_name  # what transformers' `model.active_adapters()` reads
             setattr(parent, child_name, layer)
+            self._layers.append(layer)
             self.mixture_layer_names.append(name)
             self.targeted_module_names.append(name)
 
@@ -252,13 +263,18 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             )
         params = list(model.parameters())
         dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-        self.xlora_classifier = XLoraClassifier(
-            config,
-            config.hidden_size,
-            n_layers=len(self.mixture_layer_names),
-            n_experts=len(experts),
-            device=execution_device(last_module_with_weights(model)),  # beside the last layers, which give its input
-            dtype=dtype,
+        # The classifier is a submodule of the transformers model, not of this tuner: transformers' PEFT integration
+        # (`model.load_adapter`) keeps only the bare model, whose parameters, `.to()` and state dict must include it.
+        model.add_module(
+            CLASSIFIER_NAME,
+            XLoraClassifier(
+                config,
+                config.hidden_size,
+                n_layers=len(self.mixture_layer_names),
+                n_experts=len(experts),
+                device=execution_device(last_module_with_weights(model)),  # beside the last layers, its input
+                dtype=dtype,
+            ),
         )
         self._mark_only_adapters_as_trainable(model)
         self._hooks = [
@@ -388,12 +404,13 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
 
     def _route(self, args: tuple, kwargs: dict) -> Routing | None:
         """Runs the scaling pass and the classifier; returns the routing for the main pass."""
-        if not self._enabled:
-            return None
+        if not self._enabled or all(layer.disable_adapters for layer in self._layers):
+            return None  # PEFT's `disable_adapter()` context, or transformers' `model.disable_adapters()`
         if self._experts_pending:
             raise RuntimeError(
                 "The experts' weights were never loaded: this model was built from a saved X-LoRA config. "
-                "Load it with `PeftModel.from_pretrained(base_model, checkpoint)`."
+                "Load it with `PeftModel.from_pretrained(base_model, checkpoint)` or transformers' "
+                "`model.load_adapter(checkpoint)`."
             )
         config = self.xlora_config
         _check_input_device(self.model, args, kwargs)
@@ -560,12 +577,15 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
             parent_name, _, child_name = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
             setattr(parent, child_name, getattr(parent, child_name).base_layer)
+        self._layers = []
         remove_carriers(self.model)
         if self._early_exit_hook is not None:
             self._early_exit_hook.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if CLASSIFIER_NAME in self.model._modules:
+            del self.model._modules[CLASSIFIER_NAME]
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -678,9 +698,11 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """The checkpoint entries: classifier, and each expert's factors per module (see `checkpoint.py`)."""
-        from .checkpoint import split_experts
+        from .checkpoint import classifier_entries, split_experts
 
         structural = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # PEFT finds the mixture layers' entries; the classifier is a plain submodule of the transformers model.
+        structural.update(classifier_entries(model, state_dict))
         return split_experts(model, config, structural)
 
     @classmethod
@@ -694,7 +716,22 @@ class XLoraModel(ScalingsLogMixin, BaseTuner):
         # The replacements' factors are in `state_dict` now; later loads (e.g. resuming) read them from checkpoints.
         config.__dict__.pop("_replaced_experts", None)
         restore_saved_dtypes(model, state_dict)
-        for module in model.modules():
-            if isinstance(module, XLoraModel):
-                module._experts_pending = False
+        # `join_experts` raised if any tensor was missing or misshapen; PEFT copies exactly these tensors next.
+        for tuner in attached_tuners(model):
+            tuner._experts_pending = False
         return state_dict
+
+
+def attached_tuners(model: nn.Module) -> list[XLoraModel]:
+    """The X-LoRA tuners that drive `model`'s forward.
+
+    Inside a `PeftModel` the tuner is a submodule. transformers' `model.load_adapter` keeps only the bare transformers
+    model; its tuner is then the owner of the forward hooks it registered on that model.
+    """
+    found = [m for m in model.modules() if isinstance(m, XLoraModel)]
+    if not found:
+        for hook in model._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, XLoraModel) and owner not in found:
+                found.append(owner)
+    return found

@@ -46,7 +46,9 @@ PREFIX = "xlora_"
 
 
 def register(config_cls: type[XLoraConfig], tuner_cls: type[XLoraModel]) -> None:
-    """Adds the config and tuner classes to PEFT's mappings. Calling it again changes nothing.
+    """Adds the config and tuner classes to PEFT's mappings and teaches transformers' `load_adapter` X-LoRA.
+
+    Calling it again changes nothing.
 
     Args:
         config_cls: The `PeftConfig` subclass to build from `adapter_config.json`.
@@ -57,3 +59,7 @@ def register(config_cls: type[XLoraConfig], tuner_cls: type[XLoraModel]) -> None
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_XLORA] = config_cls
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_XLORA] = tuner_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_XLORA] = PREFIX
+
+    from .transformers_integration import install
+
+    install()  # transformers' `model.load_adapter` loads X-LoRA checkpoints through PEFT
