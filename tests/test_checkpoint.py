@@ -355,6 +355,27 @@ def test_transformers_load_adapter_trainable_and_named(tmp_path, expert_dirs):
         base.load_adapter(str(tmp_path), adapter_name="mix")
 
 
+def test_transformers_load_adapter_options(tmp_path, expert_dirs):
+    # PEFT's loading options pass through transformers' load_adapter: expert_sources and allow_pickle.
+    model = trained_llama(expert_dirs)
+    save_pretrained(model, tmp_path / "ckpt")
+    new_math = make_expert("llama", {"r": 3, "lora_alpha": 6, "target_modules": ["k_proj"]}, 42, str(tmp_path / "m"))
+    swapped = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ckpt", expert_sources={"math": new_math}).eval()
+    base = tiny_llama()
+    base.load_adapter(str(tmp_path / "ckpt"), expert_sources={"math": new_math})
+    torch.testing.assert_close(logits(base), logits(swapped), rtol=0, atol=0)
+    assert not torch.equal(logits(base), logits(model))
+
+    weights = safetensors.torch.load_file(tmp_path / "ckpt" / WEIGHTS_NAME)
+    torch.save(weights, tmp_path / "ckpt" / "adapter_model.bin")
+    os.remove(tmp_path / "ckpt" / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="pickle"):
+        tiny_llama().load_adapter(str(tmp_path / "ckpt"))
+    pickled = tiny_llama()
+    pickled.load_adapter(str(tmp_path / "ckpt"), allow_pickle=True)
+    torch.testing.assert_close(logits(pickled), logits(model), rtol=0, atol=0)
+
+
 def test_auto_model_from_adapter_folder(tmp_path, expert_dirs):
     from transformers import AutoModelForCausalLM
 
