@@ -340,6 +340,27 @@ def test_transformers_load_adapter(tmp_path, expert_dirs, overrides):
     assert base.peft_config["default"].peft_type == "PEFT_XLORA" and base._hf_peft_config_loaded
     assert not base.training and not any(p.requires_grad for p in base.parameters())  # loaded for inference
 
+    # cached generation straight from the transformers model, token by token as the PeftModel generates
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(
+        base.generate(input_ids=input_ids(), **kwargs), peft_loaded.generate(input_ids=input_ids(), **kwargs)
+    )
+
+
+def test_transformers_load_adapter_leaves_other_adapters_to_transformers(expert_dirs):
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    wrapped = PeftAdapterMixin.load_adapter
+    peft_xlora.transformers_integration.install()  # a second install wraps nothing more
+    assert PeftAdapterMixin.load_adapter is wrapped and not hasattr(wrapped.__wrapped__, "__wrapped__")
+
+    lora = expert_dirs["llama"]["math"]
+    base = tiny_llama()
+    base.load_adapter(lora)
+    assert type(base.model.layers[0].self_attn.q_proj).__module__.startswith("peft.tuners.lora")
+    reference = PeftModel.from_pretrained(tiny_llama(), lora).eval()
+    torch.testing.assert_close(logits(base), logits(reference), rtol=0, atol=0)
+
 
 def test_transformers_load_adapter_trainable_and_named(tmp_path, expert_dirs):
     model = trained_llama(expert_dirs)
