@@ -388,6 +388,10 @@ def test_transformers_load_adapter_options(tmp_path, expert_dirs):
     assert not torch.equal(logits(base), logits(model))
 
     weights = safetensors.torch.load_file(tmp_path / "ckpt" / WEIGHTS_NAME)
+    given = tiny_llama()  # config and tensors passed in, as transformers allows
+    given.load_adapter(peft_config=XLoraConfig.from_pretrained(str(tmp_path / "ckpt")), adapter_state_dict=weights)
+    torch.testing.assert_close(logits(given), logits(model), rtol=0, atol=0)
+
     torch.save(weights, tmp_path / "ckpt" / "adapter_model.bin")
     os.remove(tmp_path / "ckpt" / WEIGHTS_NAME)
     with pytest.raises(CheckpointError, match="pickle"):

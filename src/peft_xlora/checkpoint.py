@@ -87,11 +87,10 @@ def _mixture_layers(model: nn.Module) -> Iterator[tuple[str, XLoraLayer]]:
 
 def _expert_names(model: nn.Module, config: XLoraConfig) -> list[str]:
     # The tuner's list is the order the mixture layers index into; the config's is the same unless it was edited.
-    from .model import XLoraModel
+    from .model import attached_tuners
 
-    for module in model.modules():
-        if isinstance(module, XLoraModel):
-            return list(module.expert_names)
+    for tuner in attached_tuners(model):
+        return list(tuner.expert_names)
     return list(config.adapters)
 
 
