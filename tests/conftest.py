@@ -111,7 +111,14 @@ def expert_dirs(tmp_path_factory):
 
 def build_xlora(arch: str, expert_dirs: dict, **overrides):
     """A PeftModel with X-LoRA over the three experts of `arch`."""
-    kwargs = {"task_type": "CAUSAL_LM", "adapters": expert_dirs[arch], "xlora_depth": 2, "xlora_size": 16}
+    # A random gate routes every token differently, so tests of the mixture see distinct, non-uniform scalings.
+    kwargs = {
+        "task_type": "CAUSAL_LM",
+        "adapters": expert_dirs[arch],
+        "xlora_depth": 2,
+        "xlora_size": 16,
+        "classifier_init": "random",
+    }
     kwargs.update(overrides)
     config = peft_xlora.XLoraConfig(**kwargs)
     return get_peft_model(BUILDERS[arch](), config)

@@ -50,3 +50,48 @@ def test_classifier_shapes_and_layer_names(depth, layerwise):
     linear_names = [n for n, m in clf.named_modules() if isinstance(m, torch.nn.Linear)]
     assert len(linear_names) == depth
     assert all(n.startswith("layers.") for n in linear_names)  # the layout PEFT's built-in uses
+
+
+@pytest.mark.parametrize(("depth", "layerwise"), [(1, False), (2, True), (3, False)])
+def test_uniform_init_gives_the_uniform_mixture_and_learns(depth, layerwise):
+    config = XLoraConfig(adapters={"a": "x", "b": "y", "c": "z"}, xlora_depth=depth, xlora_size=8,
+                         layerwise_scalings=layerwise, xlora_dropout_p=0.0)
+    assert config.classifier_init == "uniform"  # the default
+    torch.manual_seed(0)
+    clf = XLoraClassifier(config, hidden_size=16, n_layers=5, n_experts=3)
+    hidden = torch.randn(2, 7, 16)
+    scalings = gate(clf(hidden))
+    torch.testing.assert_close(scalings, torch.full_like(scalings, 1 / 3))
+    # Training moves it: after two steps every layer has received a gradient and the tokens are routed apart.
+    opt = torch.optim.SGD(clf.parameters(), lr=0.5)
+    target = torch.tensor([0, 1, 2]).repeat(5)[:7]
+    for _ in range(2):
+        probs = gate(clf(hidden))  # (2, 7, slots, 3)
+        index = target[None, :, None, None].expand(*probs.shape[:3], 1)
+        loss = -probs.gather(-1, index).log().mean()  # each token toward its own expert
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in clf.parameters())
+    after = gate(clf(hidden))
+    assert (after - 1 / 3).abs().max() > 1e-3
+
+
+def test_random_init_routes_tokens_apart():
+    config = XLoraConfig(adapters={"a": "x", "b": "y"}, xlora_depth=2, xlora_size=8, classifier_init="random")
+    torch.manual_seed(0)
+    clf = XLoraClassifier(config, hidden_size=16, n_layers=1, n_experts=2)
+    scalings = gate(clf(torch.randn(1, 6, 16)))
+    assert (scalings - 0.5).abs().max() > 1e-3
+
+
+def test_uniform_init_without_softmax_is_the_base_model(expert_dirs):
+    from conftest import build_xlora, input_ids
+
+    model = build_xlora("llama", expert_dirs, classifier_init="uniform", enable_softmax=False).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(out, base, rtol=0, atol=0)

@@ -177,3 +177,22 @@ def test_demo_reads_the_gate_by_expert_name_not_position(tmp_path):
     demo.xlora = SimpleNamespace(base_model=SimpleNamespace(expert_names=["python", "shakespeare", "pydoc"]))
     scalings = torch.tensor([[0.7, 0.2, 0.1]])  # (seq, n_experts) in the gate's order
     torch.testing.assert_close(scalings[:, demo._gate_columns()], torch.tensor([[0.2, 0.7, 0.1]]))  # domain order
+
+
+def test_demo_bf16_stages_train_with_updated_weights(tmp_path):
+    """Under the demo's bf16 autocast, every step's forward sees the weights the step before updated.
+
+    A stage-wide autocast with its weight cache on served the first step's bf16 copies to every later forward: the
+    loss never moved and the experts drifted off (regression test).
+    """
+    from peft_xlora.demo import Demo, preset
+
+    demo = Demo(preset(True, precision="bf16"), tmp_path / "cache", tmp_path / "out", quiet=True, log=lambda *a: None)
+    demo.prepare_base()
+    model = get_peft_model(demo.new_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    batch = torch.randint(4, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    from peft_xlora.demo.train import train_steps
+
+    losses = demo._stage("train", lambda: train_steps(model, [batch] * 8, 8, 1e-2, "t", quiet=True))
+    assert len(set(losses)) == len(losses)  # each step saw new weights
+    assert losses[-1] < losses[0]

@@ -48,6 +48,7 @@ def test_defaults_follow_peft_builtin_names():
         ({"adapters": ADAPTERS, "hidden_size": -4}, "hidden_size"),
         ({"adapters": ADAPTERS, "scaling_pass_value": float("nan")}, "scaling_pass_value"),
         ({"adapters": ADAPTERS, "scalings_mode": "sequence"}, "scalings_mode"),
+        ({"adapters": ADAPTERS, "classifier_init": "zeros"}, "classifier_init"),
     ],
 )
 def test_invalid_values_raise_with_guidance(kwargs, message):

@@ -29,7 +29,7 @@ DEVICE_MAP = {
 
 def _config(expert_dirs: dict) -> XLoraConfig:
     return XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=16,
-                       xlora_dropout_p=0.0, scaling_pass_value=0.5)
+                       xlora_dropout_p=0.0, scaling_pass_value=0.5, classifier_init="random")
 
 
 def _pair(expert_dirs: dict, tmp_path):

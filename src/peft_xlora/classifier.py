@@ -48,7 +48,12 @@ class XLoraClassifier(nn.Module):
             if config.xlora_dropout_p > 0:
                 layers.append(nn.Dropout(config.xlora_dropout_p))
             in_size = width
-        layers.append(nn.Linear(in_size, n_out, **factory))
+        last = nn.Linear(in_size, n_out, **factory)
+        if config.classifier_init == "uniform":
+            # Equal logits for every expert: training starts from the uniform mixture, as LoRA starts from B = 0.
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        layers.append(last)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from peft.config import PeftConfig
 from .registration import PEFT_XLORA
 
 ScalingsMode = Literal["token", "prompt"]
+ClassifierInit = Literal["uniform", "random"]
 
 
 @dataclass
@@ -33,6 +34,11 @@ class XLoraConfig(PeftConfig):
         xlora_depth: Number of linear layers in the classifier (1 = a single linear map).
         xlora_size: Hidden width of the classifier; unused when `xlora_depth` is 1.
         xlora_dropout_p: Dropout between the classifier's layers while training.
+        classifier_init: ``"uniform"`` zero-initialises the classifier's last layer, so the untrained gate gives
+            every expert the same logit: the uniform mixture under softmax (the plain base model without it), a
+            good start that training moves away from only where routing pays (the way LoRA starts from a zero
+            update). ``"random"`` keeps PyTorch's default initialisation, as PEFT's built-in X-LoRA and the original
+            package do. Loaded checkpoints overwrite either.
         use_trainable_adapters: Train the experts' LoRA weights together with the classifier.
         scaling_pass_value: Weight of every expert during the scaling pass; 0 runs the plain base model there.
         global_scaling_weight: Multiplies every scaling after the gate.
@@ -65,6 +71,10 @@ class XLoraConfig(PeftConfig):
     xlora_depth: int = field(default=1, metadata={"help": "Number of linear layers in the classifier."})
     xlora_size: int = field(default=2048, metadata={"help": "Hidden width of the classifier."})
     xlora_dropout_p: float = field(default=0.2, metadata={"help": "Dropout inside the classifier."})
+    classifier_init: ClassifierInit = field(
+        default="uniform",
+        metadata={"help": "'uniform': zero last layer, the untrained gate is the uniform mixture; 'random': default."},
+    )
     use_trainable_adapters: bool = field(default=False, metadata={"help": "Also train the experts."})
     scaling_pass_value: float = field(default=0.0, metadata={"help": "Expert weight during the scaling pass."})
     global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every scaling."})
@@ -211,6 +221,8 @@ class XLoraConfig(PeftConfig):
             raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
+        if self.classifier_init not in ("uniform", "random"):
+            raise ValueError(f"`classifier_init` must be 'uniform' or 'random', got {self.classifier_init!r}.")
 
 
 def _portable_source(source: str | None) -> str | None:

@@ -83,7 +83,9 @@ class Demo:
     def _stage(self, name: str, fn: Callable[[], Any]) -> Any:
         self.log(f"== {name}")
         t, cpu = time.perf_counter(), time.process_time()
-        out = fn()
+        # No autocast weight cache: it would keep serving the first step's casts of weights that training updates.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.precision == "bf16", cache_enabled=False):
+            out = fn()
         self.timings[name] = time.perf_counter() - t
         self.cpu_times[name] = time.process_time() - cpu
         self.log(f"   {name}: {self.timings[name]:.1f} s (CPU {self.cpu_times[name]:.1f} s)")
@@ -130,7 +132,8 @@ class Demo:
         self.log(f"   train windows: {counts}; held out: {s.eval_pure} pure per domain, {s.eval_mixed} mixed")
 
     def _recipe(self, **extra: Any) -> str:
-        base = {"model": self.model_id, **self.s.recipe("tiny", "seed", "seq_len", "batch_size", "max_chars")}
+        shared = self.s.recipe("tiny", "seed", "seq_len", "batch_size", "max_chars", "precision")
+        base = {"model": self.model_id, **shared}
         return recipe_key({**base, **extra})
 
     def prepare_experts(self) -> None:

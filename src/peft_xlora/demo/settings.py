@@ -30,6 +30,8 @@ class DemoSettings:
         eval_batch: Sequences per evaluation forward.
         max_chars: Characters kept per source document.
         gen_tokens: Tokens generated per domain at the end.
+        precision: "bf16" runs every stage under CPU autocast to bfloat16 (trainable weights, the gates and the
+            losses stay float32), about 1.5x faster than "fp32" on CPUs with AVX512-BF16 or AMX.
     """
 
     tiny: bool = False
@@ -53,6 +55,7 @@ class DemoSettings:
     eval_batch: int = 2
     max_chars: int = 60_000
     gen_tokens: int = 32
+    precision: str = "bf16"
 
     def recipe(self, *fields: str) -> dict[str, Any]:
         """The named settings as a dict (all when none named), for cache keys."""
@@ -81,6 +84,7 @@ TINY = DemoSettings(
     eval_mixed=4,
     eval_batch=4,
     gen_tokens=16,
+    precision="fp32",  # a hidden size of 48 gains nothing from bfloat16
 )
 
 
