@@ -182,8 +182,8 @@ def test_demo_reads_the_gate_by_expert_name_not_position(tmp_path):
 def test_demo_bf16_stages_train_with_updated_weights(tmp_path):
     """Under the demo's bf16 autocast, every step's forward sees the weights the step before updated.
 
-    A stage-wide autocast with its weight cache on served the first step's bf16 copies to every later forward: the
-    loss never moved and the experts drifted off (regression test).
+    A stage-wide autocast keeps its bf16 copies of the weights until it exits: without dropping them after each update,
+    every forward saw the first step's weights, the loss never moved and the experts drifted off (regression test).
     """
     from peft_xlora.demo import Demo, preset
 

@@ -83,8 +83,9 @@ class Demo:
     def _stage(self, name: str, fn: Callable[[], Any]) -> Any:
         self.log(f"== {name}")
         t, cpu = time.perf_counter(), time.process_time()
-        # No autocast weight cache: it would keep serving the first step's casts of weights that training updates.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.precision == "bf16", cache_enabled=False):
+        # Autocast caches the bf16 copy of each weight for the whole stage (a decoding step would otherwise cast the
+        # whole model again); `train_steps` drops the copies after every update.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.precision == "bf16"):
             out = fn()
         self.timings[name] = time.perf_counter() - t
         self.cpu_times[name] = time.process_time() - cpu
@@ -281,6 +282,12 @@ class Demo:
             arrow = create_arrow_model(
                 self.new_base(), [self.expert_dirs[d] for d in self.domains], ArrowConfig(top_k=k, rng_seed=s.seed)
             ).eval()
+            if s.precision == "bf16":
+                # PEFT's Arrow fails under autocast (it scatters bf16 scores into a float32 tensor) unless its LoRA
+                # weights are bf16 already; autocast would run those matmuls in bf16 anyway.
+                for name, param in arrow.named_parameters():
+                    if "lora_" in name:
+                        param.data = param.data.to(torch.bfloat16)
             results[f"Arrow top-{k}"] = ev(arrow, f"Arrow top-{k}")
             del arrow
         builtin = self._builtin_model()

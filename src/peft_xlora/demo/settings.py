@@ -38,10 +38,16 @@ class DemoSettings:
     seed: int = 0
     seq_len: int = 128
     batch_size: int = 4
-    expert_steps: int = 30
-    expert_lr: float = 2e-3
+    expert_steps: int = 40
+    expert_lr: float = 5e-4
     lora: dict[str, Any] = field(
-        default_factory=lambda: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+        default_factory=lambda: {
+            "r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            # Every linear layer: the MLPs hold most of what makes a domain, and train as fast per step on a CPU.
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        }
     )
     router_steps: int = 30
     router_lr: float = 5e-3

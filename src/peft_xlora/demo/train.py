@@ -58,6 +58,8 @@ def train_steps(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        # Under an enclosing autocast, the next forward must not reuse the casts of the weights before this update.
+        torch.clear_autocast_cache()
         schedule.step()
         losses.append(loss.item())
         bar.update(1)
