@@ -176,13 +176,16 @@ class Demo:
                 pure.append(chunks[int(torch.randint(chunks.shape[0], (1,), generator=g))])
             yield torch.cat([mixed, torch.stack(pure)]) if pure else mixed
 
-    def _router_recipe(self, kind: str) -> str:
+    def _router_recipe(self, kind: str, extra: dict[str, Any] | None = None) -> str:
         s = self.s
         experts = sorted(Path(p).name for p in self.expert_dirs.values())
         return self._recipe(
             kind=kind,
             experts=experts,
-            **s.recipe("router_steps", "router_lr", "router_depth", "router_size", "train_segments"),
+            **(extra or {}),
+            **s.recipe(
+                "router_steps", "router_lr", "router_depth", "router_size", "router_layerwise", "train_segments"
+            ),
         )
 
     def prepare_xlora(self) -> None:
@@ -192,7 +195,7 @@ class Demo:
         from ..config import XLoraConfig
 
         s = self.s
-        self.xlora_dir = self.cache_dir / f"xlora-{self._router_recipe('peft-xlora')}"
+        self.xlora_dir = self.cache_dir / f"xlora-{self._router_recipe('peft-xlora', s.recipe('scaling_pass_layers'))}"
         self.cache_hits["X-LoRA"] = self.xlora_dir.is_dir()
         if self.xlora_dir.is_dir():
             return
@@ -202,6 +205,8 @@ class Demo:
             xlora_depth=s.router_depth,
             xlora_size=s.router_size,
             xlora_dropout_p=0.0,
+            layerwise_scalings=s.router_layerwise,
+            scaling_pass_layers=s.scaling_pass_layers,
         )
         torch.manual_seed(s.seed + 20)
         model = get_peft_model(self.new_base(), config)
@@ -226,6 +231,7 @@ class Demo:
             xlora_depth=s.router_depth,
             xlora_size=s.router_size,
             xlora_dropout_p=0.0,
+            layerwise_scalings=s.router_layerwise,
         )
         return get_peft_model(base, config)
 

@@ -22,6 +22,9 @@ class DemoSettings:
         router_lr: Peak learning rate of the gates.
         router_depth: Linear layers in the gate's classifier.
         router_size: Hidden width of the classifier.
+        router_layerwise: One scaling per adapted layer and expert (`layerwise_scalings`), for both gates.
+        scaling_pass_layers: Our gate reads the hidden state after this many decoder layers (`scaling_pass_layers`;
+            None: after all of them). PEFT's built-in X-LoRA has no such option and always reads the last one.
         train_segments: Domain segments per mixed training sequence (half of each batch is mixed, half pure).
         eval_seq_len: Tokens per held-out sequence.
         eval_pure: Held-out sequences per domain.
@@ -53,6 +56,8 @@ class DemoSettings:
     router_lr: float = 5e-3
     router_depth: int = 2
     router_size: int = 64
+    router_layerwise: bool = True
+    scaling_pass_layers: int | None = 20  # of SmolLM2's 30: measured in docs/demo.md
     train_segments: int = 2
     eval_seq_len: int = 256
     eval_pure: int = 4
@@ -85,6 +90,7 @@ TINY = DemoSettings(
     router_steps=40,
     router_lr=1e-2,
     router_size=16,
+    scaling_pass_layers=None,
     eval_seq_len=64,
     eval_pure=4,
     eval_mixed=4,
