@@ -1,5 +1,5 @@
-"""The real demo on SmolLM2-135M-Instruct, marked slow: about 19 CPU-minutes the first time (one thread), about 4.4
-once its artefacts are cached (docs/demo.md has the measurements).
+"""The real demo on SmolLM2-135M-Instruct, marked slow: about 9 minutes the first time on 2 cores, about 2 once its
+artefacts are cached (docs/demo.md has the measurements).
 
 The cache lives outside the clone: $PEFT_XLORA_CACHE if set, else ~/.cache/peft-xlora, so CI on the same machine
 trains the experts and gates once and later runs only evaluate them.
@@ -16,10 +16,6 @@ from peft_xlora.cli import main
 
 pytestmark = pytest.mark.slow
 
-# Measured as ties on mixed documents (docs/demo.md, "Where the targets stand"); the other targets are met.
-NOT_YET_MET = ("Arrow", "built-in")
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     pytest.importorskip("gguf", reason="the demo's real model needs `gguf` (scripts/bootstrap.sh installs it)")
@@ -33,16 +29,14 @@ def report(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
-def test_real_demo_meets_the_oracle_and_single_expert_targets(report):
-    lines = [line for line in report["checks"] if not any(k in line for k in NOT_YET_MET)]
-    assert len(lines) == 3 + 1 + 3  # pure domains, segment oracle, single experts
+def test_real_demo_meets_every_quality_target(report):
+    lines = report["checks"]
+    # pure domains, segment oracle, single experts, Arrow top-1 and top-2, PEFT's built-in X-LoRA
+    assert len(lines) == 3 + 1 + 3 + 2 + 1
     failed = [line for line in lines if not line.startswith("PASS")]
     assert not failed, "\n".join(failed)
 
 
-@pytest.mark.xfail(strict=True, reason="X-LoRA ties Arrow and PEFT's built-in X-LoRA on mixed text (docs/demo.md)")
-def test_real_demo_beats_arrow_and_builtin_on_mixed_documents(report):
-    lines = [line for line in report["checks"] if any(k in line for k in NOT_YET_MET)]
-    assert len(lines) == 3
-    failed = [line for line in lines if not line.startswith("PASS")]
-    assert not failed, "\n".join(failed)
+def test_real_demo_gate_follows_the_domains(report):
+    # On the heatmap's mixed document, most tokens get their own domain's expert as the top choice (chance: 1/3).
+    assert report["routing_match"] > 0.6, report["routing_match"]

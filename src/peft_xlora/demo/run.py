@@ -71,10 +71,12 @@ class Demo:
             "checks": checks,
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
             "cpu_s": {k: round(v, 1) for k, v in self.cpu_times.items()},
+            "eval_s": self.eval_times,  # wall seconds of each variant's held-out pass
             "threads": torch.get_num_threads(),
             "cache_hits": self.cache_hits,
             "settings": self.s.recipe(),
             "heatmap": str(heatmap),
+            "routing_match": round(self.routing_match, 3),  # on the heatmap's document
             "generations": generations,
         }
         self.write_report(report)
@@ -271,7 +273,14 @@ class Demo:
         from peft import ArrowConfig, create_arrow_model
 
         s = self.s
-        ev = lambda model, name: evaluate(model, self.eval_set, s.eval_batch, name, quiet=self.quiet)  # noqa: E731
+        self.eval_times: dict[str, float] = {}
+
+        def ev(model: torch.nn.Module, name: str) -> Losses:
+            start = time.perf_counter()
+            out = evaluate(model, self.eval_set, s.eval_batch, name, quiet=self.quiet)
+            self.eval_times[name] = round(time.perf_counter() - start, 1)
+            return out
+
         results: dict[str, Losses] = {}
         self.xlora = model = self.load_xlora()
         with model.disable_adapter():
@@ -316,7 +325,11 @@ class Demo:
         scalings = self.xlora.get_latest_scalings()[0].mean(dim=1)[:, self._gate_columns()]
         tokens = [self.tokenizer.decode([t]) for t in ids[0].tolist()]
         path = self.out_dir / "gating_heatmap.png"
-        gating_heatmap(scalings, tokens, self.domains, self.eval_set.mixed.domains[0], path)
+        domains = self.eval_set.mixed.domains[0]
+        gating_heatmap(scalings, tokens, self.domains, domains, path)
+        # Share of the document's tokens whose largest weight goes to their own domain's expert (chance: 1/3).
+        self.routing_match = (scalings.argmax(-1) == domains).float().mean().item()
+        self.log(f"   gate's top expert is the token's own domain on {100 * self.routing_match:.0f}% of the tokens")
         return path
 
     def _gate_columns(self) -> list[int]:

@@ -63,9 +63,9 @@ class DemoSettings:
     eval_pure: int = 4
     eval_mixed: int = 6
     eval_segments: int = 3
-    eval_batch: int = 2
+    eval_batch: int = 4
     max_chars: int = 60_000
-    gen_tokens: int = 32
+    gen_tokens: int = 24
     precision: str = "bf16"
 
     def recipe(self, *fields: str) -> dict[str, Any]:
