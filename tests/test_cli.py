@@ -143,6 +143,7 @@ def test_errors_are_one_line_with_exit_status_2(workspace, tmp_path, capsys):
 
 
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
+    threads = torch.get_num_threads()
     cache, out = tmp_path / "cache", tmp_path / "out"
     args = ["demo", "--tiny", "--quiet", "--cache-dir", cache, "--out", out, "--expert-steps", 15, "--router-steps", 8]
     assert run(*args) == 0
@@ -164,6 +165,8 @@ def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert all(again["cache_hits"].values())
     assert again["table"] == table  # same cached artefacts, same held-out data: the same numbers
+    assert again["threads"] == 1
+    assert torch.get_num_threads() == threads  # the tiny demo's single thread does not outlive it
 
 
 def test_demo_reads_the_gate_by_expert_name_not_position(tmp_path):

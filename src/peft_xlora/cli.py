@@ -191,15 +191,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs `peft-xlora` with `argv` (default: the process arguments); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    threads = None
     if args.threads:
         import torch
 
+        threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
     try:
         result: Any = args.func(args)
     except commands.UserError as exc:
         print(f"peft-xlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)  # a caller running `main()` in-process keeps its own thread count
     if isinstance(result, dict) and getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0
