@@ -191,11 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs `peft-xlora` with `argv` (default: the process arguments); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    threads = None
-    if args.threads:
-        import torch
+    import torch  # already imported by the commands module
 
-        threads = torch.get_num_threads()
+    # A command may change the thread count (--threads, the tiny demo); a caller running `main()` in-process (tests,
+    # notebooks) gets its own back.
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     try:
         result: Any = args.func(args)
@@ -203,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peft-xlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if threads is not None:
-            torch.set_num_threads(threads)  # a caller running `main()` in-process keeps its own thread count
+        torch.set_num_threads(threads)
     if isinstance(result, dict) and getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0

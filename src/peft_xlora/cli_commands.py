@@ -401,7 +401,6 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     from .demo import Demo, DemoSetupError, default_cache_dir, preset
     from .demo.data import DataError
 
-    threads = torch.get_num_threads()
     if args.tiny and args.threads is None:
         # The tiny model is too small to gain from threads, and loses much when cores are busy.
         torch.set_num_threads(1)
@@ -412,9 +411,6 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         report = Demo(settings, cache, args.out, quiet=args.quiet).run()
     except (DemoSetupError, DataError) as exc:
         raise UserError(str(exc)) from exc
-    finally:
-        if args.tiny and args.threads is None:
-            torch.set_num_threads(threads)  # `main()` called in-process (tests, notebooks) keeps its thread count
     print()
     print((args.out / "results.md").read_text())
     return report
