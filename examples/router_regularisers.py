@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_xlora
-from peft_xlora.regularisers import router_losses
+from peft_xlora.core.regularisers import router_losses
 
 VOCAB = 128
 

@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import peft_xlora
-from peft_xlora.training import optimizer_param_groups
+from peft_xlora import optimizer_param_groups
 
 VOCAB = 128
 

@@ -1,37 +1,22 @@
 """MkDocs hooks: the command-line reference on docs/cli.md is generated from the `peft-xlora` argument parser.
 
 The page's `<!-- cli-reference -->` marker is replaced by the `--help` text of the program and of every subcommand,
-so the options listed on the site are always the parser's. The parser is read from `src/peft_xlora/cli.py` with its
-command implementations stubbed out: building the site does not import torch.
+so the options listed on the site are always the parser's (`peft_xlora.cli.parser`, which wires the subcommand
+modules of `peft_xlora/cli/`): building the site imports the installed package.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
-import types
-from pathlib import Path
 
 MARKER = "<!-- cli-reference -->"
-CLI = Path(__file__).resolve().parents[1] / "src" / "peft_xlora" / "cli.py"
 
 
 def _load_parser() -> argparse.ArgumentParser:
-    package = types.ModuleType("_peft_xlora_cli_doc")
-    package.__path__ = []  # a namespace for cli.py's relative import
-    commands = types.ModuleType("_peft_xlora_cli_doc.cli_commands")
-    commands.__getattr__ = lambda name: (lambda args: None)  # every command, unused here
-    sys.modules.update({package.__name__: package, commands.__name__: commands})
-    try:
-        spec = importlib.util.spec_from_file_location(f"{package.__name__}.cli", CLI)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.build_parser()
-    finally:
-        for name in [n for n in sys.modules if n.startswith(package.__name__)]:
-            del sys.modules[name]
+    from peft_xlora.cli.parser import build_parser  # the installed package (`pip install -e '.[docs]'`)
+
+    return build_parser()
 
 
 def render_cli_reference() -> str:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random transformers models built from configs, and distinct LoRA experts saved to disk."""
+"""Shared fixtures: the offline Hub endpoint, seeding, and distinct LoRA experts saved to disk (see helpers/)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Nothing may reach the real Hub: every Hub URL points at the test server of tests/hub_server.py (started by the
-# `hub` fixture in test_hub.py), and offline mode stays on except inside that fixture. huggingface_hub reads
+# Nothing may reach the real Hub: every Hub URL points at the test server of helpers/hub_server.py (started by the
+# `hub` fixture in io/test_hub.py), and offline mode stays on except inside that fixture. huggingface_hub reads
 # HF_ENDPOINT when it is imported, so this must come before any import of it.
 os.environ.setdefault("PEFT_XLORA_TEST_HUB_PORT", str(_free_port()))
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{os.environ['PEFT_XLORA_TEST_HUB_PORT']}"
@@ -22,75 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import peft_xlora  # noqa: E402 - registers the method
+import peft_xlora  # noqa: E402, F401 - registers the method
+from helpers.models import EXPERT_SPECS, make_expert  # noqa: E402
 
 hf_logging.set_verbosity_error()
 torch.set_num_threads(2)
-
-VOCAB = 97
-
-
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A 2-layer random Llama (hidden 32), the same weights for the same seed."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    """A 2-layer random GPT-2 (Conv1D layers, hidden 32)."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-# Expert recipes per architecture: different ranks, alphas, rsLoRA and target modules.
-EXPERT_SPECS = {
-    "llama": {
-        "math": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "code": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "o_proj", "up_proj"], "use_rslora": True},
-        "poetry": {"r": 8, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "gate_proj", "embed_tokens"]},
-    },
-    "gpt2": {
-        "math": {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"]},
-        "code": {"r": 2, "lora_alpha": 2, "target_modules": ["c_attn", "c_fc"]},
-        "poetry": {"r": 6, "lora_alpha": 12, "target_modules": ["c_attn", "wte"]},
-    },
-}
-
-
-def make_expert(arch: str, spec: dict, seed: int, path: str) -> str:
-    """Trains nothing: saves a LoRA with random (non-zero) A and B, distinct per seed."""
-    base = BUILDERS[arch]()
-    torch.manual_seed(1000 + seed)
-    cfg = LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **spec)
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():  # B is zero-initialised in some layer types even with init_lora_weights=False
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-    model.save_pretrained(path)
-    return path
-
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -107,23 +45,3 @@ def expert_dirs(tmp_path_factory):
             path = tmp_path_factory.mktemp(f"{arch}-{name}")
             out[arch][name] = make_expert(arch, spec, seed, str(path))
     return out
-
-
-def build_xlora(arch: str, expert_dirs: dict, **overrides):
-    """A PeftModel with X-LoRA over the three experts of `arch`."""
-    # A random gate routes every token differently, so tests of the mixture see distinct, non-uniform scalings.
-    kwargs = {
-        "task_type": "CAUSAL_LM",
-        "adapters": expert_dirs[arch],
-        "xlora_depth": 2,
-        "xlora_size": 16,
-        "classifier_init": "random",
-    }
-    kwargs.update(overrides)
-    config = peft_xlora.XLoraConfig(**kwargs)
-    return get_peft_model(BUILDERS[arch](), config)
-
-
-def input_ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)

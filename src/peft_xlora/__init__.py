@@ -1,26 +1,45 @@
-"""peft-xlora: X-LoRA (Mixture of LoRA Experts) as a PEFT plugin. Importing it registers the method with PEFT."""
+"""peft-xlora: X-LoRA (Mixture of LoRA Experts) as a PEFT plugin. Importing it registers the method with PEFT.
 
-from . import xlora_utils
-from .checkpoint import save_pretrained
-from .classifier import XLoraClassifier
-from .compat import XLoraCompatWarning, add_xlora_to_model, from_pretrained, xLoRAConfig
-from .config import XLoraConfig
-from .export import export_lora, export_mistralrs
-from .hub import push_to_hub
-from .layer import XLoraLayer
-from .migration import migrate
-from .model import XLoraModel
-from .plotting import plot_scalings
-from .registration import PEFT_XLORA, register
-from .scalings_log import load_scalings_log, save_scalings_log
-from .transformers_integration import unload_adapter
+The package is layered, and imports only point down: `core` (the tuner) <- `io` (files, Hub, migration, export) <-
+`compat` (the original package's API) and `serving` <- `cli`. This module wires them: it registers the tuner with PEFT,
+installs the transformers integration, and re-exports the public names.
+"""
 
-__version__ = "0.1.0.dev0"
+import sys
+
+from ._version import __version__
+from .compat import xlora_utils
+from .compat.original import XLoraCompatWarning, add_xlora_to_model, from_pretrained, xLoRAConfig
+from .core.checkpoint import CheckpointError, check_checkpoint_dir
+from .core.classifier import XLoraClassifier
+from .core.config import XLoraConfig
+from .core.experts import ExpertError
+from .core.layer import XLoraLayer
+from .core.model import XLoraModel
+from .core.registration import PEFT_XLORA, register
+from .core.scalings_log import ScalingsLogMixin, load_scalings_log, save_scalings_log
+from .core.training import optimizer_param_groups
+from .io import transformers as _transformers_integration
+from .io.export import export_lora, export_mistralrs
+from .io.hub import push_to_hub
+from .io.migration import MigrationWarning, migrate
+from .io.plotting import plot_scalings
+from .io.save import save_pretrained
+from .io.transformers import unload_adapter
 
 register(XLoraConfig, XLoraModel)
+_transformers_integration.install()  # transformers' `model.load_adapter` loads X-LoRA checkpoints through PEFT
+
+# The original package is imported as `xlora` and its helpers as `xlora.xlora_utils`: `import peft_xlora as xlora`
+# then `from peft_xlora.xlora_utils import load_model` keeps working.
+sys.modules[f"{__name__}.xlora_utils"] = xlora_utils
 
 __all__ = [
     "PEFT_XLORA",
+    "CheckpointError",
+    "ExpertError",
+    "MigrationWarning",
+    "ScalingsLogMixin",
     "XLoraClassifier",
     "XLoraCompatWarning",
     "XLoraConfig",
@@ -28,11 +47,13 @@ __all__ = [
     "XLoraModel",
     "__version__",
     "add_xlora_to_model",
+    "check_checkpoint_dir",
     "export_lora",
     "export_mistralrs",
     "from_pretrained",
     "load_scalings_log",
     "migrate",
+    "optimizer_param_groups",
     "plot_scalings",
     "push_to_hub",
     "save_pretrained",

@@ -1,0 +1,79 @@
+"""`peft-xlora build`: base model + named LoRA experts -> an X-LoRA checkpoint folder (gate untrained)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model
+
+from ..core.config import XLoraConfig
+from .common import UserError, adapter, load_base
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Adds the `build` subcommand to the parser."""
+    p = sub.add_parser(
+        "build",
+        help="base model + named LoRA adapters -> an X-LoRA checkpoint folder",
+        description="Builds an X-LoRA model over LoRA experts and saves it (gate untrained).",
+    )
+    p.add_argument("--base", required=True, help="base model folder (transformers save_pretrained)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        type=adapter,
+        required=True,
+        metavar="NAME=PATH",
+        help="a LoRA expert; repeat for each expert (names are kept as given)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder to write the X-LoRA checkpoint to")
+    p.add_argument("--depth", type=int, default=1, help="linear layers in the gating classifier (default 1)")
+    p.add_argument("--size", type=int, default=2048, help="hidden width of the classifier (default 2048)")
+    p.add_argument("--dropout", type=float, default=0.2, help="classifier dropout (default 0.2)")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k largest scalings per token")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    p.add_argument("--layerwise", action="store_true", help="one scaling per layer and expert")
+    p.add_argument("--scaling-pass-value", type=float, default=0.0, help="expert weight in the scaling pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initial weights")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`peft-xlora build`: an X-LoRA checkpoint over the given LoRA experts."""
+    adapters = dict(args.adapter)
+    if len(adapters) != len(args.adapter):
+        raise UserError("Two --adapter arguments have the same name; expert names must be unique.")
+    for name, path in adapters.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise UserError(f"Expert {name!r}: {path} is not a LoRA checkpoint folder (no adapter_config.json).")
+    try:
+        config = XLoraConfig(
+            task_type="CAUSAL_LM",
+            adapters=adapters,
+            xlora_depth=args.depth,
+            xlora_size=args.size,
+            xlora_dropout_p=args.dropout,
+            top_k_lora=args.top_k,
+            softmax_temperature=args.temperature,
+            layerwise_scalings=args.layerwise,
+            scaling_pass_value=args.scaling_pass_value,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    torch.manual_seed(args.seed)
+    base = load_base(args.base)
+    base.name_or_path = str(Path(args.base).resolve())  # recorded in the checkpoint, so later commands find it
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as exc:  # ExpertError is a ValueError
+        raise UserError(str(exc)) from exc
+    model.save_pretrained(args.out)
+    trainable, total = model.get_nb_trainable_parameters()
+    print(
+        f"Built X-LoRA over {len(adapters)} experts ({', '.join(adapters)}); {trainable:,} trainable of "
+        f"{total:,} parameters. Saved to {args.out}"
+    )
+    return {"out": str(args.out), "experts": list(adapters), "trainable": trainable}

@@ -1,0 +1,104 @@
+"""What the subcommands share: the user-error type, argument types, and loading models from folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..io.plotting import plot_scalings
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: printed as one line, exit status 2."""
+
+
+def load_base(path: str | Path) -> Any:
+    """The base model in folder `path`, in float32 and eval mode."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path} is not a base model folder (no config.json); give a folder written by transformers.")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved with the base model in `path`, with a pad token."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"No tokenizer in the base model folder {path} ({exc}); save one there.") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The `adapter_config.json` of an X-LoRA checkpoint folder, as a dict."""
+    path = Path(checkpoint) / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{checkpoint} is not an X-LoRA checkpoint (no adapter_config.json); make one with `build`.")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "PEFT_XLORA":
+        raise UserError(f"{checkpoint} holds a {config.get('peft_type')} adapter, not an X-LoRA (PEFT_XLORA) one.")
+    return config
+
+
+def base_of(checkpoint: str | Path, base: str | None) -> str:
+    """The base model folder: `--base` if given, else the one the checkpoint records."""
+    if base:
+        return base
+    recorded = checkpoint_config(checkpoint).get("base_model_name_or_path")
+    if not recorded or not (Path(recorded) / "config.json").is_file():
+        raise UserError(
+            f"The checkpoint records the base model {recorded!r}, which is not a local folder here; pass --base."
+        )
+    return recorded
+
+
+def load_xlora(checkpoint: str | Path, base: str | None = None, trainable: bool = False) -> tuple[Any, Any, str]:
+    """(the X-LoRA PeftModel, its tokenizer, the base folder) of a checkpoint."""
+    checkpoint_config(checkpoint)
+    base_dir = base_of(checkpoint, base)
+    model = PeftModel.from_pretrained(load_base(base_dir), str(checkpoint), is_trainable=trainable)
+    return model, load_tokenizer(base_dir), base_dir
+
+
+def weights(text: str) -> dict[str, float]:
+    """Parses `name=weight,name=weight`."""
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected name=weight[,name=weight...], got {text!r}")
+    return out
+
+
+def adapter(text: str) -> tuple[str, str]:
+    """Parses `NAME=PATH`."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a LoRA checkpoint folder), got {text!r}")
+    return name, path
+
+
+def plot_gate(model: Any, tokenizer: Any, ids: torch.Tensor, path: Path, title: str) -> None:
+    """Writes the gating heatmap of the model's latest forward over the tokens `ids` to `path`."""
+    try:
+        plot_scalings(
+            model.get_latest_scalings(),
+            path,
+            tokenizer=tokenizer,
+            input_ids=ids,
+            expert_names=model.expert_names,
+            title=title,
+        )
+    except (ValueError, ImportError) as exc:
+        raise UserError(str(exc)) from exc

@@ -1,0 +1,394 @@
+"""The demo pipeline: experts per domain -> X-LoRA gate -> held-out comparison table -> heatmap -> generations."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from . import base as base_models
+from . import data as demo_data
+from .evaluate import EvalSet, Losses, check_targets, evaluate, markdown_table, oracles, summarise
+from .settings import DemoSettings
+from .train import load_trainable_state, recipe_key, train_lora_expert, train_steps, trainable_state
+
+ORACLE = "oracle"
+OURS = "X-LoRA (peft-xlora)"
+
+
+class Demo:
+    """One run of the demo; each stage reuses what an earlier run cached under `cache_dir` for the same recipe.
+
+    Args:
+        settings: What to train and measure.
+        cache_dir: Folder of the cached base model, experts and gates (kept between runs).
+        out_dir: Where the table, the heatmap and the generations are written.
+        quiet: No progress bars.
+        log: Where progress lines go.
+    """
+
+    def __init__(
+        self, settings: DemoSettings, cache_dir: Path, out_dir: Path, quiet: bool = False, log: Callable = print
+    ) -> None:
+        self.s, self.cache_dir, self.out_dir, self.quiet, self.log = (
+            settings,
+            Path(cache_dir),
+            Path(out_dir),
+            quiet,
+            log,
+        )
+        self.timings: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}  # CPU seconds: comparable across runs when other work shares the cores
+        self.cache_hits: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self) -> dict[str, Any]:
+        """Runs every stage; returns the table, the target checks, the timings and the output paths."""
+        start, cpu = time.perf_counter(), time.process_time()
+        torch.manual_seed(self.s.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._stage("base model", self.prepare_base)
+        self._stage("data", self.prepare_data)
+        self._stage("experts", self.prepare_experts)
+        self._stage("X-LoRA gate", self.prepare_xlora)
+        self._stage("built-in X-LoRA gate", self.prepare_builtin)
+        results = self._stage("evaluation", self.evaluate_all)
+        table = summarise(results, self.eval_set)
+        checks = check_targets(table, list(self.eval_set.pure), OURS, ORACLE)
+        heatmap = self._stage("heatmap", self.heatmap)
+        generations = self._stage("generation", self.generate)
+        self.timings["total"] = time.perf_counter() - start
+        self.cpu_times["total"] = time.process_time() - cpu
+        report = {
+            "table": table,
+            "checks": checks,
+            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+            "cpu_s": {k: round(v, 1) for k, v in self.cpu_times.items()},
+            "eval_s": self.eval_times,  # wall seconds of each variant's held-out pass
+            "threads": torch.get_num_threads(),
+            "cache_hits": self.cache_hits,
+            "settings": self.s.recipe(),
+            "heatmap": str(heatmap),
+            "routing_match": round(self.routing_match, 3),  # on the heatmap's document
+            "generations": generations,
+        }
+        self.write_report(report)
+        return report
+
+    def _stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.log(f"== {name}")
+        t, cpu = time.perf_counter(), time.process_time()
+        # Autocast caches the bf16 copy of each weight for the whole stage (a decoding step would otherwise cast the
+        # whole model again); `train_steps` drops the copies after every update.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.precision == "bf16"):
+            out = fn()
+        self.timings[name] = time.perf_counter() - t
+        self.cpu_times[name] = time.process_time() - cpu
+        self.log(f"   {name}: {self.timings[name]:.1f} s (CPU {self.cpu_times[name]:.1f} s)")
+        return out
+
+    def prepare_base(self) -> None:
+        """Finds (or makes, once) the base model's folder and loads its tokenizer."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        if self.s.tiny:
+            self.base_dir = base_models.tiny_base(self.cache_dir, self.s.seed)
+        else:
+            self.base_dir = base_models.smollm_base(self.cache_dir, self.log)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.model_id = self.base_dir.name
+
+    def new_base(self) -> torch.nn.Module:
+        """A fresh copy of the base model (each variant adapts its own)."""
+        return base_models.load_base(self.base_dir)
+
+    def prepare_data(self) -> None:
+        """Tokenizes train and held-out text per domain and builds the mixed documents."""
+        s = self.s
+        split = demo_data.tiny_domains(s.seed) if s.tiny else demo_data.real_domains(s.max_chars)
+        rng = random.Random(s.seed)
+        n_train = (s.expert_steps + s.router_steps) * s.batch_size * s.seq_len
+        n_eval = (s.eval_pure + s.eval_mixed) * s.eval_seq_len
+        self.train_chunks, held = {}, {}
+        for domain, (train_docs, held_docs) in split.items():
+            train_docs, held_docs = list(train_docs), list(held_docs)
+            rng.shuffle(train_docs)
+            rng.shuffle(held_docs)
+            stream = demo_data.token_stream(self.tokenizer, train_docs, n_train)
+            self.train_chunks[domain] = demo_data.chunks(stream, s.seq_len)
+            held[domain] = demo_data.chunks(demo_data.token_stream(self.tokenizer, held_docs, n_eval), s.eval_seq_len)
+            if held[domain].shape[0] < s.eval_pure + 1:
+                raise demo_data.DataError(f"Too little held-out text for domain {domain!r}.")
+        self.domains = list(split)
+        g = torch.Generator().manual_seed(s.seed + 1)
+        # Mixed held-out documents are cut from held-out windows not used for the pure evaluation.
+        mixed_source = {d: held[d][s.eval_pure :] for d in self.domains}
+        mixed = demo_data.mixed_documents(mixed_source, s.eval_mixed, s.eval_seq_len, s.eval_segments, g)
+        self.eval_set = EvalSet({d: held[d][: s.eval_pure] for d in self.domains}, mixed)
+        counts = ", ".join(f"{d} {c.shape[0]}x{s.seq_len}" for d, c in self.train_chunks.items())
+        self.log(f"   train windows: {counts}; held out: {s.eval_pure} pure per domain, {s.eval_mixed} mixed")
+
+    def _recipe(self, **extra: Any) -> str:
+        shared = self.s.recipe("tiny", "seed", "seq_len", "batch_size", "max_chars", "precision")
+        base = {"model": self.model_id, **shared}
+        return recipe_key({**base, **extra})
+
+    def prepare_experts(self) -> None:
+        """Trains one LoRA expert per domain, or reuses the cached one."""
+        for i, domain in enumerate(self.domains):
+            self.prepare_expert(i, domain)
+
+    def prepare_expert(self, i: int, domain: str) -> None:
+        """Trains the LoRA expert of the `i`-th domain, unless the cache has it; records its folder."""
+        s = self.s
+        if not hasattr(self, "expert_dirs"):
+            self.expert_dirs: dict[str, str] = {}
+        key = self._recipe(domain=domain, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
+        path = self.cache_dir / "experts" / f"{domain}-{key}"
+        self.expert_dirs[domain] = str(path)
+        self.cache_hits[f"expert {domain}"] = path.is_dir()
+        if path.is_dir():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(s.seed + 10 + i)
+        batches = demo_data.batches(self.train_chunks[domain], s.batch_size, s.expert_steps, g)
+        torch.manual_seed(s.seed + 10 + i)
+        losses = train_lora_expert(
+            self.new_base(), batches, path, s.expert_steps, s.expert_lr, s.lora, f"expert {domain}", quiet=self.quiet
+        )
+        self.log(f"   expert {domain}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+
+    def router_batches(self, seed: int):
+        """Training batches of the gates: half mixed-domain sequences, half pure ones."""
+        s = self.s
+        g = torch.Generator().manual_seed(seed)
+        n_mixed = max(1, s.batch_size // 2)
+        for _ in range(s.router_steps):
+            mixed = demo_data.mixed_documents(self.train_chunks, n_mixed, s.seq_len, s.train_segments, g).input_ids
+            pure = []
+            for _ in range(s.batch_size - n_mixed):
+                domain = self.domains[int(torch.randint(len(self.domains), (1,), generator=g))]
+                chunks = self.train_chunks[domain]
+                pure.append(chunks[int(torch.randint(chunks.shape[0], (1,), generator=g))])
+            yield torch.cat([mixed, torch.stack(pure)]) if pure else mixed
+
+    def _router_recipe(self, kind: str, extra: dict[str, Any] | None = None) -> str:
+        s = self.s
+        experts = sorted(Path(p).name for p in self.expert_dirs.values())
+        return self._recipe(
+            kind=kind,
+            experts=experts,
+            **(extra or {}),
+            **s.recipe(
+                "router_steps", "router_lr", "router_depth", "router_size", "router_layerwise", "train_segments"
+            ),
+        )
+
+    def prepare_xlora(self) -> None:
+        """Builds and trains our X-LoRA gate, or reuses the cached checkpoint."""
+        from peft import get_peft_model
+
+        from ...core.config import XLoraConfig
+
+        s = self.s
+        self.xlora_dir = self.cache_dir / f"xlora-{self._router_recipe('peft-xlora', s.recipe('scaling_pass_layers'))}"
+        self.cache_hits["X-LoRA"] = self.xlora_dir.is_dir()
+        if self.xlora_dir.is_dir():
+            return
+        config = XLoraConfig(
+            task_type="CAUSAL_LM",
+            adapters={d: self.expert_dirs[d] for d in self.domains},  # gate order = domain order
+            xlora_depth=s.router_depth,
+            xlora_size=s.router_size,
+            xlora_dropout_p=0.0,
+            layerwise_scalings=s.router_layerwise,
+            scaling_pass_layers=s.scaling_pass_layers,
+        )
+        torch.manual_seed(s.seed + 20)
+        model = get_peft_model(self.new_base(), config)
+        losses = train_steps(
+            model, self.router_batches(s.seed + 30), s.router_steps, s.router_lr, "X-LoRA gate", quiet=self.quiet
+        )
+        self.log(f"   X-LoRA gate: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+        model.save_pretrained(self.xlora_dir)
+
+    def _builtin_model(self) -> torch.nn.Module:
+        from peft import XLoraConfig as BuiltinXLoraConfig
+        from peft import get_peft_model
+
+        s = self.s
+        base = self.new_base()
+        base.config.use_cache = False  # PEFT's built-in X-LoRA refuses a model that caches
+        # It needs experts named "0".."n-1".
+        config = BuiltinXLoraConfig(
+            task_type="CAUSAL_LM",
+            hidden_size=base.config.hidden_size,
+            adapters={str(i): self.expert_dirs[d] for i, d in enumerate(self.domains)},
+            xlora_depth=s.router_depth,
+            xlora_size=s.router_size,
+            xlora_dropout_p=0.0,
+            layerwise_scalings=s.router_layerwise,
+        )
+        return get_peft_model(base, config)
+
+    def prepare_builtin(self) -> None:
+        """Trains PEFT's built-in X-LoRA gate the same way (same data, steps, optimiser), or reuses the cache.
+
+        Its own `save_pretrained` loses classifier layers (see FACTS), so the trainable weights are cached directly.
+        """
+        s = self.s
+        self.builtin_file = self.cache_dir / f"peft-builtin-xlora-{self._router_recipe('peft-builtin')}.pt"
+        self.cache_hits["built-in X-LoRA"] = self.builtin_file.is_file()
+        if self.builtin_file.is_file():
+            return
+        torch.manual_seed(s.seed + 20)
+        model = self._builtin_model()
+        losses = train_steps(
+            model,
+            self.router_batches(s.seed + 30),
+            s.router_steps,
+            s.router_lr,
+            "built-in X-LoRA gate",
+            quiet=self.quiet,
+        )
+        self.log(f"   built-in X-LoRA gate: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+        tmp = self.builtin_file.with_suffix(".tmp")
+        torch.save(trainable_state(model), tmp)
+        tmp.replace(self.builtin_file)
+
+    def load_xlora(self) -> torch.nn.Module:
+        """Our trained X-LoRA model, reloaded from its checkpoint."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.new_base(), self.xlora_dir).eval()
+
+    def evaluate_all(self) -> dict[str, Losses]:
+        """Per-token held-out losses of every variant, plus the oracles."""
+        from peft import ArrowConfig, create_arrow_model
+
+        s = self.s
+        self.eval_times: dict[str, float] = {}
+
+        def ev(model: torch.nn.Module, name: str) -> Losses:
+            start = time.perf_counter()
+            out = evaluate(model, self.eval_set, s.eval_batch, name, quiet=self.quiet)
+            self.eval_times[name] = round(time.perf_counter() - start, 1)
+            return out
+
+        results: dict[str, Losses] = {}
+        self.xlora = model = self.load_xlora()
+        with model.disable_adapter():
+            results["base model"] = ev(model, "base model")
+        experts = {}
+        for domain in self.domains:
+            model.set_static_scalings({domain: 1.0})
+            experts[domain] = results[f"expert: {domain}"] = ev(model, f"expert {domain}")
+        model.set_static_scalings({d: 1.0 / len(self.domains) for d in self.domains})
+        results["uniform mixture"] = ev(model, "uniform")
+        model.set_static_scalings(None)
+        for k in (1, 2):
+            torch.manual_seed(s.seed)
+            arrow = create_arrow_model(
+                self.new_base(), [self.expert_dirs[d] for d in self.domains], ArrowConfig(top_k=k, rng_seed=s.seed)
+            ).eval()
+            if s.precision == "bf16":
+                # PEFT's Arrow fails under autocast (it scatters bf16 scores into a float32 tensor) unless its LoRA
+                # weights are bf16 already; autocast would run those matmuls in bf16 anyway.
+                for name, param in arrow.named_parameters():
+                    if "lora_" in name:
+                        param.data = param.data.to(torch.bfloat16)
+            results[f"Arrow top-{k}"] = ev(arrow, f"Arrow top-{k}")
+            del arrow
+        builtin = self._builtin_model()
+        load_trainable_state(builtin, torch.load(self.builtin_file, weights_only=True))
+        results["PEFT built-in X-LoRA"] = ev(builtin.eval(), "built-in X-LoRA")
+        del builtin
+        results[OURS] = ev(model, "X-LoRA")
+        results[ORACLE] = oracles(experts, self.eval_set)
+        return results
+
+    def heatmap(self) -> Path:
+        """Gating heatmap (tokens x experts) of our X-LoRA on the first held-out mixed document."""
+        from .report import gating_heatmap
+
+        ids = self.eval_set.mixed.input_ids[:1]
+        with torch.no_grad():
+            self.xlora(input_ids=ids, use_cache=False)
+        # (seq, n_experts), averaged over layers, columns in domain order (a cached gate may order its experts
+        # differently: its checkpoint keeps the order it was built with).
+        scalings = self.xlora.get_latest_scalings()[0].mean(dim=1)[:, self._gate_columns()]
+        tokens = [self.tokenizer.decode([t]) for t in ids[0].tolist()]
+        path = self.out_dir / "gating_heatmap.png"
+        domains = self.eval_set.mixed.domains[0]
+        gating_heatmap(scalings, tokens, self.domains, domains, path)
+        # Share of the document's tokens whose largest weight goes to their own domain's expert (chance: 1/3).
+        self.routing_match = (scalings.argmax(-1) == domains).float().mean().item()
+        self.log(f"   gate's top expert is the token's own domain on {100 * self.routing_match:.0f}% of the tokens")
+        return path
+
+    def _gate_columns(self) -> list[int]:
+        """Index of each domain's expert among the gate's outputs."""
+        names = list(self.xlora.base_model.expert_names)
+        return [names.index(domain) for domain in self.domains]
+
+    def generate(self) -> dict[str, str]:
+        """A short greedy continuation per domain by our X-LoRA, from the start of a held-out window."""
+        out = {}
+        for domain in self.domains:
+            prompt = self.eval_set.pure[domain][0, :24][None]  # (1, 24)
+            with torch.no_grad():
+                ids = self.xlora.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=self.s.gen_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                )
+            scalings = self.xlora.get_latest_scalings()[..., self._gate_columns()]  # domain order
+            out[domain] = {
+                "prompt": self.tokenizer.decode(prompt[0]),
+                "continuation": self.tokenizer.decode(ids[0, prompt.shape[1] :]),
+                "last_gate": dict(zip(self.domains, [round(v, 3) for v in scalings[0, -1].mean(0).tolist()])),
+            }
+        return out
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        """Writes results.md and results.json into the output folder."""
+        md = [
+            "# X-LoRA demo results",
+            "",
+            f"Base model: `{self.model_id}`; domains: {', '.join(self.domains)}. Mean next-token loss (nats) on "
+            f"held-out text; in brackets the gap to the oracle. `after switch`: the {16} tokens after each domain "
+            "switch in the mixed documents.",
+            "",
+            markdown_table(report["table"], ORACLE),
+            "",
+            "## Targets",
+            "",
+            *[f"- {line}" for line in report["checks"]],
+            "",
+            f"## Timings: wall s (CPU s), {report['threads']} thread(s)",
+            "",
+            *[f"- {k}: {v} ({report['cpu_s'][k]})" for k, v in report["timings_s"].items()],
+            "",
+            "## Generations (X-LoRA, greedy)",
+            "",
+        ]
+        for domain, g in report["generations"].items():
+            md += [
+                f"### {domain}",
+                "",
+                "```",
+                g["prompt"] + " ⟶ " + g["continuation"],
+                "```",
+                f"gate at the last token: {g['last_gate']}",
+                "",
+            ]
+        (self.out_dir / "results.md").write_text("\n".join(md))
+        (self.out_dir / "results.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,94 @@
+"""`peft-xlora generate`: prompts -> text, optionally with a gating heatmap."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import UserError, load_xlora, plot_gate, weights
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Adds the `generate` subcommand to the parser."""
+    p = sub.add_parser(
+        "generate",
+        help="prompt(s) -> text, optionally with a gating heatmap PNG",
+        description="Generates a continuation of each prompt with the X-LoRA model.",
+    )
+    p.add_argument("checkpoint", help="X-LoRA checkpoint folder")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    p.add_argument("--base", default=None, help="base model folder (default: the one the checkpoint records)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument(
+        "--mode",
+        choices=["token", "prompt"],
+        default=None,
+        help="token: a gate per token; prompt: hold the prompt's gate (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--static",
+        type=weights,
+        default=None,
+        metavar="NAME=W,...",
+        help="pin the gate to fixed expert weights (no classifier)",
+    )
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--heatmap", type=Path, default=None, help="write the gate over the first prompt + its generated text as a PNG"
+    )
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=run)
+
+
+def _apply_static(model: Any, weights: dict[str, float] | None) -> None:
+    if weights is None:
+        return
+    try:
+        model.set_static_scalings(weights)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`peft-xlora generate`: a continuation of every prompt."""
+    model, tokenizer, _ = load_xlora(args.checkpoint, args.base)
+    _apply_static(model, args.static)
+    torch.manual_seed(args.seed)
+    outputs = []
+    for i, prompt in enumerate(args.prompt):
+        enc = tokenizer(prompt, return_tensors="pt")
+        if enc.input_ids.shape[1] == 0:
+            raise UserError(f"Prompt {i + 1} is empty after tokenization.")
+        with torch.no_grad():
+            ids = model.generate(
+                **enc,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.sample,
+                scalings_mode=args.mode,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        text = tokenizer.decode(ids[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        outputs.append({"prompt": prompt, "continuation": text})
+        if not args.json:
+            print(
+                f"--- prompt {i + 1}\n{prompt}\033[1m{text}\033[0m"
+                if _tty()
+                else f"--- prompt {i + 1}\n{prompt}{text}"
+            )
+        if i == 0 and args.heatmap:
+            with torch.no_grad():  # one forward over prompt + continuation gives the gate on every token
+                model(input_ids=ids[:1], use_cache=False)
+            plot_gate(model, tokenizer, ids[0], args.heatmap, "X-LoRA gate over the prompt and its continuation")
+            if not args.json:
+                print(f"Gating heatmap written to {args.heatmap}")
+    return {"generations": outputs}
+
+
+def _tty() -> bool:
+
+    return sys.stdout.isatty()

@@ -1,0 +1,176 @@
+"""Building an X-LoRA model: the checks on the model and experts, and the mixture layers swapped into the model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .config import XLoraConfig
+from .experts import Expert, ExpertError, expert_from_config, load_expert
+from .layer import XLoraLayer
+
+_SUPPORTED_LAYERS = (
+    "nn.Linear (and its subclasses, e.g. bitsandbytes' Linear4bit and Linear8bitLt), transformers' Conv1D (GPT-2) "
+    "and nn.Embedding"
+)
+
+
+def check_model_supported(model: nn.Module, config: XLoraConfig) -> None:
+    """Refuses, before anything is built, the models whose scaling pass cannot give one hidden state per token."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"X-LoRA does not support encoder-decoder models ({type(model).__name__}): its gate gives one set of "
+            "scalings per token of one sequence, and an encoder-decoder model runs two sequences (source and "
+            "target) through different layers. Supported: decoder-only and encoder-only models; see docs/models.md."
+        )
+    if config.task_type == "TOKEN_CLS":
+        raise ValueError(
+            "task_type='TOKEN_CLS' is not supported: PEFT's token-classification wrapper needs `modules_to_save` for "
+            "the head, which X-LoRA does not train. Build the model with task_type=None instead: the head is then "
+            "used as the base model has it (frozen), as with task_type='SEQ_CLS'; see docs/models.md."
+        )
+
+
+def check_experts_fit(model: nn.Module, experts: list[Expert], shapes: dict[str, tuple[str, int, int]]) -> None:
+    """Every module an expert adapts must be a layer X-LoRA mixes: none may be left out silently."""
+    for expert in experts:
+        for name in expert.modules:
+            if name in shapes:
+                continue
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ExpertError(
+                    f"Expert {expert.name!r} adapts {name!r}, which this {type(model).__name__} does not have: the "
+                    "adapter was trained on another base model. Use experts trained on this model."
+                ) from None
+            kind = type(module)
+            raise ExpertError(
+                f"Expert {expert.name!r} adapts {name!r}, a {kind.__module__}.{kind.__qualname__}, which X-LoRA "
+                f"cannot mix; supported: {_SUPPORTED_LAYERS}. Load the base model unquantized (or quantized with "
+                "bitsandbytes), or use an expert that does not target this module."
+            )
+
+
+def embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    """`model.get_input_embeddings()` / `get_output_embeddings()`, or None where the model has no such layer."""
+    try:
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
+    """The k-th decoder layer (1-based) of the model's stack, after which a shortened scaling pass stops."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            "`scaling_pass_layers` needs a transformers model whose decoder layers are GradientCheckpointingLayer "
+            f"modules; {type(model).__name__} has none. Leave scaling_pass_layers=None."
+        )
+    if k > len(layers):
+        raise ValueError(f"`scaling_pass_layers={k}` but the model has {len(layers)} decoder layers.")
+    return layers[k - 1]
+
+
+def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
+    """Fills in `config.hidden_size` from the model (the width the LM head reads), or checks the given value."""
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    actual = getattr(model_config, "hidden_size", None) if model_config is not None else None
+    # The classifier reads what the LM head reads: in some models (OPT with a `word_embed_proj_dim`) that last
+    # hidden state is narrower than `config.hidden_size`.
+    head = embeddings(model, "get_output_embeddings")
+    if isinstance(head, nn.Linear):
+        actual = head.in_features
+    if config.hidden_size is None:
+        if actual is None:
+            raise ValueError(
+                "Cannot infer `hidden_size`: the model has no `config.hidden_size`. Pass "
+                "XLoraConfig(hidden_size=<width of the model's last hidden state>)."
+            )
+        config.hidden_size = int(actual)
+    elif actual is not None and config.hidden_size != actual:
+        raise ValueError(
+            f"XLoraConfig.hidden_size={config.hidden_size} does not match the model's hidden size {actual}. "
+            "Leave hidden_size=None to infer it."
+        )
+
+def load_experts(config: XLoraConfig, shapes: dict[str, tuple[str, int, int]]) -> list[Expert]:
+    """The experts, in gate order: read from their sources, or described by a saved config (weights to come)."""
+    from_checkpoint = config.experts is not None
+    experts = []
+    for name, source in config.adapters.items():
+        if from_checkpoint:
+            experts.append(expert_from_config(name, config.experts[name], shapes))
+        else:
+            experts.append(load_expert(name, source))
+    return experts
+
+def check_shapes(
+    name: str, kind: tuple[str, int, int], users: list, experts: list[Expert], base: nn.Module
+) -> None:
+    """Checks that every expert adapting module `name` fits its shape and layer type and leaves its base weights."""
+    _, n_in, n_out = kind
+    for i, lora in users:
+        saved_base = experts[i].base_weights.get(name)
+        if saved_base is not None and not (
+            saved_base.shape == base.weight.shape
+            and torch.allclose(saved_base.to(base.weight), base.weight, rtol=1e-3, atol=1e-5)
+        ):
+            raise ExpertError(
+                f"Expert {experts[i].name!r} also changes the base weights of {name!r} (e.g. resized or trained "
+                "embeddings); X-LoRA only mixes LoRA updates over one shared base. Use a base model that "
+                "already has those weights."
+            )
+        if lora.A is None:
+            continue
+        if tuple(lora.A.shape) != (lora.rank, n_in) or tuple(lora.B.shape) != (n_out, lora.rank):
+            raise ExpertError(
+                f"Expert {experts[i].name!r} does not fit module {name!r}: its LoRA factors are "
+                f"A{tuple(lora.A.shape)} and B{tuple(lora.B.shape)} but the module maps {n_in} -> {n_out}. "
+                "Was the adapter trained on another base model?"
+            )
+        if lora.is_embedding != (kind[0] == "embedding"):
+            raise ExpertError(
+                f"Expert {experts[i].name!r}: module {name!r} is not the layer type it was trained on."
+            )
+
+
+def swap_in_mixture_layers(
+    model: nn.Module,
+    experts: list[Expert],
+    shapes: dict[str, tuple[str, int, int]],
+    adapter_name: str,
+    trainable: bool,
+) -> list[str]:
+    """Replaces every module some expert adapts by an `XLoraLayer` around it.
+
+    Args:
+        model: The model to change in place.
+        experts: The experts, in gate order.
+        shapes: Module name -> `module_kind` of every module X-LoRA can mix, in `named_modules` order.
+        adapter_name: The X-LoRA adapter's name inside PEFT.
+        trainable: Whether the experts' stacked factors train.
+
+    Returns:
+        The names of the mixture layers, in layer-index order.
+    """
+    names: list[str] = []
+    for name in shapes:  # named_modules order: a stable layer index
+        users = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
+        if not users:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child_name)
+        check_shapes(name, shapes[name], users, experts, base)
+        layer = XLoraLayer(
+            base, len(names), [i for i, _ in users], [lora for _, lora in users], requires_grad=trainable
+        )
+        layer._active_adapter = adapter_name  # what transformers' `model.active_adapters()` reads
+        setattr(parent, child_name, layer)
+        names.append(name)
+    return names

@@ -1,0 +1,129 @@
+"""The files of a saved X-LoRA checkpoint, and the checks that run before PEFT reads them.
+
+A saved X-LoRA folder is self-contained:
+
+    adapter_config.json         XLoraConfig: peft_type "PEFT_XLORA", plugin version, expert order, each expert's
+                                LoRA config (`experts`), gating options. No absolute paths are needed to load it.
+    adapter_model.safetensors   the classifier and every expert's LoRA factors (layout in `state_dict.py`).
+    README.md                   model card (written by `peft_xlora.io.card`).
+
+`XLoraConfig.from_pretrained`, the first step of every load path PEFT takes, runs `check_checkpoint`, so a missing,
+truncated or pickle-only file is named before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import struct
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, truncated, or does not match the model it should load into."""
+
+
+def check_safetensors_file(path: str) -> None:
+    """Reads a safetensors file's header and checks that the file holds all the bytes the header promises.
+
+    Raises:
+        CheckpointError: The file is missing, is not safetensors, or is truncated; the message names the file.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist.")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, not even a safetensors header.")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims {header_len} bytes but the file "
+                f"has {size}."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file (unreadable header: {exc}).") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its tensors need {8 + header_len + end} bytes but the file has {size}. "
+            "The save that wrote it was interrupted; use the previous checkpoint or save again."
+        )
+
+
+def check_checkpoint_dir(path: str, allow_pickle: bool = False) -> None:
+    """Checks a local X-LoRA checkpoint folder before PEFT reads it.
+
+    Args:
+        path: The folder.
+        allow_pickle: Accept `adapter_model.bin` (read by PEFT with `torch.load(weights_only=True)`) when there is no
+            safetensors file.
+
+    Raises:
+        CheckpointError: A file is missing, truncated or unreadable, or only a pickle file is present and
+            `allow_pickle` is False.
+    """
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path} does not exist: {path} is not a saved X-LoRA checkpoint.")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON ({exc}); the file is damaged or truncated.") from exc
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if os.path.exists(weights):
+        check_safetensors_file(weights)
+        return
+    if os.path.exists(os.path.join(path, PICKLE_WEIGHTS_NAME)):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which can run code when read. peft-xlora "
+                f"reads only safetensors by default. If you trust its origin, pass `allow_pickle=True` (it is then "
+                "read with torch.load(weights_only=True)), or convert it to safetensors."
+            )
+        return
+    raise CheckpointError(f"{weights} does not exist: the checkpoint has a config but no weights.")
+
+
+def check_checkpoint(
+    model_id: str, subfolder: str | None = None, allow_pickle: bool = False, **hub_kwargs: Any
+) -> None:
+    """Checks a checkpoint folder or Hub repo before PEFT reads it (see `check_checkpoint_dir`).
+
+    For a Hub repo the weights file is downloaded into the Hub cache (where PEFT then finds it) and checked there.
+
+    Args:
+        model_id: Local folder or Hub id.
+        subfolder: Subfolder inside it.
+        allow_pickle: Accept a pickle-only checkpoint.
+        **hub_kwargs: Options for `hf_hub_download` (revision, token, cache_dir, ...); others are ignored.
+    """
+    local = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(local):
+        check_checkpoint_dir(local, allow_pickle=allow_pickle)
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    names = inspect.signature(hf_hub_download).parameters
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in names and k not in ("repo_id", "filename", "subfolder")}
+    try:
+        path = hf_hub_download(model_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+    except EntryNotFoundError:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{model_id} has no {WEIGHTS_NAME}. peft-xlora reads only safetensors by default; if the repo holds "
+                f"a {PICKLE_WEIGHTS_NAME} you trust, pass `allow_pickle=True`."
+            ) from None
+        return
+    check_safetensors_file(path)

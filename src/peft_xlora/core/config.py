@@ -1,0 +1,266 @@
+"""`XLoraConfig`: what an X-LoRA model is made of. Field names follow PEFT's built-in `XLoraConfig`."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peft.config import PeftConfig
+
+from .._version import __version__
+from .checkpoint import check_checkpoint
+from .experts import load_expert
+from .registration import PEFT_XLORA
+
+ScalingsMode = Literal["token", "prompt"]
+ClassifierInit = Literal["uniform", "random"]
+
+
+@dataclass
+class XLoraConfig(PeftConfig):
+    """Configuration of an X-LoRA model: a learned gate over several frozen LoRA experts.
+
+    Args:
+        adapters: Expert name -> LoRA checkpoint (local folder or Hub id), each a standard PEFT LoRA adapter. Names
+            are kept as given. When a saved X-LoRA checkpoint is loaded, the experts come from the checkpoint and
+            these sources are not read.
+        hidden_size: Hidden size of the base model, read by the classifier. Inferred from the base model's config when
+            left as None; a value that disagrees with the model is an error.
+        enable_softmax: Softmax over the experts' logits (dense gating).
+        enable_softmax_topk: With `top_k_lora`, renormalise the kept experts by a softmax over their logits only.
+        softmax_temperature: Divides the logits before any softmax; lower is sharper. Must be > 0.
+        layerwise_scalings: One scaling per adapted layer and expert instead of one per expert, broadcast to all
+            layers.
+        top_k_lora: Keep only the k largest scalings per token (and layer); None keeps all experts.
+        xlora_depth: Number of linear layers in the classifier (1 = a single linear map).
+        xlora_size: Hidden width of the classifier; unused when `xlora_depth` is 1.
+        xlora_dropout_p: Dropout between the classifier's layers while training.
+        classifier_init: ``"uniform"`` zero-initialises the classifier's last layer, so the untrained gate gives
+            every expert the same logit: the uniform mixture under softmax (the plain base model without it), a
+            good start that training moves away from only where routing pays (the way LoRA starts from a zero
+            update). ``"random"`` keeps PyTorch's default initialisation, as PEFT's built-in X-LoRA and the original
+            package do. Loaded checkpoints overwrite either.
+        use_trainable_adapters: Train the experts' LoRA weights together with the classifier.
+        scaling_pass_value: Weight of every expert during the scaling pass; 0 runs the plain base model there.
+        global_scaling_weight: Multiplies every scaling after the gate.
+        scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
+            generated tokens (see the generation docs).
+        router_load_balancing_coef: Weight of the load-balancing term added to the model's loss (>= 0; 0 = off).
+            See `peft_xlora.core.regularisers`.
+        scaling_pass_layers: Run only the first k decoder layers in the scaling pass and feed the classifier their
+            output (the residual stream, before any final norm): a cheaper scaling pass that sees less of the
+            model. None runs the whole model, as X-LoRA does. See docs/performance.md for the trade-off.
+        router_entropy_coef: Weight of the mean per-token routing entropy added to the loss (>= 0; 0 = off).
+        experts: Filled in when the model is built (in the model's copy of the config) and saved with it: for each
+            expert, the PEFT `LoraConfig` (as a dict) that describes its layers. A config that has it describes a
+            checkpoint: the model built from it takes the experts' weights from that checkpoint, not from `adapters`.
+    """
+
+    adapters: dict[str, str] = field(
+        default=None, metadata={"help": "Expert name -> LoRA checkpoint (local folder or Hub id)."}
+    )
+    hidden_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of the base model; inferred from the model when None."}
+    )
+    enable_softmax: bool = field(default=True, metadata={"help": "Softmax over the experts (dense gating)."})
+    enable_softmax_topk: bool = field(
+        default=False, metadata={"help": "With top_k_lora: softmax over the kept experts' logits only."}
+    )
+    softmax_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
+    layerwise_scalings: bool = field(default=False, metadata={"help": "One scaling per adapted layer and expert."})
+    top_k_lora: int | None = field(default=None, metadata={"help": "Keep the k largest scalings per token."})
+    xlora_depth: int = field(default=1, metadata={"help": "Number of linear layers in the classifier."})
+    xlora_size: int = field(default=2048, metadata={"help": "Hidden width of the classifier."})
+    xlora_dropout_p: float = field(default=0.2, metadata={"help": "Dropout inside the classifier."})
+    classifier_init: ClassifierInit = field(
+        default="uniform",
+        metadata={"help": "'uniform': zero last layer, the untrained gate is the uniform mixture; 'random': default."},
+    )
+    use_trainable_adapters: bool = field(default=False, metadata={"help": "Also train the experts."})
+    scaling_pass_value: float = field(default=0.0, metadata={"help": "Expert weight during the scaling pass."})
+    global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every scaling."})
+    scalings_mode: ScalingsMode = field(
+        default="token", metadata={"help": "'token': per-token scalings; 'prompt': hold the prompt's scalings."}
+    )
+    scaling_pass_layers: int | None = field(
+        default=None,
+        metadata={"help": "Route from the hidden state after the first k decoder layers (None: the whole model)."},
+    )
+    router_load_balancing_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the router load-balancing loss added to the loss (0 = off)."}
+    )
+    router_entropy_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the per-token routing entropy added to the loss (0 = off)."}
+    )
+    experts: dict[str, dict[str, Any]] | None = field(
+        default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
+    )
+    expert_order: list[str] | None = field(
+        default=None, metadata={"help": "Expert names in gate order; recorded automatically and saved."}
+    )
+    peft_xlora_version: str | None = field(
+        default=None, metadata={"help": "Version of peft-xlora that saved this config; set on save."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_XLORA
+        if self.adapters is None:
+            if not self.experts:
+                raise ValueError(
+                    "XLoraConfig needs `adapters`: a dict of expert name -> LoRA checkpoint path or Hub id, "
+                    "e.g. adapters={'math': './lora-math', 'code': './lora-code'}."
+                )
+            self.adapters = dict.fromkeys(self.experts)
+        if not isinstance(self.adapters, dict):
+            raise ValueError(
+                f"`adapters` must be a dict of expert name -> LoRA checkpoint, got {type(self.adapters).__name__}."
+            )
+        self.adapters = {name: _source_str(name, src) for name, src in self.adapters.items()}
+        if not self.adapters:
+            raise ValueError("`adapters` is empty: X-LoRA needs at least one LoRA expert to gate.")
+        for name in self.adapters:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"Expert names must be non-empty strings, got {name!r}.")
+        if self.experts is not None and set(self.experts) != set(self.adapters):
+            raise ValueError(
+                f"`experts` names {sorted(self.experts)} do not match `adapters` names {sorted(self.adapters)}; "
+                "the config was edited inconsistently. Rebuild it from the experts' sources."
+            )
+        self._apply_expert_order()
+        self._check_numbers()
+
+    def _apply_expert_order(self) -> None:
+        # adapter_config.json is written with sorted keys, which loses the order of `adapters`: the order of the
+        # classifier's outputs. `expert_order` keeps it as a list and puts the dicts back in that order on load.
+        if self.expert_order is None:
+            self.expert_order = list(self.adapters)
+            return
+        if sorted(self.expert_order) != sorted(self.adapters):
+            raise ValueError(
+                f"`expert_order` {self.expert_order} does not name the same experts as `adapters` "
+                f"{sorted(self.adapters)}; the config was edited inconsistently."
+            )
+        self.adapters = {name: self.adapters[name] for name in self.expert_order}
+        if self.experts is not None:
+            self.experts = {name: self.experts[name] for name in self.expert_order}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved; records the peft-xlora version that writes it."""
+        out = super().to_dict()
+        # A checkpoint carries its experts; local source paths would only leak this machine's layout. Hub ids stay.
+        out["adapters"] = {name: _portable_source(src) for name, src in self.adapters.items()}
+        out["expert_order"] = list(self.adapters)
+        out["peft_xlora_version"] = __version__
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> XLoraConfig:
+        """Loads the config of a saved X-LoRA checkpoint, after checking that its files are complete.
+
+        The model built from it takes every expert from the checkpoint. To use another LoRA for some expert instead
+        (another rank or other target modules are fine), pass `expert_sources`; `PeftModel.from_pretrained` forwards
+        it here.
+
+        Args:
+            pretrained_model_name_or_path: Folder or Hub id of the checkpoint.
+            subfolder: Subfolder inside it.
+            **kwargs: `expert_sources` (expert name -> LoRA folder or Hub id), `allow_pickle` (accept a checkpoint
+                that has only `adapter_model.bin`; default False), Hub download options, config overrides.
+
+        Raises:
+            peft_xlora.CheckpointError: A file is missing, truncated, or pickle-only without opt-in.
+        """
+        expert_sources = kwargs.pop("expert_sources", None)
+        allow_pickle = kwargs.pop("allow_pickle", False)
+        check_checkpoint(pretrained_model_name_or_path, subfolder=subfolder, allow_pickle=allow_pickle, **kwargs)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if expert_sources:
+            replace_experts(config, expert_sources)
+        return config
+
+    def _check_numbers(self) -> None:
+        n = len(self.adapters)
+        if self.hidden_size is not None and (not isinstance(self.hidden_size, int) or self.hidden_size <= 0):
+            raise ValueError(f"`hidden_size` must be a positive int or None (inferred), got {self.hidden_size!r}.")
+        if not (isinstance(self.xlora_depth, int) and self.xlora_depth >= 1):
+            raise ValueError(f"`xlora_depth` must be an int >= 1, got {self.xlora_depth!r}.")
+        if not (isinstance(self.xlora_size, int) and self.xlora_size >= 1):
+            raise ValueError(f"`xlora_size` must be an int >= 1, got {self.xlora_size!r}.")
+        for name in ("xlora_dropout_p", "softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # None or a string compares badly
+                raise ValueError(f"`{name}` must be a number, got {value!r}.")
+        if not 0.0 <= self.xlora_dropout_p < 1.0:
+            raise ValueError(f"`xlora_dropout_p` must be in [0, 1), got {self.xlora_dropout_p!r}.")
+        if not (math.isfinite(self.softmax_temperature) and self.softmax_temperature > 0):
+            raise ValueError(f"`softmax_temperature` must be a finite number > 0, got {self.softmax_temperature!r}.")
+        if self.top_k_lora is not None and not (isinstance(self.top_k_lora, int) and 1 <= self.top_k_lora <= n):
+            raise ValueError(
+                f"`top_k_lora` must be None (dense) or an int between 1 and the number of experts ({n}), "
+                f"got {self.top_k_lora!r}."
+            )
+        if self.enable_softmax_topk and self.top_k_lora is None:
+            raise ValueError("`enable_softmax_topk=True` needs `top_k_lora` to be set (the k experts to renormalise).")
+        for name in ("scaling_pass_value", "global_scaling_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        for name in ("router_load_balancing_coef", "router_entropy_coef"):
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (is_number and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+        k = self.scaling_pass_layers
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
+        if self.scalings_mode not in ("token", "prompt"):
+            raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
+        if self.classifier_init not in ("uniform", "random"):
+            raise ValueError(f"`classifier_init` must be 'uniform' or 'random', got {self.classifier_init!r}.")
+
+
+def _portable_source(source: str | None) -> str | None:
+    if source is None or os.path.isabs(source) or os.path.exists(source) or source.startswith("."):
+        return None
+    return source
+
+
+def _source_str(name: str, source: str | os.PathLike | None) -> str | None:
+    if source is None or isinstance(source, str):
+        return source
+    if isinstance(source, os.PathLike):
+        return os.fspath(source)
+    raise ValueError(f"Expert {name!r}: the source must be a path or Hub id string, got {type(source).__name__}.")
+
+
+def replace_experts(config: XLoraConfig, sources: dict[str, str]) -> None:
+    """Makes a loaded checkpoint config take some experts from other LoRA adapters instead of the checkpoint.
+
+    The replacement may have another rank or other target modules; its LoRA config replaces the saved one, and its
+    weights are used when the checkpoint is loaded (`join_experts`).
+
+    Args:
+        config: The config just read from the checkpoint.
+        sources: Expert name -> LoRA folder or Hub id.
+
+    Raises:
+        ValueError: A name is not an expert of the checkpoint.
+    """
+    unknown = sorted(set(sources) - set(config.adapters))
+    if unknown:
+        raise ValueError(
+            f"`expert_sources` names {unknown}, which are not experts of this checkpoint; its experts are "
+            f"{list(config.adapters)}."
+        )
+    replaced = dict(getattr(config, "_replaced_experts", {}))
+    for name, source in sources.items():
+        expert = load_expert(name, os.fspath(source))
+        config.adapters[name] = os.fspath(source)
+        config.experts[name] = expert.config_dict()
+        replaced[name] = expert
+    config._replaced_experts = replaced

@@ -1,0 +1,127 @@
+"""The gating API of `XLoraModel`: reading the latest scalings, changing gating options, pinning the gate."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .classifier import XLoraClassifier
+    from .config import XLoraConfig
+    from .layer import XLoraLayer
+
+
+class GatingMixin:
+    """Getters and setters of the gating options; every setter validates and never leaves a refused value behind."""
+
+    expert_names: list[str]
+    mixture_layer_names: list[str]
+    xlora_config: XLoraConfig
+    xlora_classifier: XLoraClassifier
+    _static_scalings: torch.Tensor | None
+    _latest_scalings: torch.Tensor | None
+
+    def mixture_layers(self) -> list[XLoraLayer]:
+        """The mixture layers (implemented by `XLoraModel`)."""
+        raise NotImplementedError
+
+    def update_config(self, **changes: Any) -> None:
+        """Changes config fields together, validated as a whole; on a refused value every field keeps its old value.
+
+        Args:
+            **changes: Field name -> new value (e.g. ``global_scaling_weight=0.5``). Saved with the config.
+
+        Raises:
+            ValueError: A value is invalid (the config is unchanged).
+        """
+        config = self.xlora_config
+        unknown = [name for name in changes if not hasattr(config, name)]
+        if unknown:
+            raise ValueError(f"XLoraConfig has no field(s) {unknown}.")
+        old = {name: getattr(config, name) for name in changes}
+        for name, value in changes.items():
+            setattr(config, name, value)
+        try:
+            config._check_numbers()
+        except BaseException:
+            for name, value in old.items():
+                setattr(config, name, value)
+            raise
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward."""
+        s = self._latest_scalings
+        if s is None:
+            return None
+        return s.expand(-1, -1, len(self.mixture_layer_names), -1)
+
+    def set_scaling_pass_value(self, value: float | None) -> None:
+        """Sets the experts' weight in the scaling pass; None means 1 / n_experts. Saved with the config."""
+        self.update_config(scaling_pass_value=1.0 / len(self.expert_names) if value is None else _number(value))
+
+    def set_topk_lora(self, value: int | None) -> None:
+        """Keeps only the k largest scalings per token (None: dense). Saved with the config."""
+        self.update_config(top_k_lora=value)
+
+    def get_topk_lora(self) -> int | None:
+        """The current top-k (None: dense)."""
+        return self.xlora_config.top_k_lora
+
+    def set_use_trainable_adapters(self, use_trainable_adapters: bool) -> None:
+        """Makes the experts' stacked LoRA factors trainable or frozen. Saved with the config.
+
+        Only the declared factors (`XLoraLayer.adapter_layer_names`) change; the classifier and base model keep their
+        `requires_grad`.
+        """
+        self.update_config(use_trainable_adapters=bool(use_trainable_adapters))
+        for layer in self.mixture_layers():
+            for name in layer.adapter_layer_names:
+                getattr(layer, name).requires_grad_(bool(use_trainable_adapters))
+
+    def get_use_trainable_adapters(self) -> bool:
+        """Whether the experts' LoRA factors are trained (the config's `use_trainable_adapters`)."""
+        return self.xlora_config.use_trainable_adapters
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        """Multiplies every scaling by `weight`. Saved with the config."""
+        self.update_config(global_scaling_weight=_number(weight))
+
+    def get_global_scaling_weight(self) -> float:
+        """The global scaling weight."""
+        return self.xlora_config.global_scaling_weight
+
+    def set_static_scalings(self, weights: dict[str, float] | torch.Tensor | None) -> None:
+        """Pins the gate to fixed weights, skipping the scaling pass; None gives the gate back to the classifier.
+
+        Args:
+            weights: Expert name -> weight (missing experts get 0), or a tensor of shape (n_experts,) or
+                (n_layers, n_experts). Used as given: no softmax, no global weight.
+        """
+        if weights is None:
+            self._static_scalings = None
+            return
+        n, n_layers = len(self.expert_names), len(self.mixture_layer_names)
+        if isinstance(weights, dict):
+            unknown = set(weights) - set(self.expert_names)
+            if unknown:
+                raise ValueError(f"Unknown experts {sorted(unknown)}; this model has {self.expert_names}.")
+            weights = torch.tensor([float(weights.get(name, 0.0)) for name in self.expert_names])
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape == (n,):
+            weights = weights[None]
+        if weights.shape not in ((1, n), (n_layers, n)):
+            raise ValueError(
+                f"Static scalings must have shape ({n},) or ({n_layers}, {n}); got {tuple(weights.shape)}."
+            )
+        if not torch.isfinite(weights).all():
+            raise ValueError("Static scalings must be finite numbers.")
+        self._static_scalings = weights.to(self.xlora_classifier.layers[0].weight.device)  # (n_layers|1, n_experts)
+
+
+def _number(value: Any) -> Any:
+    # What `float` accepts becomes a float; anything else is left for the config's check to refuse with its message.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value

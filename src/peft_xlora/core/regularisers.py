@@ -1,0 +1,46 @@
+"""Optional router regularisers (MoE practice), off by default: load balancing and per-token entropy.
+
+Both are computed from the router probabilities p = softmax(logits / temperature) over the experts, per token (and
+per layer slot with layerwise scalings), in float32, over the tokens the attention mask keeps.
+
+* **Load balancing** (Switch Transformer, Fedus et al. 2021, eq. 4; with top-k as in Mixtral):
+  ``E * sum_e f_e * P_e`` where ``P_e`` is the mean probability of expert e and ``f_e`` the fraction of routing
+  choices that go to e (each token chooses its top-k experts, k = `top_k_lora`, or its top-1 under dense gating).
+  It is 1 when routing is spread evenly and up to E when every token picks the same expert; ``f`` carries no
+  gradient, so the gradient lowers the probability of over-used experts.
+* **Entropy**: the mean per-token entropy ``-sum_e p_e log p_e`` (nats). Adding it to the loss (coefficient > 0)
+  makes each token's routing more decisive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def router_losses(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The load-balancing and entropy terms of one batch of router logits.
+
+    Args:
+        logits: Classifier logits, (batch, seq, n_layers|1, n_experts).
+        temperature: The gate's softmax temperature.
+        top_k: Experts each token chooses (None: 1, the top choice under dense gating).
+        mask: (batch, seq), nonzero for the tokens that count (the attention mask); None counts all.
+
+    Returns:
+        ``{"load_balancing": scalar, "entropy": scalar}``, float32, differentiable with respect to `logits`.
+    """
+    n_experts = logits.shape[-1]
+    z = logits.float() / temperature
+    probs = torch.softmax(z, dim=-1)  # (batch, seq, slots, E)
+    weight = torch.ones(logits.shape[:2], device=logits.device) if mask is None else mask.to(logits.device).float()
+    weight = weight[:, :, None, None].expand(*logits.shape[:3], 1)  # (batch, seq, slots, 1)
+    total = weight.sum().clamp_min(1.0)
+    k = top_k or 1
+    chosen = torch.zeros_like(probs).scatter_(-1, torch.topk(z, k, dim=-1).indices, 1.0)  # (batch, seq, slots, E)
+    fraction = (chosen * weight).sum(dim=(0, 1, 2)) / (total * k)  # (E,), sums to 1
+    mean_prob = (probs * weight).sum(dim=(0, 1, 2)) / total  # (E,), sums to 1
+    load_balancing = n_experts * (fraction * mean_prob).sum()
+    entropy = -(probs * torch.log_softmax(z, dim=-1)).sum(dim=-1, keepdim=True)  # (batch, seq, slots, 1)
+    return {"load_balancing": load_balancing, "entropy": (entropy * weight).sum() / total}

@@ -1,0 +1,216 @@
+"""Export out of peft-xlora: the original/mistral.rs X-LoRA layout, and a plain LoRA equal to a pinned gate.
+
+mistral.rs (and the original `xlora` package) read an X-LoRA model as
+
+    xlora_config.json               hidden_size, base_model_id, adapters (names, gate order), gating options
+    xlora_classifier.safetensors    inner.<i>.{weight,bias} for the i-th hidden linear layer, last.{weight,bias}
+    <expert>/adapter_config.json    each expert as a standard PEFT LoRA adapter
+    <expert>/adapter_model.safetensors
+    xlora-ordering.json             {"order": [expert names], "layers": {module name: classifier index},
+                                     "base_model_id": ...}; mistral.rs takes it as its ordering file
+
+`export_lora` writes one PEFT LoRA adapter whose update, on every module, is the experts' updates summed with fixed
+weights: its A stacks the experts' A factors, its B their B factors times weight and scale, so its rank on a module
+is the sum of the ranks of the experts there. Engines that serve only LoRA can serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+
+from ..core.model import XLoraModel
+from ..core.state_dict import rank_bounds
+from .files import write_folder
+
+ORDERING_NAME = "xlora-ordering.json"
+
+
+def _tuner(model: nn.Module) -> XLoraModel:
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, XLoraModel):
+        raise TypeError(f"Expected a PeftModel with X-LoRA, got {type(model).__name__}.")
+    return tuner
+
+
+def _layers_by_name(tuner) -> list[tuple[str, Any]]:
+    return [(name, tuner.model.get_submodule(name)) for name in tuner.mixture_layer_names]
+
+
+def _check_folder_names(names: list[str]) -> None:
+    for name in names:
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"Expert name {name!r} cannot be a folder name; rename the expert before exporting.")
+
+
+def expert_state_dicts(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Each expert's factors as a standard PEFT LoRA state dict (keys as in `adapter_model.safetensors`).
+
+    Args:
+        model: The X-LoRA `PeftModel`.
+
+    Returns:
+        Expert name -> {``base_model.model.<module>.lora_A.weight``: (r, in), ``...lora_B.weight``: (out, r)},
+        with ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings.
+    """
+    tuner = _tuner(model)
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in tuner.expert_names}
+    for module, layer in _layers_by_name(tuner):
+        names = ("lora_embedding_A", "lora_embedding_B") if layer.is_embedding else ("lora_A.weight", "lora_B.weight")
+        for position, index in enumerate(layer.expert_indices):
+            start, stop = rank_bounds(layer, position)
+            prefix = f"base_model.model.{module}."
+            out[tuner.expert_names[index]][prefix + names[0]] = layer.xlora_A[start:stop].detach().cpu().clone()
+            out[tuner.expert_names[index]][prefix + names[1]] = layer.xlora_B[:, start:stop].detach().cpu().clone()
+    return out
+
+
+def _expert_config(config, name: str) -> dict[str, Any]:
+    out = dict(config.experts[name])
+    out["base_model_name_or_path"] = config.base_model_name_or_path
+    out["inference_mode"] = True
+    return out
+
+
+def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_id: str | None = None) -> None:
+    """Writes the X-LoRA model in the layout of the original `xlora` package and mistral.rs.
+
+    The classifier is written with `use_bias` and `enable_relu_and_dropout` true (peft-xlora's classifier always has
+    both) and `xlora_dropout_p` 0: mistral.rs applies the classifier's dropout at inference too. Pass
+    ``--order <directory>/xlora-ordering.json`` to mistral.rs.
+
+    Args:
+        model: The X-LoRA `PeftModel`.
+        directory: Output folder (replaced atomically if it exists).
+        base_model_id: Hub id of the base model, which mistral.rs checks; the config's `base_model_name_or_path`
+            when None.
+
+    Raises:
+        ValueError: An expert name cannot be a folder name, or the base model id is unknown.
+    """
+    tuner = _tuner(model)
+    config = tuner.xlora_config
+    names = list(tuner.expert_names)
+    _check_folder_names(names)
+    base_model_id = base_model_id or config.base_model_name_or_path
+    if not base_model_id:
+        raise ValueError("mistral.rs needs the base model's id: pass `base_model_id` (e.g. 'mistralai/Mistral-7B').")
+    linears = [m for m in tuner.xlora_classifier.layers if isinstance(m, nn.Linear)]
+    classifier: dict[str, torch.Tensor] = {}
+    for i, linear in enumerate(linears):
+        prefix = "last" if i == len(linears) - 1 else f"inner.{i}"
+        classifier[f"{prefix}.weight"] = linear.weight.detach().cpu().clone()
+        classifier[f"{prefix}.bias"] = linear.bias.detach().cpu().clone()
+    xlora_config = {
+        "hidden_size": config.hidden_size,
+        "base_model_id": base_model_id,
+        "adapters": names,
+        "layerwise_scalings": config.layerwise_scalings,
+        "enable_relu_and_dropout": True,
+        "use_bias": True,
+        "xlora_depth": config.xlora_depth,
+        "xlora_size": config.xlora_size,
+        "xlora_dropout_p": 0.0,
+        "enable_softmax": config.enable_softmax,
+        "enable_softmax_topk": config.enable_softmax_topk,
+        "softmax_temperature": config.softmax_temperature,
+        "top_k_lora": config.top_k_lora,
+        "scaling_pass_value": config.scaling_pass_value,
+        "global_scaling_weight": config.global_scaling_weight,
+        "use_trainable_adapters": config.use_trainable_adapters,
+        "stop_token_id": None,
+    }
+    ordering = {
+        "order": names,
+        "layers": {name: i for i, name in enumerate(tuner.mixture_layer_names)},
+        "base_model_id": base_model_id,
+    }
+    experts = expert_state_dicts(model)
+
+    def write(tmp: str) -> None:
+        _write_json(os.path.join(tmp, "xlora_config.json"), xlora_config)
+        _write_json(os.path.join(tmp, ORDERING_NAME), ordering)
+        save_file(classifier, os.path.join(tmp, "xlora_classifier.safetensors"), metadata={"format": "pt"})
+        for name in names:
+            os.makedirs(os.path.join(tmp, name))
+            _write_json(os.path.join(tmp, name, "adapter_config.json"), _expert_config(config, name))
+            save_file(experts[name], os.path.join(tmp, name, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    write_folder(directory, write)
+
+
+def export_lora(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    weights: dict[str, float] | torch.Tensor | None = None,
+) -> None:
+    """Writes a plain PEFT LoRA adapter equal to the mixture with the gate pinned to `weights`.
+
+    On each module the adapter computes ``sum_e w_e * scale_e * B_e A_e x``, exactly what the X-LoRA model computes
+    after `set_static_scalings(weights)`. Its rank is the largest sum of expert ranks on one module (modules with
+    fewer experts are zero-padded), and `lora_alpha` equals the rank so that PEFT's own scale is 1.
+
+    Args:
+        model: The X-LoRA `PeftModel`.
+        directory: Output folder (replaced atomically if it exists).
+        weights: As for `XLoraModel.set_static_scalings`: expert name -> weight, or a tensor (n_experts,) or
+            (n_layers, n_experts). None uses the weights the model is pinned to now.
+
+    Raises:
+        ValueError: No weights are given and the model is not pinned.
+    """
+    tuner = _tuner(model)
+    pinned = tuner._static_scalings
+    if weights is not None:
+        tuner.set_static_scalings(weights)
+        static = tuner._static_scalings
+        tuner._static_scalings = pinned
+    elif pinned is None:
+        raise ValueError("Pass `weights` (expert name -> weight), or pin the model first with set_static_scalings.")
+    else:
+        static = pinned
+    static = static.detach().cpu().float()  # (n_layers|1, n_experts)
+    layers = _layers_by_name(tuner)
+    # One rank for every module, so that engines without per-module ranks can serve it: modules with fewer experts
+    # are padded with zero rows of A and zero columns of B, which add nothing.
+    rank = max(sum(layer.ranks) for _, layer in layers)
+    state: dict[str, torch.Tensor] = {}
+    for module, layer in layers:
+        slot = layer.layer_index if static.shape[0] > 1 else 0
+        a = torch.zeros(rank, layer.in_features)  # (rank, in)
+        b = torch.zeros(layer.out_features, rank)  # (out, rank)
+        for position, index in enumerate(layer.expert_indices):
+            start, stop = rank_bounds(layer, position)
+            factor = float(static[slot, index]) * float(layer.rank_scale[start])
+            a[start:stop] = layer.xlora_A[start:stop].detach().float().cpu()
+            b[:, start:stop] = layer.xlora_B[:, start:stop].detach().float().cpu() * factor
+        names = ("lora_embedding_A", "lora_embedding_B") if layer.is_embedding else ("lora_A.weight", "lora_B.weight")
+        state[f"base_model.model.{module}.{names[0]}"] = a.to(layer.xlora_A.dtype)
+        state[f"base_model.model.{module}.{names[1]}"] = b.to(layer.xlora_B.dtype)
+    config = tuner.xlora_config
+    lora = LoraConfig(
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        target_modules=sorted(name for name, _ in layers),  # full names: each matches only itself
+        r=rank,
+        lora_alpha=rank,  # PEFT's scale alpha / r = 1: the weights and expert scales are already in B
+        lora_dropout=0.0,
+        inference_mode=True,
+    )
+
+    def write(tmp: str) -> None:
+        lora.save_pretrained(tmp)
+        save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    write_folder(directory, write)
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)

@@ -1,0 +1,1 @@
+"""Serving engines for X-LoRA models beyond transformers' `generate`."""

@@ -1,0 +1,201 @@
+"""The `peft-xlora` command line end to end on a tiny random Llama: build -> train -> generate -> inspect -> export
+-> reload, clear errors, and the `--tiny` demo (twice: the second run reuses every cached artefact)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from peft_xlora.cli import main
+from peft_xlora.cli.demo.base import load_base, tiny_base
+
+TEXT = {  # not in alphabetical order: the gate's order must survive JSON's sorted keys
+    "letters": " ".join(["abba", "cddc", "effe", "ghhg"] * 40),
+    "digits": "".join(f"{i * 7 % 100} + {i} = {i * 8 % 100}\n" for i in range(60)),
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny base model (with tokenizer), two distinct LoRA experts, and data files."""
+    root = tmp_path_factory.mktemp("cli")
+    base_dir = tiny_base(root / "cache")
+    experts = {}
+    for seed, name in enumerate(TEXT):
+        lora = get_peft_model(load_base(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+        torch.manual_seed(100 + seed)
+        with torch.no_grad():
+            for param in lora.parameters():
+                if param.requires_grad:
+                    param.normal_(0.0, 0.2)
+        lora.save_pretrained(root / name)
+        experts[name] = root / name
+    (root / "a.txt").write_text(TEXT["digits"])
+    (root / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT["letters"].split("ghhg")))
+    return root, base_dir, experts
+
+
+def run(*argv: str) -> int:
+    return main(["--threads", "1", *map(str, argv)])
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("build", "train", "generate", "inspect", "export", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: peft-xlora {command}" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "peft_xlora", "--help"], capture_output=True, text=True, check=True)
+    for command in ("build", "train", "generate", "inspect", "export", "demo"):
+        assert command in out.stdout
+
+
+def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys):
+    root, base_dir, experts = workspace
+    built = tmp_path / "built"
+    adapters = [f"--adapter={name}={path}" for name, path in experts.items()]
+    assert run("build", "--base", base_dir, *adapters, "--out", built, "--depth", 2, "--size", 16) == 0
+    assert (built / "adapter_model.safetensors").is_file()
+
+    trained = tmp_path / "trained"
+    args = ["train", built, "--data", root / "a.txt", root / "b.jsonl", "--out", trained, "--seq-len", 32,
+            "--batch-size", 2, "--lr", 5e-2, "--eval-fraction", 0.2]
+    assert run(*args, "--steps", 4, "--save-steps", 2) == 0
+    first = json.loads((trained / "train_metrics.json").read_text())
+    assert first["steps"] == 4 and "eval_loss" in first
+    assert (trained / "checkpoints" / "checkpoint-4").is_dir()
+    # Resuming continues from step 4 to step 6.
+    assert run(*args, "--steps", 6, "--save-steps", 2, "--resume") == 0
+    assert json.loads((trained / "train_metrics.json").read_text())["steps"] == 6
+    before = PeftModel.from_pretrained(load_base(base_dir), built).base_model.xlora_classifier.state_dict()
+    after = PeftModel.from_pretrained(load_base(base_dir), trained).base_model.xlora_classifier.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the classifier"
+
+    capsys.readouterr()
+    heatmap = tmp_path / "gate.png"
+    assert run("generate", trained, "--prompt", "12 + 3 =", "--prompt", "abba c", "--max-new-tokens", 6,
+               "--heatmap", heatmap, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [g["prompt"] for g in result["generations"]] == ["12 + 3 =", "abba c"]
+    assert heatmap.stat().st_size > 1000
+    # Greedy generation from the CLI equals generation by the loaded model itself.
+    model = PeftModel.from_pretrained(load_base(base_dir), trained).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = tok("12 + 3 =", return_tensors="pt").input_ids
+    ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert result["generations"][0]["continuation"] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+
+    # Pinned to one expert, the CLI generates what that expert's gate gives in the loaded model.
+    args = ["generate", trained, "--prompt", "12 + 3 =", "--max-new-tokens", 6, "--json"]
+    assert run(*args, "--static", "digits=1") == 0
+    pinned = json.loads(capsys.readouterr().out)["generations"][0]["continuation"]
+    model.set_static_scalings({"digits": 1.0})
+    ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    model.set_static_scalings(None)
+    assert pinned == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+    assert run(*args, "--mode", "prompt") == 0
+    assert len(json.loads(capsys.readouterr().out)["generations"]) == 1
+
+    plot = tmp_path / "inspect.png"
+    assert run("inspect", trained, "--text", "abba 12", "--plot", plot, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["expert_order"] == ["letters", "digits"]
+    assert list(info["experts"]) == ["letters", "digits"]
+    assert info["experts"]["digits"]["r"] == 4
+    assert info["parameters"]["classifier"] == 48 * 16 + 16 + 16 * 2 + 2
+    assert info["parameters"]["experts"] == 2 * 2 * 2 * (4 * 48) + 2 * 2 * (4 * 48 + 4 * 24)
+    assert sum(info["mean_gate"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert plot.is_file()
+
+    exported = tmp_path / "fixed"
+    assert run("export", trained, "--format", "lora", "--weights", "digits=0.7,letters=0.3", "--out", exported) == 0
+    lora = PeftModel.from_pretrained(load_base(base_dir), exported).eval()
+    model.set_static_scalings({"digits": 0.7, "letters": 0.3})
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert run("export", trained, "--format", "mistralrs", "--out", tmp_path / "mistralrs") == 0
+    assert (tmp_path / "mistralrs" / "xlora-ordering.json").is_file()
+
+
+def test_errors_are_one_line_with_exit_status_2(workspace, tmp_path, capsys):
+    _, base_dir, experts = workspace
+    assert run("inspect", tmp_path / "nowhere") == 2
+    assert "not an X-LoRA checkpoint" in capsys.readouterr().err
+    assert run("build", "--base", base_dir, f"--adapter=x={tmp_path}", "--out", tmp_path / "o") == 2
+    assert "not a LoRA checkpoint folder" in capsys.readouterr().err
+    assert run("build", "--base", tmp_path, f"--adapter=x={experts['digits']}", "--out", tmp_path / "o") == 2
+    assert "not a base model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", "--base", str(base_dir), "--adapter", "no-equals-sign", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = ["demo", "--tiny", "--quiet", "--cache-dir", cache, "--out", out, "--expert-steps", 15, "--router-steps", 8]
+    assert run(*args) == 0
+    report = json.loads((out / "results.json").read_text())
+    table = report["table"]
+    domains = ["prose", "arithmetic", "shouting"]
+    expected_rows = ["base model", *(f"expert: {d}" for d in domains), "uniform mixture", "Arrow top-1",
+                     "Arrow top-2", "PEFT built-in X-LoRA", "X-LoRA (peft-xlora)", "oracle"]
+    assert list(table) == expected_rows
+    for d in domains:  # the pure-domain oracle is that domain's expert
+        assert table["oracle"][d] == table[f"expert: {d}"][d]
+    for row in table.values():
+        assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    assert (out / "gating_heatmap.png").stat().st_size > 1000
+    assert "| X-LoRA (peft-xlora) |" in (out / "results.md").read_text()
+    assert not any(report["cache_hits"].values())
+
+    assert run(*args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert all(again["cache_hits"].values())
+    assert again["table"] == table  # same cached artefacts, same held-out data: the same numbers
+    assert again["threads"] == 1
+    assert torch.get_num_threads() == threads  # the tiny demo's single thread does not outlive it
+
+
+def test_demo_reads_the_gate_by_expert_name_not_position(tmp_path):
+    # A cached gate keeps the expert order it was built with, which may differ from the demo's domain order.
+    from types import SimpleNamespace
+
+    from peft_xlora.cli.demo import Demo, preset
+
+    demo = Demo(preset(True), tmp_path, tmp_path)
+    demo.domains = ["shakespeare", "python", "pydoc"]
+    demo.xlora = SimpleNamespace(base_model=SimpleNamespace(expert_names=["python", "shakespeare", "pydoc"]))
+    scalings = torch.tensor([[0.7, 0.2, 0.1]])  # (seq, n_experts) in the gate's order
+    torch.testing.assert_close(scalings[:, demo._gate_columns()], torch.tensor([[0.2, 0.7, 0.1]]))  # domain order
+
+
+def test_demo_bf16_stages_train_with_updated_weights(tmp_path):
+    """Under the demo's bf16 autocast, every step's forward sees the weights the step before updated.
+
+    A stage-wide autocast keeps its bf16 copies of the weights until it exits: without dropping them after each update,
+    every forward saw the first step's weights, the loss never moved and the experts drifted off (regression test).
+    """
+    from peft_xlora.cli.demo import Demo, preset
+
+    demo = Demo(preset(True, precision="bf16"), tmp_path / "cache", tmp_path / "out", quiet=True, log=lambda *a: None)
+    demo.prepare_base()
+    model = get_peft_model(demo.new_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    batch = torch.randint(4, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    from peft_xlora.cli.demo.train import train_steps
+
+    losses = demo._stage("train", lambda: train_steps(model, [batch] * 8, 8, 1e-2, "t", quiet=True))
+    assert len(set(losses)) == len(losses)  # each step saw new weights
+    assert losses[-1] < losses[0]

@@ -1,0 +1,82 @@
+"""The benchmark harness in smoke mode (tiny model, one repetition), so it cannot rot. Checks structure, not speed."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # `benchmarks` lives beside `src`, not inside the installed package
+    sys.path.insert(0, ROOT)
+
+from benchmarks import memory  # noqa: E402
+from benchmarks import run as bench  # noqa: E402
+from benchmarks.cases import SMOKE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    memory_mode = "inprocess" if memory.supported() else "off"
+    # One thread: on a busy machine tiny ops with two threads wait on each other far longer than they compute.
+    argv = ["--smoke", "--threads", "1", "--phases", "prefill", "train", "--memory", memory_mode, "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result, memory_mode
+
+
+def test_smoke_writes_json_and_plot(smoke):
+    out, result, _ = smoke
+    with open(out / "benchmark-smoke.json") as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert (out / "benchmark-smoke.png").stat().st_size > 0 or "matplotlib" not in sys.modules
+
+
+def test_smoke_structure(smoke):
+    _, result, memory_mode = smoke
+    assert {"machine", "workload", "settings", "results", "ratios", "targets", "generation"} <= set(result)
+    assert result["machine"]["torch"] and result["machine"]["cpu_count"]
+    assert result["workload"]["hidden_size"] == SMOKE.hidden_size
+    got = {(r["phase"], r["method"], r["n"]) for r in result["results"]}
+    expected = {("prefill", m, 2) for m in ("base", "floor", "peft", "ours")}
+    expected |= {("train", m, 2) for m in ("lora", "floor", "peft", "ours")}
+    assert got == expected
+    for r in result["results"]:
+        assert len(r["times_s"]) == 1 and r["median_s"] > 0
+        if memory_mode != "off":
+            assert r["peak_rss_gib"] > 0 and r["peak_increase_gib"] >= 0
+    by_phase = {r["phase"]: r for r in result["ratios"]}
+    prefill_ratios = {"floor_vs_base", "peft_vs_base", "ours_vs_base", "ours_vs_floor", "ours_vs_peft"}
+    assert prefill_ratios <= set(by_phase["prefill"])
+    assert {"ours_vs_floor", "ours_vs_peft"} <= set(by_phase["train"])
+    assert result["generation"] is None  # not asked for
+    # The reference targets are quoted at N = 8 and 32: a smoke run at N = 2 checks none of the timing ones.
+    assert all(t["target"].startswith("train peak RSS") for t in result["targets"])
+
+
+def test_format_table_lists_every_row(smoke):
+    _, result, _ = smoke
+    table = bench.format_table(result["results"])
+    assert len(table.splitlines()) == 2 + len(result["results"])
+
+
+def test_gpu_script_runs_tiny_on_cpu(tmp_path):
+    from benchmarks import gpu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = gpu.main(["--tiny", "--device", "cpu", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["workload"]["dtype"] == "bfloat16" and result["workload"]["arch"] == "mistral"
+    got = {(r["phase"], r["method"]) for r in result["results"]}
+    assert got == {("prefill", m) for m in ("base", "floor", "peft", "ours")} | {
+        ("train", m) for m in ("lora", "floor", "peft", "ours")
+    }
+    assert list(tmp_path.glob("gpu-*-tiny.json"))

@@ -1,0 +1,118 @@
+"""Export: the mistral.rs / original xlora layout, and a plain LoRA equal to the mixture at pinned weights."""
+
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from peft import PeftModel
+from test_checkpoint import perturb_trainable
+
+from helpers.models import BUILDERS, build_xlora, input_ids
+from peft_xlora.io.export import ORDERING_NAME, export_lora, export_mistralrs
+from peft_xlora.io.migration import from_xlora_package
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=input_ids()).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "per-layer"])
+def test_plain_lora_equals_pinned_gating(tmp_path, expert_dirs, arch, layerwise):
+    model = build_xlora(arch, expert_dirs).eval()
+    tuner = model.base_model
+    if layerwise:
+        g = torch.Generator().manual_seed(3)
+        weights = torch.rand(len(tuner.mixture_layer_names), len(tuner.expert_names), generator=g) * 2 - 0.5
+    else:
+        weights = {"math": 0.7, "code": -0.4, "poetry": 1.3}
+    tuner.set_static_scalings(weights)
+    ref = logits(model)
+    assert not torch.allclose(ref, logits(BUILDERS[arch]()), atol=1e-3)  # the experts do change the output
+
+    export_lora(model, tmp_path / "lora", weights)
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA"
+    assert saved["r"] == max(sum(layer.ranks) for layer in tuner.mixture_layers())
+    assert saved["lora_alpha"] == saved["r"]
+    lora = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(lora), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_lora_uses_current_pin_or_asks(tmp_path, expert_dirs):
+    model = build_xlora("llama", expert_dirs).eval()
+    with pytest.raises(ValueError, match="Pass `weights`"):
+        export_lora(model, tmp_path / "lora")
+    model.base_model.set_static_scalings({"code": 1.0})
+    ref = logits(model)
+    export_lora(model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(lora), ref, rtol=1e-5, atol=1e-5)
+    # only the code expert contributes: it equals that expert's own LoRA
+    alone = PeftModel.from_pretrained(BUILDERS["llama"](), expert_dirs["llama"]["code"]).eval()
+    torch.testing.assert_close(logits(lora), logits(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_mistralrs_layout(tmp_path, expert_dirs, depth):
+    model = build_xlora("llama", expert_dirs, xlora_depth=depth, layerwise_scalings=depth == 2)
+    perturb_trainable(model)
+    model.eval()
+    out = tmp_path / "mistralrs"
+    export_mistralrs(model, out, base_model_id="test-org/tiny-llama")
+    tuner = model.base_model
+
+    assert sorted(os.listdir(out)) == sorted(
+        ["xlora_config.json", "xlora_classifier.safetensors", ORDERING_NAME, "math", "code", "poetry"]
+    )
+    config = json.loads((out / "xlora_config.json").read_text())
+    assert config["adapters"] == ["math", "code", "poetry"]
+    assert config["hidden_size"] == 32 and config["xlora_depth"] == depth
+    assert config["base_model_id"] == "test-org/tiny-llama"
+    assert config["use_bias"] and config["enable_relu_and_dropout"] and config["xlora_dropout_p"] == 0.0
+
+    classifier = safetensors.torch.load_file(out / "xlora_classifier.safetensors")
+    expected = {f"inner.{i}.{p}" for i in range(depth - 1) for p in ("weight", "bias")} | {"last.weight", "last.bias"}
+    assert set(classifier) == expected
+    last = [m for m in tuner.xlora_classifier.layers if isinstance(m, torch.nn.Linear)][-1]
+    assert torch.equal(classifier["last.weight"], last.weight)
+
+    ordering = json.loads((out / ORDERING_NAME).read_text())
+    assert ordering["order"] == ["math", "code", "poetry"]
+    assert ordering["layers"] == {name: i for i, name in enumerate(tuner.mixture_layer_names)}
+    assert ordering["base_model_id"] == "test-org/tiny-llama"
+
+    # every expert folder is a standard LoRA adapter equal to the expert it came from (the experts do not depend
+    # on the classifier's depth: checked once)
+    for name, source in expert_dirs["llama"].items() if depth == 1 else ():
+        exported = PeftModel.from_pretrained(BUILDERS["llama"](), out / name).eval()
+        original = PeftModel.from_pretrained(BUILDERS["llama"](), source).eval()
+        torch.testing.assert_close(logits(exported), logits(original), rtol=0, atol=0)
+
+    # and the folder reads back (as the original package's layout) into the same model
+    back = from_xlora_package(BUILDERS["llama"](), out)
+    torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
+
+
+def test_mistralrs_needs_base_model_id_and_folder_names(tmp_path, expert_dirs):
+    model = build_xlora("llama", expert_dirs)
+    with pytest.raises(ValueError, match="base_model_id"):
+        export_mistralrs(model, tmp_path / "out")
+    odd = build_xlora("llama", {"llama": {"a/b": expert_dirs["llama"]["math"]}})
+    with pytest.raises(ValueError, match="cannot be a folder name"):
+        export_mistralrs(odd, tmp_path / "out", base_model_id="x/y")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_deletes_other_files(tmp_path, expert_dirs):
+    model = build_xlora("llama", expert_dirs).eval()
+    export_lora(model, tmp_path / "out", {"math": 1.0})
+    export_lora(model, tmp_path / "out", {"code": 1.0})  # replacing a previous export is fine
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        export_lora(model, tmp_path / "out", {"math": 1.0})
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
