@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = table(seconds, news)
     methods = ("base", "floor", "lora", "token", "prompt", "peft")
     kind = "CPU" if args.cpu_time else "wall"
-    print(f"N={args.n}, prompt {work.gen_prompt}, greedy, {args.threads} threads; tokens/s of {kind} time "
-          f"(median of {reps})")
+    print(
+        f"N={args.n}, prompt {work.gen_prompt}, greedy, {args.threads} threads; tokens/s of {kind} time "
+        f"(median of {reps})"
+    )
     print("new   " + "".join(f"{m:>9}" for m in methods) + "  token/floor  prompt/lora  token/peft")
     for row in rows:
         cells = "".join(f"{row['tok_s'][m]:9.1f}" if m in row["tok_s"] else f"{'-':>9}" for m in methods)
@@ -146,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['new_tokens']:<6}{cells}  {ratios}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n": args.n, "threads": args.threads, "clock": kind, "seconds": seconds, "rows": rows}, f,
-                      indent=2)
+            json.dump(
+                {"n": args.n, "threads": args.threads, "clock": kind, "seconds": seconds, "rows": rows}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -111,8 +111,16 @@ def run(work: Workload, n: int, reps: int, warmup: int, phases: list[str]) -> li
                 for m, case in cases.items():
                     times[m].append(_timed(case.step, work.device))
             for m in methods:
-                rows.append({"phase": phase, "method": m, "n": n, "median_s": statistics.median(times[m]),
-                             "times_s": times[m], "peak_extra_gib": memory[m]})
+                rows.append(
+                    {
+                        "phase": phase,
+                        "method": m,
+                        "n": n,
+                        "median_s": statistics.median(times[m]),
+                        "times_s": times[m],
+                        "peak_extra_gib": memory[m],
+                    }
+                )
                 print(f"{phase:8s} {m:6s} {rows[-1]['median_s'] * 1000:9.2f} ms", flush=True)
             del cases
             gc.collect()
@@ -127,8 +135,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'phase':8s} {'method':6s} {'ms':>9s} {'/base':>7s} {'/floor':>7s} {'/peft':>7s} {'extra GiB':>9s}"]
     for r in rows:
         ref = med.get((r["phase"], "base"), med.get((r["phase"], "lora")))
-        cells = [f"{r['median_s'] / d:7.2f}" if d else f"{'-':>7s}"
-                 for d in (ref, med.get((r["phase"], "floor")), med.get((r["phase"], "peft")))]
+        cells = [
+            f"{r['median_s'] / d:7.2f}" if d else f"{'-':>7s}"
+            for d in (ref, med.get((r["phase"], "floor")), med.get((r["phase"], "peft")))
+        ]
         mem = f"{r['peak_extra_gib']:9.2f}" if r["peak_extra_gib"] is not None else f"{'-':>9s}"
         lines.append(f"{r['phase']:8s} {r['method']:6s} {r['median_s'] * 1000:9.2f} {' '.join(cells)} {mem}")
     return "\n".join(lines)
@@ -151,8 +161,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.time()
     rows = run(work, args.n, args.reps, args.warmup, args.phases)
     info = machine()
-    result = {"machine": info, "workload": work.to_dict(), "n": args.n, "reps": args.reps, "warmup": args.warmup,
-              "results": rows, "wall_s": time.time() - start}
+    result = {
+        "machine": info,
+        "workload": work.to_dict(),
+        "n": args.n,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "results": rows,
+        "wall_s": time.time() - start,
+    }
     card = re.sub(r"[^A-Za-z0-9]+", "-", info.get("gpu", args.device)).strip("-").lower()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gpu-{card}{'-tiny' if args.tiny else ''}.json")

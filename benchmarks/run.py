@@ -51,8 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 5; smoke: 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; smoke: 0)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-    p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
-                   help="peak RSS per case: a fresh process each (default), this process, or not at all (smoke)")
+    p.add_argument(
+        "--memory",
+        choices=["subprocess", "inprocess", "off"],
+        default=None,
+        help="peak RSS per case: a fresh process each (default), this process, or not at all (smoke)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, one repetition: tests the harness")
     p.add_argument("--hidden-size", type=int, help="override the workload's hidden size (with --intermediate-size)")
     p.add_argument("--intermediate-size", type=int)
@@ -62,8 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default=None, help="file name suffix (default: smoke or reference)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--report", metavar="JSON",
-                   help="only recompute the ratios and targets of a written JSON, print its table, redraw its plot")
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        help="only recompute the ratios and targets of a written JSON, print its table, redraw its plot",
+    )
     args = p.parse_args(argv)
     args.n = args.n or ([2] if args.smoke else [2, 8, 32])
     args.reps = args.reps if args.reps is not None else (1 if args.smoke else 5)
@@ -100,8 +107,13 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
     info = {
@@ -130,8 +142,9 @@ def _time(step: Any) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_group(work: Workload, phase: str, n: int, methods: list[str], experts: dict[str, str],
-               reps: int, warmup: int) -> list[dict[str, Any]]:
+def time_group(
+    work: Workload, phase: str, n: int, methods: list[str], experts: dict[str, str], reps: int, warmup: int
+) -> list[dict[str, Any]]:
     """Times every method of one (phase, N), repetitions interleaved across methods."""
     cases = {m: build_case(work, m, phase, n, experts) for m in methods}
     if phase == "generate":
@@ -152,9 +165,17 @@ def time_group(work: Workload, phase: str, n: int, methods: list[str], experts: 
     for (method, new), ts in times.items():
         info = {k: v for k, v in cases[method].info.items() if k != "steps"}
         # CPU time counts the work of all threads; on a shared machine it drifts less than wall time does.
-        row = {"phase": phase, "method": method, "n": n, "median_s": statistics.median(ts), "min_s": min(ts),
-               "times_s": ts, "cpu_median_s": statistics.median(cpu_times[(method, new)]),
-               "cpu_times_s": cpu_times[(method, new)], "info": info}
+        row = {
+            "phase": phase,
+            "method": method,
+            "n": n,
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "times_s": ts,
+            "cpu_median_s": statistics.median(cpu_times[(method, new)]),
+            "cpu_times_s": cpu_times[(method, new)],
+            "info": info,
+        }
         if new is not None:
             row["new_tokens"] = new
         rows.append(row)
@@ -199,26 +220,48 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         a, b = (phase, num, n), (phase, den, n)
         if a in med and b in med:
             value = ratio(a, b, "median_s")
-            out.append({"target": name, "value": value, "cpu_value": ratio(a, b, "cpu_median_s"), "limit": limit,
-                        "met": value <= limit})
+            out.append(
+                {
+                    "target": name,
+                    "value": value,
+                    "cpu_value": ratio(a, b, "cpu_median_s"),
+                    "limit": limit,
+                    "met": value <= limit,
+                }
+            )
     a, b = ("prefill", "ours", 32), ("prefill", "ours", 8)
     if a in med and b in med:
         value = ratio(a, b, "median_s")
-        out.append({"target": "prefill growth: ours N=32 <= 1.6x ours N=8", "value": value,
-                    "cpu_value": ratio(a, b, "cpu_median_s"), "limit": 1.6, "met": value <= 1.6})
+        out.append(
+            {
+                "target": "prefill growth: ours N=32 <= 1.6x ours N=8",
+                "value": value,
+                "cpu_value": ratio(a, b, "cpu_median_s"),
+                "limit": 1.6,
+                "met": value <= 1.6,
+            }
+        )
         base_a, base_b = ("prefill", "base", 32), ("prefill", "base", 8)
         if base_a in med and base_b in med:
             # The two N are measured minutes apart: dividing by each group's own base run cancels a change of load.
             value = value / ratio(base_a, base_b, "median_s")
             cpu = ratio(a, b, "cpu_median_s") / ratio(base_a, base_b, "cpu_median_s")
-            out.append({"target": "prefill growth, each N relative to its base run: <= 1.6", "value": value,
-                        "cpu_value": cpu, "limit": 1.6, "met": value <= 1.6})
+            out.append(
+                {
+                    "target": "prefill growth, each N relative to its base run: <= 1.6",
+                    "value": value,
+                    "cpu_value": cpu,
+                    "limit": 1.6,
+                    "met": value <= 1.6,
+                }
+            )
     for n in sorted({r["n"] for r in rows}):
         a, b = med.get(("train", "ours", n), {}), med.get(("train", "floor", n), {})
         if "peak_rss_gib" in a and "peak_rss_gib" in b:
             value = a["peak_rss_gib"] / b["peak_rss_gib"]
-            out.append({"target": f"train peak RSS: ours <= floor (N={n})", "value": value, "limit": 1.0,
-                        "met": value <= 1.0})
+            out.append(
+                {"target": f"train peak RSS: ours <= floor (N={n})", "value": value, "limit": 1.0, "met": value <= 1.0}
+            )
     return out
 
 
@@ -235,8 +278,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(rows, key=lambda r: (r["phase"] != "prefill", r["phase"], r["n"], r.get("new_tokens") or 0,
-                                         order[r["method"]])):
+    for r in sorted(
+        rows, key=lambda r: (r["phase"] != "prefill", r["phase"], r["n"], r.get("new_tokens") or 0, order[r["method"]])
+    ):
         key = (r["phase"], r["n"], r.get("new_tokens"))
         phase = r["phase"] + (f" {r['new_tokens']} tok" if "new_tokens" in r else "")
         vs_ref = f"{r['median_s'] / ref_of[key]:.2f}x" if key in ref_of else ""
@@ -244,8 +288,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cpu_vs_floor = f"{r['cpu_median_s'] / floor_of[key]['cpu_median_s']:.2f}x" if key in floor_of else ""
         mem = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else ""
         inc = f"{r['peak_increase_gib']:.2f}" if "peak_increase_gib" in r else ""
-        lines.append(f"| {phase} | {r['n']} | {r['method']} | {r['median_s']:.3f} | {vs_ref} | {vs_floor} | "
-                     f"{r['cpu_median_s']:.3f} | {cpu_vs_floor} | {mem} | {inc} |")
+        lines.append(
+            f"| {phase} | {r['n']} | {r['method']} | {r['median_s']:.3f} | {vs_ref} | {vs_floor} | "
+            f"{r['cpu_median_s']:.3f} | {cpu_vs_floor} | {mem} | {inc} |"
+        )
     return "\n".join(lines)
 
 
@@ -272,8 +318,11 @@ def plot(result: dict[str, Any], path: str) -> str | None:
             lengths = sorted({r.get("new_tokens") for r in rows if r["phase"] == phase}, key=lambda t: t or 0)
             for method in METHODS:
                 for new in lengths:  # generation: one line per number of new tokens
-                    pts = sorted((r["n"], r[field]) for r in rows
-                                 if r["phase"] == phase and r["method"] == method and r.get("new_tokens") == new)
+                    pts = sorted(
+                        (r["n"], r[field])
+                        for r in rows
+                        if r["phase"] == phase and r["method"] == method and r.get("new_tokens") == new
+                    )
                     if pts:
                         label = method if new is None else f"{method}, {new} tokens"
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -285,21 +334,31 @@ def plot(result: dict[str, Any], path: str) -> str | None:
             ax.set_title(f"{phase}, {label} time")
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.suptitle(f"peft-xlora benchmark ({result['machine']['cpu']}, threads={result['machine']['torch_threads']})",
-                 fontsize=9)
+    fig.suptitle(
+        f"peft-xlora benchmark ({result['machine']['cpu']}, threads={result['machine']['torch_threads']})", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _result(args: argparse.Namespace, work: Workload, machine_at_start: dict[str, Any],
-            rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _result(
+    args: argparse.Namespace, work: Workload, machine_at_start: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "machine": {**machine_at_start, "load_average_at_end": machine()["load_average_1_5_15"]},
         "workload": work.to_dict(),
-        "settings": {"n": args.n, "phases": args.phases, "methods": args.methods, "reps": args.reps,
-                     "warmup": args.warmup, "threads": args.threads, "memory": args.memory, "smoke": args.smoke},
+        "settings": {
+            "n": args.n,
+            "phases": args.phases,
+            "methods": args.methods,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "memory": args.memory,
+            "smoke": args.smoke,
+        },
         "memory_method": memory.__doc__.strip().split("\n\n")[1] if args.memory != "off" else None,
         "results": rows,
         "ratios": ratios(rows),
@@ -348,16 +407,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     key = (phase, row["method"], row.get("new_tokens"))
                     once = row["method"] in ("base", "lora") and key in measured
                     if args.memory != "off" and not once:
-                        spec = {"workload": work.to_dict(), "method": row["method"], "phase": phase, "n": n,
-                                "experts": experts, "threads": args.threads, "new_tokens": row.get("new_tokens")}
+                        spec = {
+                            "workload": work.to_dict(),
+                            "method": row["method"],
+                            "phase": phase,
+                            "n": n,
+                            "experts": experts,
+                            "threads": args.threads,
+                            "new_tokens": row.get("new_tokens"),
+                        }
                         run = memory.run_case_subprocess if args.memory == "subprocess" else memory.run_case_here
                         row.update(run(spec))
                         measured[key] = row
                     elif once:
                         row.update({k: measured[key][k] for k in ("peak_rss_gib", "peak_increase_gib")})
-                    print(f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
-                          + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
-                          + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""), flush=True)
+                    print(
+                        f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
+                        + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
+                        + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""),
+                        flush=True,
+                    )
                 rows.extend(group)
                 result = _result(args, work, machine_at_start, rows)
                 with open(json_path, "w") as f:

@@ -26,8 +26,12 @@ from .cases import Workload, build_base, make_experts
 
 def build(work: Workload, experts: dict[str, str], k: int | None) -> torch.nn.Module:
     config = peft_xlora.XLoraConfig(
-        task_type="CAUSAL_LM", adapters=experts, xlora_depth=work.xlora_depth, xlora_size=work.xlora_size,
-        scaling_pass_layers=k, xlora_dropout_p=0.0,
+        task_type="CAUSAL_LM",
+        adapters=experts,
+        xlora_depth=work.xlora_depth,
+        xlora_size=work.xlora_size,
+        scaling_pass_layers=k,
+        xlora_dropout_p=0.0,
     )
     return get_peft_model(build_base(work), config).eval()
 
@@ -54,14 +58,16 @@ def routing_task(model: torch.nn.Module, experts: list[str], target_expert: int,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-3)
     for _ in range(40):
-        loss = torch.nn.functional.kl_div(torch.log_softmax(model(input_ids=ids).logits, -1), target,
-                                          reduction="batchmean")
+        loss = torch.nn.functional.kl_div(
+            torch.log_softmax(model(input_ids=ids).logits, -1), target, reduction="batchmean"
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        loss = torch.nn.functional.kl_div(torch.log_softmax(model(input_ids=ids).logits, -1), target,
-                                          reduction="batchmean")
+        loss = torch.nn.functional.kl_div(
+            torch.log_softmax(model(input_ids=ids).logits, -1), target, reduction="batchmean"
+        )
     share = model.get_latest_scalings()[..., target_expert].mean().item()
     return loss.item(), share
 
@@ -77,16 +83,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Workload()
     if args.smoke:
-        work = Workload(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=4, xlora_size=16, prefill_seq=16)
+        work = Workload(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            xlora_size=16,
+            prefill_seq=16,
+        )
     with tempfile.TemporaryDirectory() as root:
         experts = make_experts(work, args.n, root)
         ks = [k or None for k in args.ks]
         models = {k: build(work, experts, k) for k in ks}
         ids = torch.randint(0, work.vocab_size, (work.prefill_batch, work.prefill_seq))
         medians = time_prefill(models, ids, args.reps)
-        print(f"prefill, N={args.n}, {work.num_hidden_layers} layers, batch 1 x {work.prefill_seq}, "
-              f"{args.threads} threads, median of {args.reps}")
+        print(
+            f"prefill, N={args.n}, {work.num_hidden_layers} layers, batch 1 x {work.prefill_seq}, "
+            f"{args.threads} threads, median of {args.reps}"
+        )
         print("| scaling_pass_layers | median s | vs all layers | final KL | gate share on target |")
         print("|---|---|---|---|---|")
         for k in ks:

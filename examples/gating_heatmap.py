@@ -24,14 +24,21 @@ SPLIT = 50  # tokens below go to "math", the rest to "code"
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def make_expert(path: Path, seed: int) -> str:
-    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"],
-                                                   init_lora_weights=False))
+    lora = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"], init_lora_weights=False)
+    )
     torch.manual_seed(seed)
     with torch.no_grad():  # strong random updates, so the experts clearly differ
         for param in lora.parameters():
@@ -49,8 +56,12 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="xlora-heatmap-"))
     experts = {"math": make_expert(root / "math", 1), "code": make_expert(root / "code", 2)}
-    model = get_peft_model(tiny_llama(), peft_xlora.XLoraConfig(task_type="CAUSAL_LM", adapters=experts,
-                                                                xlora_depth=2, xlora_size=32, xlora_dropout_p=0.0))
+    model = get_peft_model(
+        tiny_llama(),
+        peft_xlora.XLoraConfig(
+            task_type="CAUSAL_LM", adapters=experts, xlora_depth=2, xlora_size=32, xlora_dropout_p=0.0
+        ),
+    )
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100, (16, 24), generator=generator)
     with torch.no_grad():  # per-token targets: the model pinned to the expert of each token

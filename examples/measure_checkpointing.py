@@ -34,16 +34,24 @@ HIDDEN, LAYERS, SEQ = (32, 2, 16) if SMOKE else (384, 6, 512)
 
 def base_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN, num_hidden_layers=LAYERS,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=HIDDEN,
+        intermediate_size=3 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
     return LlamaForCausalLM(config)
 
 
 def make_experts(root: Path) -> dict[str, str]:
     experts = {}
     for seed, name in enumerate(["a", "b", "c"]):
-        lora = get_peft_model(base_model(), LoraConfig(r=16, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                       init_lora_weights=False))
+        lora = get_peft_model(
+            base_model(), LoraConfig(r=16, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+        )
         torch.manual_seed(seed)
         lora.save_pretrained(root / name)
         experts[name] = str(root / name)
@@ -81,8 +89,12 @@ def measure(mode: str, experts: dict[str, str]) -> dict[str, float]:
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"saved_mb": saved / 2**20, "peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - rss_before) / 1024,
-            "step_s": statistics.median(times)}
+    return {
+        "saved_mb": saved / 2**20,
+        "peak_rss_mb": peak / 1024,
+        "rss_growth_mb": (peak - rss_before) / 1024,
+        "step_s": statistics.median(times),
+    }
 
 
 def main() -> None:
@@ -93,8 +105,9 @@ def main() -> None:
     experts = make_experts(root)
     rows = {}
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, mode, json.dumps(experts)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, mode, json.dumps(experts)], capture_output=True, text=True, check=True
+        )
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     print("| checkpointing | saved activations (MB) | peak RSS (MB) | step time (s) |")
     print("| --- | --- | --- | --- |")

@@ -18,8 +18,14 @@ import peft_xlora  # registers X-LoRA with PEFT
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -27,8 +33,9 @@ def make_experts(root: Path) -> dict[str, str]:
     """Three LoRA adapters with random weights, as if each had been fine-tuned on its own domain."""
     experts = {}
     for seed, name in enumerate(["math", "code", "poetry"]):
-        lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                       init_lora_weights=False))
+        lora = get_peft_model(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         torch.manual_seed(100 + seed)  # after building: tiny_llama() reseeds
         with torch.no_grad():  # strong random updates, so the experts clearly differ
             for param in lora.parameters():

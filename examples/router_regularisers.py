@@ -24,8 +24,14 @@ VOCAB = 128
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # peaked next-token distributions: the experts' differences show in the loss
@@ -35,8 +41,9 @@ def tiny_llama() -> LlamaForCausalLM:
 def make_experts(root: Path) -> dict[str, str]:
     experts = {}
     for seed, name in enumerate(["math", "code", "poetry"]):
-        lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                       init_lora_weights=False))
+        lora = get_peft_model(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         torch.manual_seed(100 + seed)
         with torch.no_grad():
             for param in lora.parameters():
@@ -49,8 +56,9 @@ def make_experts(root: Path) -> dict[str, str]:
 
 def build(experts: dict[str, str], **coefs: float):
     torch.manual_seed(0)
-    config = peft_xlora.XLoraConfig(task_type="CAUSAL_LM", adapters=experts, xlora_depth=2, xlora_size=32,
-                                    xlora_dropout_p=0.0, **coefs)
+    config = peft_xlora.XLoraConfig(
+        task_type="CAUSAL_LM", adapters=experts, xlora_depth=2, xlora_size=32, xlora_dropout_p=0.0, **coefs
+    )
     return get_peft_model(tiny_llama(), config)
 
 
@@ -69,7 +77,7 @@ def run(experts, data, steps: int, **coefs: float) -> dict[str, float]:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(steps):
-        batch = data[(step * 8) % len(data):][:8]
+        batch = data[(step * 8) % len(data) :][:8]
         loss = model(input_ids=batch, labels=batch).loss  # includes the regularisers when they are on
         optimizer.zero_grad()
         loss.backward()
@@ -85,9 +93,13 @@ def run(experts, data, steps: int, **coefs: float) -> dict[str, float]:
         top1 = seen["logits"].argmax(-1).flatten()
         usage = torch.bincount(top1, minlength=len(experts)).float() / top1.numel()
         mean_scalings = model.get_latest_scalings().mean(dim=(0, 1, 2))
-    return {"lm_loss": lm_loss, "load_balancing": terms["load_balancing"].item(), "entropy": terms["entropy"].item(),
-            **{f"top1 {name}": u for name, u in zip(experts, usage.tolist())},
-            **{f"mean s {name}": s for name, s in zip(experts, mean_scalings.tolist())}}
+    return {
+        "lm_loss": lm_loss,
+        "load_balancing": terms["load_balancing"].item(),
+        "entropy": terms["entropy"].item(),
+        **{f"top1 {name}": u for name, u in zip(experts, usage.tolist())},
+        **{f"mean s {name}": s for name, s in zip(experts, mean_scalings.tolist())},
+    }
 
 
 def main() -> None:

@@ -30,8 +30,14 @@ VOCAB = 128
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # a random head gives near-uniform outputs; scaled, the experts differ
@@ -42,8 +48,9 @@ def make_experts(root: Path) -> dict[str, str]:
     """Three LoRA adapters with random weights, standing in for adapters fine-tuned on three domains."""
     experts = {}
     for seed, name in enumerate(["math", "code", "poetry"]):
-        lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                       init_lora_weights=False))
+        lora = get_peft_model(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         torch.manual_seed(100 + seed)
         with torch.no_grad():
             for param in lora.parameters():
@@ -76,8 +83,13 @@ def main() -> None:
     root = args.out or Path(tempfile.mkdtemp(prefix="xlora-trainer-"))
 
     experts = make_experts(root / "experts")
-    config = peft_xlora.XLoraConfig(task_type="CAUSAL_LM", adapters=experts, xlora_depth=2, xlora_size=32,
-                                    use_trainable_adapters=args.train_experts)
+    config = peft_xlora.XLoraConfig(
+        task_type="CAUSAL_LM",
+        adapters=experts,
+        xlora_depth=2,
+        xlora_size=32,
+        use_trainable_adapters=args.train_experts,
+    )
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), config)
     model.print_trainable_parameters()
@@ -86,8 +98,9 @@ def main() -> None:
     model.set_static_scalings({"code": 1.0})
     torch.manual_seed(1)
     with torch.no_grad():
-        text = model.generate(input_ids=torch.randint(0, VOCAB, (64, 1)), do_sample=True, top_k=0,
-                              max_new_tokens=31, min_new_tokens=31)
+        text = model.generate(
+            input_ids=torch.randint(0, VOCAB, (64, 1)), do_sample=True, top_k=0, max_new_tokens=31, min_new_tokens=31
+        )
     model.set_static_scalings(None)
     data = TokenDataset(text)
 
@@ -105,8 +118,9 @@ def main() -> None:
         report_to=[],
         save_strategy="no",
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=data, eval_dataset=data,
-                      optimizers=(optimizer, None))
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=data, eval_dataset=data, optimizers=(optimizer, None)
+    )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]

@@ -6,6 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 ruff check src tests examples benchmarks scripts
+ruff format --check src tests examples benchmarks scripts
 SITE="$(mktemp -d)"
 trap 'rm -rf "$SITE"' EXIT
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$SITE"

@@ -30,6 +30,7 @@ from helpers.models import EXPERT_SPECS, make_expert  # noqa: E402
 hf_logging.set_verbosity_error()
 torch.set_num_threads(2)
 
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

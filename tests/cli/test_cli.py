@@ -27,8 +27,10 @@ def workspace(tmp_path_factory):
     base_dir = tiny_base(root / "cache")
     experts = {}
     for seed, name in enumerate(TEXT):
-        lora = get_peft_model(load_base(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                              init_lora_weights=False))
+        lora = get_peft_model(
+            load_base(base_dir),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
         torch.manual_seed(100 + seed)
         with torch.no_grad():
             for param in lora.parameters():
@@ -67,8 +69,23 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
     assert (built / "adapter_model.safetensors").is_file()
 
     trained = tmp_path / "trained"
-    args = ["train", built, "--data", root / "a.txt", root / "b.jsonl", "--out", trained, "--seq-len", 32,
-            "--batch-size", 2, "--lr", 5e-2, "--eval-fraction", 0.2]
+    args = [
+        "train",
+        built,
+        "--data",
+        root / "a.txt",
+        root / "b.jsonl",
+        "--out",
+        trained,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--lr",
+        5e-2,
+        "--eval-fraction",
+        0.2,
+    ]
     assert run(*args, "--steps", 4, "--save-steps", 2) == 0
     first = json.loads((trained / "train_metrics.json").read_text())
     assert first["steps"] == 4 and "eval_loss" in first
@@ -82,8 +99,22 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
 
     capsys.readouterr()
     heatmap = tmp_path / "gate.png"
-    assert run("generate", trained, "--prompt", "12 + 3 =", "--prompt", "abba c", "--max-new-tokens", 6,
-               "--heatmap", heatmap, "--json") == 0
+    assert (
+        run(
+            "generate",
+            trained,
+            "--prompt",
+            "12 + 3 =",
+            "--prompt",
+            "abba c",
+            "--max-new-tokens",
+            6,
+            "--heatmap",
+            heatmap,
+            "--json",
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert [g["prompt"] for g in result["generations"]] == ["12 + 3 =", "abba c"]
     assert heatmap.stat().st_size > 1000
@@ -150,8 +181,16 @@ def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     report = json.loads((out / "results.json").read_text())
     table = report["table"]
     domains = ["prose", "arithmetic", "shouting"]
-    expected_rows = ["base model", *(f"expert: {d}" for d in domains), "uniform mixture", "Arrow top-1",
-                     "Arrow top-2", "PEFT built-in X-LoRA", "X-LoRA (peft-xlora)", "oracle"]
+    expected_rows = [
+        "base model",
+        *(f"expert: {d}" for d in domains),
+        "uniform mixture",
+        "Arrow top-1",
+        "Arrow top-2",
+        "PEFT built-in X-LoRA",
+        "X-LoRA (peft-xlora)",
+        "oracle",
+    ]
     assert list(table) == expected_rows
     for d in domains:  # the pure-domain oracle is that domain's expert
         assert table["oracle"][d] == table[f"expert: {d}"][d]

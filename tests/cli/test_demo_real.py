@@ -16,6 +16,7 @@ from peft_xlora.cli import main
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     pytest.importorskip("gguf", reason="the demo's real model needs `gguf` (scripts/bootstrap.sh installs it)")

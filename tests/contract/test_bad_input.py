@@ -62,8 +62,16 @@ def test_missing_path(tmp_path, expert_dirs):
 
 def test_adapter_for_another_base_model_shape(tmp_path, expert_dirs):
     torch.manual_seed(0)
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     path = save_adapter(wider, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "wide")
     base = tiny_llama()
     with pytest.raises(ExpertError, match=r"Expert 'wide' does not fit module .*q_proj.*another base model"):
@@ -74,8 +82,11 @@ def test_adapter_for_another_base_model_shape(tmp_path, expert_dirs):
 def test_adapter_for_another_architecture(tmp_path, expert_dirs):
     # GPT-2 module names do not exist in Llama: before, the expert was silently dropped and X-LoRA gated nothing.
     base = tiny_llama()
-    with pytest.raises(ExpertError, match=r"Expert 'gpt2' adapts 'transformer.h.0.attn.c_attn', which this "
-                                          r"LlamaForCausalLM does not have.*another base model"):
+    with pytest.raises(
+        ExpertError,
+        match=r"Expert 'gpt2' adapts 'transformer.h.0.attn.c_attn', which this "
+        r"LlamaForCausalLM does not have.*another base model",
+    ):
         xlora(base, {"math": expert_dirs["llama"]["math"], "gpt2": expert_dirs["gpt2"]["math"]})
     assert_untouched(base)
 
@@ -83,8 +94,16 @@ def test_adapter_for_another_architecture(tmp_path, expert_dirs):
 def test_adapter_for_a_deeper_model(tmp_path):
     # Same architecture and width, more layers: the expert's layers 2 and 3 do not exist here.
     torch.manual_seed(0)
-    deeper = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                          num_attention_heads=4, num_key_value_heads=2))
+    deeper = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     path = save_adapter(deeper, LoraConfig(r=2, target_modules=["v_proj"], layers_to_transform=[3]), tmp_path / "d")
     with pytest.raises(ExpertError, match=r"adapts 'model.layers.3.self_attn.v_proj', which this LlamaForCausalLM"):
         xlora(tiny_llama(), {"deep": path})
@@ -229,8 +248,11 @@ def test_unsupported_layer_type_is_named(tmp_path):
     torch.manual_seed(0)
     path = save_adapter(Net(), LoraConfig(r=2, target_modules=["conv", "lin"]), tmp_path / "conv")
     base = Net()
-    with pytest.raises(ExpertError, match=r"adapts 'conv', a torch.nn.modules.conv.Conv2d, which X-LoRA cannot mix; "
-                                          r"supported: nn.Linear"):
+    with pytest.raises(
+        ExpertError,
+        match=r"adapts 'conv', a torch.nn.modules.conv.Conv2d, which X-LoRA cannot mix; "
+        r"supported: nn.Linear",
+    ):
         get_peft_model(base, XLoraConfig(adapters={"conv": path}, hidden_size=4))
     assert isinstance(base.conv, nn.Conv2d) and isinstance(base.lin, nn.Linear)
 
@@ -240,8 +262,11 @@ def test_quantized_layer_that_cannot_be_wrapped_is_named(expert_dirs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(tiny_llama(), {nn.Linear}, dtype=torch.qint8)
-    with pytest.raises(ExpertError, match=r"Expert 'math' adapts 'model.layers.0.[\w.]+', a "
-                                          r"torch.ao.nn.quantized.dynamic.modules.linear.Linear, which X-LoRA cannot"):
+    with pytest.raises(
+        ExpertError,
+        match=r"Expert 'math' adapts 'model.layers.0.[\w.]+', a "
+        r"torch.ao.nn.quantized.dynamic.modules.linear.Linear, which X-LoRA cannot",
+    ):
         xlora(quantized, {"math": expert_dirs["llama"]["math"]})
 
 
@@ -260,8 +285,11 @@ def test_model_without_a_hidden_state(tmp_path):
     torch.manual_seed(0)
     path = save_adapter(Net(), LoraConfig(r=2, target_modules=["proj"]), tmp_path / "net")
     model = get_peft_model(Net(), XLoraConfig(adapters={"p": path}, hidden_size=8))
-    with pytest.raises(RuntimeError, match=r"scaling pass ran Net and got \(2, 7, 97\), not a last hidden state of "
-                                           r"shape \(batch, seq, 8\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"scaling pass ran Net and got \(2, 7, 97\), not a last hidden state of "
+        r"shape \(batch, seq, 8\)",
+    ):
         model(input_ids=input_ids())
 
 
@@ -272,9 +300,12 @@ def test_nan_classifier_weights_reported_with_layer_and_cause(expert_dirs):
     model = build_xlora("llama", expert_dirs).eval()
     with torch.no_grad():
         model.base_model.xlora_classifier.layers[0].weight[0, 0] = math.nan
-    with pytest.raises(FloatingPointError, match=r"X-LoRA scalings are not finite \(nan\) in all \d+ mixture layers "
-                                                 r".*expert 'math', batch row 0, token 0: the gating classifier's "
-                                                 r"weights hold NaN/Inf"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"X-LoRA scalings are not finite \(nan\) in all \d+ mixture layers "
+        r".*expert 'math', batch row 0, token 0: the gating classifier's "
+        r"weights hold NaN/Inf",
+    ):
         model(input_ids=input_ids())
 
 
@@ -300,8 +331,11 @@ def test_nan_hidden_state_reported_as_base_model_overflow(expert_dirs):
 
 def test_inputs_on_the_wrong_device(expert_dirs):
     model = build_xlora("llama", expert_dirs)
-    with pytest.raises(ValueError, match=r"`input_ids` is on meta but the model's input embeddings are on cpu: move "
-                                         r"the inputs first"):
+    with pytest.raises(
+        ValueError,
+        match=r"`input_ids` is on meta but the model's input embeddings are on cpu: move "
+        r"the inputs first",
+    ):
         model(input_ids=input_ids().to("meta"))
     model.set_static_scalings({"math": 1.0})
     with pytest.raises(ValueError, match="`inputs_embeds` is on meta"):
@@ -339,9 +373,12 @@ def test_checkpoint_config_and_weights_disagree(checkpoint):
     config = json.loads(config_path.read_text())
     config["experts"]["math"]["r"] = 3  # the weights hold rank 4
     config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"The X-LoRA weights do not match the model that adapter_config.json "
-                                              r"describes: .*wrong shape .*xlora_experts.math.lora_A: \(4, 32\) in "
-                                              r"the checkpoint, \(3, 32\) in the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"The X-LoRA weights do not match the model that adapter_config.json "
+        r"describes: .*wrong shape .*xlora_experts.math.lora_A: \(4, 32\) in "
+        r"the checkpoint, \(3, 32\) in the model",
+    ):
         PeftModel.from_pretrained(tiny_llama(), checkpoint)
 
 
@@ -358,8 +395,11 @@ def test_truncated_checkpoint_file(checkpoint):
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size - 100)
-    with pytest.raises(CheckpointError, match=rf"adapter_model.safetensors is truncated: its tensors need {size} "
-                                              rf"bytes but the file has {size - 100}"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"adapter_model.safetensors is truncated: its tensors need {size} "
+        rf"bytes but the file has {size - 100}",
+    ):
         PeftModel.from_pretrained(tiny_llama(), checkpoint)
 
 

@@ -294,8 +294,13 @@ def test_every_example_is_listed():
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path / "out")) for a in EXAMPLE_ARGS[script.name]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT / "src"),
-           "PEFT_XLORA_EXAMPLE_SMOKE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": str(ROOT / "src"),
+        "PEFT_XLORA_EXAMPLE_SMOKE": "1",
+    }
     result = subprocess.run(
         [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

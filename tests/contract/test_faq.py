@@ -186,5 +186,3 @@ def test_every_faq_error_has_a_scenario():
 def test_pattern_wildcards():
     assert _pattern("ValueError: Expert … has rank ….").fullmatch("ValueError: Expert 'a' has rank 4.")
     assert not _pattern("ValueError: Expert … has rank 4.").fullmatch("ValueError: Expert 'a' has rank 5.")
-
-

@@ -49,8 +49,14 @@ def gate_cases(draw):
 @given(gate_cases())
 def test_gate_invariants(case):
     logits, temperature, softmax, top_k, softmax_topk, weight = case
-    s = gate(logits, temperature=temperature, enable_softmax=softmax, top_k=top_k, softmax_topk=softmax_topk,
-             global_weight=weight)
+    s = gate(
+        logits,
+        temperature=temperature,
+        enable_softmax=softmax,
+        top_k=top_k,
+        softmax_topk=softmax_topk,
+        global_weight=weight,
+    )
     assert s.shape == logits.shape and s.dtype == torch.float32
     torch.testing.assert_close(s, gate_reference(logits, temperature, softmax, top_k, softmax_topk, weight))
     n = logits.shape[-1]
@@ -113,8 +119,12 @@ def test_model_scalings_invariants(expert_dirs, batch, seq, layerwise, depth, te
 
 
 @MODEL
-@given(batch=st.integers(1, 3), seq=st.integers(1, 9), expert=st.sampled_from(["math", "code", "poetry"]),
-       seed=st.integers(0, 1000))
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 9),
+    expert=st.sampled_from(["math", "code", "poetry"]),
+    seed=st.integers(0, 1000),
+)
 def test_pinned_one_hot_equals_single_expert(expert_dirs, batch, seq, expert, seed):
     model = _model(expert_dirs)
     ids = input_ids(batch, seq, seed=seed)
@@ -144,8 +154,10 @@ def test_stacked_mixture_equals_per_expert_loop(case):
     n_experts, users, ranks, n_in, n_out, lead, n_layers, seed = case
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(n_in, n_out)
-    loras = [ModuleLora(torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g), r, 0.5 + i, 0.0)
-             for i, r in enumerate(ranks)]
+    loras = [
+        ModuleLora(torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g), r, 0.5 + i, 0.0)
+        for i, r in enumerate(ranks)
+    ]
     index = n_layers - 1
     layer = XLoraLayer(base, layer_index=index, expert_indices=users, loras=loras)
     x = torch.randn(*lead, n_in, generator=g)
@@ -161,14 +173,30 @@ numbers = st.one_of(st.integers(-3, 10), st.floats(allow_nan=True, allow_infinit
 
 
 @FAST
-@given(depth=numbers, size=numbers, dropout=numbers, temperature=numbers, top_k=numbers, pass_value=numbers,
-       weight=numbers, softmax_topk=st.booleans())
-def test_config_accepts_exactly_the_valid_values(depth, size, dropout, temperature, top_k, pass_value, weight,
-                                                 softmax_topk):
+@given(
+    depth=numbers,
+    size=numbers,
+    dropout=numbers,
+    temperature=numbers,
+    top_k=numbers,
+    pass_value=numbers,
+    weight=numbers,
+    softmax_topk=st.booleans(),
+)
+def test_config_accepts_exactly_the_valid_values(
+    depth, size, dropout, temperature, top_k, pass_value, weight, softmax_topk
+):
     # Any value is either accepted, and then within its documented range, or refused with a ValueError naming it.
-    values = {"xlora_depth": depth, "xlora_size": size, "xlora_dropout_p": dropout, "softmax_temperature": temperature,
-              "top_k_lora": top_k, "scaling_pass_value": pass_value, "global_scaling_weight": weight,
-              "enable_softmax_topk": softmax_topk}
+    values = {
+        "xlora_depth": depth,
+        "xlora_size": size,
+        "xlora_dropout_p": dropout,
+        "softmax_temperature": temperature,
+        "top_k_lora": top_k,
+        "scaling_pass_value": pass_value,
+        "global_scaling_weight": weight,
+        "enable_softmax_topk": softmax_topk,
+    }
     valid = (
         isinstance(depth, int) and depth >= 1
         and isinstance(size, int) and size >= 1

@@ -23,7 +23,11 @@ CASES = [
 def test_gate_matches_reference(temperature, softmax, top_k, softmax_topk, weight):
     logits = torch.randn(2, 3, 4, 5)
     ours = gate(
-        logits, temperature=temperature, enable_softmax=softmax, top_k=top_k, softmax_topk=softmax_topk,
+        logits,
+        temperature=temperature,
+        enable_softmax=softmax,
+        top_k=top_k,
+        softmax_topk=softmax_topk,
         global_weight=weight,
     )
     ref = gate_reference(logits, temperature, softmax, top_k, softmax_topk, weight)
@@ -43,8 +47,9 @@ def test_gate_is_float32_for_half_inputs():
 
 @pytest.mark.parametrize(("depth", "layerwise"), [(1, False), (2, True), (4, False)])
 def test_classifier_shapes_and_layer_names(depth, layerwise):
-    config = XLoraConfig(adapters={"a": "x", "b": "y", "c": "z"}, xlora_depth=depth, xlora_size=8,
-                         layerwise_scalings=layerwise)
+    config = XLoraConfig(
+        adapters={"a": "x", "b": "y", "c": "z"}, xlora_depth=depth, xlora_size=8, layerwise_scalings=layerwise
+    )
     clf = XLoraClassifier(config, hidden_size=16, n_layers=5, n_experts=3)
     out = clf(torch.randn(2, 7, 16))
     assert out.shape == (2, 7, 5 if layerwise else 1, 3)
@@ -55,8 +60,13 @@ def test_classifier_shapes_and_layer_names(depth, layerwise):
 
 @pytest.mark.parametrize(("depth", "layerwise"), [(1, False), (2, True), (3, False)])
 def test_uniform_init_gives_the_uniform_mixture_and_learns(depth, layerwise):
-    config = XLoraConfig(adapters={"a": "x", "b": "y", "c": "z"}, xlora_depth=depth, xlora_size=8,
-                         layerwise_scalings=layerwise, xlora_dropout_p=0.0)
+    config = XLoraConfig(
+        adapters={"a": "x", "b": "y", "c": "z"},
+        xlora_depth=depth,
+        xlora_size=8,
+        layerwise_scalings=layerwise,
+        xlora_dropout_p=0.0,
+    )
     assert config.classifier_init == "uniform"  # the default
     torch.manual_seed(0)
     clf = XLoraClassifier(config, hidden_size=16, n_layers=5, n_experts=3)

@@ -24,9 +24,19 @@ def test_defaults_follow_peft_builtin_names():
     assert config.peft_type == "PEFT_XLORA" and config.peft_type.value == "PEFT_XLORA"
     assert config.peft_type.name == "PEFT_XLORA"
     assert config.hidden_size is None  # inferred from the model, never a silent default
-    for name in ("enable_softmax", "enable_softmax_topk", "softmax_temperature", "layerwise_scalings", "top_k_lora",
-                 "xlora_depth", "xlora_size", "xlora_dropout_p", "use_trainable_adapters", "scaling_pass_value",
-                 "global_scaling_weight"):
+    for name in (
+        "enable_softmax",
+        "enable_softmax_topk",
+        "softmax_temperature",
+        "layerwise_scalings",
+        "top_k_lora",
+        "xlora_depth",
+        "xlora_size",
+        "xlora_dropout_p",
+        "use_trainable_adapters",
+        "scaling_pass_value",
+        "global_scaling_weight",
+    ):
         assert hasattr(config, name)
 
 

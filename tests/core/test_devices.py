@@ -28,8 +28,15 @@ DEVICE_MAP = {
 
 
 def _config(expert_dirs: dict) -> XLoraConfig:
-    return XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=16,
-                       xlora_dropout_p=0.0, scaling_pass_value=0.5, classifier_init="random")
+    return XLoraConfig(
+        task_type="CAUSAL_LM",
+        adapters=expert_dirs["llama"],
+        xlora_depth=2,
+        xlora_size=16,
+        xlora_dropout_p=0.0,
+        scaling_pass_value=0.5,
+        classifier_init="random",
+    )
 
 
 def _pair(expert_dirs: dict, tmp_path):
@@ -100,8 +107,15 @@ def test_layer_output_follows_the_layers_device_not_the_scalings(expert_dirs):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_offload_to_gpu_execution(expert_dirs):  # pragma: no cover - not run on CPU-only machines
-    device_map = {**DEVICE_MAP, "model.layers.1": "cpu", "lm_head": "cpu", "model.embed_tokens": 0,
-                  "model.layers.0": 0, "model.norm": 0, "model.rotary_emb": 0}
+    device_map = {
+        **DEVICE_MAP,
+        "model.layers.1": "cpu",
+        "lm_head": "cpu",
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.norm": 0,
+        "model.rotary_emb": 0,
+    }
     plain = get_peft_model(BUILDERS["llama"](), _config(expert_dirs)).cuda()
     base = dispatch_model(BUILDERS["llama"](), device_map=device_map, main_device=0)
     model = get_peft_model(base, _config(expert_dirs))

@@ -125,8 +125,17 @@ def test_sampling_with_fixed_seed(mode, expert_dirs):
     runs = []
     for use_cache in (True, False, True):
         torch.manual_seed(123)
-        runs.append(model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=30,
-                                   temperature=1.3, use_cache=use_cache))
+        runs.append(
+            model.generate(
+                input_ids=ids,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=True,
+                top_k=30,
+                temperature=1.3,
+                use_cache=use_cache,
+            )
+        )
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0], runs[2])
     torch.manual_seed(7)
@@ -139,8 +148,17 @@ def test_sampling_with_fixed_seed(mode, expert_dirs):
 def test_beam_search(arch, mode, expert_dirs, monkeypatch):
     model = model_for(arch, expert_dirs, scaling_pass_value=0.5, scalings_mode=mode)
     ids, mask = left_pad([input_ids(1, n, seed=n)[0] for n in (4, 6)])
-    kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "min_new_tokens": 5, "num_beams": 3,
-              "num_return_sequences": 2, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+        "num_beams": 3,
+        "num_return_sequences": 2,
+        "do_sample": False,
+        "return_dict_in_generate": True,
+        "output_scores": True,
+    }
     cached = model.generate(**kwargs)
     uncached = model.generate(**kwargs, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
@@ -172,8 +190,15 @@ def test_stopping_criteria_and_eos(mode, expert_dirs):
     outs = []
     for use_cache in (True, False):
         criterion = StopAfter(ids.shape[1] + 4)
-        outs.append(model.generate(input_ids=ids, max_new_tokens=20, do_sample=False, use_cache=use_cache,
-                                   stopping_criteria=StoppingCriteriaList([criterion])))
+        outs.append(
+            model.generate(
+                input_ids=ids,
+                max_new_tokens=20,
+                do_sample=False,
+                use_cache=use_cache,
+                stopping_criteria=StoppingCriteriaList([criterion]),
+            )
+        )
         assert criterion.calls == 4
     assert outs[0].shape[1] == ids.shape[1] + 4
     assert torch.equal(outs[0], outs[1])
@@ -181,8 +206,9 @@ def test_stopping_criteria_and_eos(mode, expert_dirs):
     eos = int(outs[0][0, ids.shape[1] + 2])
     first = int((outs[0][0, ids.shape[1] :] == eos).nonzero()[0])
     for use_cache in (True, False):
-        out = model.generate(input_ids=ids, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                             pad_token_id=PAD, use_cache=use_cache)
+        out = model.generate(
+            input_ids=ids, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=PAD, use_cache=use_cache
+        )
         assert out.shape[1] == ids.shape[1] + first + 1
         assert torch.equal(out, outs[0][:, : out.shape[1]])
 
@@ -381,7 +407,6 @@ def test_scaling_cache_ahead_after_a_failed_forward_is_cropped(expert_dirs, monk
         assert cache.scaling_cache.get_seq_length() == cache.get_seq_length() + 1  # the scaling pass ran
         out = model(input_ids=seq[:, 4:], cache=cache)
     torch.testing.assert_close(out.logits, full[:, 4:], **TOL)
-
 
 
 @pytest.mark.parametrize("mode", MODES)

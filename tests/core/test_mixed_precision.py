@@ -21,8 +21,15 @@ LOSS_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 def _model(expert_dirs, dtype=torch.float32, **overrides):
     torch.manual_seed(0)
     base = BUILDERS["llama"]().to(dtype)
-    config = XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=16,
-                         xlora_dropout_p=0.0, classifier_init="random", **overrides)
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        adapters=expert_dirs["llama"],
+        xlora_depth=2,
+        xlora_size=16,
+        xlora_dropout_p=0.0,
+        classifier_init="random",
+        **overrides,
+    )
     return get_peft_model(base, config)
 
 

@@ -119,8 +119,9 @@ class NaiveMixture(torch.nn.Module):
 
     def forward(self, x):
         layer = self.layer
-        factors = [(*layer.expert_factors(p), layer.rank_scale[sum(layer.ranks[:p])].item())
-                   for p in range(len(layer.ranks))]
+        factors = [
+            (*layer.expert_factors(p), layer.rank_scale[sum(layer.ranks[:p])].item()) for p in range(len(layer.ranks))
+        ]
         s = self.scalings[:, :, layer.layer_index][..., layer.expert_indices]
         out = mixture_reference(x, layer.base_layer(x), factors, s, is_embedding=layer.is_embedding)
         if layer.is_embedding and hasattr(layer.base_layer, "embed_scale"):
@@ -281,8 +282,9 @@ def test_different_ranks_and_targets_mix_only_their_experts(expert_dirs):
 
 def test_builds_on_the_models_dtype(expert_dirs):
     base = BUILDERS["llama"]().to(torch.bfloat16)
-    model = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"]),
-                           autocast_adapter_dtype=False)
+    model = get_peft_model(
+        base, XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"]), autocast_adapter_dtype=False
+    )
     assert model.base_model.xlora_classifier.layers[0].weight.dtype == torch.bfloat16
     assert all(layer.xlora_A.dtype == torch.bfloat16 for layer in model.base_model.mixture_layers())
     out = model(input_ids=input_ids()).logits

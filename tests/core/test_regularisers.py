@@ -72,7 +72,8 @@ def test_regularisers_are_added_to_the_loss_with_their_gradient(top_k, expert_di
     base_out.loss.backward()
     out.loss.backward()
     reg_grads = torch.autograd.grad(expected, list(regular.base_model.xlora_classifier.parameters()))
-    for p_plain, p_reg, g in zip(plain.base_model.xlora_classifier.parameters(),
-                                 regular.base_model.xlora_classifier.parameters(), reg_grads):
+    for p_plain, p_reg, g in zip(
+        plain.base_model.xlora_classifier.parameters(), regular.base_model.xlora_classifier.parameters(), reg_grads
+    ):
         assert g.abs().sum() > 0
         torch.testing.assert_close(p_reg.grad - p_plain.grad, g, rtol=1e-4, atol=1e-6)

@@ -81,8 +81,9 @@ def test_scalings_log_under_concurrency(expert_dirs):
     run_together(lambda i: [model(input_ids=inputs[i]) for _ in range(rounds)])
     log = model.get_scalings_log()
     assert len(log) == rounds * N_THREADS
-    matches = [[i for i, e in enumerate(expected) if e.shape == entry.shape and torch.allclose(e, entry)]
-               for entry in log]
+    matches = [
+        [i for i, e in enumerate(expected) if e.shape == entry.shape and torch.allclose(e, entry)] for entry in log
+    ]
     assert all(len(m) == 1 for m in matches)
     assert sorted(m[0] for m in matches) == sorted(list(range(N_THREADS)) * rounds)
     latest = model.get_latest_scalings()

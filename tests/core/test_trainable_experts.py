@@ -17,8 +17,17 @@ from peft_xlora.core.routing import Routing, use_routing
 def test_stacked_factor_gradients_equal_per_expert_reference(ranks, kind):
     n_in, n_out = 12, 10
     base = nn.Linear(n_in, n_out) if kind == "linear" else nn.Embedding(n_in, n_out)
-    loras = [ModuleLora(torch.randn(r, n_in) * 0.3, torch.randn(n_out, r) * 0.3, r, scale=0.5 + i, dropout=0.0,
-                        is_embedding=kind == "embedding") for i, r in enumerate(ranks)]
+    loras = [
+        ModuleLora(
+            torch.randn(r, n_in) * 0.3,
+            torch.randn(n_out, r) * 0.3,
+            r,
+            scale=0.5 + i,
+            dropout=0.0,
+            is_embedding=kind == "embedding",
+        )
+        for i, r in enumerate(ranks)
+    ]
     # Experts 0, 2 and 3 of a 4-expert model adapt this layer.
     layer = XLoraLayer(base, layer_index=1, expert_indices=[0, 2, 3], loras=loras, requires_grad=True)
     x = torch.randn(3, 5, n_in) if kind == "linear" else torch.randint(0, n_in, (3, 5))

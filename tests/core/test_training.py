@@ -42,8 +42,9 @@ def test_checkpointing_gives_the_same_classifier_gradients(arch, mode, expert_di
 def test_trainable_experts_get_gradients_under_checkpointing(mode, expert_dirs):
     batches = [input_ids(seed=3)]
     torch.manual_seed(0)
-    ref = classifier_grads(build_xlora("llama", expert_dirs, use_trainable_adapters=True, xlora_dropout_p=0.0),
-                           batches, None)
+    ref = classifier_grads(
+        build_xlora("llama", expert_dirs, use_trainable_adapters=True, xlora_dropout_p=0.0), batches, None
+    )
     torch.manual_seed(0)
     model = build_xlora("llama", expert_dirs, use_trainable_adapters=True, xlora_dropout_p=0.0)
     grads = classifier_grads(model, batches, mode)

@@ -114,8 +114,9 @@ def save_experts(arch: Arch, root) -> dict[str, str]:
     paths = {}
     for i, targets in enumerate(arch.targets):
         torch.manual_seed(100 + i)
-        lora = get_peft_model(arch.build(), LoraConfig(r=2 + 2 * i, lora_alpha=4, target_modules=targets,
-                                                       init_lora_weights=False))
+        lora = get_peft_model(
+            arch.build(), LoraConfig(r=2 + 2 * i, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+        )
         with torch.no_grad():  # PEFT zero-initialises B of embedding LoRAs even with init_lora_weights=False
             for name, param in lora.named_parameters():
                 if "lora_" in name:
@@ -141,8 +142,10 @@ def output_of(out) -> torch.Tensor:
 @pytest.mark.parametrize("arch", SUPPORTED, ids=lambda a: a.name)
 def test_supported_architecture(arch, tmp_path):
     paths = save_experts(arch, tmp_path)
-    model = get_peft_model(arch.build(), XLoraConfig(task_type=arch.task, adapters=paths, xlora_depth=2,
-                                                     xlora_size=8, xlora_dropout_p=0.0))
+    model = get_peft_model(
+        arch.build(),
+        XLoraConfig(task_type=arch.task, adapters=paths, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.0),
+    )
     tuner = model.base_model
     ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
@@ -198,7 +201,6 @@ def test_supported_architecture(arch, tmp_path):
         assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
 
 
-
 @pytest.mark.parametrize("arch", SUPPORTED, ids=lambda a: a.name)
 def test_gradient_checkpointing(arch, tmp_path):
     # The gate's gradient is the same with gradient checkpointing, in both modes, as without it.
@@ -206,8 +208,10 @@ def test_gradient_checkpointing(arch, tmp_path):
     ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
     grads = []
     for reentrant in (None, False, True):
-        model = get_peft_model(arch.build(), XLoraConfig(task_type=arch.task, adapters=paths, xlora_depth=2,
-                                                         xlora_size=8, xlora_dropout_p=0.0))
+        model = get_peft_model(
+            arch.build(),
+            XLoraConfig(task_type=arch.task, adapters=paths, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.0),
+        )
         model.train()
         if reentrant is not None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -218,6 +222,7 @@ def test_gradient_checkpointing(arch, tmp_path):
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
+
 
 def _adapted_modules(path: str) -> set[str]:
     from peft.utils.save_and_load import load_peft_weights
@@ -259,12 +264,14 @@ def _bnb_quantized(bnb, kind: str) -> torch.nn.Module:
         if module.in_features % 32 or module.out_features % 32:
             continue
         if kind == "4bit":
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32)
+            layer = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=torch.float32
+            )
             layer.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, blocksize=32)
         else:
-            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
-                                        has_fp16_weights=False)
+            layer = bnb.nn.Linear8bitLt(
+                module.in_features, module.out_features, bias=module.bias is not None, has_fp16_weights=False
+            )
             layer.weight = bnb.nn.Int8Params(module.weight.data.clone(), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.to("cpu"))  # .to() quantizes
@@ -300,10 +307,23 @@ def test_rank_and_alpha_patterns_layer_subsets_rslora(tmp_path):
     """Experts with per-module ranks/alphas, rsLoRA and a subset of layers mix exactly as PEFT applies them."""
     arch = Arch("llama-2-layers", tf.LlamaConfig, tf.LlamaForCausalLM, {**DECODER, "num_hidden_layers": 2})
     configs = {
-        "patterns": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                               rank_pattern={"v_proj": 6}, alpha_pattern={"down_proj": 1}, init_lora_weights=False),
-        "subset": LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
-                             use_rslora=True, lora_dropout=0.1, init_lora_weights=False),
+        "patterns": LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 6},
+            alpha_pattern={"down_proj": 1},
+            init_lora_weights=False,
+        ),
+        "subset": LoraConfig(
+            r=3,
+            lora_alpha=5,
+            target_modules=["q_proj", "up_proj"],
+            layers_to_transform=[1],
+            use_rslora=True,
+            lora_dropout=0.1,
+            init_lora_weights=False,
+        ),
     }
     paths = {}
     for i, (name, config) in enumerate(configs.items()):
@@ -329,8 +349,14 @@ def test_embed_scale_applies_to_the_expert_update(arch, tmp_path):
     # Independent of how PEFT computes its forward: pinned to an embedding expert, X-LoRA equals the base model with
     # that LoRA merged into the embedding weight, which the model's own `embed_scale` then multiplies. Untied, so that
     # merging does not change the LM head as well.
-    arch = Arch(arch.name, arch.config_cls, arch.model_cls, {**arch.config, "tie_word_embeddings": False},
-                arch.targets, embed_scale=arch.embed_scale)
+    arch = Arch(
+        arch.name,
+        arch.config_cls,
+        arch.model_cls,
+        {**arch.config, "tie_word_embeddings": False},
+        arch.targets,
+        embed_scale=arch.embed_scale,
+    )
     paths = save_experts(arch, tmp_path)
     name = next(n for n, targets in zip(paths, arch.targets) if "embed_tokens" in targets)
     model = get_peft_model(arch.build(), XLoraConfig(task_type=arch.task, adapters=paths, xlora_size=8)).eval()

@@ -73,8 +73,9 @@ def _trainer(model, data, tmp_path, steps, **overrides) -> Trainer:
     }
     kwargs.update(overrides)
     optimizers = kwargs.pop("optimizers", (None, None))
-    return Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=data, eval_dataset=data,
-                   optimizers=optimizers)
+    return Trainer(
+        model=model, args=TrainingArguments(**kwargs), train_dataset=data, eval_dataset=data, optimizers=optimizers
+    )
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:

@@ -98,6 +98,7 @@ def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
             "Leave hidden_size=None to infer it."
         )
 
+
 def load_experts(config: XLoraConfig, shapes: dict[str, tuple[str, int, int]]) -> list[Expert]:
     """The experts, in gate order: read from their sources, or described by a saved config (weights to come)."""
     from_checkpoint = config.experts is not None
@@ -109,9 +110,8 @@ def load_experts(config: XLoraConfig, shapes: dict[str, tuple[str, int, int]]) -
             experts.append(load_expert(name, source))
     return experts
 
-def check_shapes(
-    name: str, kind: tuple[str, int, int], users: list, experts: list[Expert], base: nn.Module
-) -> None:
+
+def check_shapes(name: str, kind: tuple[str, int, int], users: list, experts: list[Expert], base: nn.Module) -> None:
     """Checks that every expert adapting module `name` fits its shape and layer type and leaves its base weights."""
     _, n_in, n_out = kind
     for i, lora in users:
@@ -134,9 +134,7 @@ def check_shapes(
                 "Was the adapter trained on another base model?"
             )
         if lora.is_embedding != (kind[0] == "embedding"):
-            raise ExpertError(
-                f"Expert {experts[i].name!r}: module {name!r} is not the layer type it was trained on."
-            )
+            raise ExpertError(f"Expert {experts[i].name!r}: module {name!r} is not the layer type it was trained on.")
 
 
 def swap_in_mixture_layers(

@@ -39,6 +39,8 @@ _NOT_FOR_SCALING_PASS = frozenset(
         "return_dict",
     }
 )
+
+
 def _check_input_device(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Inputs must be on the device of the input embeddings (accelerate moves them itself under `device_map`)."""
     if getattr(model, "hf_device_map", None):

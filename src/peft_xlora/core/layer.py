@@ -87,11 +87,13 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         self.xlora_B = nn.Parameter(torch.zeros(self.out_features, total, **factory), requires_grad=requires_grad)
         # Per rank row: which expert it belongs to, its alpha/r, its dropout. Derived from the config, not saved.
         expert_of_rank = [e for e, r in zip(expert_indices, ranks) for _ in range(r)]
-        self.register_buffer("rank_expert", torch.tensor(expert_of_rank, dtype=torch.long, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "rank_expert", torch.tensor(expert_of_rank, dtype=torch.long, device=device), persistent=False
+        )
         scale_of_rank = [lora.scale for lora, r in zip(loras, ranks) for _ in range(r)]
-        self.register_buffer("rank_scale", torch.tensor(scale_of_rank, dtype=torch.float32, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "rank_scale", torch.tensor(scale_of_rank, dtype=torch.float32, device=device), persistent=False
+        )
         self.dropouts = sorted({lora.dropout for lora in loras})
         dropout_of_rank = [lora.dropout for lora, r in zip(loras, ranks) for _ in range(r)]
         self.register_buffer("rank_dropout", torch.tensor(dropout_of_rank, dtype=torch.float32), persistent=False)

@@ -170,7 +170,6 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         """The mixture layers, in layer-index order."""
         return [m for m in self.model.modules() if isinstance(m, XLoraLayer)]
 
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the X-LoRA forward (the hooks on the model add the scaling pass)."""
         return self.model(*args, **kwargs)
@@ -270,7 +269,8 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Joins the per-expert checkpoint entries into the model's stacked layout; raises if anything is missing."""
         state_dict = join_experts(
-            model, _expert_order(model, config), state_dict, replaced=getattr(config, "_replaced_experts", None))
+            model, _expert_order(model, config), state_dict, replaced=getattr(config, "_replaced_experts", None)
+        )
         # The replacements' factors are in `state_dict` now; later loads (e.g. resuming) read them from checkpoints.
         config.__dict__.pop("_replaced_experts", None)
         restore_saved_dtypes(model, state_dict)

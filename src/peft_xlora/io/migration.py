@@ -221,9 +221,7 @@ def _load_classifier(model: PeftModel, state: dict[str, torch.Tensor], where: st
             + hint
         )
     wrong = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
     ]
     if wrong:
         raise CheckpointError(f"{where}: classifier tensors of the wrong shape: {wrong}.")
