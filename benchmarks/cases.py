@@ -264,21 +264,7 @@ def build_case(work: Workload, method: str, phase: str, n: int, experts: dict[st
     use_cache = method != "peft"
     info["use_cache_requested"] = use_cache
 
-    def make_step(new: int) -> Callable[[], Any]:
-        def step():
-            return model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                use_cache=use_cache,
-                pad_token_id=0,
-            )
-
-        return _no_grad(step)
-
-    info["steps"] = {new: make_step(new) for new in work.gen_new_tokens}
+    info["steps"] = {new: generate_step(model, prompt, new, use_cache=use_cache) for new in work.gen_new_tokens}
     return Case(lambda: None, model, info)
 
 
@@ -288,6 +274,24 @@ def supported(method: str, phase: str) -> set[tuple[str, str]]:
     pairs |= {(m, "train") for m in ("lora", "floor", "peft", "ours")}
     pairs |= {(m, "generate") for m in ("base", "peft", "ours")}
     return pairs
+
+
+def generate_step(model: torch.nn.Module, prompt: torch.Tensor, new: int, **kwargs: Any) -> Callable[[], Any]:
+    """A no-grad greedy `generate` of exactly `new` tokens after `prompt` (kwargs go to `generate`)."""
+
+    def step():
+        with torch.no_grad():
+            return model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                **kwargs,
+            )
+
+    return step
 
 
 def _no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:

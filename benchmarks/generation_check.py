@@ -36,23 +36,7 @@ from typing import Any
 
 import torch
 
-from .cases import SMOKE, Workload, _build_model, _ids, make_experts
-
-
-def _generate_step(model: torch.nn.Module, prompt: torch.Tensor, new: int, **kwargs: Any) -> Callable[[], Any]:
-    def step():
-        with torch.no_grad():
-            return model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-                **kwargs,
-            )
-
-    return step
+from .cases import SMOKE, Workload, _build_model, _ids, generate_step, make_experts
 
 
 def measure(
@@ -69,21 +53,21 @@ def measure(
     }
     steps: dict[tuple[str, int], Callable[[], Any]] = {}
     for new in news:
-        steps["base", new] = _generate_step(models["base"], prompt, new, use_cache=True)
-        steps["lora", new] = _generate_step(models["lora"], prompt, new, use_cache=True)
-        steps["token", new] = _generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="token")
-        steps["prompt", new] = _generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="prompt")
+        steps["base", new] = generate_step(models["base"], prompt, new, use_cache=True)
+        steps["lora", new] = generate_step(models["lora"], prompt, new, use_cache=True)
+        steps["token", new] = generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="token")
+        steps["prompt", new] = generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="prompt")
     if peft_news:
         models["peft"] = _build_model(work, "peft", n, experts, train=False).eval()
         for new in peft_news:
-            steps["peft", new] = _generate_step(models["peft"], prompt, new, use_cache=False)
+            steps["peft", new] = generate_step(models["peft"], prompt, new, use_cache=False)
 
     # Warm-up: a short generation per model and mode (a full-length one would double PEFT's minutes).
     for key in steps:
         method = key[0]
         model = models["ours" if method in ("token", "prompt") else method]
         extra = {"scalings_mode": method} if method in ("token", "prompt") else {}
-        _generate_step(model, prompt, 4, use_cache=method != "peft", **extra)()
+        generate_step(model, prompt, 4, use_cache=method != "peft", **extra)()
     # That both of our modes' caches give the uncached tokens is what the tests assert; here only check that the
     # timed runs produce `new` tokens.
     times: dict[tuple[str, int], list[float]] = {key: [] for key in steps}

@@ -28,7 +28,7 @@ import peft_xlora  # noqa: E402, F401 - registers the method
 from helpers.models import EXPERT_SPECS, make_expert  # noqa: E402
 
 hf_logging.set_verbosity_error()
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("PEFT_XLORA_TEST_THREADS", "2")))  # 1 where several suites share the cores
 
 
 @pytest.fixture(autouse=True)

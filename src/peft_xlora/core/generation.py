@@ -231,11 +231,6 @@ class GenerationScope:
 _SCOPE: ContextVar[GenerationScope | None] = ContextVar("peft_xlora_generation", default=None)
 
 
-def current_scope() -> GenerationScope | None:
-    """The scope of the `generate` call running in this context, or None."""
-    return _SCOPE.get()
-
-
 @contextlib.contextmanager
 def generation_scope(scalings_mode: str | None, prompt_length: int | None) -> Iterator[None]:
     """Makes a `GenerationScope` current for the enclosed `generate` call."""

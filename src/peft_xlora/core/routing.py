@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 _ROUTING_KWARG = "_xlora_routing"
 
@@ -119,10 +120,6 @@ def install_carriers(model: nn.Module, holds_mixture: set[str]) -> int:
     Returns:
         The number of layers converted.
     """
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers < 4.52
-        return 0
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, GradientCheckpointingLayer) or hasattr(type(module), "_xlora_original_class"):
