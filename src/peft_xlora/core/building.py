@@ -6,9 +6,14 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .classifier import XLoraClassifier
 from .config import XLoraConfig
+from .devices import execution_device, last_module_with_weights
 from .experts import Expert, ExpertError, expert_from_config, load_expert
 from .layer import XLoraLayer
+
+#: Attribute of the transformers model that holds the gating classifier.
+CLASSIFIER_NAME = "xlora_classifier"
 
 _SUPPORTED_LAYERS = (
     "nn.Linear (and its subclasses, e.g. bitsandbytes' Linear4bit and Linear8bitLt), transformers' Conv1D (GPT-2) "
@@ -172,3 +177,22 @@ def swap_in_mixture_layers(
         setattr(parent, child_name, layer)
         names.append(name)
     return names
+
+
+def add_classifier(model: nn.Module, config: XLoraConfig, n_layers: int, n_experts: int) -> XLoraClassifier:
+    """Builds the gating classifier as the submodule `model.xlora_classifier`, beside the model's last layers.
+
+    The classifier is a submodule of the transformers model, not of the tuner: transformers' PEFT integration
+    (`model.load_adapter`) keeps only the bare model, whose parameters, `.to()` and state dict must include it.
+    """
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    classifier = XLoraClassifier(
+        config,
+        config.hidden_size,
+        n_layers=n_layers,
+        n_experts=n_experts,
+        device=execution_device(last_module_with_weights(model)),  # beside the last layers, its input
+        dtype=dtype,
+    )
+    model.add_module(CLASSIFIER_NAME, classifier)
+    return classifier

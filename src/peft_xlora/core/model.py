@@ -10,6 +10,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .building import (
+    CLASSIFIER_NAME,
+    add_classifier,
     check_experts_fit,
     check_model_supported,
     infer_hidden_size,
@@ -19,7 +21,6 @@ from .building import (
 )
 from .classifier import XLoraClassifier
 from .config import XLoraConfig
-from .devices import execution_device, last_module_with_weights
 from .experts import compact_targets
 from .forward import ForwardMixin
 from .gating import GatingMixin
@@ -29,9 +30,6 @@ from .registration import PREFIX
 from .routing import install_carriers, remove_carriers
 from .scalings_log import ScalingsLogMixin
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
-
-#: Attribute of the transformers model that holds the gating classifier.
-CLASSIFIER_NAME = "xlora_classifier"
 
 
 class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
@@ -114,21 +112,7 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         if config.scaling_pass_layers is not None:
             exit_layer = scaling_pass_exit_layer(model, config.scaling_pass_layers)
             self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
-        params = list(model.parameters())
-        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-        # The classifier is a submodule of the transformers model, not of this tuner: transformers' PEFT integration
-        # (`model.load_adapter`) keeps only the bare model, whose parameters, `.to()` and state dict must include it.
-        model.add_module(
-            CLASSIFIER_NAME,
-            XLoraClassifier(
-                config,
-                config.hidden_size,
-                n_layers=len(self.mixture_layer_names),
-                n_experts=len(experts),
-                device=execution_device(last_module_with_weights(model)),  # beside the last layers, its input
-                dtype=dtype,
-            ),
-        )
+        add_classifier(model, config, n_layers=len(self.mixture_layer_names), n_experts=len(experts))
         self._mark_only_adapters_as_trainable(model)
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -230,7 +214,6 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         """Not supported: unload the model instead."""
         raise ValueError("X-LoRA has a single adapter; use `unload()` to remove it.")
 
-    # ------------------------------------------------------------------ gating API
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
