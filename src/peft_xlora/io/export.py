@@ -25,18 +25,11 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.model import XLoraModel
+from ..core.model import find_tuner
 from ..core.state_dict import rank_bounds
 from .files import write_folder
 
 ORDERING_NAME = "xlora-ordering.json"
-
-
-def _tuner(model: nn.Module) -> XLoraModel:
-    tuner = getattr(model, "base_model", model)
-    if not isinstance(tuner, XLoraModel):
-        raise TypeError(f"Expected a PeftModel with X-LoRA, got {type(model).__name__}.")
-    return tuner
 
 
 def _layers_by_name(tuner) -> list[tuple[str, Any]]:
@@ -59,7 +52,7 @@ def expert_state_dicts(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         Expert name -> {``base_model.model.<module>.lora_A.weight``: (r, in), ``...lora_B.weight``: (out, r)},
         with ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings.
     """
-    tuner = _tuner(model)
+    tuner = find_tuner(model)
     out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in tuner.expert_names}
     for module, layer in _layers_by_name(tuner):
         names = ("lora_embedding_A", "lora_embedding_B") if layer.is_embedding else ("lora_A.weight", "lora_B.weight")
@@ -94,7 +87,7 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
     Raises:
         ValueError: An expert name cannot be a folder name, or the base model id is unknown.
     """
-    tuner = _tuner(model)
+    tuner = find_tuner(model)
     config = tuner.xlora_config
     names = list(tuner.expert_names)
     _check_folder_names(names)
@@ -165,7 +158,7 @@ def export_lora(
     Raises:
         ValueError: No weights are given and the model is not pinned.
     """
-    tuner = _tuner(model)
+    tuner = find_tuner(model)
     pinned = tuner._static_scalings
     if weights is not None:
         tuner.set_static_scalings(weights)
