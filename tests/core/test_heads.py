@@ -10,86 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 
 from helpers.reference import head_mixture_reference
+from helpers.seq_cls import ARCHS, BATCH, HEAD, build, expert_heads, head_of, inputs, save_expert, save_experts, xlora
 from peft_xlora import ExpertError, XLoraConfig
 from peft_xlora.core.heads import XLoraHead
-
-VOCAB, BATCH, SEQ = 61, 3, 7
-LLAMA = {
-    "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64, "pad_token_id": 0,
-    "num_labels": 3,
-}  # fmt: skip
-BERT = {
-    "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "max_position_embeddings": 64, "num_labels": 3, "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}  # fmt: skip
-ARCHS = {
-    "llama": (tf.LlamaConfig, tf.LlamaForSequenceClassification, LLAMA, (["q_proj", "v_proj"], ["o_proj", "up_proj"])),
-    "bert": (tf.BertConfig, tf.BertForSequenceClassification, BERT, (["query", "value"], ["intermediate.dense"])),
-}
-HEAD = {"llama": "score", "bert": "classifier"}
-
-
-def build(arch: str, **overrides) -> torch.nn.Module:
-    config_cls, model_cls, config, _ = ARCHS[arch]
-    torch.manual_seed(0)
-    return model_cls(config_cls(**{**config, **overrides})).eval()
-
-
-def save_expert(arch: str, path, seed: int, targets: list[str], task_type: str | None = "SEQ_CLS", **lora) -> str:
-    """A LoRA expert with random factors and, for SEQ_CLS, a random head of its own (distinct per seed)."""
-    num_labels = lora.pop("num_labels", None)
-    model = build(arch, **({"num_labels": num_labels} if num_labels else {}))
-    torch.manual_seed(100 + seed)
-    peft_model = get_peft_model(
-        model, LoraConfig(task_type=task_type, r=2 + seed, lora_alpha=4, target_modules=targets, **lora)
-    )
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-    peft_model.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
-    """Per architecture: two SEQ_CLS experts with their own heads, on different modules and ranks."""
-    root = tmp_path_factory.mktemp("cls-experts")
-    return {
-        arch: {f"e{i}": save_expert(arch, root / f"{arch}{i}", i, targets) for i, targets in enumerate(spec[3])}
-        for arch, spec in ARCHS.items()
-    }
-
-
-def xlora(arch: str, paths: dict, **overrides):
-    kwargs = {
-        "task_type": "SEQ_CLS", "adapters": paths, "xlora_depth": 2, "xlora_size": 8, "xlora_dropout_p": 0.0,
-        "classifier_init": "random",
-    }  # fmt: skip
-    return get_peft_model(build(arch), XLoraConfig(**{**kwargs, **overrides})).eval()
-
-
-def inputs(arch: str) -> dict:
-    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    ids[1, -2:] = 0  # right padding: the Llama-style head reads row 1's token SEQ - 3
-    mask[1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def head_of(model) -> XLoraHead:
-    return model.get_base_model().get_submodule(HEAD[model.get_base_model().config.model_type])
-
-
-def expert_heads(head: XLoraHead) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    bias = head.xlora_head_bias
-    return [(w.detach(), None if bias is None else bias[e].detach()) for e, w in enumerate(head.xlora_head_weight)]
+    return save_experts(tmp_path_factory.mktemp("cls-experts"))
 
 
 # ---------------------------------------------------------------------------------------------- exactness
@@ -261,6 +192,40 @@ def test_save_and_load_exact(arch, trainable_head, experts, tmp_path):
         loaded.set_static_scalings({name: 1.0})
         model.set_static_scalings({name: 1.0})
         torch.testing.assert_close(loaded(**inputs(arch)).logits, model(**inputs(arch)).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_transformers_load_adapter_and_expert_sources(arch, experts, tmp_path):
+    model = xlora(arch, experts[arch], trainable_head=True)
+    _train_step(model, arch)
+    model.save_pretrained(tmp_path / "xlora")
+    # transformers' own adapter API builds the same model into a bare classifier.
+    bare = build(arch)
+    bare.load_adapter(str(tmp_path / "xlora"))
+    torch.testing.assert_close(bare(**inputs(arch)).logits, model(**inputs(arch)).logits, rtol=0, atol=0)
+    # An expert swapped at load time brings its own head: pinned to it, the model is that expert.
+    other = save_expert(arch, tmp_path / "other", 5, ARCHS[arch][3][0])
+    swapped = PeftModel.from_pretrained(build(arch), tmp_path / "xlora", expert_sources={"e1": other}).eval()
+    head = head_of(swapped)
+    reference = PeftModel.from_pretrained(build(arch), other).get_base_model().get_submodule(HEAD[arch])
+    torch.testing.assert_close(head.xlora_head_weight[1], reference.weight, rtol=0, atol=0)
+    torch.testing.assert_close(head.xlora_head_weight[0], head_of(model).xlora_head_weight[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_gradient_checkpointing(arch, experts):
+    # The gate's and the shared head's gradients are the same with gradient checkpointing, in both modes.
+    grads = []
+    for reentrant in (None, False, True):
+        model = xlora(arch, experts[arch], trainable_head=True).train()
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model(**inputs(arch), labels=torch.tensor([0, 2, 1])).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
 
 
 def test_checkpoint_missing_a_head_is_refused(experts, tmp_path):
