@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+import transformers as tf
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from helpers.reference import head_mixture_reference
-from helpers.seq_cls import ARCHS, BATCH, HEAD, build, expert_heads, head_of, inputs, save_expert, save_experts, xlora
-from peft_xlora import ExpertError, XLoraConfig
+from helpers.seq_cls import (
+    ARCHS,
+    BATCH,
+    HEAD,
+    VOCAB,
+    build,
+    expert_heads,
+    head_of,
+    inputs,
+    save_expert,
+    save_experts,
+    xlora,
+)
+from peft_xlora import ExpertError, XLoraConfig, optimizer_param_groups
 from peft_xlora.core.heads import XLoraHead
 
 
@@ -157,8 +170,15 @@ def test_shared_head_without_expert_heads_is_a_trained_copy(arch, tmp_path):
 
 
 def test_trainable_experts_train_their_heads(experts):
-    model = xlora("llama", experts["llama"], use_trainable_adapters=True)
-    assert head_of(model).xlora_head_weight.requires_grad
+    model = xlora("llama", experts["llama"], use_trainable_adapters=True, trainable_head=True)
+    head = head_of(model)
+    assert head.xlora_head_weight.requires_grad
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in optimizer_param_groups(model, 1e-3, 1e-4)}
+    assert (
+        id(head.xlora_head_weight) in groups["experts"] and id(head.xlora_shared_head.weight) in groups["classifier"]
+    )
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == groups["experts"] | groups["classifier"]
     model.base_model.set_use_trainable_adapters(False)
     assert not head_of(model).xlora_head_weight.requires_grad
 
@@ -284,6 +304,19 @@ def test_other_fully_trained_modules(tmp_path):
     pooled = save_expert("bert", tmp_path / "pooler", 1, ["query"], modules_to_save=["pooler"])
     match = r"Expert 'p' fully trains several modules \(modules_to_save\): \['bert.pooler', 'classifier'\]"
     _assert_refused("bert", {"p": pooled}, ExpertError, match)
+
+
+def test_heads_that_are_not_one_linear(tmp_path):
+    config = tf.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    expert = get_peft_model(tf.RobertaForSequenceClassification(config), LoraConfig(task_type="SEQ_CLS", r=2))
+    expert.save_pretrained(tmp_path / "roberta")
+    base = tf.RobertaForSequenceClassification(config)
+    with pytest.raises(ExpertError, match=r"head 'classifier' is a .*RobertaClassificationHead; X-LoRA mixes heads"):
+        get_peft_model(base, XLoraConfig(task_type="SEQ_CLS", adapters={"r": str(tmp_path / "roberta")}))
+    assert not any(isinstance(m, XLoraHead) for m in base.modules())
 
 
 def test_trainable_head_needs_a_sequence_classifier(tmp_path):

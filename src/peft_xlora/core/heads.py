@@ -414,7 +414,8 @@ def join_heads(
     if problems:
         raise CheckpointError(
             f"The X-LoRA classification heads do not match the model that {CONFIG_NAME} describes: "
-            f"{len(problems)} problems (e.g. {problems[:3]}). Was {WEIGHTS_NAME} or {CONFIG_NAME} replaced, or "
+            f"{len(problems)} tensor(s) missing or misshapen (e.g. {problems[:3]}). Was {WEIGHTS_NAME} or "
+            f"{CONFIG_NAME} replaced, or "
             "written for another base model?"
         )
     return out, remaining
