@@ -199,7 +199,7 @@ def test_supported_architecture(arch, tmp_path):
     assert changed and all("xlora_classifier" in n for n in changed)
     model.eval()
 
-    # The trained model saves and loads back exactly (the classification head is the base model's, not saved).
+    # The trained model saves and loads back exactly (the model's own head is not saved; the experts' heads are).
     model.save_pretrained(tmp_path / "xlora")
     loaded = PeftModel.from_pretrained(arch.build(), tmp_path / "xlora").eval()
     torch.testing.assert_close(output_of(loaded(input_ids=ids)), output_of(model(input_ids=ids)), rtol=0, atol=0)
