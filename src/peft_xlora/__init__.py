@@ -14,6 +14,7 @@ from .core.checkpoint import CheckpointError, check_checkpoint_dir
 from .core.classifier import XLoraClassifier
 from .core.config import XLoraConfig
 from .core.experts import ExpertError
+from .core.heads import XLoraHead
 from .core.layer import XLoraLayer
 from .core.model import XLoraModel
 from .core.registration import PEFT_XLORA, register
@@ -43,6 +44,7 @@ __all__ = [
     "XLoraClassifier",
     "XLoraCompatWarning",
     "XLoraConfig",
+    "XLoraHead",
     "XLoraLayer",
     "XLoraModel",
     "__version__",

@@ -238,3 +238,18 @@ def test_demo_bf16_stages_train_with_updated_weights(tmp_path):
     losses = demo._stage("train", lambda: train_steps(model, [batch] * 8, 8, 1e-2, "t", quiet=True))
     assert len(set(losses)) == len(losses)  # each step saw new weights
     assert losses[-1] < losses[0]
+
+
+def test_inspect_shows_classification_heads(tmp_path, capsys):
+    # SEQ_CLS experts with their own heads: inspect names each expert's head and counts the heads apart.
+    from helpers import seq_cls
+
+    experts = {f"e{i}": seq_cls.save_expert("bert", tmp_path / f"e{i}", i, ["query"]) for i in range(2)}
+    seq_cls.xlora("bert", experts, trainable_head=True).save_pretrained(tmp_path / "ckpt")
+    assert run("inspect", tmp_path / "ckpt", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [e["head"] for e in info["experts"].values()] == ["classifier", "classifier"]
+    assert info["parameters"]["heads"] == 3 * (3 * 16 + 3)  # two experts' heads and the shared one
+    assert info["config"]["trainable_head"] is True
+    assert run("inspect", tmp_path / "ckpt") == 0
+    assert "head=classifier" in capsys.readouterr().out

@@ -128,7 +128,7 @@ def test_non_lora_adapter(tmp_path, expert_dirs, kind, config):
         ({"use_dora": True}, r"uses DoRA \(`use_dora=True`\), which X-LoRA does not support"),
         ({"lora_bias": True}, r"uses LoRA bias \(`lora_bias=True`\)"),
         ({"bias": "all"}, r"trains biases \(`bias='all'`\); X-LoRA cannot gate bias changes"),
-        ({"modules_to_save": ["lm_head"]}, r"uses modules_to_save \(fully trained extra modules\)"),
+        ({"modules_to_save": ["lm_head"]}, r"fully trains 'lm_head' \(modules_to_save\), which is not a seq"),
         ({"trainable_token_indices": [3, 4]}, r"uses trainable tokens"),
     ],
     ids=["dora", "lora_bias", "bias", "modules_to_save", "trainable_tokens"],

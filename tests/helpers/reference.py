@@ -89,3 +89,28 @@ def router_losses_reference(
     k = top_k or 1
     load = n_experts * sum(counts[e] / (tokens * k) * probs_sum[e] / tokens for e in range(n_experts))
     return {"load_balancing": load, "entropy": entropy_sum / tokens}
+
+
+def head_mixture_reference(
+    hidden: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor | None]], scalings: torch.Tensor
+) -> torch.Tensor:
+    """Plain loop over rows (and tokens) and experts: sum_e s_e * (W_e h + b_e), one state vector at a time.
+
+    Args:
+        hidden: The head's input, (batch, hidden) pooled or (batch, seq, hidden) per token.
+        heads: Per expert: (weight (labels, hidden), bias (labels,) or None).
+        scalings: The gate of the token each state comes from: (batch, n_experts) or (batch, seq, n_experts).
+
+    Returns:
+        (batch, labels) or (batch, seq, labels).
+    """
+    states = hidden.reshape(-1, hidden.shape[-1])
+    gates = scalings.reshape(-1, scalings.shape[-1])
+    rows = []
+    for h, s in zip(states, gates):
+        row = torch.zeros(heads[0][0].shape[0], dtype=hidden.dtype)
+        for e, (weight, bias) in enumerate(heads):
+            logits = weight @ h + (bias if bias is not None else 0.0)
+            row = row + s[e] * logits
+        rows.append(row)
+    return torch.stack(rows).reshape(*hidden.shape[:-1], -1)

@@ -45,6 +45,7 @@ class Arch:
         task: The X-LoRA config's `task_type`.
         refused: For an unsupported architecture, a regex of the error `get_peft_model` must raise.
         embed_scale: The embedding module whose `embed_scale` (Gemma) must be honoured, if any.
+        heads: The experts are SEQ_CLS LoRAs that bring their own trained head (`modules_to_save`), mixed by the gate.
     """
 
     name: str
@@ -56,6 +57,7 @@ class Arch:
     refused: str | None = None
     embed_scale: str | None = None
     extra: dict = field(default_factory=dict)
+    heads: bool = False
 
     def build(self) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -92,6 +94,10 @@ ARCHS = [
          (["q_proj", "v_proj"], ["o_proj", "embed_tokens"]), task="SEQ_CLS"),
     Arch("bert-seq-cls", tf.BertConfig, tf.BertForSequenceClassification, BERT,
          (["query", "value"], ["intermediate.dense", "word_embeddings"]), task="SEQ_CLS"),
+    Arch("llama-seq-cls-heads", tf.LlamaConfig, tf.LlamaForSequenceClassification, {**DECODER, "num_labels": 3},
+         (["q_proj", "v_proj"], ["o_proj", "embed_tokens"]), task="SEQ_CLS", heads=True),
+    Arch("bert-seq-cls-heads", tf.BertConfig, tf.BertForSequenceClassification, BERT,
+         (["query", "value"], ["intermediate.dense", "word_embeddings"]), task="SEQ_CLS", heads=True),
     Arch("bert-token-cls", tf.BertConfig, tf.BertForTokenClassification, BERT,
          (["query", "value"], ["output.dense"]), task=None),
     Arch("bert-token-cls-task", tf.BertConfig, tf.BertForTokenClassification, BERT, (["query"], ["value"]),
@@ -110,16 +116,21 @@ REFUSED = [a for a in ARCHS if a.refused is not None]
 
 
 def save_experts(arch: Arch, root) -> dict[str, str]:
-    """Two distinct random LoRA experts of ranks 2 and 4 on different modules, saved as PEFT checkpoints."""
+    """Two distinct random LoRA experts of ranks 2 and 4 on different modules, saved as PEFT checkpoints.
+
+    With `arch.heads` they are SEQ_CLS LoRAs, each with a distinct random head of its own (`modules_to_save`).
+    """
     paths = {}
     for i, targets in enumerate(arch.targets):
         torch.manual_seed(100 + i)
+        task = "SEQ_CLS" if arch.heads else None
         lora = get_peft_model(
-            arch.build(), LoraConfig(r=2 + 2 * i, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+            arch.build(),
+            LoraConfig(task_type=task, r=2 + 2 * i, lora_alpha=4, target_modules=targets, init_lora_weights=False),
         )
         with torch.no_grad():  # PEFT zero-initialises B of embedding LoRAs even with init_lora_weights=False
             for name, param in lora.named_parameters():
-                if "lora_" in name:
+                if "lora_" in name or "modules_to_save" in name:
                     param.copy_(torch.randn_like(param) * 0.3)
         path = root / f"{arch.name}-expert{i}"
         lora.save_pretrained(path)
@@ -188,7 +199,7 @@ def test_supported_architecture(arch, tmp_path):
     assert changed and all("xlora_classifier" in n for n in changed)
     model.eval()
 
-    # The trained model saves and loads back exactly (the classification head is the base model's, not saved).
+    # The trained model saves and loads back exactly (the model's own head is not saved; the experts' heads are).
     model.save_pretrained(tmp_path / "xlora")
     loaded = PeftModel.from_pretrained(arch.build(), tmp_path / "xlora").eval()
     torch.testing.assert_close(output_of(loaded(input_ids=ids)), output_of(model(input_ids=ids)), rtol=0, atol=0)

@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 from test_checkpoint import perturb_trainable
 
+from helpers import seq_cls
 from helpers.models import BUILDERS, build_xlora, input_ids
 from peft_xlora.io.export import ORDERING_NAME, export_lora, export_mistralrs
 from peft_xlora.io.migration import from_xlora_package
@@ -116,3 +117,40 @@ def test_export_never_deletes_other_files(tmp_path, expert_dirs):
         export_lora(model, tmp_path / "out", {"math": 1.0})
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.fixture(scope="module")
+def cls_experts(tmp_path_factory):
+    return seq_cls.save_experts(tmp_path_factory.mktemp("cls-experts"))
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_plain_lora_carries_the_pinned_head(tmp_path, cls_experts, arch, trainable_head):
+    # Classification experts with their heads: the exported LoRA holds sum_e w_e head_e (+ the shared head) in
+    # modules_to_save, as PEFT saves a SEQ_CLS LoRA.
+    model = seq_cls.xlora(arch, cls_experts[arch], trainable_head=trainable_head, layerwise_scalings=True)
+    if trainable_head:
+        with torch.no_grad():
+            seq_cls.head_of(model).xlora_shared_head.weight.normal_()
+    n_layers = len(model.base_model.mixture_layer_names)
+    weights = torch.tensor([[0.3, 0.9]] * (n_layers - 1) + [[0.6, -0.2]])  # the head uses the last row
+    batch = seq_cls.inputs(arch)
+    for pinned in (weights, {"e1": 1.0}):
+        model.set_static_scalings(pinned)
+        export_lora(model, tmp_path / "lora", pinned)
+        saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+        assert saved["modules_to_save"] == [seq_cls.HEAD[arch]]
+        lora = PeftModel.from_pretrained(seq_cls.build(arch), tmp_path / "lora").eval()
+        torch.testing.assert_close(lora(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+    if not trainable_head:  # pinned to one expert: exactly that expert's head
+        expert = PeftModel.from_pretrained(seq_cls.build(arch), cls_experts[arch]["e1"]).get_base_model()
+        head = lora.get_base_model().get_submodule(seq_cls.HEAD[arch])
+        torch.testing.assert_close(head.weight, expert.get_submodule(seq_cls.HEAD[arch]).weight, rtol=0, atol=0)
+
+
+def test_mistralrs_refuses_classification_heads(tmp_path, cls_experts):
+    model = seq_cls.xlora("bert", cls_experts["bert"])
+    with pytest.raises(ValueError, match=r"export_mistralrs writes the X-LoRA layout mistral.rs serves, which has no"):
+        export_mistralrs(model, tmp_path / "out", base_model_id="test-org/tiny-bert")
+    assert not (tmp_path / "out").exists()

@@ -41,8 +41,9 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
             "use_rslora": lora.get("use_rslora", False),
             "rank_pattern": lora.get("rank_pattern") or {},
             "target_modules": lora.get("target_modules"),
+            "head": (lora.get("modules_to_save") or [None])[0],  # a SEQ_CLS expert's own classification head
         }
-    counts = {"classifier": 0, "experts": 0}
+    counts = {"classifier": 0, "experts": 0, "heads": 0}
     weights = Path(checkpoint) / "adapter_model.safetensors"
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as f:
@@ -50,7 +51,12 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
                 n = 1
                 for size in f.get_slice(key).get_shape():
                     n *= size
-                counts["classifier" if ".xlora_classifier." in key else "experts"] += n
+                if ".xlora_classifier." in key:
+                    counts["classifier"] += n
+                elif ".xlora_expert_heads." in key or ".xlora_shared_head." in key:
+                    counts["heads"] += n
+                else:
+                    counts["experts"] += n
     options = {
         k: config.get(k)
         for k in (
@@ -65,6 +71,7 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
             "global_scaling_weight",
             "scalings_mode",
             "hidden_size",
+            "trainable_head",
         )
     }
     return {
@@ -95,12 +102,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(f"X-LoRA checkpoint {info['checkpoint']} (base model: {info['base_model']})")
         for name, e in info["experts"].items():
+            head = f" head={e['head']}" if e["head"] else ""
             print(
                 f"  expert {name}: r={e['r']} alpha={e['lora_alpha']} rslora={e['use_rslora']} "
-                f"targets={e['target_modules']}"
+                f"targets={e['target_modules']}{head}"
             )
         p = info["parameters"]
-        print(f"  parameters: classifier {p['classifier']:,}, experts {p['experts']:,}")
+        heads = f", classification heads {p['heads']:,}" if p["heads"] else ""
+        print(f"  parameters: classifier {p['classifier']:,}, experts {p['experts']:,}{heads}")
         print("  config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
         if "mean_gate" in info:
             print("  mean gate on the text: " + ", ".join(f"{k} {v:.3f}" for k, v in info["mean_gate"].items()))

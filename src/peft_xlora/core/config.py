@@ -42,7 +42,13 @@ class XLoraConfig(PeftConfig):
             good start that training moves away from only where routing pays (the way LoRA starts from a zero
             update). ``"random"`` keeps PyTorch's default initialisation, as PEFT's built-in X-LoRA and the original
             package do. Loaded checkpoints overwrite either.
-        use_trainable_adapters: Train the experts' LoRA weights together with the classifier.
+        use_trainable_adapters: Train the experts' LoRA weights together with the classifier (and their
+            classification heads, where they bring them).
+        trainable_head: For sequence classification (`task_type="SEQ_CLS"`): train a head shared by all experts with
+            the gate, as PEFT's `modules_to_save` trains a SEQ_CLS head. When the experts bring no heads it is a
+            trainable copy of the model's head, used instead of it; when they do, it starts at zero and is added to
+            their mixed heads. False (the default) trains only the gate: the experts' heads (or the model's head)
+            stay as they are. See docs/models.md.
         scaling_pass_value: Weight of every expert during the scaling pass; 0 runs the plain base model there.
         global_scaling_weight: Multiplies every scaling after the gate.
         scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
@@ -79,6 +85,9 @@ class XLoraConfig(PeftConfig):
         metadata={"help": "'uniform': zero last layer, the untrained gate is the uniform mixture; 'random': default."},
     )
     use_trainable_adapters: bool = field(default=False, metadata={"help": "Also train the experts."})
+    trainable_head: bool = field(
+        default=False, metadata={"help": "SEQ_CLS: train a classification head shared by all experts."}
+    )
     scaling_pass_value: float = field(default=0.0, metadata={"help": "Expert weight during the scaling pass."})
     global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every scaling."})
     scalings_mode: ScalingsMode = field(
@@ -220,6 +229,8 @@ class XLoraConfig(PeftConfig):
             raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
+        if not isinstance(self.trainable_head, bool):
+            raise ValueError(f"`trainable_head` must be True or False, got {self.trainable_head!r}.")
         if self.classifier_init not in ("uniform", "random"):
             raise ValueError(f"`classifier_init` must be 'uniform' or 'random', got {self.classifier_init!r}.")
 

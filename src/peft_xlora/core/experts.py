@@ -19,7 +19,6 @@ _UNSUPPORTED_OPTIONS = {
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA",
     "target_parameters": "LoRA on nn.Parameter targets",
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
     "trainable_token_indices": "trainable tokens",
     "layer_replication": "layer replication",
     "monteclora_config": "MonteCLoRA",
@@ -67,6 +66,10 @@ class Expert:
     modules: dict[str, ModuleLora] = field(default_factory=dict)
     # Full base-layer weights PEFT saves beside embedding LoRAs (`save_embedding_layers`); they must equal the base.
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The fully trained modules PEFT saves with `modules_to_save` (a SEQ_CLS LoRA's classification head): module name
+    # -> {parameter name relative to it: tensor}; the tensors are None until a checkpoint's weights fill them. The
+    # build checks that this is one classification head (`heads.check_expert_heads`).
+    saved_modules: dict[str, dict[str, torch.Tensor | None]] = field(default_factory=dict)
 
     def config_dict(self) -> dict[str, Any]:
         """The expert's LoRA config as saved in the X-LoRA config, with its targets made explicit."""
@@ -142,9 +145,15 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     base_weights = {}
+    saved_modules: dict[str, dict[str, torch.Tensor | None]] = {}
     for key, tensor in weights.items():
         if key.endswith(".base_layer.weight"):
             base_weights[key[: -len(".base_layer.weight")].removeprefix("base_model.model.")] = tensor
+            continue
+        saved = _saved_module_of(key.removeprefix("base_model.model."), config.modules_to_save or [])
+        if saved is not None:
+            module, param = saved
+            saved_modules.setdefault(module, {})[param] = tensor
             continue
         for suffix, kind in _KEY_SUFFIXES.items():
             if key.endswith(suffix):
@@ -159,7 +168,7 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
     if not factors:
         raise ExpertError(f"Expert {name!r} at {source!r} holds no LoRA weights.")
 
-    expert = Expert(name=name, config=config, base_weights=base_weights)
+    expert = Expert(name=name, config=config, base_weights=base_weights, saved_modules=saved_modules)
     for module, parts in sorted(factors.items()):
         is_emb = "A_emb" in parts or "B_emb" in parts
         A = parts.get("A_emb" if is_emb else "A")
@@ -179,7 +188,23 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
     # Record the modules actually adapted, so a rebuild from the saved config matches these weights exactly.
     config.target_modules = sorted(expert.modules)
     config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
+    # Likewise the modules it saved in full (PEFT lists `classifier` and `score` for every SEQ_CLS LoRA; one exists).
+    config.modules_to_save = sorted(saved_modules) or None
     return expert
+
+
+def _saved_module_of(key: str, modules_to_save: list[str]) -> tuple[str, str] | None:
+    """(module, parameter) of a checkpoint key that belongs to a `modules_to_save` module, or None.
+
+    PEFT wraps every module whose name is a `modules_to_save` entry or ends with ``.<entry>``, and saves its
+    parameters under the module's name: the key's longest such prefix is the module.
+    """
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if any(module == m or module.endswith(f".{m}") for m in modules_to_save):
+            return module, ".".join(parts[cut:])
+    return None
 
 
 def expert_from_config(
@@ -197,7 +222,8 @@ def expert_from_config(
         The expert, with `A`/`B` left as None: the checkpoint's weights fill them.
     """
     config = _check_lora_config(name, LoraConfig.from_peft_type(**config_dict))
-    expert = Expert(name=name, config=config)
+    # Parameter names are filled in from the model's head when it is built (`heads.check_expert_heads`).
+    expert = Expert(name=name, config=config, saved_modules={m: {} for m in config.modules_to_save or []})
     for module, (kind, _, _) in module_shapes.items():
         if check_target_module_exists(config, module):
             r, scale = _rank_and_scale(config, module)

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .heads import head_mixtures
+
 if TYPE_CHECKING:
     from .classifier import XLoraClassifier
     from .config import XLoraConfig
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 class GatingMixin:
     """Getters and setters of the gating options; every setter validates and never leaves a refused value behind."""
 
+    model: torch.nn.Module
     expert_names: list[str]
     mixture_layer_names: list[str]
     xlora_config: XLoraConfig
@@ -78,6 +81,9 @@ class GatingMixin:
         for layer in self.mixture_layers():
             for name in layer.adapter_layer_names:
                 getattr(layer, name).requires_grad_(bool(use_trainable_adapters))
+        for _, head in head_mixtures(self.model):  # the experts' classification heads train with them
+            for param in head.expert_parameters():
+                param.requires_grad_(bool(use_trainable_adapters))
 
     def get_use_trainable_adapters(self) -> bool:
         """Whether the experts' LoRA factors are trained (the config's `use_trainable_adapters`)."""

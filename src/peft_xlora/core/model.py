@@ -25,6 +25,16 @@ from .experts import compact_targets
 from .forward import ForwardMixin
 from .gating import GatingMixin
 from .generation import generation_scope, input_length
+from .heads import (
+    check_heads,
+    head_entries,
+    head_mixtures,
+    join_heads,
+    set_heads_requires_grad,
+    split_heads,
+    swap_in_head,
+    unswap_heads,
+)
 from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
 from .routing import install_carriers, remove_carriers
@@ -94,6 +104,7 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
         experts = load_experts(config, shapes)
         check_experts_fit(model, experts, shapes)
+        head_name = check_heads(model, experts, config.task_type, config.trainable_head)
         self.expert_names = list(config.adapters)
         # Built from a saved config: the checkpoint's weights fill the experts in `load_adapter`.
         self._experts_pending = any(m.A is None for e in experts for m in e.modules.values())
@@ -101,6 +112,7 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         trainable = config.use_trainable_adapters and not config.inference_mode
         self.mixture_layer_names = swap_in_mixture_layers(model, experts, shapes, adapter_name, trainable)
         self.targeted_module_names.extend(self.mixture_layer_names)
+        swap_in_head(model, head_name, experts, len(self.mixture_layer_names), config.trainable_head, trainable)
         # A plain list: the model, not the tuner, owns the layers.
         self._layers: list[XLoraLayer] = [model.get_submodule(n) for n in self.mixture_layer_names]
         for expert in experts:
@@ -133,13 +145,15 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         for layer in self.mixture_layers():
             for name in layer.adapter_layer_names:
                 getattr(layer, name).requires_grad_(experts_train)
+        set_heads_requires_grad(self.model, experts=experts_train, shared=requires_grad)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # Like PEFT's LoRA: trainable weights in half precision are upcast to float32 for stable training.
         if not autocast_adapter_dtype:
             return
-        for module in (self.xlora_classifier, *self.mixture_layers()):
-            for param in module.parameters(recurse=module is self.xlora_classifier):
+        heads = [head for _, head in head_mixtures(self.model)]
+        for module in (self.xlora_classifier, *self.mixture_layers(), *heads):
+            for param in module.parameters(recurse=not isinstance(module, XLoraLayer)):
                 if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
 
@@ -200,6 +214,7 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
             parent = self.model.get_submodule(parent_name)
             setattr(parent, child_name, getattr(parent, child_name).base_layer)
         self._layers = []
+        unswap_heads(self.model)
         remove_carriers(self.model)
         if self._early_exit_hook is not None:
             self._early_exit_hook.remove()
@@ -244,16 +259,18 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         structural = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # PEFT finds the mixture layers' entries; the classifier is a plain submodule of the transformers model.
         structural.update(classifier_entries(model, state_dict))
-        return split_experts(model, _expert_order(model, config), structural)
+        structural.update(head_entries(model, state_dict))
+        order = _expert_order(model, config)
+        return split_heads(model, order, split_experts(model, order, structural))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: XLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Joins the per-expert checkpoint entries into the model's stacked layout; raises if anything is missing."""
-        state_dict = join_experts(
-            model, _expert_order(model, config), state_dict, replaced=getattr(config, "_replaced_experts", None)
-        )
+        order, replaced = _expert_order(model, config), getattr(config, "_replaced_experts", None)
+        heads, state_dict = join_heads(model, order, state_dict, replaced=replaced)
+        state_dict = {**join_experts(model, order, state_dict, replaced=replaced), **heads}
         # The replacements' factors are in `state_dict` now; later loads (e.g. resuming) read them from checkpoints.
         config.__dict__.pop("_replaced_experts", None)
         restore_saved_dtypes(model, state_dict)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from .heads import head_mixtures
 from .model import find_tuner
 
 
@@ -15,7 +16,8 @@ def optimizer_param_groups(
     """Parameter groups for a torch optimizer: the classifier at one learning rate, trainable experts at another.
 
     The groups are declared (the classifier module, each mixture layer's `adapter_layer_names`), not picked by name.
-    Frozen parameters are left out. Use with any optimizer, e.g.
+    A classification model's shared head (`trainable_head`) goes with the classifier, the experts' own heads with
+    the experts. Frozen parameters are left out. Use with any optimizer, e.g.
     `torch.optim.AdamW(optimizer_param_groups(model, 1e-3, 1e-4))`, and give it to `Trainer(optimizers=(opt, None))`.
 
     Args:
@@ -29,13 +31,16 @@ def optimizer_param_groups(
         One group per kind that has trainable parameters: `{"params", "lr", "weight_decay", "name"}`.
     """
     xlora = find_tuner(model)
-    classifier = [p for p in xlora.xlora_classifier.parameters() if p.requires_grad]
+    heads = [head for _, head in head_mixtures(xlora.model)]
+    shared = [p for head in heads if head.xlora_shared_head is not None for p in head.xlora_shared_head.parameters()]
+    classifier = [p for p in (*xlora.xlora_classifier.parameters(), *shared) if p.requires_grad]
     experts = [
         p
         for layer in xlora.mixture_layers()
         for name in layer.adapter_layer_names
         if (p := getattr(layer, name)).requires_grad
     ]
+    experts += [p for head in heads for p in head.expert_parameters() if p.requires_grad]
     groups = []
     if classifier:
         groups.append({"params": classifier, "lr": classifier_lr, "weight_decay": weight_decay, "name": "classifier"})

@@ -25,7 +25,8 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.model import find_tuner
+from ..core.heads import head_mixtures
+from ..core.model import XLoraModel, find_tuner
 from ..core.state_dict import rank_bounds
 from .files import write_folder
 
@@ -91,6 +92,12 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
     config = tuner.xlora_config
     names = list(tuner.expert_names)
     _check_folder_names(names)
+    if any(True for _ in head_mixtures(tuner.model)):
+        raise ValueError(
+            "export_mistralrs writes the X-LoRA layout mistral.rs serves, which has no classification heads; this "
+            "model mixes its experts' heads (or trains a shared one). Keep it as a peft-xlora checkpoint "
+            "(`save_pretrained`), or pin the gate and write one plain LoRA with its head (`export_lora`)."
+        )
     base_model_id = base_model_id or config.base_model_name_or_path
     if not base_model_id:
         raise ValueError("mistral.rs needs the base model's id: pass `base_model_id` (e.g. 'mistralai/Mistral-7B').")
@@ -147,7 +154,9 @@ def export_lora(
 
     On each module the adapter computes ``sum_e w_e * scale_e * B_e A_e x``, exactly what the X-LoRA model computes
     after `set_static_scalings(weights)`. Its rank is the largest sum of expert ranks on one module (modules with
-    fewer experts are zero-padded), and `lora_alpha` equals the rank so that PEFT's own scale is 1.
+    fewer experts are zero-padded), and `lora_alpha` equals the rank so that PEFT's own scale is 1. A model that
+    mixes its experts' classification heads gets one head in `modules_to_save`: ``sum_e w_e * head_e`` (the last
+    mixture layer's weights when they are per layer), plus the shared head if it trains one.
 
     Args:
         model: The X-LoRA `PeftModel`.
@@ -187,6 +196,8 @@ def export_lora(
         state[f"base_model.model.{module}.{names[0]}"] = a.to(layer.xlora_A.dtype)
         state[f"base_model.model.{module}.{names[1]}"] = b.to(layer.xlora_B.dtype)
     config = tuner.xlora_config
+    heads = _pinned_heads(tuner, static)
+    state.update(heads)
     lora = LoraConfig(
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
@@ -195,6 +206,7 @@ def export_lora(
         lora_alpha=rank,  # PEFT's scale alpha / r = 1: the weights and expert scales are already in B
         lora_dropout=0.0,
         inference_mode=True,
+        modules_to_save=sorted({key.removeprefix("base_model.model.").rpartition(".")[0] for key in heads}) or None,
     )
 
     def write(tmp: str) -> None:
@@ -202,6 +214,27 @@ def export_lora(
         save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
 
     write_folder(directory, write)
+
+
+def _pinned_heads(tuner: XLoraModel, static: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The classification head of the pinned gate, as PEFT saves a `modules_to_save` head; empty without heads."""
+    out = {}
+    for name, head in head_mixtures(tuner.model):
+        w = static[-1]  # (n_experts,): the slot the head uses, the last mixture layer's when per layer
+        for part in ("weight", "bias"):
+            stacked = getattr(head, f"xlora_head_{part}")  # (E, labels, hidden) or (E, labels)
+            shared = getattr(head.xlora_shared_head, part, None)
+            if stacked is None and shared is None:
+                continue
+            total = 0.0
+            if stacked is not None:
+                for e in range(stacked.shape[0]):  # in gate order, like the mixture's forward
+                    total = total + stacked[e].detach().float().cpu() * float(w[e])
+            if shared is not None:
+                total = total + shared.detach().float().cpu()
+            dtype = (stacked if stacked is not None else shared).dtype
+            out[f"base_model.model.{name}.{part}"] = total.to(dtype)
+    return out
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
