@@ -43,8 +43,11 @@ class XLoraConfig(PeftConfig):
             update). ``"random"`` keeps PyTorch's default initialisation, as PEFT's built-in X-LoRA and the original
             package do. Loaded checkpoints overwrite either.
         use_trainable_adapters: Train the experts' LoRA weights together with the classifier.
-        scaling_pass_value: Weight of every expert during the scaling pass; 0 runs the plain base model there.
-        global_scaling_weight: Multiplies every scaling after the gate.
+        scaling_pass_value: Weight of every expert during the scaling pass, which `global_scaling_weight` multiplies
+            too (each expert's update there is ``scaling_pass_value * global_scaling_weight * scale_e * B_e A_e x``,
+            as in the original package, PEFT's built-in X-LoRA and mistral.rs); 0 runs the plain base model there.
+        global_scaling_weight: Multiplies every expert update in both passes: the gate's scalings in the main pass and
+            `scaling_pass_value` in the scaling pass.
         scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
             generated tokens (see the generation docs).
         router_load_balancing_coef: Weight of the load-balancing term added to the model's loss (>= 0; 0 = off).
