@@ -37,6 +37,20 @@ class ExpertError(ValueError):
     """An expert adapter cannot be used as an X-LoRA expert."""
 
 
+def factor_problem(tensor: torch.Tensor) -> str | None:
+    """Why a LoRA factor cannot be mixed, or None: it must be floating point and finite.
+
+    One pass over the tensor; run once per factor when experts are read, not per forward.
+    """
+    if not tensor.is_floating_point():
+        return f"holds {tensor.dtype} values; LoRA factors are floating point"
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        return f"holds {bad} NaN/Inf value{'s' if bad > 1 else ''}, which would make every output NaN"
+    return None
+
+
 @dataclass
 class ModuleLora:
     """One expert's LoRA factors on one module.
@@ -123,7 +137,8 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
         The expert with its factors on CPU, keyed by module name relative to the base model.
 
     Raises:
-        ExpertError: The adapter is missing, is not a LoRA adapter, or uses an unsupported LoRA variant.
+        ExpertError: The adapter is missing, is not a LoRA adapter, uses an unsupported LoRA variant, or has a
+            factor that is not floating point or holds NaN/Inf.
     """
     if source is None:
         raise ExpertError(f"Expert {name!r} has no source: give a LoRA checkpoint folder or Hub id in `adapters`.")
@@ -170,6 +185,13 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
             raise ExpertError(
                 f"Expert {name!r}: module {module!r} has factors of ranks {A.shape[0]} and {B.shape[1]}."
             )
+        for part, tensor in (("A", A), ("B", B)):
+            problem = factor_problem(tensor)
+            if problem:
+                raise ExpertError(
+                    f"Expert {name!r}: module {module!r}, factor {part} at {source!r} {problem}. Use another "
+                    "checkpoint of this adapter: this one is damaged or edited, or its training diverged."
+                )
         r, scale = _rank_and_scale(config, module)
         if r != A.shape[0]:
             raise ExpertError(
