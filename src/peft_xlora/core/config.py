@@ -185,7 +185,8 @@ class XLoraConfig(PeftConfig):
                 that has only `adapter_model.bin`; default False), Hub download options, config overrides.
 
         Raises:
-            peft_xlora.CheckpointError: A file is missing, truncated, or pickle-only without opt-in.
+            peft_xlora.CheckpointError: A file is missing, truncated, or pickle-only without opt-in; or the config
+                has several experts and no `expert_order` (the gate's order is lost: see docs/checkpoints.md).
         """
         expert_sources = kwargs.pop("expert_sources", None)
         allow_pickle = kwargs.pop("allow_pickle", False)
