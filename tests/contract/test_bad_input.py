@@ -5,14 +5,18 @@ Every test here is a row of the table in docs/errors.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
+import typing
 import warnings
 
 import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
+from peft.config import PeftConfig
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -230,6 +234,49 @@ def test_temperature_not_positive(expert_dirs, t):
 def test_other_config_values(expert_dirs, options, message):
     with pytest.raises(ValueError, match=message):
         XLoraConfig(adapters=expert_dirs["llama"], **options)
+
+
+def _own_fields(kind):
+    """XLoraConfig's own fields (not PeftConfig's) declared as `kind` (bool, or int / int | None)."""
+    hints = typing.get_type_hints(XLoraConfig)
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    wanted = {bool} if kind is bool else {int, int | None}
+    return [f.name for f in dataclasses.fields(XLoraConfig) if f.name not in peft_fields and hints[f.name] in wanted]
+
+
+BOOL_FIELDS = _own_fields(bool)
+INT_FIELDS = _own_fields(int)
+
+
+def test_the_typed_fields_are_found():
+    # the two tests below cover every bool and int field; this keeps them from covering none
+    assert set(BOOL_FIELDS) == {
+        "enable_softmax",
+        "enable_softmax_topk",
+        "layerwise_scalings",
+        "trainable_head",
+        "use_trainable_adapters",
+    }
+    assert {"hidden_size", "top_k_lora", "xlora_depth", "xlora_size", "scaling_pass_layers"} <= set(INT_FIELDS)
+
+
+@pytest.mark.parametrize("value", [1, 0, "no", "True", None, 1.0])
+@pytest.mark.parametrize("field", BOOL_FIELDS)
+def test_bool_fields_take_only_bools(expert_dirs, field, value):
+    # before, `enable_softmax="no"` was read as True by truthiness
+    base = {"adapters": expert_dirs["llama"], "top_k_lora": 2}
+    with pytest.raises(ValueError, match=rf"`{field}` must be True or False, got {re.escape(repr(value))}\."):
+        XLoraConfig(**base, **{field: value})
+    for ok in (True, False):
+        assert getattr(XLoraConfig(**base, **{field: ok}), field) is ok
+
+
+@pytest.mark.parametrize("value", [True, False, 2.0, "2"])
+@pytest.mark.parametrize("field", INT_FIELDS)
+def test_int_fields_refuse_bools_floats_and_strings(expert_dirs, field, value):
+    # before, `top_k_lora=True` and `xlora_depth=True` were taken as 1
+    with pytest.raises(ValueError, match=rf"`{field}` must be .*, got {re.escape(repr(value))}\."):
+        XLoraConfig(adapters=expert_dirs["llama"], **{field: value})
 
 
 # ---------------------------------------------------------------------------------------------- layer types

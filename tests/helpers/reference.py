@@ -114,3 +114,103 @@ def head_mixture_reference(
             row = row + s[e] * logits
         rows.append(row)
     return torch.stack(rows).reshape(*hidden.shape[:-1], -1)
+
+
+def lora_factors_reference(folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+    """A saved PEFT LoRA adapter read by hand: module name -> (A (r, in), B (out, r), scale, is_embedding).
+
+    Scale is alpha / r (alpha / sqrt(r) with rsLoRA); rank and alpha patterns are not read (the tests' experts have
+    none).
+    """
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    out = {}
+    for key, a in tensors.items():
+        for part_a, part_b, is_embedding in (
+            ("lora_A.weight", "lora_B.weight", False),
+            ("lora_embedding_A", "lora_embedding_B", True),
+        ):
+            if key.endswith("." + part_a):
+                module = key.removeprefix("base_model.model.").removesuffix("." + part_a)
+                out[module] = (a.float(), tensors[key.replace(part_a, part_b)].float(), scale, is_embedding)
+    return out
+
+
+def xlora_logits_reference(
+    base: torch.nn.Module,
+    experts: list[dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]],
+    classifier: list[tuple[torch.Tensor, torch.Tensor]],
+    input_ids: torch.Tensor,
+    *,
+    scaling_pass_value: float = 0.0,
+    global_weight: float = 1.0,
+    enable_softmax: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    softmax_topk: bool = False,
+    scaling_pass_layers: int | None = None,
+) -> torch.Tensor:
+    """The original X-LoRA's two passes, written out: the logits (batch, seq, vocab) of `base` with the experts.
+
+    Every adapted module computes ``base(x) + global_weight * sum_e s_e * scale_e * B_e A_e x``. In the scaling pass
+    s_e = scaling_pass_value for every expert and token; the classifier (ReLU between its linear layers) reads the
+    last hidden state (or the output of decoder layer k with `scaling_pass_layers=k`) and the gate (softmax, top-k,
+    without the global weight, which the formula applies) gives the main pass's per-token s_e. Scalings are shared
+    by all layers (no layerwise scalings).
+
+    Args:
+        base: A fresh transformers model (no adapters); forward hooks are added for the call and removed.
+        experts: Per expert, in gate order: `lora_factors_reference` of its folder.
+        classifier: The classifier's linear layers in order, as (weight (out, in), bias (out,)).
+        input_ids: (batch, seq) token ids.
+        scaling_pass_value: The experts' weight in the scaling pass.
+        global_weight: Multiplies every expert update, in both passes.
+        enable_softmax: As in `gate_reference`.
+        temperature: As in `gate_reference`.
+        top_k: As in `gate_reference`.
+        softmax_topk: As in `gate_reference`.
+        scaling_pass_layers: Read the classifier's input after this many decoder layers (None: the last hidden state).
+    """
+    current: dict[str, torch.Tensor] = {}  # "s": (batch, seq, n_experts), the weights of the running pass
+
+    def hook(name: str):
+        def add_updates(module, args, output):
+            x = args[0]
+            out = output
+            for e, factors in enumerate(experts):
+                if name not in factors:
+                    continue
+                A, B, scale, is_embedding = factors[name]
+                down = F.embedding(x, A.T) if is_embedding else x.float() @ A.T
+                out = out + global_weight * current["s"][..., e : e + 1] * scale * (down @ B.T)
+            return out
+
+        return add_updates
+
+    names = sorted({name for factors in experts for name in factors})
+    handles = [base.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            batch, seq = input_ids.shape
+            current["s"] = torch.full((batch, seq, len(experts)), float(scaling_pass_value))
+            states = base.base_model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+            k = scaling_pass_layers
+            h = (states.last_hidden_state if k is None else states.hidden_states[k]).float()
+            for i, (weight, bias) in enumerate(classifier):
+                h = h @ weight.float().T + bias.float()
+                if i < len(classifier) - 1:
+                    h = torch.relu(h)
+            scalings = gate_reference(h, temperature, enable_softmax, top_k, softmax_topk, global_weight=1.0)
+            current["s"] = scalings  # (batch, seq, n_experts)
+            return base(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -108,6 +108,48 @@ def test_mistralrs_needs_base_model_id_and_folder_names(tmp_path, expert_dirs):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"scaling_pass_layers": 1}, "`scaling_pass_layers=1`: the layout always runs the whole model"),
+        ({"scalings_mode": "prompt"}, "`scalings_mode='prompt'`: the layout has no prompt mode"),
+        ({"top_k_lora": 2, "enable_softmax_topk": True}, "`enable_softmax_topk=True`: mistral.rs refuses it"),
+    ],
+    ids=["scaling_pass_layers", "prompt-mode", "softmax-topk"],
+)
+def test_mistralrs_refuses_what_the_layout_cannot_represent(tmp_path, expert_dirs, options, named):
+    # before, these were dropped (scaling_pass_layers, prompt mode) or written for mistral.rs to refuse (softmax-topk)
+    model = build_xlora("llama", expert_dirs, **options).eval()
+    with pytest.raises(ValueError, match="export_mistralrs cannot write this model") as info:
+        export_mistralrs(model, tmp_path / "out", base_model_id="x/y")
+    assert named in str(info.value) and "export_lora" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mistralrs_refuses_a_pinned_gate_and_names_every_option(tmp_path, expert_dirs):
+    model = build_xlora("llama", expert_dirs, scaling_pass_layers=1, scalings_mode="prompt").eval()
+    model.base_model.set_static_scalings({"math": 1.0})
+    with pytest.raises(ValueError, match="export_mistralrs cannot write") as info:
+        export_mistralrs(model, tmp_path / "out", base_model_id="x/y")
+    for part in ("scaling_pass_layers=1", "scalings_mode='prompt'", "the gate is pinned"):
+        assert part in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_config_field_is_written_refused_or_irrelevant_for_mistralrs():
+    # a new XLoraConfig field must be placed in one of the three lists of io/export.py, or this fails
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    from peft_xlora import XLoraConfig
+    from peft_xlora.io import export
+
+    ours = {f.name for f in dataclasses.fields(XLoraConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    placed = [*export.MISTRALRS_WRITTEN, *export.MISTRALRS_IRRELEVANT, *export.MISTRALRS_REFUSED]
+    assert sorted(placed) == sorted(ours)
+
+
 def test_export_never_deletes_other_files(tmp_path, expert_dirs):
     model = build_xlora("llama", expert_dirs).eval()
     export_lora(model, tmp_path / "out", {"math": 1.0})

@@ -33,7 +33,8 @@ def check_safetensors_file(path: str) -> None:
     """Reads a safetensors file's header and checks that the file holds all the bytes the header promises.
 
     Raises:
-        CheckpointError: The file is missing, is not safetensors, or is truncated; the message names the file.
+        CheckpointError: The file is missing, is not safetensors (including a malformed header), or is truncated;
+            the message names the file.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist.")
@@ -52,12 +53,49 @@ def check_safetensors_file(path: str) -> None:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file (unreadable header: {exc}).") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = max((stop for _, stop in _tensor_offsets(path, header)), default=0)
     if 8 + header_len + end > size:
         raise CheckpointError(
             f"{path} is truncated: its tensors need {8 + header_len + end} bytes but the file has {size}. "
             "The save that wrote it was interrupted; use the previous checkpoint or save again."
         )
+
+
+def _tensor_offsets(path: str, header: Any) -> list[tuple[int, int]]:
+    """The (start, stop) byte offsets of every tensor a safetensors header lists, after checking its structure.
+
+    Raises:
+        CheckpointError: The header is not an object of tensor entries, each with a dtype, a shape and two
+            increasing non-negative offsets; the message names the file and the first bad entry.
+    """
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file: its header is a JSON {type(header).__name__}, not an object "
+            "of tensor entries. The file is damaged or was not written by safetensors."
+        )
+    offsets = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        where = entry.get("data_offsets") if isinstance(entry, dict) else None
+        fine = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and isinstance(where, list)
+            and len(where) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in where)
+            and where[0] <= where[1]
+        )
+        if not fine:
+            shown = json.dumps(entry)[:120]
+            raise CheckpointError(
+                f"{path} is not a valid safetensors file: the header entry of tensor {key!r} is {shown}, not "
+                '{"dtype": ..., "shape": [...], "data_offsets": [start, stop]}. The file is damaged or was not '
+                "written by safetensors."
+            )
+        offsets.append((where[0], where[1]))
+    return offsets
 
 
 def check_checkpoint_dir(path: str, allow_pickle: bool = False) -> None:

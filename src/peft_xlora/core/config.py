@@ -10,7 +10,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .._version import __version__
-from .checkpoint import check_checkpoint
+from .checkpoint import CheckpointError, check_checkpoint
 from .experts import load_expert
 from .registration import PEFT_XLORA
 
@@ -49,8 +49,11 @@ class XLoraConfig(PeftConfig):
             trainable copy of the model's head, used instead of it; when they do, it starts at zero and is added to
             their mixed heads. False (the default) trains only the gate: the experts' heads (or the model's head)
             stay as they are. See docs/models.md.
-        scaling_pass_value: Weight of every expert during the scaling pass; 0 runs the plain base model there.
-        global_scaling_weight: Multiplies every scaling after the gate.
+        scaling_pass_value: Weight of every expert during the scaling pass, which `global_scaling_weight` multiplies
+            too (each expert's update there is ``scaling_pass_value * global_scaling_weight * scale_e * B_e A_e x``,
+            as in the original package, PEFT's built-in X-LoRA and mistral.rs); 0 runs the plain base model there.
+        global_scaling_weight: Multiplies every expert update in both passes: the gate's scalings in the main pass and
+            `scaling_pass_value` in the scaling pass.
         scalings_mode: ``"token"`` computes scalings for every token; ``"prompt"`` holds the prompt's scalings for
             generated tokens (see the generation docs).
         router_load_balancing_coef: Weight of the load-balancing term added to the model's loss (>= 0; 0 = off).
@@ -145,6 +148,15 @@ class XLoraConfig(PeftConfig):
         # adapter_config.json is written with sorted keys, which loses the order of `adapters`: the order of the
         # classifier's outputs. `expert_order` keeps it as a list and puts the dicts back in that order on load.
         if self.expert_order is None:
+            if self.experts is not None and len(self.adapters) > 1:
+                # A config with `experts` describes a saved checkpoint, whose `adapters` came back sorted. Guessing
+                # an order would gate the wrong experts without a sign; with one expert there is only one order.
+                raise CheckpointError(
+                    f"This X-LoRA checkpoint config has no `expert_order`, so the order of the gate's outputs is lost "
+                    f"(adapter_config.json stores `adapters` with sorted keys: {sorted(self.adapters)}). Add "
+                    '`"expert_order": [...]` to adapter_config.json: the expert names in the order `adapters` had '
+                    "when the model was built (the order of the classifier's outputs)."
+                )
             self.expert_order = list(self.adapters)
             return
         if sorted(self.expert_order) != sorted(self.adapters):
@@ -182,7 +194,8 @@ class XLoraConfig(PeftConfig):
                 that has only `adapter_model.bin`; default False), Hub download options, config overrides.
 
         Raises:
-            peft_xlora.CheckpointError: A file is missing, truncated, or pickle-only without opt-in.
+            peft_xlora.CheckpointError: A file is missing, truncated, or pickle-only without opt-in; or the config
+                has several experts and no `expert_order` (the gate's order is lost: see docs/checkpoints.md).
         """
         expert_sources = kwargs.pop("expert_sources", None)
         allow_pickle = kwargs.pop("allow_pickle", False)
@@ -194,11 +207,16 @@ class XLoraConfig(PeftConfig):
 
     def _check_numbers(self) -> None:
         n = len(self.adapters)
-        if self.hidden_size is not None and (not isinstance(self.hidden_size, int) or self.hidden_size <= 0):
-            raise ValueError(f"`hidden_size` must be a positive int or None (inferred), got {self.hidden_size!r}.")
-        if not (isinstance(self.xlora_depth, int) and self.xlora_depth >= 1):
+        for name in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "use_trainable_adapters"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "no" or 0 would be read by truthiness
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        hidden = self.hidden_size
+        if hidden is not None and (not _is_int(hidden) or hidden <= 0):
+            raise ValueError(f"`hidden_size` must be a positive int or None (inferred), got {hidden!r}.")
+        if not (_is_int(self.xlora_depth) and self.xlora_depth >= 1):
             raise ValueError(f"`xlora_depth` must be an int >= 1, got {self.xlora_depth!r}.")
-        if not (isinstance(self.xlora_size, int) and self.xlora_size >= 1):
+        if not (_is_int(self.xlora_size) and self.xlora_size >= 1):
             raise ValueError(f"`xlora_size` must be an int >= 1, got {self.xlora_size!r}.")
         for name in ("xlora_dropout_p", "softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
             value = getattr(self, name)
@@ -208,7 +226,7 @@ class XLoraConfig(PeftConfig):
             raise ValueError(f"`xlora_dropout_p` must be in [0, 1), got {self.xlora_dropout_p!r}.")
         if not (math.isfinite(self.softmax_temperature) and self.softmax_temperature > 0):
             raise ValueError(f"`softmax_temperature` must be a finite number > 0, got {self.softmax_temperature!r}.")
-        if self.top_k_lora is not None and not (isinstance(self.top_k_lora, int) and 1 <= self.top_k_lora <= n):
+        if self.top_k_lora is not None and not (_is_int(self.top_k_lora) and 1 <= self.top_k_lora <= n):
             raise ValueError(
                 f"`top_k_lora` must be None (dense) or an int between 1 and the number of experts ({n}), "
                 f"got {self.top_k_lora!r}."
@@ -225,7 +243,7 @@ class XLoraConfig(PeftConfig):
             if not (is_number and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
         k = self.scaling_pass_layers
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        if k is not None and (not _is_int(k) or k < 1):
             raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
@@ -233,6 +251,10 @@ class XLoraConfig(PeftConfig):
             raise ValueError(f"`trainable_head` must be True or False, got {self.trainable_head!r}.")
         if self.classifier_init not in ("uniform", "random"):
             raise ValueError(f"`classifier_init` must be 'uniform' or 'random', got {self.classifier_init!r}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
 
 
 def _portable_source(source: str | None) -> str | None:

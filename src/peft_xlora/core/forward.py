@@ -1,8 +1,9 @@
 """The dual-pass forward: the scaling pass, the classifier and gate, and the routing handed to the main pass.
 
 `XLoraModel` registers `_before_forward` / `_after_forward` on the transformers model: before every forward of it the
-scaling pass runs (the model with every expert at `scaling_pass_value`, or the plain base model when that is 0), the
-classifier turns its last hidden state into per-token scalings, and the mixture layers of the main pass read them.
+scaling pass runs (the model with every expert at `scaling_pass_value * global_scaling_weight`, or the plain base
+model when that is 0), the classifier turns its last hidden state into per-token scalings, and the mixture layers of
+the main pass read them (times `global_scaling_weight`, applied by the gate).
 """
 
 from __future__ import annotations
@@ -188,7 +189,10 @@ class ForwardMixin:
     def _scaling_pass(
         self, args: tuple, kwargs: dict, cache: XLoraCache | None = None, cache_name: str | None = None
     ) -> torch.Tensor:
-        """The last hidden state of the model with every expert at `scaling_pass_value`.
+        """The last hidden state of the model with every expert at `scaling_pass_value * global_scaling_weight`.
+
+        The global weight multiplies every expert update in both passes, as in the original X-LoRA, PEFT's built-in
+        and mistral.rs, so a checkpoint means the same in all of them.
 
         Args:
             args: Positional arguments of the model's forward.
@@ -196,7 +200,7 @@ class ForwardMixin:
             cache: The main pass's cache, whose `scaling_cache` this pass extends; None runs without a cache.
             cache_name: The keyword the model takes its cache under.
         """
-        value = self.xlora_config.scaling_pass_value
+        value = self.xlora_config.scaling_pass_value * self.xlora_config.global_scaling_weight
         n = len(self.expert_names)
         device = self.xlora_classifier.layers[0].weight.device  # built where the scalings are, not on the CPU
         routing = None if value == 0 else Routing(torch.full((1, 1, 1, n), float(value), device=device))

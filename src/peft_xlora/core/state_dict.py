@@ -31,6 +31,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from .classifier import XLoraClassifier
+from .experts import factor_problem
 from .layer import XLoraLayer
 
 CLASSIFIER_PREFIX = "base_model.xlora_classifier."
@@ -117,7 +118,9 @@ def join_experts(
         The model's keys -> tensors: the classifier entries and one stacked (A, B) pair per mixture layer.
 
     Raises:
-        CheckpointError: Tensors are missing, unexpected, or have the wrong shape.
+        CheckpointError: Tensors are missing, unexpected, or have the wrong shape; an expert factor is not floating
+            point or holds NaN/Inf (naming the expert and module); a classifier tensor is not floating point or not
+            of the other classifier tensors' dtype.
     """
     replaced = replaced or {}
     names = expert_names
@@ -129,6 +132,7 @@ def join_experts(
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
     wrong_shape: list[str] = []
+    bad_values: list[str] = []  # tensors of the right shape that cannot be used (not float, NaN/Inf)
     prefixed = any(k.startswith(PEFT_PREFIX) for k in state_dict)
     for module_key, layer in _mixture_layers(model):
         # Keys are saved relative to the PeftModel; a model without that wrapper sees them without the prefix.
@@ -153,15 +157,19 @@ def join_experts(
                         missing.append(key)
                     elif tuple(tensor.shape) != shape:
                         wrong_shape.append(f"{key}: {tuple(tensor.shape)} in the checkpoint, {shape} in the model")
+                    elif problem := factor_problem(tensor):
+                        bad_values.append(f"expert {name!r} on module {module_name!r} ({key}) {problem}")
                 if a is None or b is None:
                     continue
             parts_a.append(a)
             parts_b.append(b)
         if len(missing) + len(wrong_shape) == problems_before:  # every factor of this layer is present and fits
+            # (bad values raise below, after every tensor was looked at)
             dtype = parts_a[0].dtype if parts_a else layer.xlora_A.dtype
             out[f"{module_key}.xlora_A"] = torch.cat([p.to(dtype) for p in parts_a], dim=0)  # (R, in)
             out[f"{module_key}.xlora_B"] = torch.cat([p.to(dtype) for p in parts_b], dim=1)  # (out, R)
 
+    classifier_dtypes: dict[str, torch.dtype] = {}
     for model_key, _, loadable in _classifier_keys(model):
         found = [k for k in loadable if k in remaining]  # a second layout of the same tensor stays "unexpected"
         tensor = remaining.pop(found[0]) if found else None
@@ -171,7 +179,16 @@ def join_experts(
             expected = tuple(model.get_parameter(model_key).shape)
             if tuple(tensor.shape) != expected:
                 wrong_shape.append(f"{found[0]}: {tuple(tensor.shape)} in the checkpoint, {expected} in the model")
+            classifier_dtypes[found[0]] = tensor.dtype
             out[model_key] = tensor
+    _check_classifier_dtypes(classifier_dtypes)
+    if bad_values:
+        raise CheckpointError(
+            f"{WEIGHTS_NAME} holds expert factors that cannot be used: {'; '.join(bad_values[:3])}"
+            + (f" (and {len(bad_values) - 3} more)" if len(bad_values) > 3 else "")
+            + ". The file is damaged or edited, or the experts' training diverged: use an earlier checkpoint, or "
+            "take those experts from their LoRA adapters with `expert_sources={name: folder}`."
+        )
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensors missing (e.g. {missing[:3]})")
@@ -185,6 +202,27 @@ def join_experts(
             f"Was {WEIGHTS_NAME} or {CONFIG_NAME} replaced, truncated, or written for another base model?"
         )
     return out
+
+
+def _check_classifier_dtypes(dtypes: dict[str, torch.dtype]) -> None:
+    """Refuses classifier tensors that are not floating point or not all of one dtype.
+
+    The classifier runs in its weights' dtype (loading restores the checkpoint's), so its tensors must share one:
+    otherwise its first matmul fails at the first forward, or integers are cast silently.
+    """
+    if not dtypes:
+        return
+    counts: dict[torch.dtype, int] = {}
+    for dtype in dtypes.values():
+        counts[dtype] = counts.get(dtype, 0) + 1
+    common = max(counts, key=lambda d: (d.is_floating_point, counts[d]))
+    for key, dtype in dtypes.items():
+        if not dtype.is_floating_point or dtype != common:
+            want = f"the {common} of the other classifier tensors" if common.is_floating_point else "floating point"
+            raise CheckpointError(
+                f"{WEIGHTS_NAME}: classifier tensor {key} holds {dtype}, not {want}. The file was edited or written "
+                "by something else; save the checkpoint again from the model, or use an earlier one."
+            )
 
 
 def _classifier_keys(model: nn.Module) -> list[tuple[str, str, list[str]]]:

@@ -37,6 +37,77 @@ def _layers_by_name(tuner) -> list[tuple[str, Any]]:
     return [(name, tuner.model.get_submodule(name)) for name in tuner.mixture_layer_names]
 
 
+# Every `XLoraConfig` field, by what `export_mistralrs` does with it (tests/io/test_export.py checks that none is
+# left out, so a new field must be placed here). Written: `xlora_config.json` carries it and mistral.rs and the
+# original package compute it as peft-xlora does.
+MISTRALRS_WRITTEN = (
+    "adapters",
+    "expert_order",
+    "experts",
+    "hidden_size",
+    "enable_softmax",
+    "softmax_temperature",
+    "layerwise_scalings",
+    "top_k_lora",
+    "xlora_depth",
+    "xlora_size",
+    "scaling_pass_value",
+    "global_scaling_weight",
+    "use_trainable_adapters",
+)
+# No effect on the exported model's outputs: training-only, initialisation, or bookkeeping.
+MISTRALRS_IRRELEVANT = (
+    "xlora_dropout_p",  # written as 0: mistral.rs applies the classifier's dropout at inference too
+    "classifier_init",
+    "router_load_balancing_coef",
+    "router_entropy_coef",
+    "peft_xlora_version",
+)
+# Refused unless at this value: the layout has no way to say it, so the exported model would compute other outputs.
+MISTRALRS_REFUSED = {
+    "scaling_pass_layers": (
+        None,
+        "the layout always runs the whole model in the scaling pass, so the classifier would read another hidden "
+        "state than the one it was trained on",
+    ),
+    "scalings_mode": (
+        "token",
+        "the layout has no prompt mode: mistral.rs and the original package compute new scalings for every token",
+    ),
+    "enable_softmax_topk": (
+        False,
+        "mistral.rs refuses it ('`enable_softmax_topk` is not implemented') and the original package applies it "
+        "across the whole batch",
+    ),
+    "trainable_head": (
+        False,
+        "the layout has no classification heads (mistral.rs serves causal language models only)",
+    ),
+}
+
+
+def _check_mistralrs_options(tuner: XLoraModel) -> None:
+    """Refuses a model the mistral.rs / original layout cannot represent, naming every such option."""
+    config = tuner.xlora_config
+    problems = [
+        f"`{name}={getattr(config, name)!r}`: {why}"
+        for name, (default, why) in MISTRALRS_REFUSED.items()
+        if getattr(config, name) != default
+    ]
+    if tuner._static_scalings is not None:
+        problems.append(
+            "the gate is pinned (`set_static_scalings`): the layout holds the learned classifier, not fixed weights"
+        )
+    if problems:
+        raise ValueError(
+            "export_mistralrs cannot write this model in the mistral.rs / original X-LoRA layout: "
+            + "; ".join(problems)
+            + ". To serve it elsewhere, export a plain LoRA equal to the mixture at fixed weights with "
+            "`peft_xlora.export_lora(model, folder, weights={...})` (`peft-xlora export --format lora`), or build "
+            "(and train) the model without these options."
+        )
+
+
 def _check_folder_names(names: list[str]) -> None:
     for name in names:
         if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
@@ -86,10 +157,13 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
             when None.
 
     Raises:
-        ValueError: An expert name cannot be a folder name, or the base model id is unknown.
+        ValueError: The layout cannot represent the model (`scaling_pass_layers`, `scalings_mode="prompt"`,
+            `enable_softmax_topk`, a pinned gate: the message names each and says what to do instead), an expert
+            name cannot be a folder name, or the base model id is unknown.
     """
     tuner = find_tuner(model)
     config = tuner.xlora_config
+    _check_mistralrs_options(tuner)
     names = list(tuner.expert_names)
     _check_folder_names(names)
     if any(True for _ in head_mixtures(tuner.model)):
@@ -118,7 +192,7 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
         "xlora_size": config.xlora_size,
         "xlora_dropout_p": 0.0,
         "enable_softmax": config.enable_softmax,
-        "enable_softmax_topk": config.enable_softmax_topk,
+        "enable_softmax_topk": False,  # True is refused above
         "softmax_temperature": config.softmax_temperature,
         "top_k_lora": config.top_k_lora,
         "scaling_pass_value": config.scaling_pass_value,

@@ -138,6 +138,8 @@ def from_peft_builtin(
 
     Raises:
         CheckpointError: Files are missing or damaged, or tensors are lost (the message names them).
+        ValueError: `top_k_lora` with a `scaling_pass_value` other than 0, whose scaling pass the built-in computes
+            differently (see `_check_topk_in_scaling_pass`).
     """
     path = os.fspath(path)
     saved = _read_json(os.path.join(path, "adapter_config.json"))
@@ -192,6 +194,7 @@ def from_peft_builtin(
                 f"number): {'; '.join(problems)}. Pass the experts' LoRA adapters with "
                 "`expert_sources={name: folder}`."
             )
+        _check_topk_in_scaling_pass(saved, f"{path}/adapter_config.json")
         config = XLoraConfig(
             adapters=sources,
             task_type=saved.get("task_type"),
@@ -201,6 +204,23 @@ def from_peft_builtin(
         model = get_peft_model(base_model, config)
     _load_classifier(model, classifier, f"{path}/adapter_model.safetensors", builtin=True)
     return _finish(model, is_trainable)
+
+
+def _check_topk_in_scaling_pass(saved: dict[str, Any], where: str) -> None:
+    """Refuses a PEFT built-in config whose scaling pass peft-xlora would compute differently.
+
+    PEFT's built-in applies `top_k_lora` to the scaling pass's equal weights too, keeping k experts there by
+    tie-breaking; peft-xlora (like mistral.rs) keeps every expert there. With `scaling_pass_value` 0 both are the
+    plain base model.
+    """
+    if saved.get("top_k_lora") is None or not saved.get("scaling_pass_value"):
+        return
+    raise ValueError(
+        f"{where} sets top_k_lora={saved['top_k_lora']} and scaling_pass_value={saved['scaling_pass_value']}: PEFT's "
+        "built-in X-LoRA then keeps only k of the experts in the scaling pass (chosen by tie-breaking among equal "
+        "weights), which peft-xlora does not reproduce; the migrated model would compute other outputs. To migrate it "
+        'anyway, knowing its outputs change, set "scaling_pass_value": 0 (or "top_k_lora": null) in that file.'
+    )
 
 
 def _load_classifier(model: PeftModel, state: dict[str, torch.Tensor], where: str, builtin: bool) -> None:
@@ -311,6 +331,16 @@ def from_xlora_package(
             weight, bias = w.double() @ weight.double(), w.double() @ bias.double() + b.double()
         linears = [(weight.to(linears[-1][0].dtype), bias.to(linears[-1][1].dtype))]
     gating = {k: saved[k] for k in _GATING_FIELDS if k in saved and k not in ("xlora_depth", "enable_softmax_topk")}
+    if saved.get("top_k_lora") is not None and saved.get("scaling_pass_value"):
+        # the folder may be the original package's (top-k on the scaling pass too) or mistral.rs's (not): unknowable
+        warnings.warn(
+            f"{path}/xlora_config.json sets top_k_lora and a scaling_pass_value other than 0. The original xlora "
+            "package applies top-k to the scaling pass's equal weights too (keeping k experts there by "
+            "tie-breaking); peft-xlora and mistral.rs keep every expert there. If the original package trained this "
+            "checkpoint, the migrated model computes other outputs.",
+            MigrationWarning,
+            stacklevel=2,
+        )
     config = XLoraConfig(
         adapters=sources,
         task_type="CAUSAL_LM",
