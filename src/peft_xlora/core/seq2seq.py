@@ -63,11 +63,6 @@ def reads_source(name: str) -> bool:
 def check_seq2seq_supported(model: nn.Module, config: XLoraConfig) -> None:
     """Refuses, before anything is built, the options an encoder-decoder model cannot take."""
     name = type(model).__name__
-    if not (callable(getattr(model, "get_encoder", None)) and callable(getattr(model, "get_decoder", None))):
-        raise ValueError(
-            f"X-LoRA gates an encoder-decoder model through its `get_encoder()` and `get_decoder()`, which {name} "
-            "does not have. Supported: transformers' encoder-decoder models such as BART and T5; see docs/models.md."
-        )
     if config.scaling_pass_layers is not None:
         raise ValueError(
             f"`scaling_pass_layers` is not supported for encoder-decoder models ({name}): the decoder's scaling pass "
@@ -234,7 +229,10 @@ class Seq2SeqMixin:
         for name in self.mixture_layer_names:
             if reads_source(name):
                 layer = model.get_submodule(name)
-                hooks += [layer.register_forward_pre_hook(_pass_source), layer.register_forward_hook(_pop, always_call=True)]
+                hooks += [
+                    layer.register_forward_pre_hook(_pass_source),
+                    layer.register_forward_hook(_pop, always_call=True),
+                ]
         self._seq2seq_hooks = hooks
         self._latest_encoder_scalings: torch.Tensor | None = None
 
@@ -425,7 +423,9 @@ class Seq2SeqMixin:
             if not (isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:2]):
                 mask = None
             with torch.autocast(logits.device.type, enabled=False):
-                terms = router_losses(logits, self.xlora_config.softmax_temperature, self.xlora_config.top_k_lora, mask)
+                terms = router_losses(
+                    logits, self.xlora_config.softmax_temperature, self.xlora_config.top_k_lora, mask
+                )
             for name, value in terms.items():
                 totals[name] = totals[name] + value if name in totals else value
         self._latest_router_losses = {name: value.detach() for name, value in totals.items()}
