@@ -116,7 +116,10 @@ def _carrier_class(cls: type[nn.Module]) -> type[nn.Module]:
             with use_routing(routing):
                 return super().forward(*args, **kwargs)
 
-    Carrier.__name__ = Carrier.__qualname__ = f"XLora{cls.__name__}"
+    # The original class's name: accelerate finds the layers to shard or keep whole by class name (FSDP's
+    # `transformer_cls_names_to_wrap`, the model's `_no_split_modules` under `device_map`).
+    Carrier.__name__ = cls.__name__
+    Carrier.__qualname__ = f"XLora{cls.__qualname__}"
     Carrier.__module__ = __name__
     Carrier._xlora_original_class = cls
     _CARRIER_CLASSES[cls] = Carrier
