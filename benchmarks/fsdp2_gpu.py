@@ -5,7 +5,7 @@ gloo); this script is the same check on real devices, where the plugin is on by 
 tiny random Llama with two random experts, compares the gathered gate gradient with rank 0's single-process gradient
 on the same global batch, and saves the gathered checkpoint.
 
-    accelerate launch --num_processes 2 examples/train_fsdp2.py /tmp/xlora-fsdp2
+    accelerate launch --num_processes 2 benchmarks/fsdp2_gpu.py /tmp/xlora-fsdp2
 """
 
 from __future__ import annotations
