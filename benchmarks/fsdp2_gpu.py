@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from peft import LoraConfig, get_peft_model
-from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_xlora
@@ -66,7 +65,7 @@ def main(out_dir: str) -> None:
         accelerator.backward(model(input_ids=shard, labels=shard).loss)
         grads = {n: p.grad.full_tensor().cpu() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-        state = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+        state = accelerator.get_state_dict(model)  # every process calls it; the main one gets the full tensors
         if accelerator.is_main_process:
             for name, grad in reference.items():
                 torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -63,12 +63,15 @@ def _fsdp_worker(expert_dirs: dict, variant: str, out_dir: str) -> None:
     accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
     assert accelerator.num_processes == 2 and dist.get_backend() == "gloo"
     # accelerate turns the plugin on only for accelerator devices (MULTI_GPU and the like), never MULTI_CPU; set what
-    # it would have set, so `prepare`, `backward` and `get_state_dict` take their FSDP2 paths on gloo.
+    # it would have set, so `prepare`, `backward` and `get_state_dict` take their FSDP2 paths on gloo (`prepare` sets
+    # the CPU type back afterwards, so it is set again).
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     model = _build(expert_dirs, variant)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    assert accelerator.is_fsdp2
     # Every parameter is sharded: the frozen stacked factors and the classifier too.
     assert any(isinstance(m, FSDPModule) for m in model.modules())
     names = dict(model.named_parameters())
@@ -79,11 +82,11 @@ def _fsdp_worker(expert_dirs: dict, variant: str, out_dir: str) -> None:
     accelerator.backward(loss)
     grads = {n: p.grad.full_tensor() for n, p in names.items() if p.grad is not None}
     optimizer.step()
-    # Gathered in full on every rank (a collective). accelerate's `get_state_dict` returned the DTensor shards here
-    # (forced FSDP2 on CPU), so the shards are gathered directly.
-    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    # A collective: every rank calls it; rank 0 gets the full tensors (on the CPU), the others an empty dict.
+    state = accelerator.get_state_dict(model)
     losses = accelerator.gather(loss.detach()[None])
     if accelerator.is_main_process:
+        assert not any(isinstance(v, DTensor) for v in state.values())
         peft_model = accelerator.unwrap_model(model)
         peft_model.save_pretrained(os.path.join(out_dir, "checkpoint"), state_dict=state)
         torch.save({"grads": grads, "losses": losses, "state": state}, os.path.join(out_dir, "rank0.pt"))
