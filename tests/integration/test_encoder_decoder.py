@@ -1,10 +1,11 @@
 """Encoder-decoder models (tiny random BART and T5): each stack gated by its own tokens' scalings.
 
 Two distinct random LoRA experts (ranks 2 and 4, `init_lora_weights=False`, task SEQ_2_SEQ_LM) adapt the encoder, the
-decoder's self-attention and its cross-attention (queries, keys and values). Pinned to one expert, X-LoRA is that
-expert's PEFT model exactly; gated, it equals a plain reference of the two-stack gating written here with hooks on the
-unwrapped model; cached generation (greedy and beams) equals uncached; a training step moves only the gate (with and
-without gradient checkpointing, the same gradient); a saved model reloads exactly.
+decoder's self-attention and its cross-attention (queries, keys and values), and both stacks' token embeddings.
+Pinned to one expert, X-LoRA is that expert's PEFT model exactly; gated, it equals a plain reference of the two-stack
+gating written here with hooks on the unwrapped model; cached generation (greedy and beams) equals uncached; a
+training step moves only the gate (with and without gradient checkpointing, the same gradient); a saved model
+reloads exactly.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ ARCHS = {
                 decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
             )
         ),
-        (["q_proj", "k_proj", "v_proj"], ["fc1", "out_proj", "v_proj"]),
+        (["q_proj", "k_proj", "v_proj"], ["fc1", "out_proj", "v_proj", "embed_tokens"]),
     ),
     "t5": (
         lambda: tf.T5ForConditionalGeneration(
             tf.T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
                         decoder_start_token_id=0)
         ),
-        (["q", "k", "v"], ["wi", "o", "v"]),
+        (["q", "k", "v"], ["wi", "o", "v", "embed_tokens"]),
     ),
 }  # fmt: skip
 
@@ -63,6 +64,10 @@ def experts(request, tmp_path_factory):
                 init_lora_weights=False,
             ),
         )
+        with torch.no_grad():  # PEFT zero-initialises B of embedding LoRAs even with init_lora_weights=False
+            for name, param in lora.named_parameters():
+                if "lora_embedding_B" in name:
+                    param.copy_(torch.randn_like(param) * 0.3)
         path = tmp_path_factory.mktemp(f"{arch}-expert{i}")
         lora.save_pretrained(path)
         paths[f"expert{i}"] = str(path)
@@ -111,11 +116,12 @@ def _expert_factors(paths: dict) -> dict[str, list[tuple[int, torch.Tensor, torc
         config = LoraConfig.from_pretrained(path)
         weights = load_peft_weights(path)
         for key, A in weights.items():
-            if ".lora_A." not in key:
-                continue
-            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-            B = weights[key.replace(".lora_A.", ".lora_B.")]
-            factors.setdefault(module, []).append((e, A, B, config.lora_alpha / config.r))
+            # Embedding factors are saved as (r, vocab) and (dim, r): the same layout as the Linear ones.
+            for a, b in ((".lora_A.", ".lora_B."), (".lora_embedding_A", ".lora_embedding_B")):
+                if a in key:
+                    module = key.removeprefix("base_model.model.").split(a)[0]
+                    B = weights[key.replace(a, b)]
+                    factors.setdefault(module, []).append((e, A, B, config.lora_alpha / config.r))
     return factors
 
 
@@ -140,7 +146,8 @@ def _reference_logits(arch: str, paths: dict, tuner, batch: dict, layerwise: boo
             s = s[:, :, names.index(name) if layerwise else 0] if s.dim() == 4 else s  # (batch|1, seq|1, E)
             own = [(A, B, scale) for _, A, B, scale in factors[name]]
             columns = [e for e, _, _, _ in factors[name]]
-            return mixture_reference(args[0], out, own, s[..., columns].expand(*out.shape[:2], -1))
+            embedding = isinstance(module, torch.nn.Embedding)
+            return mixture_reference(args[0], out, own, s[..., columns].expand(*out.shape[:2], -1), embedding)
 
         return add
 
