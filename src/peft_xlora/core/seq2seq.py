@@ -303,7 +303,7 @@ class Seq2SeqMixin:
                 "Load it with `PeftModel.from_pretrained(base_model, checkpoint)` or transformers' "
                 "`model.load_adapter(checkpoint)`."
             )
-        if requested_scalings_mode() not in (None, "token"):
+        if (requested_scalings_mode() or self.xlora_config.scalings_mode) != "token":  # also after `update_config`
             raise ValueError(_PROMPT_MODE.format(name=type(self.model).__name__))
         return True
 
