@@ -333,3 +333,24 @@ def test_refused_options_and_inputs(experts):
         model(**batch, cache=filled, use_cache=True)
     with pytest.raises(ValueError, match="X-LoRA cannot cache an encoder-decoder model"):
         model(**batch, cache=filled, use_cache=True)
+
+
+def test_seq2seq_trainer_trains_the_gate_and_its_checkpoint_reloads(experts, tmp_path):
+    # transformers' Seq2SeqTrainer: source/label pairs, only the gate moves, the saved checkpoint reloads exactly.
+    arch, paths = experts
+    model = xlora(arch, paths)
+    generator = torch.Generator().manual_seed(5)
+    sources = torch.randint(3, VOCAB, (8, SRC), generator=generator)
+    data = [{"input_ids": s, "labels": (s[:TGT] * 7) % (VOCAB - 3) + 3} for s in sources]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = tf.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=5e-2,
+        report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    tf.Seq2SeqTrainer(model=model, args=args, train_dataset=data).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("xlora_classifier" in n for n in changed)
+    model.eval()
+    loaded = PeftModel.from_pretrained(build(arch), tmp_path / "out" / "checkpoint-2").eval()
+    batch = inputs()
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
