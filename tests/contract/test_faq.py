@@ -122,10 +122,18 @@ def inputs_on_other_device(expert_dirs, tmp_path, monkeypatch):
 
 
 def encoder_decoder(expert_dirs, tmp_path, monkeypatch):
+    from peft import LoraConfig
     from transformers import T5Config, T5ForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
-    get_peft_model(t5, peft_xlora.XLoraConfig(task_type="SEQ_2_SEQ_LM", adapters=expert_dirs["llama"]))
+    def t5():
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(
+            T5Config(vocab_size=97, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+        )
+
+    get_peft_model(t5(), LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q"])).save_pretrained(tmp_path / "e")
+    model = get_peft_model(t5(), peft_xlora.XLoraConfig(task_type="SEQ_2_SEQ_LM", adapters={"e": str(tmp_path / "e")}))
+    model(input_ids=input_ids())
 
 
 def built_from_saved_config(expert_dirs, tmp_path, monkeypatch):

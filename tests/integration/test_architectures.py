@@ -63,6 +63,12 @@ class Arch:
         torch.manual_seed(0)
         return self.model_cls(self.config_cls(**self.config)).eval()
 
+    def inputs(self, ids: torch.Tensor) -> dict:
+        """A forward's inputs: encoder-decoder models also get a target (decoder) sequence, here the reversed ids."""
+        if self.task == "SEQ_2_SEQ_LM":
+            return {"input_ids": ids, "decoder_input_ids": ids.flip(-1)}
+        return {"input_ids": ids}
+
 
 ARCHS = [
     Arch("llama", tf.LlamaConfig, tf.LlamaForCausalLM, DECODER),
@@ -105,11 +111,10 @@ ARCHS = [
     Arch("bart", tf.BartConfig, tf.BartForConditionalGeneration,
          {"vocab_size": VOCAB, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
           "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_position_embeddings": 64},
-         (["q_proj"], ["fc1"]), task="SEQ_2_SEQ_LM", refused="does not support encoder-decoder models"),
+         (["q_proj", "v_proj"], ["fc1", "k_proj"]), task="SEQ_2_SEQ_LM"),
     Arch("t5", tf.T5Config, tf.T5ForConditionalGeneration,
          {"vocab_size": VOCAB, "d_model": 16, "d_ff": 32, "d_kv": 8, "num_layers": 1, "num_heads": 2,
-          "decoder_start_token_id": 0}, (["q"], ["wi"]), task="SEQ_2_SEQ_LM",
-         refused="does not support encoder-decoder models"),
+          "decoder_start_token_id": 0}, (["q", "v"], ["wi", "k"]), task="SEQ_2_SEQ_LM"),
 ]  # fmt: skip
 SUPPORTED = [a for a in ARCHS if a.refused is None]
 REFUSED = [a for a in ARCHS if a.refused is not None]
@@ -171,18 +176,18 @@ def test_supported_architecture(arch, tmp_path):
         assert float(scale) != 1.0  # the check below would not notice an ignored scale otherwise
     for name, path in paths.items():
         model.set_static_scalings({name: 1.0})
-        ours = output_of(model(input_ids=ids))
+        ours = output_of(model(**arch.inputs(ids)))
         reference = PeftModel.from_pretrained(arch.build(), path).eval()
-        torch.testing.assert_close(ours, output_of(reference(input_ids=ids)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, output_of(reference(**arch.inputs(ids))), rtol=1e-5, atol=1e-5)
     model.set_static_scalings(None)
 
     # Gated: per-token scalings, one row per adapted layer, rows sum to 1, output differs from the base model.
-    out = output_of(model(input_ids=ids))
+    out = output_of(model(**arch.inputs(ids)))
     scalings = model.get_latest_scalings()
     assert scalings.shape == (BATCH, SEQ, len(adapted), 2)
     torch.testing.assert_close(scalings.sum(-1), torch.ones(scalings.shape[:-1]))
     with model.disable_adapter():
-        assert not torch.allclose(out, output_of(model(input_ids=ids)), atol=1e-4)
+        assert not torch.allclose(out, output_of(model(**arch.inputs(ids))), atol=1e-4)
 
     # One training step: only the gate gets gradients, and it moves.
     model.train()
@@ -202,13 +207,20 @@ def test_supported_architecture(arch, tmp_path):
     # The trained model saves and loads back exactly (the model's own head is not saved; the experts' heads are).
     model.save_pretrained(tmp_path / "xlora")
     loaded = PeftModel.from_pretrained(arch.build(), tmp_path / "xlora").eval()
-    torch.testing.assert_close(output_of(loaded(input_ids=ids)), output_of(model(input_ids=ids)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        output_of(loaded(**arch.inputs(ids))), output_of(model(**arch.inputs(ids))), rtol=0, atol=0
+    )
 
     # Generation: with the KV cache of both passes, the same tokens as without a cache.
     if arch.task == "CAUSAL_LM":
         kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
         cached = model.generate(**kwargs)
         assert cached.shape == (BATCH, SEQ + 3)
+        assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
+    elif arch.task == "SEQ_2_SEQ_LM":  # the decoder starts from its start token; random models stop early otherwise
+        kwargs = {"input_ids": ids, "max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+        cached = model.generate(**kwargs)
+        assert cached.shape == (BATCH, 4)
         assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
 
 

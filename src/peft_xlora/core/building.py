@@ -22,13 +22,7 @@ _SUPPORTED_LAYERS = (
 
 
 def check_model_supported(model: nn.Module, config: XLoraConfig) -> None:
-    """Refuses, before anything is built, the models whose scaling pass cannot give one hidden state per token."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError(
-            f"X-LoRA does not support encoder-decoder models ({type(model).__name__}): its gate gives one set of "
-            "scalings per token of one sequence, and an encoder-decoder model runs two sequences (source and "
-            "target) through different layers. Supported: decoder-only and encoder-only models; see docs/models.md."
-        )
+    """Refuses, before anything is built, the task types X-LoRA cannot train (encoder-decoder models: seq2seq.py)."""
     if config.task_type == "TOKEN_CLS":
         raise ValueError(
             "task_type='TOKEN_CLS' is not supported: PEFT's token-classification wrapper needs `modules_to_save` for "

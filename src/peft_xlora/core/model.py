@@ -39,10 +39,11 @@ from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
 from .routing import install_carriers, remove_carriers
 from .scalings_log import ScalingsLogMixin
+from .seq2seq import Seq2SeqMixin, check_seq2seq_supported, is_encoder_decoder
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
 
 
-class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
+class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -99,6 +100,8 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         self._static_scalings: torch.Tensor | None = None
         self._latest_scalings: torch.Tensor | None = None
         check_model_supported(model, config)
+        if is_encoder_decoder(model):
+            check_seq2seq_supported(model, config)
         infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
@@ -126,6 +129,8 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
             self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
         add_classifier(model, config, n_layers=len(self.mixture_layer_names), n_experts=len(experts))
         self._mark_only_adapters_as_trainable(model)
+        if is_encoder_decoder(model):
+            self._install_seq2seq(model)  # each stack gated by its own tokens (seq2seq.py)
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, always_call=True),
@@ -221,6 +226,7 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._remove_seq2seq()
         if CLASSIFIER_NAME in self.model._modules:
             del self.model._modules[CLASSIFIER_NAME]
         return self.model

@@ -15,6 +15,7 @@ arguments and so sees exactly the scalings of its own forward, even with several
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -36,11 +37,21 @@ class Routing:
         scaling_pass: True while the scaling pass runs, so a nested call of the top model does not route again.
         router_loss: The weighted router regularisers of this forward (a scalar with grad), added to the model's
             loss after the forward; None when they are off.
+        source_scalings: Encoder-decoder models, in the decoder: the source tokens' scalings, read by the
+            cross-attention key/value layers (see seq2seq.py); None otherwise.
     """
 
     scalings: torch.Tensor | None
     scaling_pass: bool = False
     router_loss: torch.Tensor | None = None
+    source_scalings: torch.Tensor | None = None
+
+
+def _routing_tensors(routing: Routing | None) -> tuple[torch.Tensor, ...]:
+    """The scalings a checkpointed layer must receive as positional arguments (see `_carrier_class`)."""
+    if routing is None:
+        return ()
+    return tuple(t for t in (routing.scalings, routing.source_scalings) if t is not None)
 
 
 # A stack, so nested forwards restore what was current before them. Tuples, never mutated: a copied context (a new
@@ -88,8 +99,7 @@ def _carrier_class(cls: type[nn.Module]) -> type[nn.Module]:
         # tensors, so this is how the classifier gets its gradient through a recomputed layer.
         def __call__(self, *args, **kwargs):
             routing = current_routing()
-            if routing is not None and routing.scalings is not None:
-                args = (*args, routing.scalings)
+            args = (*args, *_routing_tensors(routing))
             kwargs[_ROUTING_KWARG] = routing
             return super().__call__(*args, **kwargs)
 
@@ -97,13 +107,19 @@ def _carrier_class(cls: type[nn.Module]) -> type[nn.Module]:
             if _ROUTING_KWARG not in kwargs:  # forward called directly, not through __call__
                 return super().forward(*args, **kwargs)
             routing = kwargs.pop(_ROUTING_KWARG)
-            if routing is not None and routing.scalings is not None:
-                *args, scalings = args
-                routing = Routing(scalings, routing.scaling_pass)  # the (possibly recomputation's) tensor
+            n = len(_routing_tensors(routing))
+            if n:
+                args, tensors = args[:-n], list(args[-n:])  # the (possibly recomputation's) tensors
+                scalings = tensors.pop(0) if routing.scalings is not None else None
+                source = tensors.pop(0) if routing.source_scalings is not None else None
+                routing = dataclasses.replace(routing, scalings=scalings, source_scalings=source, router_loss=None)
             with use_routing(routing):
                 return super().forward(*args, **kwargs)
 
-    Carrier.__name__ = Carrier.__qualname__ = f"XLora{cls.__name__}"
+    # The original class's name: accelerate finds the layers to shard or keep whole by class name (FSDP's
+    # `transformer_cls_names_to_wrap`, the model's `_no_split_modules` under `device_map`).
+    Carrier.__name__ = cls.__name__
+    Carrier.__qualname__ = f"XLora{cls.__qualname__}"
     Carrier.__module__ = __name__
     Carrier._xlora_original_class = cls
     _CARRIER_CLASSES[cls] = Carrier
