@@ -15,7 +15,7 @@ from torch import nn
 from .building import embeddings
 from .classifier import gate
 from .generation import CACHE_KWARGS, XLoraCache, hold_uncached, input_length, prepare_cache
-from .regularisers import router_losses
+from .regularisers import router_losses, warn_if_loss_ignores_router
 from .routing import Routing, current_routing, pop_routing, push_routing
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ _NOT_FOR_SCALING_PASS = frozenset(
         "output_attentions",
         "output_hidden_states",
         "return_dict",
+        "fused_lm_head",  # TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) and its loss arguments
+        "shift_labels",
+        "num_items_in_batch",
     }
 )
 
@@ -62,6 +65,7 @@ def _add_router_loss(output: Any, router_loss: torch.Tensor) -> Any:
     """Adds the router regularisers to a transformers output's loss and records them as its `router_loss`."""
     if not isinstance(output, dict):  # return_dict=False: a tuple whose layout depends on the model
         return None
+    warn_if_loss_ignores_router(output)
     if output.get("loss") is not None:
         output["loss"] = output["loss"] + router_loss.to(output["loss"].device)
     output["router_loss"] = router_loss
