@@ -13,6 +13,7 @@ from .compat.original import XLoraCompatWarning, add_xlora_to_model, from_pretra
 from .core.checkpoint import CheckpointError, check_checkpoint_dir
 from .core.classifier import XLoraClassifier
 from .core.config import XLoraConfig
+from .core.elastic import ExpertChangeWarning
 from .core.experts import ExpertError
 from .core.layer import XLoraLayer
 from .core.model import XLoraModel
@@ -47,6 +48,7 @@ def __getattr__(name: str) -> type:
 __all__ = [
     "PEFT_XLORA",
     "CheckpointError",
+    "ExpertChangeWarning",
     "ExpertError",
     "MigrationWarning",
     "RouterLossMixin",

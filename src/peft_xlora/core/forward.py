@@ -159,6 +159,7 @@ class ForwardMixin:
                 top_k=config.top_k_lora,
                 softmax_topk=config.enable_softmax_topk,
                 global_weight=config.global_scaling_weight,
+                active=getattr(self, "_active_experts", None),  # `set_active_experts` (core/elastic.py)
             )
         self._check_finite(scalings, hidden)
         scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)

@@ -20,6 +20,7 @@ from .building import (
 from .classifier import XLoraClassifier
 from .config import XLoraConfig
 from .devices import execution_device, last_module_with_weights
+from .elastic import ElasticMixin
 from .experts import compact_targets
 from .forward import ForwardMixin
 from .gating import GatingMixin
@@ -34,7 +35,7 @@ from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, 
 CLASSIFIER_NAME = "xlora_classifier"
 
 
-class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
+class XLoraModel(ForwardMixin, GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -90,6 +91,7 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         self._enabled = True
         self._static_scalings: torch.Tensor | None = None
         self._latest_scalings: torch.Tensor | None = None
+        self._active_experts: torch.Tensor | None = None  # `set_active_experts`: (n_experts,) bool, None = all
         check_model_supported(model, config)
         infer_hidden_size(model, config)
 
