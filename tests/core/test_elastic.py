@@ -311,3 +311,24 @@ def test_add_expert_on_a_model_built_from_a_config(expert_dirs, new_expert):
     model = get_peft_model(tiny_llama(), XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"]))
     model.add_expert("new", new_expert)
     assert model.peft_config["default"].expert_order == ["math", "code", "poetry", "new"]
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_added_layers_train_under_gradient_checkpointing(expert_dirs, new_expert, mode):
+    # The new k_proj mixture layers get their scalings through checkpointed decoder layers like the others.
+    def grads(checkpointing):
+        model = build(expert_dirs, layerwise_scalings=True, use_trainable_adapters=True)
+        model.add_expert("new", new_expert, logit_offset=2.0)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        model.train()
+        ids = input_ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    assert any("k_proj" in n for n in plain)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None and float(grad.abs().sum()) > 0, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)

@@ -306,3 +306,29 @@ def test_xlora_sft_trainer_without_regularisers_is_sft_trainer(tmp_path, expert_
     a = plain.compute_loss(plain.model.train(), dict(batch))
     b = mixed.compute_loss(mixed.model.train(), dict(batch))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_xlora_sft_trainer_router_loss_under_gradient_accumulation(tmp_path, expert_dirs):
+    # Two micro-batches of one accumulated step: TRL normalises its NLL by the token count of both (num_items_in_batch)
+    # and the router regularisers count once per step, as the mean over the micro-batches (like TRL's MoE aux loss).
+    trainer = make_trainer(
+        expert_dirs, tmp_path, trainer_cls=peft_xlora.XLoraSFTTrainer, save_strategy="no", xlora=REGULARISED
+    )
+    model = trainer.model.train()
+    docs = documents()[:4]
+    batches = [padded_batch(docs[:2]), padded_batch(docs[2:])]
+    n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    trainer.current_gradient_accumulation_steps = 2
+    for batch in batches:
+        trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(n_items))
+    grads = [p.grad.clone() for p in _params(model)]
+    model.zero_grad()
+
+    total = 0.0
+    for batch in batches:
+        out = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total = total + (out.loss - out.router_loss) * n / n_items + out.router_loss / 2
+    expected = torch.autograd.grad(total, _params(model))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
