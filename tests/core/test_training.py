@@ -83,3 +83,20 @@ def test_training_the_gate_routes_to_the_right_expert(expert_dirs):
     assert after < 0.5 * before
     mean_scalings = model.get_latest_scalings().mean(dim=(0, 1, 2))
     assert mean_scalings.argmax().item() == 1, mean_scalings
+
+
+def test_xlora_sft_trainer_without_trl_says_how_to_install(monkeypatch):
+    import sys
+
+    import peft_xlora
+    from peft_xlora.core import training
+
+    training.sft_trainer_class.cache_clear()
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError, as where TRL is not installed
+    try:
+        with pytest.raises(ImportError, match=r"XLoraSFTTrainer needs TRL: `pip install 'trl>=1.16,<2'`"):
+            peft_xlora.XLoraSFTTrainer  # noqa: B018
+    finally:
+        training.sft_trainer_class.cache_clear()
+    with pytest.raises(AttributeError, match="has no attribute 'XLoraSFTTrainers'"):
+        peft_xlora.XLoraSFTTrainers  # noqa: B018

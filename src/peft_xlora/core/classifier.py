@@ -71,6 +71,7 @@ def gate(
     top_k: int | None = None,
     softmax_topk: bool = False,
     global_weight: float = 1.0,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Turns classifier logits into scalings, in float32.
 
@@ -81,14 +82,20 @@ def gate(
         top_k: Keep the k largest scalings per row and zero the rest.
         softmax_topk: With `top_k`, the kept scalings become a softmax over their own logits (they sum to 1).
         global_weight: Multiplies the result.
+        active: (n_experts,) bool, the experts that may be chosen (`set_active_experts`); the others get 0, and a
+            softmax renormalises over the rest. None: all.
 
     Returns:
         (..., n_experts) float32 scalings.
     """
     z = logits.float()
+    if active is not None:  # a masked expert's logit is -inf: it is never in the top k and a softmax skips it
+        z = z.masked_fill(~active.to(z.device), float("-inf"))
     if enable_softmax or softmax_topk:
         z = z / temperature
     scalings = torch.softmax(z, dim=-1) if enable_softmax else z
+    if active is not None and not enable_softmax:
+        scalings = scalings.masked_fill(~active.to(z.device), 0.0)
     if top_k is not None and top_k < scalings.shape[-1]:
         kept = torch.topk(z, top_k, dim=-1).indices  # softmax keeps the order, so rank by logits
         mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, kept, True)

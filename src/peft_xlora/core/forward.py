@@ -16,7 +16,7 @@ from torch import nn
 from .building import embeddings
 from .classifier import gate
 from .generation import CACHE_KWARGS, XLoraCache, hold_uncached, input_length, prepare_cache
-from .regularisers import router_losses
+from .regularisers import router_losses, warn_if_loss_ignores_router
 from .routing import Routing, current_routing, pop_routing, push_routing
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ _NOT_FOR_SCALING_PASS = frozenset(
         "output_attentions",
         "output_hidden_states",
         "return_dict",
+        "fused_lm_head",  # TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) and its loss arguments
+        "shift_labels",
+        "num_items_in_batch",
     }
 )
 
@@ -63,6 +66,7 @@ def _add_router_loss(output: Any, router_loss: torch.Tensor) -> Any:
     """Adds the router regularisers to a transformers output's loss and records them as its `router_loss`."""
     if not isinstance(output, dict):  # return_dict=False: a tuple whose layout depends on the model
         return None
+    warn_if_loss_ignores_router(output)
     if output.get("loss") is not None:
         output["loss"] = output["loss"] + router_loss.to(output["loss"].device)
     output["router_loss"] = router_loss
@@ -156,6 +160,7 @@ class ForwardMixin:
                 top_k=config.top_k_lora,
                 softmax_topk=config.enable_softmax_topk,
                 global_weight=config.global_scaling_weight,
+                active=getattr(self, "_active_experts", None),  # `set_active_experts` (core/elastic.py)
             )
         self._check_finite(scalings, hidden)
         scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)

@@ -21,6 +21,7 @@ from .building import (
 )
 from .classifier import XLoraClassifier
 from .config import XLoraConfig
+from .elastic import ElasticMixin
 from .experts import compact_targets
 from .forward import ForwardMixin
 from .gating import GatingMixin
@@ -43,7 +44,7 @@ from .seq2seq import Seq2SeqMixin, check_seq2seq_supported, is_encoder_decoder
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
 
 
-class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
+class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -99,6 +100,7 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ScalingsLogMixin, Base
         self._enabled = True
         self._static_scalings: torch.Tensor | None = None
         self._latest_scalings: torch.Tensor | None = None
+        self._active_experts: torch.Tensor | None = None  # `set_active_experts`: (n_experts,) bool, None = all
         check_model_supported(model, config)
         if is_encoder_decoder(model):
             check_seq2seq_supported(model, config)

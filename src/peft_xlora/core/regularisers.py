@@ -14,7 +14,53 @@ per layer slot with layerwise scalings), in float32, over the tokens the attenti
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
 import torch
+
+
+class RouterLossWarning(UserWarning):
+    """The router regularisers are on, but the trainer computes its loss without them."""
+
+
+# True while a trainer that adds `router_loss` to its own loss (`RouterLossMixin`) runs `compute_loss`.
+_APPLIED_BY_TRAINER: ContextVar[bool] = ContextVar("peft_xlora_router_loss_applied", default=False)
+_warned = False
+
+
+@contextlib.contextmanager
+def router_loss_applied_by_trainer() -> Iterator[None]:
+    """Marks the enclosed forwards as ones whose trainer adds `output.router_loss` to its loss itself."""
+    token = _APPLIED_BY_TRAINER.set(True)
+    try:
+        yield
+    finally:
+        _APPLIED_BY_TRAINER.reset(token)
+
+
+def warn_if_loss_ignores_router(output: Mapping[str, Any]) -> None:
+    """Warns once when `output` comes from a fused LM head (TRL), whose trainer never reads `output.loss`.
+
+    TRL's trainers call the model with `fused_lm_head=True` and compute the loss from the returned per-token
+    `log_probs`, so the router regularisers added to `output.loss` would be dropped without a word.
+    """
+    global _warned
+    fused = "log_probs" in output and "label_mask" in output and output.get("logits") is None
+    if _warned or not fused or _APPLIED_BY_TRAINER.get():
+        return
+    _warned = True
+    warnings.warn(
+        "X-LoRA's router regularisers (router_load_balancing_coef / router_entropy_coef) are on, but this model was "
+        "called with a fused LM head (TRL's trainers), whose loss is computed from `log_probs`, not from "
+        "`output.loss`: the regularisers are not applied. Train with `peft_xlora.XLoraSFTTrainer`, or add "
+        "`peft_xlora.RouterLossMixin` first to your TRL trainer class (`class T(RouterLossMixin, DPOTrainer)`).",
+        RouterLossWarning,
+        stacklevel=2,
+    )
 
 
 def router_losses(

@@ -1,13 +1,17 @@
-"""Training helpers: optimizer parameter groups with separate learning rates for the classifier and the experts."""
+"""Training helpers: optimizer parameter groups per kind of weight, and the router regularisers under TRL."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .heads import head_mixtures
-from .model import find_tuner
+from .model import find_tuner, find_tuners
+from .regularisers import router_loss_applied_by_trainer
 
 
 def optimizer_param_groups(
@@ -50,3 +54,63 @@ def optimizer_param_groups(
     if not groups:
         raise ValueError("Nothing in this X-LoRA model trains (loaded with inference_mode=True?).")
     return groups
+
+
+class RouterLossMixin:
+    """Adds X-LoRA's router regularisers to the loss of a trainer that computes its loss itself (TRL's trainers).
+
+    `Trainer` takes `output.loss`, which already holds the regularisers. TRL's `SFTTrainer` computes its loss from the
+    per-token log-probabilities of its fused LM head and never reads `output.loss`; put this class first in the bases
+    (`class MyTrainer(RouterLossMixin, SFTTrainer)`, or use `XLoraSFTTrainer`) and the weighted regularisers of the
+    step's forward (`output.router_loss`) are added to the loss it returns. Like TRL's own MoE auxiliary loss, they
+    are a per-micro-batch mean: divided by the gradient-accumulation steps when the loss is normalised by the token
+    count of the whole accumulated batch (`num_items_in_batch`).
+    """
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The trainer's own loss plus the X-LoRA router regularisers of the forward that computed it."""
+        captured: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, Mapping) and output.get("router_loss") is not None:
+                captured.append(output["router_loss"])
+
+        # Registered after the tuner's own hook, so they see the `router_loss` it adds to the output.
+        handles = [t.model.register_forward_hook(keep) for t in find_tuners(model)]
+        try:
+            with router_loss_applied_by_trainer():
+                result = super().compute_loss(  # type: ignore[misc]
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not captured:
+            return result
+        # The forward the loss came from is the first that built a graph (TRL may run more, without grad, for its
+        # metrics); without grad (evaluation) it is the first.
+        router_loss = next((r for r in captured if r.requires_grad), captured[0])
+        if num_items_in_batch is not None:
+            router_loss = router_loss / getattr(self, "current_gradient_accumulation_steps", 1)
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + router_loss.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+
+@functools.cache
+def sft_trainer_class() -> type:
+    """`peft_xlora.XLoraSFTTrainer`: TRL's `SFTTrainer` with `RouterLossMixin`; imports `trl` on first use."""
+    try:
+        from trl import SFTTrainer
+    except ImportError as exc:
+        raise ImportError(
+            "XLoraSFTTrainer needs TRL: `pip install 'trl>=1.16,<2'` (or `pip install peft-xlora[trl]`)."
+        ) from exc
+
+    class XLoraSFTTrainer(RouterLossMixin, SFTTrainer):
+        """TRL's `SFTTrainer` that also trains with X-LoRA's router regularisers (see `RouterLossMixin`)."""
+
+    XLoraSFTTrainer.__module__ = "peft_xlora"
+    return XLoraSFTTrainer
