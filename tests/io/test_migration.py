@@ -219,7 +219,7 @@ def test_migrated_model_is_frozen_unless_trainable(tmp_path, expert_dirs):
     assert isinstance(trainable.base_model.xlora_classifier.layers[0], nn.Linear)
 
 
-# ---------------------------------------------------------------------------------------------------- hostile checkpoints
+# ------------------------------------------------------------------------------------------------ hostile checkpoints
 # Migration reads and writes only inside the checkpoint folder it is given: the config is untrusted input.
 
 
