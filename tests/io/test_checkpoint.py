@@ -16,8 +16,7 @@ import peft_xlora
 from helpers.models import EXPERT_SPECS, input_ids, make_expert, tiny_llama
 from peft_xlora import CheckpointError, XLoraConfig, save_pretrained
 from peft_xlora.core.checkpoint import WEIGHTS_NAME
-from peft_xlora.io import files
-from peft_xlora.io import card
+from peft_xlora.io import card, files
 
 
 def perturb_trainable(model, seed=1):
@@ -283,6 +282,13 @@ def test_save_replaces_previous_checkpoint(tmp_path, expert_dirs, other_files, s
     assert set(os.listdir(target)) == expected
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_pickle_save_is_refused(tmp_path, expert_dirs, save):
+    with pytest.raises(ValueError, match="safetensors only"):
+        SAVES[save](trained_llama(expert_dirs), tmp_path / "ckpt", safe_serialization=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_kill_at_any_point_leaves_old_or_new(tmp_path):

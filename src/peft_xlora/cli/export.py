@@ -50,6 +50,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             export_mistralrs(model, args.out)
             print(f"Exported the mistral.rs X-LoRA layout to {args.out} (pass --order {args.out}/xlora-ordering.json)")
-    except ValueError as exc:
+    except (ValueError, FileExistsError) as exc:
         raise UserError(str(exc)) from exc
     return {"out": str(args.out)}

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable
+
+from .._version import __version__
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -157,28 +160,52 @@ def replace_files(new: str, target: str, order: Iterable[str] = (), remove: Iter
     shutil.rmtree(new, ignore_errors=True)
 
 
-def write_folder(directory: str | os.PathLike, write: Callable[[str], None], allowed: Iterable[str] = ()) -> None:
-    """Writes a folder atomically: `write(tmp)` fills a staging folder, which then replaces `directory`.
+#: Written into every export: a folder holding it (and nothing else of the user's) may be replaced by a new export.
+EXPORT_MARK = ".peft-xlora-export.json"
+
+
+def _refuse_to_displace(target: str, produced: Iterable[str] = ()) -> None:
+    """Raises unless `target` is missing, an empty folder, or a previous export of ours with no other files."""
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target} is a file, which this export would displace; give a folder path instead.")
+    if not os.path.isdir(target) or not os.listdir(target):
+        return
+    present = set(os.listdir(target))
+    if EXPORT_MARK not in present:
+        raise FileExistsError(
+            f"{target} is a folder that peft-xlora did not export to (it holds {sorted(present)[:5]}, no "
+            f"{EXPORT_MARK}); an export never replaces it. Export into a new or empty folder."
+        )
+    foreign = sorted(present - set(produced) - {EXPORT_MARK})
+    if produced and foreign:
+        raise FileExistsError(
+            f"{target} already holds {foreign}, which this export would delete; export into a new or empty "
+            "folder (or one that holds only a previous export)."
+        )
+
+
+def write_folder(directory: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Writes an export folder atomically: `write(tmp)` fills a staging folder, which then replaces `directory`.
+
+    Nothing the user has is displaced: `directory` must be missing, an empty folder, or a previous export (marked by
+    `EXPORT_MARK`, which every export holds) with no other files in it; anything else is refused before any write.
 
     Args:
         directory: The folder to create or replace.
         write: Fills the staging folder it is given.
-        allowed: Names an existing `directory` may hold besides what `write` produces (a previous export).
 
     Raises:
-        FileExistsError: `directory` holds other files, which replacing it would delete.
+        FileExistsError: `directory` is a file, a folder that is not a previous export, or an export to which other
+            files were added (replacing it would delete them). Nothing is changed then.
     """
-    target = os.path.abspath(os.fspath(directory))
+    target = os.path.realpath(os.fspath(directory))
+    _refuse_to_displace(target)
     tmp = staging_dir(target)
     try:
         write(tmp)
-        if os.path.isdir(target):
-            foreign = sorted(set(os.listdir(target)) - set(os.listdir(tmp)) - set(allowed))
-            if foreign:
-                raise FileExistsError(
-                    f"{target} already holds {foreign}, which this export would delete; export into a new or empty "
-                    "folder (or one that holds only a previous export of the same model)."
-                )
+        with open(os.path.join(tmp, EXPORT_MARK), "w", encoding="utf-8") as f:
+            json.dump({"written_by": "peft-xlora", "version": __version__}, f)
+        _refuse_to_displace(target, produced=os.listdir(tmp))
         fsync_tree(tmp)
         replace_dir(tmp, target)
     except BaseException:
