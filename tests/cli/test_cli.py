@@ -57,7 +57,9 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_python_dash_m_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "peft_xlora", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "peft_xlora", "--help"], capture_output=True, text=True, check=True, timeout=120
+    )
     for command in ("build", "train", "generate", "inspect", "export", "demo"):
         assert command in out.stdout
 

@@ -127,7 +127,13 @@ def run(workdir: str, shared: bool) -> dict:
         if delay is not None:
             time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        deadline = time.monotonic() + 60  # a save takes well under a second: a child still there has hung
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise TimeoutError("a saving child process hung for 60 s")
+            time.sleep(0.005)
         with os.fdopen(read) as f:
             passed = f.read()
         return int(passed) if passed else -1
