@@ -291,6 +291,18 @@ def test_pickle_save_is_refused(tmp_path, expert_dirs, save):
     assert os.listdir(tmp_path) == []
 
 
+def test_named_adapter_saves_into_its_subfolder(tmp_path, expert_dirs):
+    # PEFT saves an adapter not named "default" into <folder>/<name>; the atomic save keeps that layout.
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=16)
+    model = get_peft_model(tiny_llama(), config, adapter_name="mine")
+    perturb_trainable(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "mine" / "adapter_config.json").is_file()
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ckpt" / "mine", adapter_name="mine").eval()
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
 def test_kill_at_any_point_leaves_old_or_new(tmp_path):
     # A child process saving with `model.save_pretrained` is SIGKILLed before and after every file-system step of a
     # save, and at random instants; after each kill the folder must hold exactly the old or the new checkpoint.

@@ -66,7 +66,8 @@ def save_pretrained(
             os.remove(os.path.join(tmp, CARD_NAME))  # PEFT's card: the user's README.md stays instead
         else:
             write_model_card(model, tmp, repo_id=card_repo_id)
-        check_checkpoint_dir(tmp)
+        for name in kwargs.get("selected_adapters") or list(getattr(model, "peft_config", {"default": None})):
+            check_checkpoint_dir(tmp if name == "default" else os.path.join(tmp, name))  # PEFT's subfolder per name
         if os.path.isdir(target) and not link_others(target, tmp, skip=OWN_FILES - {CARD_NAME}):
             # No hard links here (another device, a file system without them): replace the checkpoint's files one
             # by one, weights first and config last; an interruption can leave new weights beside the old config.
