@@ -2,7 +2,8 @@
 
 The package is layered, and imports only point down: `core` (the tuner) <- `io` (files, Hub, migration, export) <-
 `compat` (the original package's API) and `serving` <- `cli`. This module wires them: it registers the tuner with PEFT,
-installs the transformers integration, and re-exports the public names.
+installs the transformers integration and the atomic `PeftModel.save_pretrained` of X-LoRA models, and re-exports
+the public names.
 """
 
 import sys
@@ -22,6 +23,7 @@ from .core.registration import PEFT_XLORA, register
 from .core.regularisers import RouterLossWarning
 from .core.scalings_log import ScalingsLogMixin, load_scalings_log, save_scalings_log
 from .core.training import RouterLossMixin, optimizer_param_groups, sft_trainer_class
+from .io import save as _atomic_save
 from .io import transformers as _transformers_integration
 from .io.export import export_lora, export_mistralrs
 from .io.hub import push_to_hub
@@ -32,6 +34,7 @@ from .io.transformers import unload_adapter
 
 register(XLoraConfig, XLoraModel)
 _transformers_integration.install()  # transformers' `model.load_adapter` loads X-LoRA checkpoints through PEFT
+_atomic_save.install()  # `model.save_pretrained` of an X-LoRA PeftModel is atomic; other adapter types as before
 
 # The original package is imported as `xlora` and its helpers as `xlora.xlora_utils`: `import peft_xlora as xlora`
 # then `from peft_xlora.xlora_utils import load_model` keeps working.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -56,7 +57,9 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_python_dash_m_runs_the_cli():
-    out = subprocess.run([sys.executable, "-m", "peft_xlora", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "peft_xlora", "--help"], capture_output=True, text=True, check=True, timeout=120
+    )
     for command in ("build", "train", "generate", "inspect", "export", "demo"):
         assert command in out.stdout
 
@@ -167,10 +170,113 @@ def test_errors_are_one_line_with_exit_status_2(workspace, tmp_path, capsys):
     assert "not a LoRA checkpoint folder" in capsys.readouterr().err
     assert run("build", "--base", tmp_path, f"--adapter=x={experts['digits']}", "--out", tmp_path / "o") == 2
     assert "not a base model folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["build", "--base", str(base_dir), "--adapter", "no-equals-sign", "--out", str(tmp_path)])
-    assert exit_info.value.code == 2
+    assert main(["build", "--base", str(base_dir), "--adapter", "no-equals-sign", "--out", str(tmp_path)]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mistakes(workspace):
+    """A built checkpoint and the damaged files and folders that the user-error cases point at."""
+    root, base_dir, experts = workspace
+    built = root / "mistakes" / "built"
+    adapters = [f"--adapter={name}={path}" for name, path in experts.items()]
+    assert run("build", "--base", base_dir, *adapters, "--out", built, "--size", 8) == 0
+    damaged = {"not-json": b"{not json", "list": b"[1, 2]", "not-utf8": b"\xff\xfe"}
+    for name, data in damaged.items():
+        shutil.copytree(built, root / "mistakes" / name)
+        (root / "mistakes" / name / "adapter_config.json").write_bytes(data)
+    shutil.copytree(built, root / "mistakes" / "truncated")
+    weights = root / "mistakes" / "truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    (root / "mistakes" / "a-file").write_text("mine")
+    (root / "mistakes" / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    (root / "mistakes" / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    return root / "mistakes", base_dir
+
+
+_TRAIN = ["--data", "{root}/../a.txt", "--out", "{root}/trained", "--seq-len", "16", "--batch-size", "2"]
+# Each case as a new user might type it; every one must be refused in one line with exit status 2.
+USER_ERRORS = {
+    "threads-negative": ["--threads", "-3", "inspect", "{built}"],
+    "threads-zero": ["--threads", "0", "inspect", "{built}"],
+    "max-new-tokens-zero": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "0"],
+    "max-new-tokens-negative": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "-2"],
+    "heatmap-in-missing-folder": [
+        "generate",
+        "{built}",
+        "--prompt",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--heatmap",
+        "{root}/no/such/folder/gate.png",
+    ],
+    "generate-truncated-weights": ["generate", "{root}/truncated", "--prompt", "1 +"],
+    "steps-zero": ["train", "{built}", *_TRAIN, "--steps", "0"],
+    "steps-negative": ["train", "{built}", *_TRAIN, "--steps", "-1"],
+    "seq-len-zero": ["train", "{built}", *_TRAIN, "--seq-len", "0"],
+    "batch-size-zero": ["train", "{built}", *_TRAIN, "--batch-size", "0"],
+    "lr-nan": ["train", "{built}", *_TRAIN, "--lr", "nan"],
+    "lr-inf": ["train", "{built}", *_TRAIN, "--lr", "inf"],
+    "lr-negative": ["train", "{built}", *_TRAIN, "--lr", "-1e-3"],
+    "eval-fraction-one": ["train", "{built}", *_TRAIN, "--eval-fraction", "1"],
+    "eval-fraction-negative": ["train", "{built}", *_TRAIN, "--eval-fraction", "-0.1"],
+    "eval-fraction-nan": ["train", "{built}", *_TRAIN, "--eval-fraction", "nan"],
+    "eval-steps-zero": ["train", "{built}", *_TRAIN, "--eval-steps", "0"],
+    "save-steps-zero": ["train", "{built}", *_TRAIN, "--save-steps", "0"],
+    "train-out-on-a-file": ["train", "{built}", *_TRAIN, "--out", "{root}/a-file"],
+    "data-not-utf8": ["train", "{built}", *_TRAIN, "--data", "{root}/latin1.txt"],
+    "jsonl-not-utf8": ["train", "{built}", *_TRAIN, "--data", "{root}/latin1.jsonl"],
+    "build-out-on-a-file": ["build", "--base", "{base}", "--adapter", "x={root}/../digits", "--out", "{root}/a-file"],
+    "build-seed-negative": [
+        "build",
+        "--base",
+        "{base}",
+        "--adapter",
+        "x={root}/../digits",
+        "--out",
+        "{root}/b",
+        "--seed",
+        "-1",
+    ],
+    "inspect-config-not-json": ["inspect", "{root}/not-json"],
+    "inspect-config-a-list": ["inspect", "{root}/list"],
+    "inspect-config-not-utf8": ["inspect", "{root}/not-utf8"],
+    "inspect-truncated-weights": ["inspect", "{root}/truncated"],
+    "export-out-on-a-file": [
+        "export",
+        "{built}",
+        "--format",
+        "lora",
+        "--weights",
+        "digits=1",
+        "--out",
+        "{root}/a-file",
+    ],
+    "demo-cache-dir-on-a-file": ["demo", "--tiny", "--cache-dir", "{root}/a-file", "--out", "{root}/demo"],
+    "demo-out-on-a-file": ["demo", "--tiny", "--cache-dir", "{root}/cache", "--out", "{root}/a-file"],
+    "demo-expert-steps-zero": ["demo", "--tiny", "--cache-dir", "{root}/cache", "--expert-steps", "0"],
+    "demo-router-steps-negative": ["demo", "--tiny", "--cache-dir", "{root}/cache", "--router-steps", "-1"],
+}
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_user_errors_are_one_line_never_a_traceback(mistakes, case, capsys):
+    from transformers.utils import logging as hf_logging
+
+    root, base_dir = mistakes
+    argv = [a.format(root=root, built=root / "built", base=base_dir) for a in USER_ERRORS[case]]
+    command = next(a for a in argv if a in ("build", "train", "generate", "inspect", "export", "demo"))
+    hf_logging.disable_progress_bar()  # transformers' loading bars also write to stderr
+    try:
+        status = main(argv)
+    finally:
+        hf_logging.enable_progress_bar()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"peft-xlora {command}: error: "), err
+    assert "Traceback" not in err
 
 
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):

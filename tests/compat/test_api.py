@@ -320,3 +320,32 @@ def test_scalings_logging_readme_example(expert_dirs, tmp_path):
     loaded = xlora.load_scalings_log(str(tmp_path / "output" / "file"))
     for a, b in zip(loaded, log_copy):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_from_pretrained_migrates_an_original_layout_checkpoint(tmp_path, expert_dirs):
+    # The original package's layout is what `export_mistralrs` writes; the original loader reads it back.
+    model = trained(reference_model(expert_dirs))
+    xlora.export_mistralrs(model, tmp_path / "orig", base_model_id="me/tiny")
+    loaded = xlora.from_pretrained(tmp_path / "orig", tiny_llama())
+    assert loaded.base_model.expert_names == ["math", "code", "poetry"]
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="checkpoint's experts are"):
+        xlora.from_pretrained(tmp_path / "orig", tiny_llama(), adapters=["math"])
+
+
+def test_from_pretrained_migrates_a_peft_builtin_checkpoint(tmp_path, expert_dirs):
+    from peft import XLoraConfig as BuiltinXLoraConfig
+
+    base = tiny_llama()
+    base.config.use_cache = False  # the built-in refuses a cache
+    experts = {str(i): path for i, path in enumerate(expert_dirs["llama"].values())}
+    config = BuiltinXLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=experts, xlora_depth=1)
+    builtin = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for param in builtin.base_model.internal_xlora_classifier.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    ref = logits(builtin)
+    builtin.save_pretrained(tmp_path / "builtin")
+    with pytest.warns(xlora.MigrationWarning, match="lacks"):  # as `peft_xlora.migrate` warns
+        loaded = xlora.from_pretrained(tmp_path / "builtin", tiny_llama())
+    torch.testing.assert_close(logits(loaded), ref, rtol=1e-5, atol=1e-6)

@@ -249,7 +249,8 @@ def test_concurrent_forwards_do_not_share_scalings(expert_dirs):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)  # a deadlock fails the test instead of hanging it
+    assert not any(t.is_alive() for t in threads), "a thread did not finish within 120 s"
     assert not errors
     for i in range(4):
         torch.testing.assert_close(results[i], expected[i])

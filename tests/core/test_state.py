@@ -18,7 +18,7 @@ N_THREADS = 3
 
 def run_together(fn, n: int = N_THREADS) -> list:
     """Runs fn(i) for i < n in n threads that start at the same moment; returns the results, re-raises errors."""
-    barrier = threading.Barrier(n)
+    barrier = threading.Barrier(n, timeout=60)
     results: list = [None] * n
     errors: list = []
 
@@ -33,7 +33,8 @@ def run_together(fn, n: int = N_THREADS) -> list:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)  # a deadlock fails the test instead of hanging it
+    assert not any(t.is_alive() for t in threads), "a thread did not finish within 120 s"
     if errors:
         raise errors[0]
     return results

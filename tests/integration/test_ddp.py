@@ -5,11 +5,21 @@ port is taken and tests can run beside others), but with the store file in the t
 with `destroy_process_group()`, which deletes the store file, and `debug_launcher`'s own temporary file would then
 fail to be removed. Each process trains on its half of the global batch; DDP averages the gradients, which for
 equal-length halves is the gradient of the full batch's mean loss.
+
+No run may hang (one once hung 20 minutes in gloo after both ranks had finished; here 2 of about 36 launches hung
+the same way, after the work was done, while the function returned). So: the process group gets a timeout (the
+launch sets it up itself, as accelerate's debug launch does, since that launch ignores `InitProcessGroupKwargs`), a
+collective that one rank never joins fails in seconds, the launcher has an overall deadline after which it kills
+both processes and fails the test with a message that says so, and each rank frees DDP's reducer before the process
+group goes (0 hangs in 120 launches since).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -18,6 +28,8 @@ from helpers.models import build_xlora, input_ids
 
 GLOBAL_BATCH = 4
 LR = 0.5
+PROCESS_GROUP_TIMEOUT_S = 60  # a collective waiting longer than this on the other rank raises
+LAUNCH_DEADLINE_S = 120  # both processes must have finished by then; the test fails instead of hanging
 
 VARIANTS = {
     "dense": {},
@@ -62,6 +74,7 @@ def _ddp_worker(expert_dirs: dict, variant: str, out_path: str) -> None:
     # from OMP_NUM_THREADS when it is set, from the core count otherwise.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    gc.freeze()  # the objects inherited from the parent: the collection at the end then only scans this process's own
     # The fork inherits the parent's accelerate singletons (e.g. from a Trainer test): start from a clean state.
     AcceleratorState._reset_state(reset_partial_state=True)
     from accelerate.utils import DistributedDataParallelKwargs
@@ -82,6 +95,10 @@ def _ddp_worker(expert_dirs: dict, variant: str, out_path: str) -> None:
     losses = accelerator.gather(loss.detach()[None])
     if accelerator.is_main_process:
         torch.save({"grads": grads, "weights": weights, "losses": losses}, out_path)
+    # DDP's reducer must go while its process group exists: freed after `destroy_process_group`, when this function
+    # returned, it sometimes hung (2 of ~36 launches here, with gloo's threads waiting after the work was done).
+    del model, optimizer, accelerator
+    gc.collect()
     # Without these, gloo processes sometimes abort at exit ("terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
@@ -97,9 +114,48 @@ def _single_process(expert_dirs: dict, variant: str) -> dict:
     return {"grads": grads, "weights": {n: p.detach().clone() for n, p in _trainable(model).items()}}
 
 
-def launch_two_processes(function, args: tuple, store_file: str) -> None:
-    """`accelerate.debug_launcher(function, args, num_processes=2)` with the rendezvous file at `store_file`."""
-    from accelerate.utils import PrepareForLaunch, patch_environment
+class _Rank:
+    """What `PrepareForLaunch(function, debug=True)` does in each forked process, with a process-group timeout.
+
+    accelerate's debug launch initialises the process group itself, before any `Accelerator` (whose
+    `InitProcessGroupKwargs` then never reach it), with gloo's default timeout of 30 minutes.
+    """
+
+    def __init__(self, function, timeout_s: float) -> None:
+        self.function, self.timeout_s = function, timeout_s
+
+    def __call__(self, index: int, *args) -> None:
+        import torch.distributed as dist
+
+        store = dist.FileStore(os.environ["ACCELERATE_DEBUG_RDV_FILE"], 2)
+        dist.init_process_group(
+            "gloo", rank=index, world_size=2, store=store, timeout=timedelta(seconds=self.timeout_s)
+        )
+        os.environ["FORK_LAUNCHED"] = "1"
+        self.function(*args)
+
+
+def launch_two_processes(
+    function,
+    args: tuple,
+    store_file: str,
+    deadline_s: float = LAUNCH_DEADLINE_S,
+    timeout_s: float = PROCESS_GROUP_TIMEOUT_S,
+) -> None:
+    """`accelerate.debug_launcher(function, args, num_processes=2)` with the rendezvous file at `store_file`.
+
+    Args:
+        function: Runs in each process, after the process group is up.
+        args: Its arguments.
+        store_file: The rendezvous file.
+        deadline_s: Both processes must have ended by then; they are killed otherwise.
+        timeout_s: The process group's timeout: a collective that waits longer on the other rank raises.
+
+    Raises:
+        TimeoutError: The processes were still running after `deadline_s` seconds (they are killed first).
+        torch.multiprocessing.ProcessRaisedException: A process raised (the other one is terminated).
+    """
+    from accelerate.utils import patch_environment
     from torch.multiprocessing import start_processes
 
     with patch_environment(
@@ -111,7 +167,18 @@ def launch_two_processes(function, args: tuple, store_file: str) -> None:
         accelerate_use_cpu="yes",
         gloo_socket_ifname="lo",
     ):
-        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=2, start_method="fork")
+        context = start_processes(_Rank(function, timeout_s), args=args, nprocs=2, start_method="fork", join=False)
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(10)
+            raise TimeoutError(
+                f"The 2-process run did not finish within {deadline_s:.0f} s (a rank hung, e.g. in a gloo collective "
+                "or at exit); both processes were killed."
+            )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -129,3 +196,27 @@ def test_two_process_step_equals_single_process_step(variant, expert_dirs, tmp_p
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(ddp["weights"][name], ref["weights"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _hanging_worker(hang: str) -> None:
+    """Rank 1 never joins the collective (or, with hang="both", no rank ever ends)."""
+    import torch.distributed as dist
+
+    if hang == "both" or dist.get_rank() == 1:
+        time.sleep(3600)
+    dist.barrier()  # rank 0 waits here for rank 1, which never comes
+
+
+@pytest.mark.parametrize(
+    ("hang", "expected"),
+    [("one-rank", "ProcessRaisedException"), ("both", "TimeoutError")],
+    ids=["process-group-timeout", "launch-deadline"],
+)
+def test_a_hung_rank_fails_quickly(tmp_path, hang, expected):
+    # A collective one rank never joins fails after the process-group timeout; ranks that never end are killed at
+    # the launcher's deadline. Either way the test gets an error within seconds, not a hang.
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:
+        launch_two_processes(_hanging_worker, (hang,), str(tmp_path / "store"), deadline_s=6, timeout_s=3)
+    assert type(info.value).__name__ == expected, info.value
+    assert time.monotonic() - start < 60

@@ -4,6 +4,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -14,6 +16,7 @@ import peft_xlora
 from helpers.models import EXPERT_SPECS, input_ids, make_expert, tiny_llama
 from peft_xlora import CheckpointError, XLoraConfig, save_pretrained
 from peft_xlora.core.checkpoint import WEIGHTS_NAME
+from peft_xlora.io import card, files
 
 
 def perturb_trainable(model, seed=1):
@@ -232,14 +235,19 @@ def _failing_writer(after_bytes, exc):
     return writer
 
 
+# Both saves are atomic: ours, and PEFT's `model.save_pretrained` (what users and Trainer call), which routes here.
+SAVES = {"peft_xlora": save_pretrained, "model": lambda model, path, **kwargs: model.save_pretrained(path, **kwargs)}
+
+
+@pytest.mark.parametrize("save", SAVES)
 @pytest.mark.parametrize(
     "exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"]
 )
-def test_failed_save_keeps_previous_checkpoint(tmp_path, expert_dirs, monkeypatch, exc):
+def test_failed_save_keeps_previous_checkpoint(tmp_path, expert_dirs, monkeypatch, exc, save):
     old = trained_llama(expert_dirs)
     ref = logits(old)
     target = tmp_path / "ckpt"
-    save_pretrained(old, target)
+    SAVES[save](old, target)
     before = {name: (target / name).read_bytes() for name in os.listdir(target)}
 
     new = trained_llama(expert_dirs)
@@ -248,7 +256,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, expert_dirs, monkeypatc
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", _failing_writer(100, exc))
     with pytest.raises(type(exc)):
-        save_pretrained(new, target)
+        SAVES[save](new, target)
     monkeypatch.undo()
 
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
@@ -257,22 +265,155 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, expert_dirs, monkeypatc
     torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("save", SAVES)
 @pytest.mark.parametrize("other_files", [False, True], ids=["checkpoint-only", "shared-folder"])
-def test_save_replaces_previous_checkpoint(tmp_path, expert_dirs, other_files):
+def test_save_replaces_previous_checkpoint(tmp_path, expert_dirs, other_files, save):
     target = tmp_path / "ckpt"
-    save_pretrained(trained_llama(expert_dirs), target)
+    SAVES[save](trained_llama(expert_dirs), target)
     if other_files:  # e.g. a tokenizer saved into the same folder: it must survive the new save
         (target / "tokenizer.json").write_text("{}")
         (target / "logs").mkdir()
     new = trained_llama(expert_dirs)
     perturb_trainable(new, seed=5)
     ref = logits(new)
-    save_pretrained(new, target)
+    SAVES[save](new, target)
     expected = {"README.md", "adapter_config.json", WEIGHTS_NAME}
     expected |= {"tokenizer.json", "logs"} if other_files else set()
     assert set(os.listdir(target)) == expected
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_pickle_save_is_refused(tmp_path, expert_dirs, save):
+    with pytest.raises(ValueError, match="safetensors only"):
+        SAVES[save](trained_llama(expert_dirs), tmp_path / "ckpt", safe_serialization=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_named_adapter_saves_into_its_subfolder(tmp_path, expert_dirs):
+    # PEFT saves an adapter not named "default" into <folder>/<name>; the atomic save keeps that layout.
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=16)
+    model = get_peft_model(tiny_llama(), config, adapter_name="mine")
+    perturb_trainable(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "mine" / "adapter_config.json").is_file()
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ckpt" / "mine", adapter_name="mine").eval()
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
+def test_kill_at_any_point_leaves_old_or_new(tmp_path):
+    # A child process saving with `model.save_pretrained` is SIGKILLed before and after every file-system step of a
+    # save, and at random instants; after each kill the folder must hold exactly the old or the new checkpoint.
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(peft_xlora.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, src]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "helpers.kill_saves", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for case in ("alone", "shared"):
+        assert report[case]["points"] >= 20  # every step of a save was a kill point
+        assert report[case]["seen"]["old"] > 0 and report[case]["seen"]["new"] > 0
+
+
+def test_exchange_is_used_and_the_fallback_is_safe(tmp_path):
+    # The atomic exchange swaps two folders; without one, the two renames still end with the new folder in place.
+    for name, text in (("a", "old"), ("b", "new")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(text)
+    assert files.exchange(str(tmp_path / "b"), str(tmp_path / "a"))
+    assert (tmp_path / "a" / "f").read_text() == "new" and (tmp_path / "b" / "f").read_text() == "old"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "f").write_text("newer")
+    files.replace_dir(str(tmp_path / "c"), str(tmp_path / "a"), swap=lambda a, b: False)
+    assert (tmp_path / "a" / "f").read_text() == "newer"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_save_without_hard_links_keeps_other_files(tmp_path, expert_dirs, monkeypatch):
+    # A file system without hard links: the checkpoint's files are replaced one by one, the others stay.
+    target = tmp_path / "ckpt"
+    trained_llama(expert_dirs).save_pretrained(target)
+    (target / "tokenizer.json").write_text("{}")
+    new = trained_llama(expert_dirs)
+    perturb_trainable(new, seed=6)
+
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    new.save_pretrained(target)
+    monkeypatch.undo()
+    assert set(os.listdir(target)) == {"README.md", "adapter_config.json", WEIGHTS_NAME, "tokenizer.json"}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), logits(new))
+
+
+def test_users_readme_and_files_are_kept(tmp_path, expert_dirs):
+    # A README.md we did not write stays byte for byte (no card is written then); a card we wrote is rewritten.
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    readme = b"# My project\n\nNotes I wrote.\n"
+    (target / "README.md").write_bytes(readme)
+    (target / "logs").mkdir()
+    (target / "logs" / "events").write_bytes(b"step 1")
+    model = trained_llama(expert_dirs)
+    model.save_pretrained(target)
+    model.save_pretrained(target)
+    assert (target / "README.md").read_bytes() == readme
+    assert (target / "logs" / "events").read_bytes() == b"step 1"
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), logits(model))
+    (target / "README.md").unlink()
+    model.save_pretrained(target)
+    assert card.CARD_MARK in (target / "README.md").read_text()
+    model.base_model.set_global_scaling_weight(0.5)
+    model.save_pretrained(target)  # our own card is rewritten
+    assert card.CARD_MARK in (target / "README.md").read_text()
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_save_keeps_folder_permissions_and_links(tmp_path, expert_dirs, save):
+    # The staging folder must not leave its own permissions on the checkpoint, nor replace a link by a folder.
+    model = trained_llama(expert_dirs)
+    real = tmp_path / "real"
+    real.mkdir()
+    os.chmod(real, 0o755)
+    os.symlink(real, tmp_path / "link")
+    SAVES[save](model, tmp_path / "link")
+    SAVES[save](model, tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and (real / "adapter_config.json").is_file()
+    assert os.stat(real).st_mode & 0o777 == 0o755
+    SAVES[save](model, tmp_path / "fresh")
+    assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o777 & ~_umask()
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "link", "real"]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_other_adapter_types_save_exactly_as_peft_does(tmp_path, expert_dirs):
+    # `import peft_xlora` wraps PeftModel.save_pretrained once; a plain LoRA goes straight to PEFT's method.
+    assert getattr(PeftModel.save_pretrained, "__wrapped__", None) is not None
+    wrapped = PeftModel.save_pretrained
+    peft_xlora.io.save.install()
+    assert PeftModel.save_pretrained is wrapped  # idempotent
+    lora = PeftModel.from_pretrained(tiny_llama(), expert_dirs["llama"]["math"])
+    lora.save_pretrained(tmp_path / "ours")
+    PeftModel.save_pretrained.__wrapped__(lora, tmp_path / "peft")
+    for name in sorted(os.listdir(tmp_path / "peft")):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "peft" / name).read_bytes(), name
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "peft"))
 
 
 def test_model_card(tmp_path, expert_dirs):

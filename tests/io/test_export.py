@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import safetensors.torch
@@ -13,6 +14,8 @@ from helpers import seq_cls
 from helpers.models import BUILDERS, build_xlora, input_ids
 from peft_xlora.io.export import ORDERING_NAME, export_lora, export_mistralrs
 from peft_xlora.io.migration import from_xlora_package
+
+EXPORT_MARK = ".peft-xlora-export.json"  # every export holds it: a folder with it may be exported to again
 
 
 def logits(model):
@@ -67,7 +70,7 @@ def test_mistralrs_layout(tmp_path, expert_dirs, depth):
     tuner = model.base_model
 
     assert sorted(os.listdir(out)) == sorted(
-        ["xlora_config.json", "xlora_classifier.safetensors", ORDERING_NAME, "math", "code", "poetry"]
+        ["xlora_config.json", "xlora_classifier.safetensors", ORDERING_NAME, EXPORT_MARK, "math", "code", "poetry"]
     )
     config = json.loads((out / "xlora_config.json").read_text())
     assert config["adapters"] == ["math", "code", "poetry"]
@@ -196,3 +199,33 @@ def test_mistralrs_refuses_classification_heads(tmp_path, cls_experts):
     with pytest.raises(ValueError, match=r"export_mistralrs writes the X-LoRA layout mistral.rs serves, which has no"):
         export_mistralrs(model, tmp_path / "out", base_model_id="test-org/tiny-bert")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("export", ["lora", "mistralrs"])
+def test_export_never_displaces_a_file_or_a_foreign_folder(tmp_path, expert_dirs, export):
+    model = build_xlora("llama", expert_dirs).eval()
+
+    def run(out):
+        if export == "lora":
+            export_lora(model, out, {"math": 1.0})
+        else:
+            export_mistralrs(model, out, base_model_id="me/base")
+
+    # a file where the folder would go: kept, nothing renamed aside
+    (tmp_path / "file").write_bytes(b"my data")
+    with pytest.raises(FileExistsError, match="is a file"):
+        run(tmp_path / "file")
+    assert (tmp_path / "file").read_bytes() == b"my data"
+    # someone's LoRA adapter (the same file names as our export): not ours, so never replaced
+    shutil.copytree(expert_dirs["llama"]["code"], tmp_path / "their-lora")
+    before = {name: (tmp_path / "their-lora" / name).read_bytes() for name in os.listdir(tmp_path / "their-lora")}
+    with pytest.raises(FileExistsError, match="did not export to"):
+        run(tmp_path / "their-lora")
+    after = {name: (tmp_path / "their-lora" / name).read_bytes() for name in os.listdir(tmp_path / "their-lora")}
+    assert after == before
+    assert sorted(os.listdir(tmp_path)) == ["file", "their-lora"]
+    # an empty folder and a previous export are fine
+    (tmp_path / "empty").mkdir()
+    run(tmp_path / "empty")
+    run(tmp_path / "empty")
+    assert EXPORT_MARK in os.listdir(tmp_path / "empty")

@@ -251,3 +251,123 @@ def test_migrated_model_is_frozen_unless_trainable(tmp_path, expert_dirs):
         n for n, _ in trainable.named_parameters() if ".xlora_classifier." in n
     }
     assert isinstance(trainable.base_model.xlora_classifier.layers[0], nn.Linear)
+
+
+# ------------------------------------------------------------------------------------------------ hostile checkpoints
+# Migration reads and writes only inside the checkpoint folder it is given: the config is untrusted input.
+
+
+def snapshot(folder):
+    """Bytes and modification time of every file under `folder`: what "untouched" means."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, folder)] = (f.read(), os.stat(full).st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def victim(tmp_path, expert_dirs):
+    """Another LoRA folder on the machine, outside any checkpoint: nothing may read or change it."""
+    path = tmp_path / "victim"
+    shutil.copytree(expert_dirs["llama"]["math"], path)
+    return path
+
+
+def builtin_checkpoint(tmp_path, builtin_experts):
+    builtin_model(builtin_experts).save_pretrained(tmp_path / "builtin")
+    return tmp_path / "builtin"
+
+
+def rename_builtin_expert(checkpoint, old, new):
+    config_path = checkpoint / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["adapters"] = {(new if k == old else k): v for k, v in config["adapters"].items()}
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot"])
+def test_builtin_refuses_expert_names_that_leave_the_checkpoint(tmp_path, builtin_experts, victim, kind):
+    checkpoint = builtin_checkpoint(tmp_path, builtin_experts)
+    # The name reaches the victim either way: "/.../victim" directly, "../victim" from inside the checkpoint.
+    name = str(victim) if kind == "absolute" else "../victim"
+    rename_builtin_expert(checkpoint, "0", name)
+    before, listing = snapshot(victim), sorted(os.listdir(tmp_path))
+    with pytest.raises(CheckpointError, match=r"not a plain folder name"):
+        from_peft_builtin(tiny_llama(), checkpoint)
+    assert snapshot(victim) == before
+    assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_builtin_refuses_a_symlinked_expert_folder(tmp_path, builtin_experts, victim):
+    checkpoint = builtin_checkpoint(tmp_path, builtin_experts)
+    shutil.rmtree(checkpoint / "1")
+    os.symlink(victim, checkpoint / "1")
+    before = snapshot(victim)
+    with pytest.raises(CheckpointError, match=r"Expert '1': .* outside the checkpoint"):
+        migrate(tiny_llama(), checkpoint)
+    assert snapshot(victim) == before
+
+
+def test_builtin_refuses_a_symlinked_file(tmp_path, builtin_experts, victim):
+    checkpoint = builtin_checkpoint(tmp_path, builtin_experts)
+    (checkpoint / "2" / "adapter_model.safetensors").unlink()
+    os.symlink(victim / "adapter_model.safetensors", checkpoint / "2" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"outside the checkpoint"):
+        from_peft_builtin(tiny_llama(), checkpoint)
+
+
+def original_checkpoint(tmp_path, expert_dirs, **config):
+    write_original(tmp_path / "orig", expert_dirs, random_linears(["last"], [(32, 3)]), **config)
+    return tmp_path / "orig"
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "separator"])
+def test_original_layout_refuses_expert_names_that_leave_the_checkpoint(tmp_path, expert_dirs, victim, kind):
+    checkpoint = original_checkpoint(tmp_path, expert_dirs)
+    name = {"absolute": str(victim), "dotdot": "../victim", "separator": "sub/../../victim"}[kind]
+    config = json.loads((checkpoint / "xlora_config.json").read_text())
+    config["adapters"] = ["math", "code", name]
+    (checkpoint / "xlora_config.json").write_text(json.dumps(config))
+    before = snapshot(victim)
+    with pytest.raises(CheckpointError, match=r"not a plain folder name"):
+        from_xlora_package(tiny_llama(), checkpoint)
+    assert snapshot(victim) == before
+
+
+def test_original_layout_refuses_a_symlinked_expert_folder(tmp_path, expert_dirs, victim):
+    checkpoint = original_checkpoint(tmp_path, expert_dirs)
+    shutil.rmtree(checkpoint / "poetry")
+    os.symlink(victim, checkpoint / "poetry")
+    before = snapshot(victim)
+    with pytest.raises(CheckpointError, match=r"Expert 'poetry': .* outside the checkpoint"):
+        migrate(tiny_llama(), checkpoint)
+    assert snapshot(victim) == before
+
+
+def test_original_layout_refuses_a_symlinked_classifier(tmp_path, expert_dirs):
+    checkpoint = original_checkpoint(tmp_path, expert_dirs)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(checkpoint / "xlora_classifier.safetensors", outside)
+    os.symlink(outside, checkpoint / "xlora_classifier.safetensors")
+    with pytest.raises(CheckpointError, match=r"The classifier: .* outside the checkpoint"):
+        from_xlora_package(tiny_llama(), checkpoint)
+
+
+def test_links_inside_the_checkpoint_and_hub_snapshots_are_fine(tmp_path, expert_dirs):
+    # A Hub download is a folder of symlinks into the repository's blobs/: the repository folder is the checkpoint.
+    checkpoint = original_checkpoint(tmp_path, expert_dirs)
+    repo = tmp_path / "models--me--orig"
+    (repo / "snapshots").mkdir(parents=True)
+    shutil.move(checkpoint, repo / "blobs")
+    snapshot_dir = repo / "snapshots" / "abc123"
+    for dirpath, _, files in os.walk(repo / "blobs"):
+        for name in files:
+            blob = os.path.join(dirpath, name)
+            link = snapshot_dir / os.path.relpath(blob, repo / "blobs")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    model = migrate(tiny_llama(), snapshot_dir)
+    assert model.base_model.expert_names == ["math", "code", "poetry"]

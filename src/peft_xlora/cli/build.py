@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 from ..core.config import XLoraConfig
-from .common import UserError, adapter, load_base
+from .common import UserError, adapter, folder, load_base, non_negative_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=PATH",
         help="a LoRA expert; repeat for each expert (names are kept as given)",
     )
-    p.add_argument("--out", required=True, type=Path, help="folder to write the X-LoRA checkpoint to")
+    p.add_argument("--out", required=True, type=folder, help="folder to write the X-LoRA checkpoint to")
     p.add_argument("--depth", type=int, default=1, help="linear layers in the gating classifier (default 1)")
     p.add_argument("--size", type=int, default=2048, help="hidden width of the classifier (default 2048)")
     p.add_argument("--dropout", type=float, default=0.2, help="classifier dropout (default 0.2)")
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     p.add_argument("--layerwise", action="store_true", help="one scaling per layer and expert")
     p.add_argument("--scaling-pass-value", type=float, default=0.0, help="expert weight in the scaling pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initial weights")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the classifier's initial weights")
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,70 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..core.checkpoint import check_safetensors_file
 from ..io.plotting import plot_scalings
 
 
 class UserError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``<prog>: error: <message>``, exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Prints the error in one line and exits with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argument type: a whole number >= 1 (steps, sizes, token counts)."""
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argument type: a whole number >= 0 (a seed)."""
+    return _whole(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """An argument type: a finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argument type: a number in [0, 1) (a share held out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def folder(text: str) -> Path:
+    """An argument type: a folder to write to, which may not exist yet but must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder; give a folder path")
+    return path
 
 
 def load_base(path: str | Path) -> Any:
@@ -41,7 +101,12 @@ def checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / "adapter_config.json"
     if not path.is_file():
         raise UserError(f"{checkpoint} is not an X-LoRA checkpoint (no adapter_config.json); make one with `build`.")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is damaged: not valid JSON ({exc}); save the checkpoint again.") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged: it holds a JSON {type(config).__name__}, not an object.")
     if config.get("peft_type") != "PEFT_XLORA":
         raise UserError(f"{checkpoint} holds a {config.get('peft_type')} adapter, not an X-LoRA (PEFT_XLORA) one.")
     return config
@@ -63,8 +128,19 @@ def load_xlora(checkpoint: str | Path, base: str | None = None, trainable: bool 
     """(the X-LoRA PeftModel, its tokenizer, the base folder) of a checkpoint."""
     checkpoint_config(checkpoint)
     base_dir = base_of(checkpoint, base)
-    model = PeftModel.from_pretrained(load_base(base_dir), str(checkpoint), is_trainable=trainable)
+    try:
+        model = PeftModel.from_pretrained(load_base(base_dir), str(checkpoint), is_trainable=trainable)
+    except ValueError as exc:  # CheckpointError, ExpertError: damaged or mismatched files, named in the message
+        raise UserError(str(exc)) from exc
     return model, load_tokenizer(base_dir), base_dir
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Refuses a damaged safetensors file (truncated, bad header) in one line."""
+    try:
+        check_safetensors_file(str(path))
+    except ValueError as exc:  # CheckpointError
+        raise UserError(str(exc)) from exc
 
 
 def weights(text: str) -> dict[str, float]:
@@ -102,3 +178,5 @@ def plot_gate(model: Any, tokenizer: Any, ids: torch.Tensor, path: Path, title: 
         )
     except (ValueError, ImportError) as exc:
         raise UserError(str(exc)) from exc
+    except OSError as exc:  # e.g. the folder of `path` does not exist
+        raise UserError(f"Cannot write the plot to {path}: {exc.strerror or exc}.") from exc

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..io.export import export_lora, export_mistralrs
-from .common import UserError, load_xlora, weights
+from .common import UserError, folder, load_xlora, weights
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="lora: one PEFT LoRA equal to the mixture at --weights; mistralrs: mistral.rs X-LoRA layout",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=folder, help="output folder")
     p.add_argument(
         "--weights",
         type=weights,
@@ -50,6 +49,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             export_mistralrs(model, args.out)
             print(f"Exported the mistral.rs X-LoRA layout to {args.out} (pass --order {args.out}/xlora-ordering.json)")
-    except ValueError as exc:
+    except (ValueError, FileExistsError) as exc:
         raise UserError(str(exc)) from exc
     return {"out": str(args.out)}

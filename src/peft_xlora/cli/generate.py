@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import UserError, load_xlora, plot_gate, weights
+from .common import UserError, load_xlora, non_negative_int, plot_gate, positive_int, weights
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="X-LoRA checkpoint folder")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--base", default=None, help="base model folder (default: the one the checkpoint records)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=positive_int, default=40)
     p.add_argument(
         "--mode",
         choices=["token", "prompt"],
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="pin the gate to fixed expert weights (no classifier)",
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--heatmap", type=Path, default=None, help="write the gate over the first prompt + its generated text as a PNG"
     )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .common import UserError, checkpoint_config, load_xlora, plot_gate
+from .common import UserError, check_weights_file, checkpoint_config, load_xlora, plot_gate
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,7 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
     counts = {"classifier": 0, "experts": 0, "heads": 0}
     weights = Path(checkpoint) / "adapter_model.safetensors"
     if weights.is_file():
+        check_weights_file(weights)
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 n = 1

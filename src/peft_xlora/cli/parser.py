@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import build, export, generate, inspect, train
-from .common import UserError
+from .common import Parser, UserError
 from .demo import command as demo
 
 SUBCOMMANDS = (build, train, generate, inspect, export, demo)
@@ -24,7 +24,7 @@ SUBCOMMANDS = (build, train, generate, inspect, export, demo)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `peft-xlora`, with one subparser per subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="peft-xlora",
         description="X-LoRA (Mixture of LoRA Experts) for PEFT: build, train, use and inspect X-LoRA models.",
     )
@@ -38,7 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `peft-xlora` with `argv` (default: the process arguments); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error, already printed in one line; --help exits 0 as argparse does
+        if exc.code in (0, None):
+            raise
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    if args.threads is not None and args.threads < 1:
+        print(
+            f"peft-xlora {args.command}: error: --threads must be a whole number >= 1, got {args.threads}.",
+            file=sys.stderr,
+        )
+        return 2
     # A command may change the thread count (--threads, the tiny demo); a caller running `main()` in-process (tests,
     # notebooks) gets its own back.
     threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .common import UserError, load_xlora
+from .common import UserError, folder, fraction, load_xlora, non_negative_int, positive_float, positive_int
 from .demo.data import chunks, token_stream
 
 
@@ -32,17 +32,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=".txt files (one document each) or .jsonl files (one JSON object per line)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--out", required=True, type=Path, help="folder for the trained checkpoint (and checkpoints/)")
+    p.add_argument("--out", required=True, type=folder, help="folder for the trained checkpoint (and checkpoints/)")
     p.add_argument("--base", default=None, help="base model folder (default: the one the checkpoint records)")
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training window (default 128)")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of windows held out (default 0.1)")
-    p.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: at the end)")
-    p.add_argument("--save-steps", type=int, default=None, help="save a resumable checkpoint every N steps")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps (default 100)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per training window (default 128)")
+    p.add_argument("--eval-fraction", type=fraction, default=0.1, help="share of windows held out (default 0.1)")
+    p.add_argument(
+        "--eval-steps", type=positive_int, default=None, help="evaluate every N steps (default: at the end)"
+    )
+    p.add_argument("--save-steps", type=positive_int, default=None, help="save a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT/checkpoints")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=run)
 
 
@@ -52,8 +54,14 @@ def read_texts(paths: list[Path], text_field: str) -> list[str]:
     for path in paths:
         if not path.is_file():
             raise UserError(f"Data file {path} does not exist.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"Data file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8."
+            ) from exc
         if path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -64,7 +72,7 @@ def read_texts(paths: list[Path], text_field: str) -> list[str]:
                     raise UserError(f"{path}:{n}: no string field {text_field!r} (set --text-field).")
                 texts.append(record[text_field])
         else:
-            texts.append(path.read_text(encoding="utf-8"))
+            texts.append(text)
     if not any(t.strip() for t in texts):
         raise UserError("The data files hold no text.")
     return texts

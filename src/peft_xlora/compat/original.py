@@ -9,6 +9,7 @@ are listed in docs/api.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..core.config import XLoraConfig
+from ..io.migration import from_peft_builtin, from_xlora_package
 
 
 class XLoraCompatWarning(UserWarning):
@@ -191,6 +193,31 @@ def _describe(peft_model: PeftModel, what: str) -> None:
     peft_model.print_trainable_parameters()
 
 
+def _migrate_foreign(
+    path: str, model: nn.Module, adapters: list[str] | dict[str, str] | None, is_trainable: bool
+) -> PeftModel | None:
+    """The migrated model when `path` is a local checkpoint of the original package or PEFT's built-in; else None."""
+    sources = dict(adapters) if isinstance(adapters, dict) else None
+    if os.path.isfile(os.path.join(path, "xlora_config.json")):
+        peft_model = from_xlora_package(model, path, adapters=sources, is_trainable=is_trainable)
+    elif _peft_type(os.path.join(path, "adapter_config.json")) == "XLORA":
+        peft_model = from_peft_builtin(model, path, expert_sources=sources, is_trainable=is_trainable)
+    else:
+        return None
+    names = peft_model.base_model.expert_names
+    if isinstance(adapters, (list, tuple)) and sorted(adapters) != sorted(names):
+        raise ValueError(f"`adapters` names {list(adapters)}, but the checkpoint's experts are {names}.")
+    return peft_model
+
+
+def _peft_type(config_path: str) -> str | None:
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return json.load(f).get("peft_type")
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object: not PEFT's built-in
+        return None
+
+
 def from_pretrained(
     load_directory: str | os.PathLike,
     model: nn.Module,
@@ -210,6 +237,11 @@ def from_pretrained(
     * a dict of name -> LoRA checkpoint: those experts are read from the given sources instead (the original's way
       of loading a model trained with frozen experts); names must be experts of the checkpoint.
 
+    A local checkpoint of the original package (`xlora_config.json`) or of PEFT's built-in X-LoRA (`peft_type`
+    ``"XLORA"``) is migrated on the way, as `peft_xlora.migrate` does (with the same `MigrationWarning`s); save the
+    result with `save_pretrained` to get a peft-xlora checkpoint. A dict `adapters` then gives the experts' LoRA
+    folders (`adapters` / `expert_sources` of the migration).
+
     Args:
         load_directory: The saved X-LoRA folder (or Hub id).
         model: The base model the checkpoint was trained on.
@@ -226,6 +258,11 @@ def from_pretrained(
     _check_device(model, device)
     if adapters is not None and not isinstance(adapters, (list, tuple, dict)):
         raise TypeError(f"`adapters` must be a list of names, a dict of name -> source, or None; got {adapters!r}.")
+    migrated = _migrate_foreign(os.fspath(load_directory), model, adapters, is_trainable)
+    if migrated is not None:
+        if verbose:
+            _describe(migrated, f"Migrated X-LoRA from {os.fspath(load_directory)}")
+        return migrated
     config = XLoraConfig.from_pretrained(os.fspath(load_directory), allow_pickle=not from_safetensors)
     saved = list(config.adapters)
     names = list(adapters) if adapters is not None else saved

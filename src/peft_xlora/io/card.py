@@ -13,6 +13,19 @@ from ..core.checkpoint import CARD_NAME
 if TYPE_CHECKING:
     from ..core.config import XLoraConfig
 
+#: The line that marks a README.md as our model card. A save rewrites a card that has it and leaves any other
+#: README.md as it is: deleting the line makes the card the user's own.
+CARD_MARK = "<!-- peft-xlora model card: rewritten on every save; delete this line to keep your own text -->"
+
+
+def is_our_card(path: str) -> bool:
+    """Whether the file at `path` is a model card that peft-xlora wrote (and may rewrite)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return CARD_MARK in f.read()
+    except OSError:
+        return False
+
 
 def write_model_card(model: nn.Module, directory: str, repo_id: str | None = None) -> None:
     """Writes (or rewrites) README.md with the metadata and usage of an X-LoRA checkpoint.
@@ -49,7 +62,7 @@ def write_model_card(model: nn.Module, directory: str, repo_id: str | None = Non
         ]
     )
     text = (
-        f"---\n{data.to_yaml()}\n---\n\n# X-LoRA adapter\n\n"
+        f"---\n{data.to_yaml()}\n---\n\n{CARD_MARK}\n\n# X-LoRA adapter\n\n"
         f"An X-LoRA mixture of {len(config.adapters)} LoRA experts over `{base}`, saved with peft-xlora "
         f"{__version__}. The folder holds the gating classifier and every expert's weights; loading it needs no "
         f"other files.\n\n## Experts\n\n{experts}\n\n## Usage\n\n{usage}\n"

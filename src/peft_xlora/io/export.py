@@ -152,7 +152,7 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
 
     Args:
         model: The X-LoRA `PeftModel`.
-        directory: Output folder (replaced atomically if it exists).
+        directory: Output folder: new, empty, or a previous export (replaced atomically); anything else is refused.
         base_model_id: Hub id of the base model, which mistral.rs checks; the config's `base_model_name_or_path`
             when None.
 
@@ -234,7 +234,7 @@ def export_lora(
 
     Args:
         model: The X-LoRA `PeftModel`.
-        directory: Output folder (replaced atomically if it exists).
+        directory: Output folder: new, empty, or a previous export (replaced atomically); anything else is refused.
         weights: As for `XLoraModel.set_static_scalings`: expert name -> weight, or a tensor (n_experts,) or
             (n_layers, n_experts). None uses the weights the model is pinned to now.
 

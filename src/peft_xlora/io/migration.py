@@ -66,6 +66,50 @@ def _read_json(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({exc}).") from exc
 
 
+def _checkpoint_root(path: str) -> str:
+    """The folder that every file a migration reads must resolve into: the checkpoint, symlinks resolved.
+
+    A Hub download (`snapshot_download`) is a folder of symlinks into the repository's ``blobs/`` beside
+    ``snapshots/``; for such a folder the repository folder is the root, so its own blobs stay readable.
+    """
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(os.path.dirname(parent), "blobs")):
+        return os.path.dirname(parent)
+    return real
+
+
+def _inside(root: str, path: str, what: str) -> str:
+    """`path`, refused unless it resolves (symlinks followed) to `root` or below: a checkpoint is untrusted input."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise CheckpointError(
+            f"{what}: {path} resolves to {real}, outside the checkpoint; a checkpoint may only refer to its own "
+            "files. Copy the files into the checkpoint folder instead of linking them."
+        )
+    return path
+
+
+def _expert_folder(path: str, root: str, name: Any, config_file: str) -> str:
+    """The subfolder of expert `name` (read from the untrusted `config_file`), checked to stay in the checkpoint.
+
+    Raises:
+        CheckpointError: `name` is not a plain folder name (absolute, ``..``, a path separator), or the folder or
+            one of its files is a symlink to somewhere outside the checkpoint.
+    """
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain or os.path.isabs(name):
+        raise CheckpointError(
+            f"{path}/{config_file} names an expert {name!r}, which is not a plain folder name (no path separators, "
+            "no '..', not absolute); a checkpoint's experts live in its own subfolders. Rename the expert there."
+        )
+    folder = _inside(root, os.path.join(path, name), f"Expert {name!r}")
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            _inside(root, os.path.join(folder, entry), f"Expert {name!r}")
+    return folder
+
+
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     check_safetensors_file(path)
     return load_file(path)
@@ -142,25 +186,27 @@ def from_peft_builtin(
             differently (see `_check_topk_in_scaling_pass`).
     """
     path = os.fspath(path)
-    saved = _read_json(os.path.join(path, "adapter_config.json"))
+    root = _checkpoint_root(path)
+    saved = _read_json(_inside(root, os.path.join(path, "adapter_config.json"), "The config"))
     if saved.get("peft_type") != "XLORA":
         kind = saved.get("peft_type")
         raise CheckpointError(f"{path} is not a PEFT built-in X-LoRA checkpoint (peft_type {kind!r}).")
     old_names = list(saved["adapters"])
+    folders = {old: _expert_folder(path, root, old, "adapter_config.json") for old in old_names}
     names = list(expert_names) if expert_names is not None else old_names
     if len(names) != len(old_names) or len(set(names)) != len(names):
         raise ValueError(f"`expert_names` must give {len(old_names)} distinct names, one per expert {old_names}.")
     expert_sources = dict(expert_sources or {})
     trainable_experts = bool(saved.get("use_trainable_adapters"))
 
-    top = _read_safetensors(os.path.join(path, "adapter_model.safetensors"))
+    top = _read_safetensors(_inside(root, os.path.join(path, "adapter_model.safetensors"), "The weights"))
     prefix = "base_model.internal_xlora_classifier."
     classifier = {k.removeprefix(prefix): v for k, v in top.items() if k.startswith(prefix)}
 
     with tempfile.TemporaryDirectory() as tmp:
         sources, problems = {}, []
         for old, new in zip(old_names, names):
-            folder = os.path.join(path, old)
+            folder = folders[old]
             if os.path.isdir(folder):
                 # classifier layer `old` was saved here, under a key with ".<old>" removed
                 sub = _read_safetensors(os.path.join(folder, "adapter_model.safetensors"))
@@ -280,8 +326,10 @@ def from_xlora_package(
         ValueError: The checkpoint uses an option peft-xlora does not reproduce (named in the message).
     """
     path = os.fspath(path)
-    saved = _read_json(os.path.join(path, "xlora_config.json"))
+    root = _checkpoint_root(path)
+    saved = _read_json(_inside(root, os.path.join(path, "xlora_config.json"), "The config"))
     names = list(saved["adapters"])  # a list of names, or a dict name -> original path
+    folders = {name: _expert_folder(path, root, name, "xlora_config.json") for name in names}
     given = dict(adapters or {})
     unsupported = {
         "stop_token_id": saved.get("stop_token_id") is not None,
@@ -297,7 +345,7 @@ def from_xlora_package(
     recorded = saved["adapters"] if isinstance(saved["adapters"], dict) else {}
     sources, missing = {}, []
     for name in names:
-        folder = os.path.join(path, name)
+        folder = folders[name]
         if name in given:
             sources[name] = os.fspath(given[name])
         elif os.path.isfile(os.path.join(folder, "adapter_config.json")):
@@ -316,7 +364,8 @@ def from_xlora_package(
         raise CheckpointError(
             f"{path} has no subfolder for experts {missing}; pass their LoRA folders with `adapters={{name: folder}}`."
         )
-    weights = _read_safetensors(os.path.join(path, "xlora_classifier.safetensors"))
+    classifier_file = _inside(root, os.path.join(path, "xlora_classifier.safetensors"), "The classifier")
+    weights = _read_safetensors(classifier_file)
     linears = _original_linears(weights, f"{path}/xlora_classifier.safetensors", bool(saved.get("use_bias", True)))
     depth = int(saved.get("xlora_depth", 1))
     if len(linears) != depth:

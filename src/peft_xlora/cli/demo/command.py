@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..common import UserError
+from ..common import UserError, folder, non_negative_int, positive_int
 from .base import DemoSetupError, default_cache_dir
 from .data import DataError
 from .run import Demo
@@ -27,14 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="random tiny model and synthetic domains (seconds)")
     p.add_argument(
         "--cache-dir",
-        type=Path,
+        type=folder,
         default=None,
         help="cache of the base model, experts and gates (default: $PEFT_XLORA_CACHE or ~/.cache/peft-xlora)",
     )
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="results folder (default: demo-output)")
-    p.add_argument("--expert-steps", type=int, default=None, help="training steps per expert")
-    p.add_argument("--router-steps", type=int, default=None, help="training steps of each gate")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", type=folder, default=Path("demo-output"), help="results folder (default: demo-output)")
+    p.add_argument("--expert-steps", type=positive_int, default=None, help="training steps per expert")
+    p.add_argument("--router-steps", type=positive_int, default=None, help="training steps of each gate")
+    p.add_argument("--seed", type=non_negative_int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
