@@ -28,13 +28,14 @@ from .layer import XLoraLayer, module_kind
 from .registration import PREFIX
 from .routing import install_carriers, remove_carriers
 from .scalings_log import ScalingsLogMixin
+from .single_pass import SinglePassMixin
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
 
 #: Attribute of the transformers model that holds the gating classifier.
 CLASSIFIER_NAME = "xlora_classifier"
 
 
-class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
+class XLoraModel(ForwardMixin, SinglePassMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -110,10 +111,12 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
         config.experts = {e.name: e.config_dict() for e in experts}
 
         install_carriers(model, set(self.mixture_layer_names))
-        self._early_exit_hook = None
+        self._early_exit_hook = self._single_pass_hook = None
+        exit_layer = None
         if config.scaling_pass_layers is not None:
             exit_layer = scaling_pass_exit_layer(model, config.scaling_pass_layers)
-            self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
+            if config.routing == "dual_pass":
+                self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
         params = list(model.parameters())
         dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         # The classifier is a submodule of the transformers model, not of this tuner: transformers' PEFT integration
@@ -129,6 +132,8 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
                 dtype=dtype,
             ),
         )
+        if config.routing == "single_pass":
+            self._install_single_pass(model, exit_layer, model.get_submodule(CLASSIFIER_NAME))
         self._mark_only_adapters_as_trainable(model)
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -217,8 +222,9 @@ class XLoraModel(ForwardMixin, GatingMixin, ScalingsLogMixin, BaseTuner):
             setattr(parent, child_name, getattr(parent, child_name).base_layer)
         self._layers = []
         remove_carriers(self.model)
-        if self._early_exit_hook is not None:
-            self._early_exit_hook.remove()
+        for hook in (self._early_exit_hook, self._single_pass_hook):
+            if hook is not None:
+                hook.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

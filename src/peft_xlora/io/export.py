@@ -92,10 +92,17 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
             when None.
 
     Raises:
-        ValueError: An expert name cannot be a folder name, or the base model id is unknown.
+        ValueError: An expert name cannot be a folder name, the base model id is unknown, or the model uses
+            single-pass routing (which mistral.rs cannot run).
     """
     tuner = _tuner(model)
     config = tuner.xlora_config
+    if config.routing != "dual_pass":
+        raise ValueError(
+            f"mistral.rs runs X-LoRA's dual pass only; this model uses routing={config.routing!r} (static weights "
+            "in the first scaling_pass_layers layers, the gate on their output), which its layout cannot express. "
+            "Export a plain LoRA at a pinned gate with `export_lora`, or build the model with routing='dual_pass'."
+        )
     names = list(tuner.expert_names)
     _check_folder_names(names)
     base_model_id = base_model_id or config.base_model_name_or_path
