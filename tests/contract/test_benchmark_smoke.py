@@ -43,8 +43,8 @@ def test_smoke_structure(smoke):
     assert result["machine"]["torch"] and result["machine"]["cpu_count"]
     assert result["workload"]["hidden_size"] == SMOKE.hidden_size
     got = {(r["phase"], r["method"], r["n"]) for r in result["results"]}
-    expected = {("prefill", m, 2) for m in ("base", "floor", "peft", "ours")}
-    expected |= {("train", m, 2) for m in ("lora", "floor", "peft", "ours")}
+    expected = {("prefill", m, 2) for m in ("base", "wide", "floor", "peft", "ours", "single")}
+    expected |= {("train", m, 2) for m in ("lora", "wide", "floor", "peft", "ours", "single")}
     assert got == expected
     for r in result["results"]:
         assert len(r["times_s"]) == 1 and r["median_s"] > 0
@@ -53,7 +53,8 @@ def test_smoke_structure(smoke):
     by_phase = {r["phase"]: r for r in result["ratios"]}
     prefill_ratios = {"floor_vs_base", "peft_vs_base", "ours_vs_base", "ours_vs_floor", "ours_vs_peft"}
     assert prefill_ratios <= set(by_phase["prefill"])
-    assert {"ours_vs_floor", "ours_vs_peft"} <= set(by_phase["train"])
+    assert {"ours_vs_floor", "ours_vs_peft", "single_vs_wide", "single_vs_ours"} <= set(by_phase["train"])
+    assert {"single_vs_wide", "single_vs_ours"} <= set(by_phase["prefill"])
     assert result["generation"] is None  # not asked for
     # The reference targets are quoted at N = 8 and 32: a smoke run at N = 2 checks none of the timing ones.
     assert all(t["target"].startswith("train peak RSS") for t in result["targets"])
