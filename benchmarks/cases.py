@@ -10,6 +10,8 @@ Every case is built fresh from the same seed, so the four methods run the same b
 - ``ours``: peft-xlora (the dual pass, a full scaling pass).
 - ``wide``: one PEFT LoRA of rank N * r and nothing else: the least work a single-pass mixture can do.
 - ``single``: peft-xlora with ``routing="single_pass"`` and ``scaling_pass_layers`` = half the decoder layers.
+- ``single_uniform``: the same with ``single_pass_static="uniform"``: nothing before layer k trains, so backward
+  stops at layer k.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import peft_xlora
 hf_logging.set_verbosity_error()
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("base", "lora", "wide", "floor", "peft", "ours", "single")
+METHODS = ("base", "lora", "wide", "floor", "peft", "ours", "single", "single_uniform")
 PHASES = ("prefill", "train", "generate")
 
 
@@ -198,11 +200,12 @@ def _build_model(work: Workload, method: str, n: int, experts: dict[str, str], t
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return get_peft_model(base, config)
-    if method in ("ours", "single"):
+    if method in ("ours", "single", "single_uniform"):
         routing = {}
-        if method == "single":
+        if method != "ours":
             k = work.single_pass_layers or max(1, work.num_hidden_layers // 2)
             routing = {"routing": "single_pass", "scaling_pass_layers": k}
+            routing["single_pass_static"] = "uniform" if method == "single_uniform" else "learned"
         config = peft_xlora.XLoraConfig(
             task_type="CAUSAL_LM",
             adapters=experts,
@@ -282,7 +285,7 @@ def build_case(work: Workload, method: str, phase: str, n: int, experts: dict[st
 def supported(method: str, phase: str) -> set[tuple[str, str]]:
     """The (method, phase) pairs the harness measures."""
     pairs = {(m, "prefill") for m in ("base", "wide", "floor", "peft", "ours", "single")}
-    pairs |= {(m, "train") for m in ("lora", "wide", "floor", "peft", "ours", "single")}
+    pairs |= {(m, "train") for m in ("lora", "wide", "floor", "peft", "ours", "single", "single_uniform")}
     pairs |= {(m, "generate") for m in ("base", "wide", "peft", "ours", "single")}
     return pairs
 

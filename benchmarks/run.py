@@ -44,6 +44,8 @@ TARGETS = [
     ("prefill: single <= 1.10x wide LoRA (N=32)", "prefill", "single", "wide", 32, 1.10),
     ("train: single <= 0.75x ours (N=8)", "train", "single", "ours", 8, 0.75),
     ("train: single <= 0.75x ours (N=32)", "train", "single", "ours", 32, 0.75),
+    ("train: single_uniform <= 0.75x ours (N=8)", "train", "single_uniform", "ours", 8, 0.75),
+    ("train: single_uniform <= 0.75x ours (N=32)", "train", "single_uniform", "ours", 32, 0.75),
 ]
 # Cached generation, issue 16: single-pass tokens/s >= 0.9x the wide LoRA's, i.e. its time <= 1 / 0.9 of it.
 GENERATION_TARGET = 1 / 0.9
@@ -202,15 +204,16 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"phase": phase, "n": n}
         if new is not None:
             entry["new_tokens"] = new
-        for num in ("wide", "floor", "peft", "ours", "single"):
+        for num in ("wide", "floor", "peft", "ours", "single", "single_uniform"):
             if num in med and ref:
                 entry[f"{num}_vs_{ref}"] = med[num] / med[ref]
         for den in ("floor", "peft"):
             if "ours" in med and den in med:
                 entry[f"ours_vs_{den}"] = med["ours"] / med[den]
-        for den in ("wide", "ours"):
-            if "single" in med and den in med:
-                entry[f"single_vs_{den}"] = med["single"] / med[den]
+        for num in ("single", "single_uniform"):
+            for den in ("wide", "ours"):
+                if num in med and den in med:
+                    entry[f"{num}_vs_{den}"] = med[num] / med[den]
         out.append(entry)
     return out
 
@@ -266,7 +269,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     for n in sorted({r["n"] for r in rows}):
-        for num, den in (("ours", "floor"), ("single", "ours")):
+        for num, den in (("ours", "floor"), ("single", "ours"), ("single_uniform", "ours")):
             a, b = med.get(("train", num, n), {}), med.get(("train", den, n), {})
             if "peak_rss_gib" in a and "peak_rss_gib" in b:
                 value = a["peak_rss_gib"] / b["peak_rss_gib"]
@@ -449,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     elif once:
                         row.update({k: measured[key][k] for k in ("peak_rss_gib", "peak_increase_gib")})
                     print(
-                        f"{phase:8s} N={n:<3d} {row['method']:6s} {row['median_s']:.4f} s"
+                        f"{phase:8s} N={n:<3d} {row['method']:14s} {row['median_s']:.4f} s"
                         + (f"  {row['new_tokens']} tokens" if "new_tokens" in row else "")
                         + (f"  peak {row['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in row else ""),
                         flush=True,

@@ -44,7 +44,7 @@ def test_smoke_structure(smoke):
     assert result["workload"]["hidden_size"] == SMOKE.hidden_size
     got = {(r["phase"], r["method"], r["n"]) for r in result["results"]}
     expected = {("prefill", m, 2) for m in ("base", "wide", "floor", "peft", "ours", "single")}
-    expected |= {("train", m, 2) for m in ("lora", "wide", "floor", "peft", "ours", "single")}
+    expected |= {("train", m, 2) for m in ("lora", "wide", "floor", "peft", "ours", "single", "single_uniform")}
     assert got == expected
     for r in result["results"]:
         assert len(r["times_s"]) == 1 and r["median_s"] > 0
