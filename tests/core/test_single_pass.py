@@ -311,3 +311,17 @@ def test_plot_scalings_draws_the_single_pass(expert_dirs, tmp_path):
     plot_scalings(model.base_model, tmp_path / "tokens.png")
     plot_scalings(model.base_model, tmp_path / "layers.png", view="layers")
     assert (tmp_path / "tokens.png").stat().st_size > 0 and (tmp_path / "layers.png").stat().st_size > 0
+
+
+def test_a_late_layer_running_before_layer_k_is_a_clear_error():
+    from peft_xlora.core.routing import Routing
+    from peft_xlora.core.single_pass import SinglePassState
+
+    static = torch.full((1, 1, 1, 3), 1 / 3)
+    routing = Routing(static, single_pass=SinglePassState(frozenset({1}), {}))
+    assert routing.scalings_for(0) is static  # early layers: the static weights
+    with pytest.raises(RuntimeError, match="ran before layer k gave the per-token scalings"):
+        routing.scalings_for(1)
+    late = torch.rand(2, 7, 1, 3)
+    routing.single_pass.late = late
+    assert routing.scalings_for(1) is late and routing.snapshot().late_scalings is late
