@@ -77,7 +77,7 @@ class SinglePassState:
 
     Attributes:
         late_layers: Indices of the mixture layers that apply the per-token scalings.
-        kwargs: The forward's keyword arguments (the router losses read its attention mask).
+        kwargs: What the router losses read of the forward's keyword arguments (its attention mask).
         late: Per-token scalings (batch, seq, n_layers|1, n_experts), set once layer k has run.
         router_loss: The weighted router regularisers, set with `late` (None when they are off).
     """
@@ -137,7 +137,8 @@ class SinglePassMixin:
                 "that computes it, with no scaling pass to skip. Generate without `scalings_mode` (or 'token')."
             )
         static = self.xlora_classifier.get_submodule(STATIC_NAME)()  # (1, 1, n_layers|1, n_experts), float32
-        return Routing(static, single_pass=SinglePassState(self._late_layers, kwargs))
+        state = SinglePassState(self._late_layers, {"attention_mask": kwargs.get("attention_mask")})
+        return Routing(static, single_pass=state)
 
     def _after_layer_k(self, module: nn.Module, args: tuple, output: Any) -> None:
         # Forward hook on decoder layer k. transformers checkpoints a layer's `forward`, not its hooks, so this runs
