@@ -81,3 +81,27 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
         ("train", m) for m in ("lora", "floor", "peft", "ours")
     }
     assert list(tmp_path.glob("gpu-*-tiny.json"))
+
+
+@pytest.mark.slow
+def test_single_pass_quality_script_runs_tiny(tmp_path):
+    from benchmarks import single_pass_quality
+
+    threads = torch.get_num_threads()
+    try:
+        report = single_pass_quality.main(
+            ["--tiny", "--threads", "1", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    variants = [row["variant"] for row in report["rows"]]
+    assert variants == ["base model", "dual pass (scaling_pass_layers=None)", "single pass k=1", "single pass k=2"]
+    assert all(row["pure"] > 0 and row["mixed"] > 0 for row in report["rows"])
+    assert (tmp_path / "single-pass-quality-tiny.json").is_file()
+
+
+def test_single_pass_quality_script_skips_without_the_demo_cache(tmp_path, capsys):
+    from benchmarks import single_pass_quality
+
+    assert single_pass_quality.main(["--cache-dir", str(tmp_path / "empty")]) is None
+    assert "skipped: no converted SmolLM2-135M" in capsys.readouterr().out
