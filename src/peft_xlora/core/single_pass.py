@@ -115,6 +115,8 @@ class SinglePassMixin:
     xlora_classifier: XLoraClassifier
     _layers: list[XLoraLayer]
     _latest_scalings: torch.Tensor | None
+    _log_scalings: Any
+    _logs_scalings: Any
 
     def _install_single_pass(self, model: nn.Module, exit_layer: nn.Module, classifier: XLoraClassifier) -> None:
         """Adds the static weights to the classifier and the hook on decoder layer k (called by `inject_adapter`)."""
@@ -162,8 +164,23 @@ class SinglePassMixin:
         self._check_finite(scalings, hidden)
         state.late = scalings
         state.router_loss = self._router_loss(logits, state.kwargs)
-        self._latest_scalings = self._reported_scalings(routing.scalings, scalings)
-        self._log_scalings(self._latest_scalings)
+        # Kept apart and combined on request: the full (batch, seq, n_layers, n_experts) tensor is only built for
+        # `get_latest_scalings` and the scalings log.
+        self._latest_scalings = scalings.detach()
+        self._latest_static = routing.scalings.detach()
+        if self._logs_scalings():
+            self._log_scalings(self._reported_scalings(self._latest_static, self._latest_scalings))
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward.
+
+        In single-pass mode the rows of the layers up to k hold their static weights (the same for every token), the
+        others the per-token scalings the gate gave from layer k's output.
+        """
+        static = getattr(self, "_latest_static", None)
+        if self.xlora_config.routing != "single_pass" or static is None or self._latest_scalings is None:
+            return super().get_latest_scalings()
+        return self._reported_scalings(static, self._latest_scalings)
 
     def _reported_scalings(self, static: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
         """What `get_latest_scalings` reports: the late layers' per-token scalings, the early layers' static weights.
