@@ -63,7 +63,7 @@ class StaticWeights(nn.Module):
         self.register_buffer("row_of_layer", row.to(device), persistent=False)
 
     def forward(self) -> torch.Tensor:
-        """Scalings (1, 1, n_layers, n_experts) in float32; the late layers' rows are unused."""
+        """Scalings (1, 1, n_layers|1, n_experts) in float32 (one row when uniform); late layers' rows go unused."""
         device = self.row_of_layer.device
         if not self.learned:
             return torch.full((1, 1, 1, self.n_experts), 1.0 / self.n_experts, device=device)
