@@ -7,7 +7,11 @@ Every case is built fresh from the same seed, so the four methods run the same b
 - ``floor``: the least work a dual-pass mixture can do: a no-grad pass of the inner model (the scaling pass) plus a
   pass of one PEFT LoRA of rank N * r (all experts' ranks in one adapter).
 - ``peft``: PEFT's built-in X-LoRA (experts named "0".."N-1", ``use_cache=False``).
-- ``ours``: peft-xlora.
+- ``ours``: peft-xlora (the dual pass, a full scaling pass).
+- ``wide``: one PEFT LoRA of rank N * r and nothing else: the least work a single-pass mixture can do.
+- ``single``: peft-xlora with ``routing="single_pass"`` and ``scaling_pass_layers`` = half the decoder layers.
+- ``single_uniform``: the same with ``single_pass_static="uniform"``: nothing before layer k trains, so backward
+  stops at layer k.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import peft_xlora
 hf_logging.set_verbosity_error()
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("base", "lora", "floor", "peft", "ours")
+METHODS = ("base", "lora", "wide", "floor", "peft", "ours", "single", "single_uniform")
 PHASES = ("prefill", "train", "generate")
 
 
@@ -55,6 +59,7 @@ class Workload:
     dtype: str = "float32"
     device: str = "cpu"
     arch: str = "llama"  # or "mistral"
+    single_pass_layers: int | None = None  # k of the single pass; None: half the decoder layers (4 of 8)
 
     def llama_config(self) -> LlamaConfig:
         """The random base model's config (a `MistralConfig` of the same sizes when `arch` is "mistral")."""
@@ -171,7 +176,7 @@ def _build_model(work: Workload, method: str, n: int, experts: dict[str, str], t
     base = build_base(work)
     if method == "base":
         return base
-    if method in ("lora", "floor"):
+    if method in ("lora", "floor", "wide"):
         rank = work.rank if method == "lora" else n * work.rank
         config = LoraConfig(
             r=rank,
@@ -195,9 +200,18 @@ def _build_model(work: Workload, method: str, n: int, experts: dict[str, str], t
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return get_peft_model(base, config)
-    if method == "ours":
+    if method in ("ours", "single", "single_uniform"):
+        routing = {}
+        if method != "ours":
+            k = work.single_pass_layers or max(1, work.num_hidden_layers // 2)
+            routing = {"routing": "single_pass", "scaling_pass_layers": k}
+            routing["single_pass_static"] = "uniform" if method == "single_uniform" else "learned"
         config = peft_xlora.XLoraConfig(
-            task_type="CAUSAL_LM", adapters=experts, xlora_depth=work.xlora_depth, xlora_size=work.xlora_size
+            task_type="CAUSAL_LM",
+            adapters=experts,
+            xlora_depth=work.xlora_depth,
+            xlora_size=work.xlora_size,
+            **routing,
         )
         return get_peft_model(base, config)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -270,9 +284,9 @@ def build_case(work: Workload, method: str, phase: str, n: int, experts: dict[st
 
 def supported(method: str, phase: str) -> set[tuple[str, str]]:
     """The (method, phase) pairs the harness measures."""
-    pairs = {(m, "prefill") for m in ("base", "floor", "peft", "ours")}
-    pairs |= {(m, "train") for m in ("lora", "floor", "peft", "ours")}
-    pairs |= {(m, "generate") for m in ("base", "peft", "ours")}
+    pairs = {(m, "prefill") for m in ("base", "wide", "floor", "peft", "ours", "single")}
+    pairs |= {(m, "train") for m in ("lora", "wide", "floor", "peft", "ours", "single", "single_uniform")}
+    pairs |= {(m, "generate") for m in ("base", "wide", "peft", "ours", "single")}
     return pairs
 
 

@@ -14,6 +14,8 @@ prompt 64 tokens, greedy, exactly `new` tokens). Methods:
 - ``floor``: per token, a base cached step plus a ``lora`` cached step: the least work a cached dual pass can do.
   Its time is the sum of the two measured times.
 - ``token`` / ``prompt``: peft-xlora in each scalings mode, cached.
+- ``single``: peft-xlora with ``routing="single_pass"`` (k = half the layers), cached with the model's own cache;
+  its floor is ``lora`` (issue 16: tokens/s >= 0.9x ``lora``).
 - ``peft``: PEFT's built-in X-LoRA (it refuses the cache), at the shortest length only (it grows with the square)
   unless ``--peft-all``.
 
@@ -50,6 +52,7 @@ def measure(
         "base": _build_model(work, "base", n, experts, train=False).eval(),
         "lora": _build_model(work, "floor", n, experts, train=False).eval(),  # one LoRA of rank n * r
         "ours": _build_model(work, "ours", n, experts, train=False).eval(),
+        "single": _build_model(work, "single", n, experts, train=False).eval(),
     }
     steps: dict[tuple[str, int], Callable[[], Any]] = {}
     for new in news:
@@ -57,6 +60,7 @@ def measure(
         steps["lora", new] = generate_step(models["lora"], prompt, new, use_cache=True)
         steps["token", new] = generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="token")
         steps["prompt", new] = generate_step(models["ours"], prompt, new, use_cache=True, scalings_mode="prompt")
+        steps["single", new] = generate_step(models["single"], prompt, new, use_cache=True)
     if peft_news:
         models["peft"] = _build_model(work, "peft", n, experts, train=False).eval()
         for new in peft_news:
@@ -84,13 +88,14 @@ def table(seconds: dict[str, float], news: list[int]) -> list[dict[str, Any]]:
     """Tokens/s per method and length, with the ratios the issue's targets are stated in."""
     rows = []
     for new in news:
-        t = {m: seconds.get(f"{m}@{new}") for m in ("base", "lora", "token", "prompt", "peft")}
+        t = {m: seconds.get(f"{m}@{new}") for m in ("base", "lora", "token", "prompt", "single", "peft")}
         floor = t["base"] + t["lora"]
         row = {
             "new_tokens": new,
             "tok_s": {m: new / s for m, s in t.items() if s is not None} | {"floor": new / floor},
             "token_vs_floor": floor / t["token"],
             "prompt_vs_lora": t["lora"] / t["prompt"],
+            "single_vs_lora": t["lora"] / t["single"],
         }
         if t["peft"] is not None:
             row["token_vs_peft"] = t["peft"] / t["token"]
@@ -118,17 +123,19 @@ def main(argv: list[str] | None = None) -> None:
     peft_news = [] if args.no_peft else news if args.peft_all else [min(news)]
     seconds = measure(work, args.n, news, reps, peft_news, clock)
     rows = table(seconds, news)
-    methods = ("base", "floor", "lora", "token", "prompt", "peft")
+    methods = ("base", "floor", "lora", "token", "prompt", "single", "peft")
     kind = "CPU" if args.cpu_time else "wall"
     print(
         f"N={args.n}, prompt {work.gen_prompt}, greedy, {args.threads} threads; tokens/s of {kind} time "
         f"(median of {reps})"
     )
-    print("new   " + "".join(f"{m:>9}" for m in methods) + "  token/floor  prompt/lora  token/peft")
+    print("new   " + "".join(f"{m:>9}" for m in methods) + "  token/floor  prompt/lora  single/lora  token/peft")
     for row in rows:
         cells = "".join(f"{row['tok_s'][m]:9.1f}" if m in row["tok_s"] else f"{'-':>9}" for m in methods)
         vs_peft = f"{row['token_vs_peft']:10.1f}x" if "token_vs_peft" in row else f"{'-':>11}"
-        ratios = f"{row['token_vs_floor']:10.2f}x  {row['prompt_vs_lora']:10.2f}x {vs_peft}"
+        ratios = (
+            f"{row['token_vs_floor']:10.2f}x  {row['prompt_vs_lora']:10.2f}x  {row['single_vs_lora']:10.2f}x {vs_peft}"
+        )
         print(f"{row['new_tokens']:<6}{cells}  {ratios}")
     if args.json:
         with open(args.json, "w") as f:

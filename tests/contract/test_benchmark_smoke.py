@@ -43,8 +43,8 @@ def test_smoke_structure(smoke):
     assert result["machine"]["torch"] and result["machine"]["cpu_count"]
     assert result["workload"]["hidden_size"] == SMOKE.hidden_size
     got = {(r["phase"], r["method"], r["n"]) for r in result["results"]}
-    expected = {("prefill", m, 2) for m in ("base", "floor", "peft", "ours")}
-    expected |= {("train", m, 2) for m in ("lora", "floor", "peft", "ours")}
+    expected = {("prefill", m, 2) for m in ("base", "wide", "floor", "peft", "ours", "single")}
+    expected |= {("train", m, 2) for m in ("lora", "wide", "floor", "peft", "ours", "single", "single_uniform")}
     assert got == expected
     for r in result["results"]:
         assert len(r["times_s"]) == 1 and r["median_s"] > 0
@@ -53,7 +53,8 @@ def test_smoke_structure(smoke):
     by_phase = {r["phase"]: r for r in result["ratios"]}
     prefill_ratios = {"floor_vs_base", "peft_vs_base", "ours_vs_base", "ours_vs_floor", "ours_vs_peft"}
     assert prefill_ratios <= set(by_phase["prefill"])
-    assert {"ours_vs_floor", "ours_vs_peft"} <= set(by_phase["train"])
+    assert {"ours_vs_floor", "ours_vs_peft", "single_vs_wide", "single_vs_ours"} <= set(by_phase["train"])
+    assert {"single_vs_wide", "single_vs_ours"} <= set(by_phase["prefill"])
     assert result["generation"] is None  # not asked for
     # The reference targets are quoted at N = 8 and 32: a smoke run at N = 2 checks none of the timing ones.
     assert all(t["target"].startswith("train peak RSS") for t in result["targets"])
@@ -80,3 +81,27 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
         ("train", m) for m in ("lora", "floor", "peft", "ours")
     }
     assert list(tmp_path.glob("gpu-*-tiny.json"))
+
+
+@pytest.mark.slow
+def test_single_pass_quality_script_runs_tiny(tmp_path):
+    from benchmarks import single_pass_quality
+
+    threads = torch.get_num_threads()
+    try:
+        report = single_pass_quality.main(
+            ["--tiny", "--threads", "1", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    variants = [row["variant"] for row in report["rows"]]
+    assert variants == ["base model", "dual pass (scaling_pass_layers=None)", "single pass k=1", "single pass k=2"]
+    assert all(row["pure"] > 0 and row["mixed"] > 0 for row in report["rows"])
+    assert (tmp_path / "single-pass-quality-tiny.json").is_file()
+
+
+def test_single_pass_quality_script_skips_without_the_demo_cache(tmp_path, capsys):
+    from benchmarks import single_pass_quality
+
+    assert single_pass_quality.main(["--cache-dir", str(tmp_path / "empty")]) is None
+    assert "skipped: no converted SmolLM2-135M" in capsys.readouterr().out

@@ -79,21 +79,27 @@ def test_classifier_and_gate_run_in_float32_under_autocast(dtype, expert_dirs):
     torch.testing.assert_close(model.get_latest_scalings()[:, :, :1], want, rtol=0, atol=0)
 
 
+SINGLE_PASS = {"routing": "single_pass", "scaling_pass_layers": 1}
+ROUTINGS = pytest.mark.parametrize("routing", [{}, SINGLE_PASS], ids=["dual-pass", "single-pass"])
+
+
+@ROUTINGS
 @pytest.mark.parametrize("dtype", HALF)
-def test_autocast_loss_and_gradients_follow_float32(dtype, expert_dirs):
+def test_autocast_loss_and_gradients_follow_float32(dtype, routing, expert_dirs):
     _skip_unless_supported(dtype)
     ids = input_ids(batch=2, seq=12, seed=9)
-    model = _model(expert_dirs)
+    model = _model(expert_dirs, **routing)
     _assert_close_training(_loss_and_grads(model, ids), _loss_and_grads(model, ids, autocast_dtype=dtype), dtype)
 
 
+@ROUTINGS
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("trainable_experts", [False, True])
-def test_half_precision_base_trains_in_float32(dtype, trainable_experts, expert_dirs):
+def test_half_precision_base_trains_in_float32(dtype, trainable_experts, routing, expert_dirs):
     _skip_unless_supported(dtype)
     ids = input_ids(batch=2, seq=12, seed=10)
-    reference = _model(expert_dirs, use_trainable_adapters=trainable_experts)
-    model = _model(expert_dirs, dtype, use_trainable_adapters=trainable_experts)
+    reference = _model(expert_dirs, use_trainable_adapters=trainable_experts, **routing)
+    model = _model(expert_dirs, dtype, use_trainable_adapters=trainable_experts, **routing)
     # PEFT's default autocast_adapter_dtype=True: what trains is float32, the frozen base and experts stay in `dtype`.
     for name, param in model.named_parameters():
         expected = torch.float32 if param.requires_grad else dtype

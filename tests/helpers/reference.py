@@ -214,3 +214,73 @@ def xlora_logits_reference(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def single_pass_reference(
+    model: torch.nn.Module,
+    experts: dict[str, str],
+    ids: torch.Tensor,
+    k: int,
+    static_logits: dict[str, torch.Tensor],
+    gate_fn=None,
+) -> torch.Tensor:
+    """Single-pass X-LoRA on a Llama `PeftModel`, written out: decoder layer by layer, expert by expert, no stacking.
+
+    Mixture layers registered before decoder layer k+1 (the input embedding, layers 1..k) use softmax(static logits),
+    the classifier reads the output of layer k, and the later mixture layers use `gate_fn(classifier logits)`.
+
+    Args:
+        model: The single-pass X-LoRA `PeftModel` (its base layers, norms and classifier are used; not its mixture).
+        experts: Expert name -> saved LoRA folder, in gate order (the factors are read from the files).
+        ids: (batch, seq) token ids, no padding.
+        k: The decoder layer whose output feeds the classifier.
+        static_logits: Mixture layer name -> (n_experts,) logits of the early layers.
+        gate_fn: Classifier logits (batch, seq, n_layers|1, n_experts) -> scalings; default a plain softmax.
+
+    Returns:
+        (batch, seq, vocab) logits.
+    """
+    from peft_xlora.core.layer import XLoraLayer
+
+    loras = [lora_factors_reference(path) for path in experts.values()]
+    llama = model.base_model.model
+    inner = llama.model
+    mixture = {name: m for name, m in llama.named_modules() if isinstance(m, XLoraLayer)}
+    index = {name: i for i, name in enumerate(mixture)}
+    phase: dict[str, torch.Tensor | None] = {"late": None}
+
+    def mixed(name: str, layer: XLoraLayer):
+        def forward(x, *args, **kwargs):
+            out = layer.base_layer(x, *args, **kwargs)
+            if phase["late"] is None:  # before layer k's output: static weights
+                weights = torch.softmax(static_logits[name].float(), dim=-1)[None, None].expand(*x.shape[:2], -1)
+            else:
+                s = phase["late"]
+                weights = s[:, :, index[name] if s.shape[2] > 1 else 0]  # (batch, seq, n_experts)
+            for e, lora in enumerate(loras):
+                if name in lora:
+                    a, b, scale, embedding = lora[name]
+                    down = F.embedding(x, a.T) if embedding else x @ a.T
+                    out = out + weights[..., e : e + 1] * scale * (down @ b.T)
+            return out
+
+        return forward
+
+    for name, layer in mixture.items():
+        layer.forward = mixed(name, layer)
+    try:
+        hidden = inner.embed_tokens(ids)
+        seq = ids.shape[1]
+        positions = torch.arange(seq)[None]
+        rotary = inner.rotary_emb(hidden, positions)
+        mask = torch.full((seq, seq), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+        for i, decoder_layer in enumerate(inner.layers):
+            hidden = decoder_layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+            hidden = hidden if isinstance(hidden, torch.Tensor) else hidden[0]
+            if i + 1 == k:
+                logits = llama.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
+                phase["late"] = gate_fn(logits) if gate_fn else torch.softmax(logits, dim=-1)
+        return llama.lm_head(inner.norm(hidden))
+    finally:
+        for layer in mixture.values():
+            del layer.forward

@@ -41,6 +41,9 @@ VARIANTS = {
     # Trainer wraps PEFT models with find_unused_parameters=True unless told otherwise.
     "find-unused-non-reentrant": {"top_k_lora": 2, "_checkpointing": "non_reentrant", "_find_unused": True},
     "find-unused-reentrant": {"_checkpointing": "reentrant", "_find_unused": True},
+    # No scaling pass: static weights (a trained parameter) up to layer 1, the gate on its output after.
+    "single-pass": {"routing": "single_pass", "scaling_pass_layers": 1},
+    "single-pass-reentrant": {"routing": "single_pass", "scaling_pass_layers": 1, "_checkpointing": "reentrant"},
 }
 
 

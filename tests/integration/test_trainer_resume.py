@@ -27,7 +27,7 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def make_model(expert_dirs, trainable):
+def make_model(expert_dirs, trainable, **overrides):
     torch.manual_seed(0)
     config = XLoraConfig(
         task_type="CAUSAL_LM",
@@ -35,6 +35,7 @@ def make_model(expert_dirs, trainable):
         xlora_depth=2,
         xlora_size=16,
         use_trainable_adapters=trainable,
+        **overrides,
     )
     return get_peft_model(tiny_llama(), config)
 
@@ -65,9 +66,16 @@ def trained_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("trainable", [False, True], ids=["classifier", "classifier+experts"])
-def test_resume_continues_loss_curve_exactly(tmp_path, expert_dirs, trainable):
-    straight = make_trainer(make_model(expert_dirs, trainable), tmp_path / "straight")
+SINGLE_PASS = {"routing": "single_pass", "scaling_pass_layers": 1}
+
+
+@pytest.mark.parametrize(
+    ("trainable", "overrides"),
+    [(False, {}), (True, {}), (False, SINGLE_PASS)],
+    ids=["classifier", "classifier+experts", "single-pass"],
+)
+def test_resume_continues_loss_curve_exactly(tmp_path, expert_dirs, trainable, overrides):
+    straight = make_trainer(make_model(expert_dirs, trainable, **overrides), tmp_path / "straight")
     initial = trained_weights(straight.model)
     straight.train()
     full_curve = losses(straight)
@@ -79,7 +87,7 @@ def test_resume_continues_loss_curve_exactly(tmp_path, expert_dirs, trainable):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(checkpoint))
 
     # The checkpoint alone reproduces the model at step SAVE_AT.
-    resumed_model = make_model(expert_dirs, trainable)
+    resumed_model = make_model(expert_dirs, trainable, **overrides)
     with torch.no_grad():  # start from other weights, so that only the checkpoint can make them equal
         for param in resumed_model.parameters():
             if param.requires_grad:
@@ -95,6 +103,7 @@ def test_resume_continues_loss_curve_exactly(tmp_path, expert_dirs, trainable):
     assert final.keys() == again.keys()
     assert any(".xlora_classifier." in n for n in final)
     assert any(".xlora_A" in n for n in final) == trainable
+    assert any(".single_pass_static." in n for n in final) == bool(overrides)
     for name in final:
         torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-6, msg=name)
 

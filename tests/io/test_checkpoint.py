@@ -453,8 +453,12 @@ def open_peft_gate(monkeypatch):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"layerwise_scalings": True, "xlora_depth": 2, "xlora_size": 16}],
-    ids=["default-config", "layerwise-depth2"],
+    [
+        {},
+        {"layerwise_scalings": True, "xlora_depth": 2, "xlora_size": 16},
+        {"routing": "single_pass", "scaling_pass_layers": 1},
+    ],
+    ids=["default-config", "layerwise-depth2", "single-pass"],
 )
 def test_transformers_load_adapter(tmp_path, expert_dirs, overrides):
     config = XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], **overrides)

@@ -102,3 +102,21 @@ def test_peft_push_to_hub_round_trips_too(hub, expert_dirs):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(hub.repos[REPO].files)
     loaded = PeftModel.from_pretrained(tiny_llama(), REPO).eval()
     torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+
+
+def test_single_pass_round_trips_through_the_hub(hub, expert_dirs):
+    torch.manual_seed(0)
+    config = XLoraConfig(
+        task_type="CAUSAL_LM", adapters=expert_dirs["llama"], routing="single_pass", scaling_pass_layers=1
+    )
+    model = get_peft_model(tiny_llama(), config).eval()
+    with torch.no_grad():  # trained-looking weights: the static logits and the classifier away from zero
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_()
+    ref = logits(model)
+    push_to_hub(model, REPO)
+    loaded = PeftModel.from_pretrained(tiny_llama(), REPO).eval()
+    assert loaded.base_model.xlora_config.routing == "single_pass"
+    torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+    assert not hub.unknown

@@ -16,6 +16,8 @@ from .registration import PEFT_XLORA
 
 ScalingsMode = Literal["token", "prompt"]
 ClassifierInit = Literal["uniform", "random"]
+RoutingMode = Literal["dual_pass", "single_pass"]
+SinglePassStatic = Literal["learned", "uniform"]
 
 
 @dataclass
@@ -62,6 +64,14 @@ class XLoraConfig(PeftConfig):
             output (the residual stream, before any final norm): a cheaper scaling pass that sees less of the
             model. None runs the whole model, as X-LoRA does. See docs/performance.md for the trade-off.
         router_entropy_coef: Weight of the mean per-token routing entropy added to the loss (>= 0; 0 = off).
+        routing: ``"dual_pass"`` (X-LoRA as published) runs a scaling pass before every forward. ``"single_pass"``
+            runs none: decoder layers 1..`scaling_pass_layers` mix the experts with static weights, the hidden state
+            leaving layer k of the same forward feeds the classifier, and the later layers use its per-token
+            scalings: the cost of one LoRA of the experts' total rank. Needs `scaling_pass_layers`. See
+            docs/concepts.md.
+        single_pass_static: In single-pass mode, the static weights of the first k layers: ``"learned"`` (a softmax
+            over one logit per adapted layer and expert, starting uniform and trained with the classifier) or
+            ``"uniform"`` (fixed at 1 / n_experts).
         experts: Filled in when the model is built (in the model's copy of the config) and saved with it: for each
             expert, the PEFT `LoraConfig` (as a dict) that describes its layers. A config that has it describes a
             checkpoint: the model built from it takes the experts' weights from that checkpoint, not from `adapters`.
@@ -105,6 +115,13 @@ class XLoraConfig(PeftConfig):
     )
     router_entropy_coef: float = field(
         default=0.0, metadata={"help": "Weight of the per-token routing entropy added to the loss (0 = off)."}
+    )
+    routing: RoutingMode = field(
+        default="dual_pass",
+        metadata={"help": "'dual_pass': a scaling pass per forward; 'single_pass': route from layer k of one pass."},
+    )
+    single_pass_static: SinglePassStatic = field(
+        default="learned", metadata={"help": "Single pass: 'learned' or 'uniform' static weights in layers 1..k."}
     )
     experts: dict[str, dict[str, Any]] | None = field(
         default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
@@ -251,6 +268,7 @@ class XLoraConfig(PeftConfig):
             raise ValueError(f"`trainable_head` must be True or False, got {self.trainable_head!r}.")
         if self.classifier_init not in ("uniform", "random"):
             raise ValueError(f"`classifier_init` must be 'uniform' or 'random', got {self.classifier_init!r}.")
+        _check_routing(self)
 
 
 def _is_int(value: Any) -> bool:
@@ -297,3 +315,24 @@ def replace_experts(config: XLoraConfig, sources: dict[str, str]) -> None:
         config.experts[name] = expert.config_dict()
         replaced[name] = expert
     config._replaced_experts = replaced
+
+
+def _check_routing(config: XLoraConfig) -> None:
+    """`routing` and `single_pass_static` take one of their values; the single pass needs its layer k."""
+    if config.routing not in ("dual_pass", "single_pass"):
+        raise ValueError(f"`routing` must be 'dual_pass' or 'single_pass', got {config.routing!r}.")
+    if config.single_pass_static not in ("learned", "uniform"):
+        raise ValueError(f"`single_pass_static` must be 'learned' or 'uniform', got {config.single_pass_static!r}.")
+    if config.routing != "single_pass":
+        return
+    if config.scaling_pass_layers is None:
+        raise ValueError(
+            "`routing='single_pass'` needs `scaling_pass_layers=k`: the decoder layer whose output feeds the "
+            "classifier (layers 1..k use static weights, the later ones the per-token scalings), e.g. half the "
+            "model's layers."
+        )
+    if config.scalings_mode != "token":
+        raise ValueError(
+            "`routing='single_pass'` routes every token from the pass that computes it, so there is no scaling pass "
+            "for `scalings_mode='prompt'` to skip: use scalings_mode='token'."
+        )

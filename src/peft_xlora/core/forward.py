@@ -123,9 +123,13 @@ class ForwardMixin:
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         routing = current_routing()
         pop_routing()
-        if routing is None or routing.router_loss is None or routing.scaling_pass:
+        if routing is None or routing.scaling_pass:
             return None
-        return _add_router_loss(output, routing.router_loss)
+        # Single pass: the router losses are known once layer k has run, in the forward's shared state.
+        router_loss = routing.single_pass.router_loss if routing.single_pass is not None else routing.router_loss
+        if router_loss is None:
+            return None
+        return _add_router_loss(output, router_loss)
 
     def _route(self, args: tuple, kwargs: dict) -> Routing | None:
         """Runs the scaling pass and the classifier; returns the routing for the main pass."""
@@ -141,6 +145,8 @@ class ForwardMixin:
         _check_input_device(self.model, args, kwargs)
         if self._static_scalings is not None:
             return Routing(self._static_scalings[None, None])
+        if config.routing == "single_pass":
+            return self._route_single_pass(kwargs)  # no scaling pass (single_pass.py)
         # With a KV cache, the scaling pass extends its own cache beside the main one (see generation.py); in prompt
         # mode, decoding steps skip it and reuse the prompt's scalings held in the cache.
         cache, cache_name = prepare_cache(self.model, kwargs, config.scalings_mode)

@@ -42,6 +42,16 @@ class GatingMixin:
         unknown = [name for name in changes if not hasattr(config, name)]
         if unknown:
             raise ValueError(f"XLoraConfig has no field(s) {unknown}.")
+        built = [
+            name
+            for name in ("routing", "single_pass_static")
+            if name in changes and changes[name] != getattr(config, name)
+        ]
+        if built:
+            raise ValueError(
+                f"{built} cannot change on a built model: they decide which parameters and hooks it has. Build a "
+                "new model with the new values (the experts and base model can be reused)."
+            )
         old = {name: getattr(config, name) for name in changes}
         for name, value in changes.items():
             setattr(config, name, value)

@@ -190,10 +190,13 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         """Base layer output plus the gated expert updates of the current routing."""
         result = self.base_layer(x, *args, **kwargs)
         routing = current_routing()
-        if self.disable_adapters or routing is None or routing.scalings is None or self.xlora_A.shape[0] == 0:
+        if self.disable_adapters or routing is None or self.xlora_A.shape[0] == 0:
+            return result
+        scalings = routing.scalings_for(self.layer_index)
+        if scalings is None:
             return result
         z = self._project_down(x)  # (*lead, R)
-        update = self._weigh(z, routing.scalings) @ self.xlora_B.T  # (*lead, out)
+        update = self._weigh(z, scalings) @ self.xlora_B.T  # (*lead, out)
         if self.is_embedding:
             embed_scale = self._get_embed_scale()
             if embed_scale is not None:

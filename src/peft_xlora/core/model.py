@@ -41,10 +41,11 @@ from .registration import PREFIX
 from .routing import install_carriers, remove_carriers
 from .scalings_log import ScalingsLogMixin
 from .seq2seq import Seq2SeqMixin, check_seq2seq_supported, is_encoder_decoder
+from .single_pass import SinglePassMixin
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
 
 
-class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
+class XLoraModel(Seq2SeqMixin, ForwardMixin, SinglePassMixin, GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -125,11 +126,15 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ElasticMixin, Scalings
         config.experts = {e.name: e.config_dict() for e in experts}
 
         install_carriers(model, set(self.mixture_layer_names))
-        self._early_exit_hook = None
+        self._early_exit_hook = self._single_pass_hook = None
+        exit_layer = None
         if config.scaling_pass_layers is not None:
             exit_layer = scaling_pass_exit_layer(model, config.scaling_pass_layers)
-            self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
+            if config.routing == "dual_pass":
+                self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
         add_classifier(model, config, n_layers=len(self.mixture_layer_names), n_experts=len(experts))
+        if config.routing == "single_pass":
+            self._install_single_pass(model, exit_layer, model.get_submodule(CLASSIFIER_NAME))
         self._mark_only_adapters_as_trainable(model)
         if is_encoder_decoder(model):
             self._install_seq2seq(model)  # each stack gated by its own tokens (seq2seq.py)
@@ -223,8 +228,9 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, GatingMixin, ElasticMixin, Scalings
         self._layers = []
         unswap_heads(self.model)
         remove_carriers(self.model)
-        if self._early_exit_hook is not None:
-            self._early_exit_hook.remove()
+        for hook in (self._early_exit_hook, self._single_pass_hook):
+            if hook is not None:
+                hook.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

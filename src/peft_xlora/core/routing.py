@@ -10,15 +10,19 @@ with the keyword arguments it was called with, so the routing is passed as one o
 holds a mixture layer is given a subclass (as FSDP2's `fully_shard` does) whose `__call__` adds the current routing to
 the keyword arguments and whose `forward` sets it again around the original forward. The recomputation replays those
 arguments and so sees exactly the scalings of its own forward, even with several forwards before one backward.
+
+In single-pass mode (see `single_pass.py`) a forward's per-token scalings exist only once decoder layer k has run:
+the `Routing` then holds a mutable `single_pass` state that layer k's hook fills, and each carrier passes a snapshot
+of what was known when its layer was called, so a recomputed layer sees the same tensors as its first run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,19 +43,53 @@ class Routing:
             loss after the forward; None when they are off.
         source_scalings: Encoder-decoder models, in the decoder: the source tokens' scalings, read by the
             cross-attention key/value layers (see seq2seq.py); None otherwise.
+        single_pass: Single-pass mode only: the forward's `SinglePassState` (the late layers' indices, and their
+            per-token scalings once layer k has run); `scalings` are then the static weights of the early layers.
+        late_scalings: The late layers' scalings as a carrier saw them when its layer was called (a snapshot of
+            `single_pass.late`), so that a checkpointed layer's recomputation reuses the same tensor.
     """
 
     scalings: torch.Tensor | None
     scaling_pass: bool = False
     router_loss: torch.Tensor | None = None
     source_scalings: torch.Tensor | None = None
+    single_pass: Any = None
+    late_scalings: torch.Tensor | None = None
 
+    def scalings_for(self, layer_index: int) -> torch.Tensor | None:
+        """The scalings mixture layer `layer_index` applies in this forward."""
+        state = self.single_pass
+        if state is None or layer_index not in state.late_layers:
+            return self.scalings
+        late = self.late_scalings if self.late_scalings is not None else state.late
+        if late is None:
+            raise RuntimeError(
+                f"X-LoRA single pass: mixture layer {layer_index} runs after decoder layer k (scaling_pass_layers) in "
+                "the model's layout, but it ran before layer k gave the per-token scalings. This model does not run "
+                "its layers in the order it registers them; use routing='dual_pass'."
+            )
+        return late
 
-def _routing_tensors(routing: Routing | None) -> tuple[torch.Tensor, ...]:
-    """The scalings a checkpointed layer must receive as positional arguments (see `_carrier_class`)."""
-    if routing is None:
-        return ()
-    return tuple(t for t in (routing.scalings, routing.source_scalings) if t is not None)
+    def snapshot(self) -> Routing:
+        """This routing with the single pass's late scalings known so far fixed in `late_scalings`."""
+        if self.single_pass is None or self.single_pass.late is None or self.late_scalings is not None:
+            return self
+        return replace(self, late_scalings=self.single_pass.late)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The scalings tensors a carrier passes positionally (so reentrant checkpointing differentiates them)."""
+        return tuple(t for t in (self.scalings, self.source_scalings, self.late_scalings) if t is not None)
+
+    def with_tensors(self, tensors: tuple[torch.Tensor, ...]) -> Routing:
+        """The same routing holding `tensors` (those `tensors()` gave, possibly a recomputation's) instead.
+
+        The router loss stays behind: the layer does not need it, and a recomputation must not hold the graph.
+        """
+        it = iter(tensors)
+        scalings = next(it) if self.scalings is not None else None
+        source = next(it) if self.source_scalings is not None else None
+        late = next(it) if self.late_scalings is not None else None
+        return replace(self, scalings=scalings, source_scalings=source, late_scalings=late, router_loss=None)
 
 
 # A stack, so nested forwards restore what was current before them. Tuples, never mutated: a copied context (a new
@@ -99,7 +137,9 @@ def _carrier_class(cls: type[nn.Module]) -> type[nn.Module]:
         # tensors, so this is how the classifier gets its gradient through a recomputed layer.
         def __call__(self, *args, **kwargs):
             routing = current_routing()
-            args = (*args, *_routing_tensors(routing))
+            if routing is not None:
+                routing = routing.snapshot()
+                args = (*args, *routing.tensors())
             kwargs[_ROUTING_KWARG] = routing
             return super().__call__(*args, **kwargs)
 
@@ -107,12 +147,11 @@ def _carrier_class(cls: type[nn.Module]) -> type[nn.Module]:
             if _ROUTING_KWARG not in kwargs:  # forward called directly, not through __call__
                 return super().forward(*args, **kwargs)
             routing = kwargs.pop(_ROUTING_KWARG)
-            n = len(_routing_tensors(routing))
-            if n:
-                args, tensors = args[:-n], list(args[-n:])  # the (possibly recomputation's) tensors
-                scalings = tensors.pop(0) if routing.scalings is not None else None
-                source = tensors.pop(0) if routing.source_scalings is not None else None
-                routing = dataclasses.replace(routing, scalings=scalings, source_scalings=source, router_loss=None)
+            if routing is not None:
+                n = len(routing.tensors())
+                if n:
+                    routing = routing.with_tensors(tuple(args[-n:]))  # the (possibly recomputation's) tensors
+                    args = args[:-n]
             with use_routing(routing):
                 return super().forward(*args, **kwargs)
 

@@ -230,6 +230,11 @@ class ScalingsLogMixin:
             print(f"X-LoRA scalings (batch, seq, n_layers, n_experts), experts {self.expert_names}:")
             print(self._full_layers(entry))
 
+    def _logs_scalings(self) -> bool:
+        """Whether `_log_scalings` records anything now (so a caller can skip building an entry)."""
+        state = self._log_state()
+        return state["enabled"] or state["print_left"] > 0
+
     def _full_layers(self, entry: torch.Tensor) -> torch.Tensor:
         # Without layerwise scalings one row serves every layer: hand it out as a broadcast view.
         return entry.expand(-1, -1, len(self.mixture_layer_names), -1)

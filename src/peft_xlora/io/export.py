@@ -57,6 +57,7 @@ MISTRALRS_WRITTEN = (
 )
 # No effect on the exported model's outputs: training-only, initialisation, or bookkeeping.
 MISTRALRS_IRRELEVANT = (
+    "single_pass_static",  # single-pass routing only, which is refused
     "xlora_dropout_p",  # written as 0: mistral.rs applies the classifier's dropout at inference too
     "classifier_init",
     "router_load_balancing_coef",
@@ -78,6 +79,11 @@ MISTRALRS_REFUSED = {
         False,
         "mistral.rs refuses it ('`enable_softmax_topk` is not implemented') and the original package applies it "
         "across the whole batch",
+    ),
+    "routing": (
+        "dual_pass",
+        "mistral.rs runs X-LoRA's dual pass only; single-pass routing (static weights in the first "
+        "scaling_pass_layers layers, the gate on their output) has no place in its layout",
     ),
     "trainable_head": (
         False,
@@ -158,8 +164,8 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
 
     Raises:
         ValueError: The layout cannot represent the model (`scaling_pass_layers`, `scalings_mode="prompt"`,
-            `enable_softmax_topk`, a pinned gate: the message names each and says what to do instead), an expert
-            name cannot be a folder name, or the base model id is unknown.
+            `enable_softmax_topk`, single-pass routing, a pinned gate: the message names each and says what to do
+            instead), an expert name cannot be a folder name, or the base model id is unknown.
     """
     tuner = find_tuner(model)
     config = tuner.xlora_config
