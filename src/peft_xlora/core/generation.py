@@ -46,6 +46,24 @@ def check_scalings_mode(mode: str) -> str:
     return mode
 
 
+def sync_scaling_cache(main: Any, scaling: Any) -> None:
+    """Brings the scaling pass's cache `scaling` to the length of the main cache `main` before a forward.
+
+    The scaling pass runs first; if the main pass then failed, the scaling cache is ahead and is cropped back. A
+    scaling cache that is behind missed tokens (they ran with static scalings or with the adapter disabled), which
+    cannot be recovered.
+    """
+    ahead = scaling.get_seq_length() - main.get_seq_length()
+    if ahead > 0:
+        scaling.crop(-ahead)
+    elif ahead < 0:
+        raise RuntimeError(
+            f"The X-LoRA scaling pass's cache holds {main.get_seq_length() + ahead} tokens but the main cache "
+            f"holds {main.get_seq_length()}: some tokens were processed with static scalings or with the adapter "
+            "disabled, so their routing was never computed. Start from a new cache (or none)."
+        )
+
+
 class XLoraCache(DynamicCache):
     """A `DynamicCache` for the main pass that also holds the scaling pass's cache and the held prompt scalings.
 
@@ -129,23 +147,9 @@ class XLoraCache(DynamicCache):
         return True
 
     def sync_scaling_cache(self) -> None:
-        """Brings the scaling pass's cache to this cache's length before a forward that extends both.
-
-        The scaling pass runs first; if the main pass then failed, the scaling cache is ahead and is cropped back.
-        A scaling cache that is behind missed tokens (they ran with static scalings or with the adapter disabled),
-        which cannot be recovered.
-        """
-        if self.scaling_cache is None:
-            return
-        ahead = self.scaling_cache.get_seq_length() - self.get_seq_length()
-        if ahead > 0:
-            self.scaling_cache.crop(-ahead)
-        elif ahead < 0:
-            raise RuntimeError(
-                f"The X-LoRA scaling pass's cache holds {self.get_seq_length() + ahead} tokens but the main cache "
-                f"holds {self.get_seq_length()}: some tokens were processed with static scalings or with the adapter "
-                "disabled, so their routing was never computed. Start from a new cache (or none)."
-            )
+        """Brings the scaling pass's cache to this cache's length before a forward that extends both."""
+        if self.scaling_cache is not None:
+            sync_scaling_cache(self, self.scaling_cache)
 
     def record(self, scalings: torch.Tensor) -> torch.Tensor:
         """In prompt mode, holds the last prompt token's scalings; returns the scalings this forward uses.

@@ -28,7 +28,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from .classifier import gate
 from .forward import _check_hidden, _check_input_device
-from .generation import CACHE_KWARGS, _cache_kwarg_name, requested_scalings_mode
+from .generation import CACHE_KWARGS, _cache_kwarg_name, requested_scalings_mode, sync_scaling_cache
 from .regularisers import router_losses
 from .routing import Routing, current_routing, pop_routing, push_routing, use_routing
 
@@ -121,15 +121,7 @@ class XLoraEncoderDecoderCache(EncoderDecoderCache):
 
     def sync_scaling_cache(self) -> None:
         """Crops the scaling cache back to this cache's length (a failed main pass leaves it ahead)."""
-        ahead = self.scaling_cache.get_seq_length() - self.get_seq_length()
-        if ahead > 0:
-            self.scaling_cache.crop(-ahead)
-        elif ahead < 0:
-            raise RuntimeError(
-                f"The X-LoRA scaling pass's cache holds {self.get_seq_length() + ahead} tokens but the main cache "
-                f"holds {self.get_seq_length()}: some tokens were processed with static scalings or with the adapter "
-                "disabled, so their routing was never computed. Start from a new cache (or none)."
-            )
+        sync_scaling_cache(self, self.scaling_cache)
 
     def reset(self) -> None:
         """Empties both caches."""
