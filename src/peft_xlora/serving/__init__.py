@@ -1,0 +1,1 @@
+"""Serving X-LoRA models in inference engines (vLLM) outside transformers' `generate`."""
