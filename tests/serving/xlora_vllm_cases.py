@@ -13,6 +13,7 @@ reference file can go stale, and every option set is checked against the code us
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import os
@@ -144,16 +145,23 @@ def build_case(root: str, arch: str = "llama", experts: dict[str, str] | None = 
 
 @torch.no_grad()
 def reference_generate(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their log-probabilities from `model.generate` (cached, float32)."""
+    """Greedy tokens and their log-probabilities from `model.generate` (cached, float32).
+
+    Like vLLM's `ignore_eos`, generation runs to `max_new_tokens` and the EOS token may be generated: the stop token
+    is one outside the vocabulary. (`min_new_tokens` would instead forbid EOS, and the two would differ wherever EOS
+    is the greedy choice; transformers falls back to the model's EOS when the stop token is None.)
+    """
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = VOCAB  # ids run 0..VOCAB-1: never generated
+    config.pad_token_id = 0
     out = model.generate(
         input_ids=torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        generation_config=config,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
-        pad_token_id=0,
     )
     tokens = out.sequences[0, len(prompt) :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
