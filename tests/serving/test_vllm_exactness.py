@@ -178,3 +178,19 @@ def test_scalings_match_peft_xlora_token_by_token(tmp_path):
         vllm_generate(llm, [prompt], 1)
     prefill = next(s for s in captured if s.shape[0] == len(prompt))  # (seq, n_layers * n_experts)
     torch.testing.assert_close(prefill.view_as(reference), reference.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_serving_keeps_the_gate_in_float32(tmp_path):
+    # vLLM builds the model with the serving dtype as torch's default: the factors follow it, the classifier must not
+    # (low-precision logits would quantise the routing decisions).
+    case = build_case(str(tmp_path), layerwise_scalings=True, top_k_lora=2, xlora_depth=2, xlora_size=16)
+
+    def dtypes(model):
+        inner = model.model
+        return str(inner.xlora_classifier_w0.dtype), str(inner.xlora_stacks["0_qkv_proj"].A.dtype)
+
+    with vllm_engine(case.served, dtype="bfloat16") as llm:
+        found = llm.apply_model(dtypes)
+        ours = vllm_generate(llm, PROMPTS[:2], 4)
+    assert found == [("torch.float32", "torch.bfloat16")]
+    assert all(len(tokens) == 4 and all(lp <= 0 for lp in logprobs) for tokens, logprobs in ours)

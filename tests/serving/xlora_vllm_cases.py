@@ -1,8 +1,9 @@
 """Shared helpers of the serving tests: tiny random Llama-family models, X-LoRA checkpoints over distinct random
 experts, their vLLM exports, peft-xlora's own reference generations, and in-process vLLM engines.
 
-Not a conftest.py: tests/conftest.py is imported as the module `conftest` by the rest of the suite
-(`from conftest import ...`), and a second conftest.py here would shadow it.
+Not a conftest.py, and independent of tests/conftest.py and its helpers: the rest of the suite imports its conftest
+as the module `conftest` (a second one here would shadow it), and the vLLM environment runs these tests with
+`--noconftest`, so that nothing the main suite's conftest needs has to exist beside vLLM.
 
 The references come from peft-xlora itself, in the same process: the vLLM environment (scripts/vllm_env.sh) has
 peft 0.21.2 and peft-xlora installed beside vLLM's transformers, so each test builds the X-LoRA `PeftModel`, takes its
@@ -29,18 +30,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 import peft_xlora
 from peft_xlora.serving.vllm import export_vllm
-from tiny_tokenizer import tiny_tokenizer
 
 VOCAB = 97
 # vLLM's CPU attention needs a head size of at least 32: hidden 64 with 2 heads.
@@ -83,10 +85,18 @@ def tiny_base(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modul
     return model_cls(config_cls(**{**_COMMON, **extra, **overrides})).eval()
 
 
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: "<pad>", "<s>", "</s>", then "w3" ... "w96"."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<pad>")
+
+
 def save_base(arch: str, path: str, **overrides) -> str:
     """Saves the tiny base model with a word-level tokenizer ("w3 w4 ..."), as a model folder users would have."""
     tiny_base(arch, **overrides).save_pretrained(path)
-    tiny_tokenizer(VOCAB).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 

@@ -135,8 +135,12 @@ class XLoraDualPass(nn.Module):
         sizes = [spec.hidden_size] + [spec.classifier_width] * (spec.classifier_depth - 1)
         sizes.append(spec.n_slots * spec.n_experts)
         for j in range(spec.classifier_depth):
-            self.register_buffer(f"xlora_classifier_w{j}", torch.zeros(sizes[j + 1], sizes[j]), persistent=False)
-            self.register_buffer(f"xlora_classifier_b{j}", torch.zeros(sizes[j + 1]), persistent=False)
+            # dtype given: vLLM builds the model under the serving dtype as torch's default (bfloat16 on GPUs).
+            weight = torch.zeros(sizes[j + 1], sizes[j], dtype=torch.float32)
+            self.register_buffer(f"xlora_classifier_w{j}", weight, persistent=False)
+            self.register_buffer(
+                f"xlora_classifier_b{j}", torch.zeros(sizes[j + 1], dtype=torch.float32), persistent=False
+            )
         self._xlora_classifier_loaded: set[str] = set()
 
         weight = spec.scaling_pass_weight()
