@@ -15,7 +15,10 @@ pytest.importorskip(
     "scripts/vllm_env.sh creates",
 )
 
+import os
+
 import torch
+from safetensors.torch import load_file, save_file
 from xlora_vllm_cases import (
     assert_same_generation,
     build_case,
@@ -25,6 +28,8 @@ from xlora_vllm_cases import (
     vllm_engine,
     vllm_generate,
 )
+
+from peft_xlora.serving.vllm import XLoraServingError
 
 # Every gating option that changes outputs, alone or combined.
 OPTION_SETS = {
@@ -194,3 +199,16 @@ def test_bfloat16_serving_keeps_the_gate_in_float32(tmp_path):
         ours = vllm_generate(llm, PROMPTS[:2], 4)
     assert found == [("torch.float32", "torch.bfloat16")]
     assert all(len(tokens) == 4 and all(lp <= 0 for lp in logprobs) for tokens, logprobs in ours)
+
+
+def test_engine_refuses_vllms_own_lora_and_damaged_exports(tmp_path):
+    case = build_case(str(tmp_path), top_k_lora=2)
+    with pytest.raises(XLoraServingError, match="--enable-lora"), vllm_engine(case.served, enable_lora=True):
+        pass
+    # An export whose X-LoRA tensors lost one factor says so instead of serving zeros.
+    path = os.path.join(case.served, "xlora.safetensors")
+    weights = load_file(path)
+    del weights[next(k for k in weights if k.endswith(".lora_B"))]
+    save_file(weights, path)
+    with pytest.raises(XLoraServingError, match="only \\['lora_A'\\]"), vllm_engine(case.served):
+        pass
