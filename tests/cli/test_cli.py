@@ -161,6 +161,14 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
     assert run("export", trained, "--format", "mistralrs", "--out", tmp_path / "mistralrs") == 0
     assert (tmp_path / "mistralrs" / "xlora-ordering.json").is_file()
 
+    served = tmp_path / "vllm"
+    assert run("export", trained, "--format", "vllm", "--out", served) == 0
+    config = json.loads((served / "config.json").read_text())
+    assert config["architectures"] == ["XLoraLlamaForCausalLM"] and "xlora" in config
+    assert run("export", trained, "--format", "vllm", "--out", served) == 0  # over its own earlier export: fine
+    assert run("export", trained, "--format", "vllm", "--out", tmp_path / "built") == 2  # a checkpoint: refused
+    assert run("export", trained, "--format", "vllm", "--weights", "digits=1", "--out", served) == 2
+
 
 def test_errors_are_one_line_with_exit_status_2(workspace, tmp_path, capsys):
     _, base_dir, experts = workspace

@@ -1,4 +1,4 @@
-"""`peft-xlora export`: a plain LoRA at fixed weights, or the mistral.rs layout."""
+"""`peft-xlora export`: a plain LoRA at fixed weights, the mistral.rs layout, or a folder vLLM serves."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..io.export import export_lora, export_mistralrs
+from ..serving.vllm import XLoraServingError, export_vllm
 from .common import UserError, folder, load_xlora, weights
 
 
@@ -13,15 +14,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the `export` subcommand to the parser."""
     p = sub.add_parser(
         "export",
-        help="the mistral.rs layout, or a plain LoRA at fixed weights",
+        help="a folder vLLM serves, the mistral.rs layout, or a plain LoRA at fixed weights",
         description="Exports an X-LoRA checkpoint for other runtimes.",
     )
     p.add_argument("checkpoint", help="X-LoRA checkpoint folder")
     p.add_argument(
         "--format",
-        choices=["lora", "mistralrs"],
+        choices=["lora", "mistralrs", "vllm"],
         required=True,
-        help="lora: one PEFT LoRA equal to the mixture at --weights; mistralrs: mistral.rs X-LoRA layout",
+        help="lora: one PEFT LoRA equal to the mixture at --weights; mistralrs: mistral.rs X-LoRA layout; "
+        "vllm: a folder `vllm serve` loads with the peft-xlora plugin",
     )
     p.add_argument("--out", required=True, type=folder, help="output folder")
     p.add_argument(
@@ -36,11 +38,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """`peft-xlora export`: a plain LoRA at fixed weights, or the mistral.rs layout (see `peft_xlora.io.export`)."""
+    """`peft-xlora export` (see `peft_xlora.io.export` and `peft_xlora.serving.vllm.export_vllm`)."""
     if args.format == "lora" and not args.weights:
         raise UserError("--format lora needs --weights NAME=W,... (the fixed expert weights of the exported LoRA).")
-    if args.format == "mistralrs" and args.weights:
-        raise UserError("--weights applies to --format lora only; the mistral.rs layout keeps the learned gate.")
+    if args.format != "lora" and args.weights:
+        raise UserError(f"--weights applies to --format lora only; the {args.format} export keeps the learned gate.")
+    if args.format == "vllm":  # reads the checkpoint's files; the model is never built
+        try:
+            out = export_vllm(args.checkpoint, args.out, base_model=args.base)
+        except (XLoraServingError, FileExistsError, FileNotFoundError) as exc:
+            raise UserError(str(exc)) from exc
+        print(f"Exported for vLLM to {out}: `vllm serve {out}` (with peft-xlora installed beside vLLM)")
+        return {"out": out}
     model, _, _ = load_xlora(args.checkpoint, args.base)
     try:
         if args.format == "lora":

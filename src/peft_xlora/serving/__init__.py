@@ -1,1 +1,1 @@
-"""Serving engines for X-LoRA models beyond transformers' `generate`."""
+"""Serving engines for X-LoRA models beyond transformers' `generate`: `serving.vllm`, a vLLM model plugin."""

@@ -1,0 +1,347 @@
+"""`export_vllm`: a saved X-LoRA checkpoint + its base model -> one folder that `vllm serve` loads offline.
+
+The folder written is the base model's folder (weights, tokenizer, generation config) with
+
+    config.json          the base config, `architectures` naming our vLLM class (e.g. XLoraLlamaForCausalLM), and
+                         the X-LoRA serving spec under "xlora" (see `spec.py`)
+    xlora.safetensors    xlora.classifier.<j>.{weight,bias}             the classifier's j-th linear layer
+                         xlora.experts.<module>.<expert index>.lora_A    (r, in) an expert's factors on one module
+                         xlora.experts.<module>.<expert index>.lora_B    (out, r)
+
+It reads the checkpoint from its files (``adapter_config.json`` and ``adapter_model.safetensors``, the stable saved
+layout), not through peft-xlora's tuner, and works out what the tuner would: the mixture layers are the base model's
+Linear and Embedding modules that some expert adapts, in `named_modules` order (the order layerwise scalings index),
+and each expert's scale is alpha / r (alpha / sqrt(r) with rsLoRA) after its rank and alpha patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ...io.files import write_folder
+from .spec import (
+    ARCHITECTURES,
+    SPEC_KEY,
+    WEIGHT_PREFIX,
+    WEIGHTS_FILE,
+    ExpertOnModule,
+    ServingSpec,
+    XLoraServingError,
+)
+
+_CHECKPOINT_CONFIG = "adapter_config.json"
+_CHECKPOINT_WEIGHTS = "adapter_model.safetensors"
+_CLASSIFIER_PREFIXES = ("base_model.xlora_classifier.layers.", "base_model.model.xlora_classifier.layers.")
+_EXPERT_KEY = "base_model.model.{module}.xlora_experts.{expert}.lora_{part}"
+_INDEX_FILE = "model.safetensors.index.json"
+# Weight formats vLLM would pick over (or beside) the safetensors files, and Mistral's consolidated duplicates.
+_SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+# Expert LoRA options that change what an expert computes beyond B A x * scale.
+_EXPERT_OPTIONS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "modules_to_save")
+
+
+def export_vllm(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base_model: str | os.PathLike | None = None,
+) -> str:
+    """Writes a folder that `vllm serve OUT` and `vllm.LLM(model=OUT)` load, with the peft-xlora vLLM plugin.
+
+    Args:
+        checkpoint_dir: A saved X-LoRA checkpoint (`peft_xlora.save_pretrained` or `model.save_pretrained`).
+        out_dir: The folder to write. Written beside its final place and renamed into it, so it is either the old
+            folder or the complete new one; a file or a non-empty folder that is not an earlier export is refused.
+        base_model: The base model's folder (transformers format, safetensors weights), or a Hub id resolved through
+            huggingface_hub (offline: from its cache). Default: the checkpoint's `base_model_name_or_path`.
+
+    Returns:
+        The absolute path of the written folder.
+
+    Raises:
+        XLoraServingError: The checkpoint uses an option the vLLM plugin cannot serve, or does not fit the base model.
+        FileExistsError: `out_dir` is a file, or a non-empty folder that is not an earlier export.
+        FileNotFoundError: The checkpoint or the base model's files are missing.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    config = _read_json(os.path.join(checkpoint_dir, _CHECKPOINT_CONFIG), "the X-LoRA checkpoint's config")
+    _check_xlora_config(config)
+    base_dir = _resolve_base(base_model or config.get("base_model_name_or_path"))
+    base_config = _read_json(os.path.join(base_dir, "config.json"), "the base model's config")
+    arch = _architecture(base_config)
+    tensors = _read_checkpoint_tensors(checkpoint_dir)
+    modules = _mixable_modules(base_dir)
+    spec, weights = _build_spec(config, base_config, modules, tensors)
+
+    target = os.path.abspath(os.fspath(out_dir))
+
+    def write(tmp: str) -> None:
+        _copy_base(base_dir, tmp)
+        served_config = dict(base_config)
+        served_config["architectures"] = [ARCHITECTURES[arch]]
+        served_config[SPEC_KEY] = spec.to_dict()
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(served_config, f, indent=2)
+        save_file(weights, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        _add_to_index(tmp, list(weights))
+
+    write_folder(target, write)  # built beside the target, swapped in atomically; never displaces a foreign folder
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def _read_json(path: str, what: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} is missing: {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_xlora_config(config: dict[str, Any]) -> None:
+    """Refuses checkpoints that are not peft-xlora's, and options the vLLM plugin cannot serve."""
+    if config.get("peft_type") != "PEFT_XLORA":
+        hint = (
+            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate` (or `peft-xlora migrate`)."
+            if config.get("peft_type") == "XLORA"
+            else "Export a checkpoint saved by peft-xlora."
+        )
+        raise XLoraServingError(f"Not a peft-xlora checkpoint (peft_type {config.get('peft_type')!r}). {hint}")
+    if not config.get("experts") or not config.get("expert_order"):
+        raise XLoraServingError(
+            "The checkpoint's adapter_config.json lacks `experts` or `expert_order` (it was not saved from a built "
+            "model). Build the X-LoRA model, then save it with `peft_xlora.save_pretrained`."
+        )
+    if config.get("scalings_mode", "token") != "token":
+        raise XLoraServingError(
+            f"scalings_mode={config['scalings_mode']!r} holds each request's prompt scalings for its generated "
+            "tokens, which needs per-request state the vLLM plugin does not keep. Set the config's "
+            "scalings_mode='token' (every token routed) before exporting, or serve with transformers' generate."
+        )
+    for name, expert in config["experts"].items():
+        for option in _EXPERT_OPTIONS:
+            if expert.get(option):
+                raise XLoraServingError(f"Expert {name!r} uses `{option}`, which the vLLM plugin cannot serve.")
+
+
+def _resolve_base(base: str | os.PathLike | None) -> str:
+    if base is None:
+        raise XLoraServingError(
+            "The checkpoint does not name its base model: pass `base_model` (a local folder or a Hub id)."
+        )
+    base = os.fspath(base)
+    if os.path.isdir(base):
+        return base
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(base)
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"Base model {base!r} is neither a local folder nor a Hub id available here ({exc}). Pass the base "
+            "model's folder as `base_model`."
+        ) from exc
+
+
+def _architecture(base_config: dict[str, Any]) -> str:
+    archs = base_config.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return arch
+    raise XLoraServingError(
+        f"The base model's architectures {archs} are not served by the X-LoRA vLLM plugin; supported: "
+        f"{sorted(ARCHITECTURES)}."
+    )
+
+
+def _read_checkpoint_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(checkpoint_dir, _CHECKPOINT_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing. The vLLM export reads safetensors only: re-save the checkpoint with "
+            "`peft_xlora.save_pretrained` (safetensors is its default)."
+        )
+    with safe_open(path, framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+
+def _mixable_modules(base_dir: str) -> dict[str, tuple[int, int]]:
+    """Name -> (in, out) of the base model's Linear and Embedding modules, in `named_modules` order.
+
+    Built on the meta device from the config alone: no weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            out[name] = (module.in_features, module.out_features)
+        elif isinstance(module, nn.Embedding):
+            out[name] = (module.num_embeddings, module.embedding_dim)
+    return out
+
+
+def _pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup (`peft.utils.other.get_pattern_key`): the first key matching a suffix."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = pattern or {}
+    return pattern.get(get_pattern_key(list(pattern), module), default)
+
+
+def _expert_scale(expert: dict[str, Any], module: str, rank: int, name: str) -> float:
+    r = _pattern_value(expert.get("rank_pattern"), module, expert["r"])
+    alpha = _pattern_value(expert.get("alpha_pattern"), module, expert["lora_alpha"])
+    if r != rank:
+        raise XLoraServingError(
+            f"Expert {name!r} has rank {rank} on {module!r} in its weights but {r} in its config: the checkpoint "
+            "is inconsistent. Save it again."
+        )
+    return float(alpha / r**0.5 if expert.get("use_rslora") else alpha / r)
+
+
+def _build_spec(
+    config: dict[str, Any],
+    base_config: dict[str, Any],
+    modules: dict[str, tuple[int, int]],
+    tensors: dict[str, torch.Tensor],
+) -> tuple[ServingSpec, dict[str, torch.Tensor]]:
+    """The serving spec and the export's X-LoRA tensors, after checking every tensor against the base model."""
+    names = list(config["expert_order"])
+    used: set[str] = set()
+    weights: dict[str, torch.Tensor] = {}
+    entries: dict[str, list[ExpertOnModule]] = {}
+    for module, (n_in, n_out) in modules.items():
+        for e, name in enumerate(names):
+            key_a = _EXPERT_KEY.format(module=module, expert=name, part="A")
+            key_b = _EXPERT_KEY.format(module=module, expert=name, part="B")
+            if key_a not in tensors and key_b not in tensors:
+                continue
+            if key_a not in tensors or key_b not in tensors:
+                raise XLoraServingError(f"Expert {name!r} has only one LoRA factor on {module!r} in the checkpoint.")
+            a, b = tensors[key_a], tensors[key_b]  # (r, in), (out, r)
+            rank = a.shape[0]
+            if a.shape != (rank, n_in) or b.shape != (n_out, rank):
+                raise XLoraServingError(
+                    f"Expert {name!r} on {module!r} has factors A{tuple(a.shape)} and B{tuple(b.shape)}, but the "
+                    f"base model's module maps {n_in} -> {n_out}: the checkpoint was trained on another base model."
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise XLoraServingError(f"Expert {name!r} has NaN or infinite factors on {module!r}.")
+            scale = _expert_scale(config["experts"][name], module, rank, name)
+            entries.setdefault(module, []).append(ExpertOnModule(e, rank, scale))
+            weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_A"] = a.contiguous()
+            weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_B"] = b.contiguous()
+            used.update((key_a, key_b))
+
+    classifier = _classifier_tensors(tensors, used)
+    depth = len(classifier)
+    if depth != config.get("xlora_depth", 1):
+        raise XLoraServingError(
+            f"The checkpoint's classifier has {depth} linear layers but its config says xlora_depth="
+            f"{config.get('xlora_depth')}."
+        )
+    for j, (weight, bias) in enumerate(classifier):
+        weights[f"{WEIGHT_PREFIX}classifier.{j}.weight"] = weight.contiguous()
+        weights[f"{WEIGHT_PREFIX}classifier.{j}.bias"] = bias.contiguous()
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise XLoraServingError(
+            f"The checkpoint holds tensors that fit no module of the base model: {leftover[:4]}. Was it trained on "
+            "another base model?"
+        )
+    mixture_layers = list(entries)  # named_modules order, as the tuner numbers its mixture layers
+    spec = ServingSpec(
+        experts=names,
+        mixture_layers=mixture_layers,
+        modules=entries,
+        classifier_depth=depth,
+        classifier_width=int(config.get("xlora_size", 0)) if depth > 1 else 0,
+        hidden_size=int(base_config["hidden_size"]),
+        layerwise_scalings=bool(config.get("layerwise_scalings", False)),
+        enable_softmax=bool(config.get("enable_softmax", True)),
+        softmax_temperature=float(config.get("softmax_temperature", 1.0)),
+        top_k_lora=config.get("top_k_lora"),
+        enable_softmax_topk=bool(config.get("enable_softmax_topk", False)),
+        scaling_pass_value=float(config.get("scaling_pass_value", 0.0)),
+        global_scaling_weight=float(config.get("global_scaling_weight", 1.0)),
+        scaling_pass_layers=config.get("scaling_pass_layers"),
+        peft_xlora_version=config.get("peft_xlora_version"),
+    )
+    spec.check()  # refuses modules the plugin cannot mix, e.g. lm_head
+    first_in, last_out = classifier[0][0].shape[1], classifier[-1][0].shape[0]
+    if first_in != spec.hidden_size or last_out != spec.n_slots * spec.n_experts:
+        raise XLoraServingError(
+            f"The classifier maps {first_in} -> {last_out}, but this base model and these experts need "
+            f"{spec.hidden_size} -> {spec.n_slots * spec.n_experts} ({spec.n_slots} scaling sets x "
+            f"{spec.n_experts} experts): the checkpoint does not belong to this base model."
+        )
+    return spec, weights
+
+
+def _classifier_tensors(tensors: dict[str, torch.Tensor], used: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The classifier's linear layers in order, from ``...xlora_classifier.layers.<i>.{weight,bias}``."""
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for prefix in _CLASSIFIER_PREFIXES:
+            if key.startswith(prefix):
+                index, part = key[len(prefix) :].split(".")
+                layers.setdefault(int(index), {})[part] = tensor
+                used.add(key)
+    if not layers:
+        raise XLoraServingError("The checkpoint holds no classifier weights (`base_model.xlora_classifier.*`).")
+    out = []
+    for index in sorted(layers):
+        parts = layers[index]
+        if set(parts) != {"weight", "bias"}:
+            raise XLoraServingError(f"Classifier layer {index} lacks its weight or bias in the checkpoint.")
+        out.append((parts["weight"], parts["bias"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def _copy_base(base_dir: str, out: str) -> None:
+    """Top-level files of the base folder (weights hard-linked where possible), except config and other formats."""
+    for name in sorted(os.listdir(base_dir)):
+        src = os.path.join(base_dir, name)
+        lower = name.lower()
+        if not os.path.isfile(src) or name == "config.json" or lower.endswith(_SKIPPED_SUFFIXES):
+            continue
+        if lower.startswith("consolidated"):
+            continue  # Mistral's duplicate of the weights in its own format
+        dst = os.path.join(out, name)
+        try:
+            os.link(os.path.realpath(src), dst)  # base weights can be many GB: no copy where the disk allows
+        except OSError:
+            shutil.copy2(src, dst)
+    if not any(n.endswith(".safetensors") for n in os.listdir(out)):
+        raise XLoraServingError(
+            f"The base model at {base_dir} has no safetensors weights; vLLM would read ours only. Re-save it with "
+            "`model.save_pretrained(folder)` (safetensors is transformers' default)."
+        )
+
+
+def _add_to_index(out: str, names: list[str]) -> None:
+    # With a sharded base, vLLM reads only the files its index lists: ours must be listed too.
+    path = os.path.join(out, _INDEX_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    index.setdefault("weight_map", {}).update(dict.fromkeys(names, WEIGHTS_FILE))
+    os.remove(path)  # a hard link to the base's index: write a new file rather than through the link
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)

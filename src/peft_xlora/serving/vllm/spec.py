@@ -1,0 +1,222 @@
+"""The serving spec: what the vLLM model class needs to know about an exported X-LoRA model, as plain JSON.
+
+`export_vllm` writes it into the exported folder's ``config.json`` under the key ``"xlora"``, so that every vLLM
+process (the API server, the engine core, each tensor-parallel worker) reads it from the model config it already
+has. It is deliberately flatter than `XLoraConfig`: the experts' LoRA configs are resolved at export into one
+(expert, rank, scale) entry per adapted module, so the serving side needs neither PEFT nor peft-xlora's tuner.
+
+Only pure Python here (no torch, no vLLM): the export in the main environment and the model class in the vLLM
+environment both import it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Key of the spec in the exported config.json.
+SPEC_KEY = "xlora"
+#: Version of the spec's layout; the model class refuses others.
+SPEC_FORMAT = 1
+#: File of the exported folder that holds the classifier and the experts' factors.
+WEIGHTS_FILE = "xlora.safetensors"
+#: Prefix of every X-LoRA tensor name in that file (and in vLLM's weight iterator).
+WEIGHT_PREFIX = "xlora."
+
+#: transformers architecture -> name of our vLLM class for it.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "XLoraLlamaForCausalLM",
+    "MistralForCausalLM": "XLoraMistralForCausalLM",
+    "Qwen2ForCausalLM": "XLoraQwen2ForCausalLM",
+}
+
+# Modules the plugin can mix, by their transformers names (relative to the CausalLM), and where each lands in vLLM's
+# fused projections: (decoder layer index, fused projection, sub-projection index).
+_LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
+FUSED = {
+    "q": ("qkv_proj", 0),
+    "k": ("qkv_proj", 1),
+    "v": ("qkv_proj", 2),
+    "o": ("o_proj", 0),
+    "gate": ("gate_up_proj", 0),
+    "up": ("gate_up_proj", 1),
+    "down": ("down_proj", 0),
+}
+EMBEDDING = "model.embed_tokens"
+SUPPORTED_MODULES = (
+    "model.embed_tokens and every decoder layer's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj"
+)
+
+
+class XLoraServingError(ValueError):
+    """An X-LoRA model (or one of its options) cannot be served by the vLLM plugin."""
+
+
+def scaling_pass_constant(scaling_pass_value: float, global_scaling_weight: float) -> float:
+    """The weight every expert gets in the scaling pass.
+
+    The scaling pass runs before any routing, with every expert at one constant weight. That constant is the
+    configured `scaling_pass_value` times `global_scaling_weight`, as in the original `xlora` package, PEFT's built-in
+    X-LoRA and mistral.rs: the global weight multiplies every expert weight the model applies, in both passes.
+
+    Args:
+        scaling_pass_value: `XLoraConfig.scaling_pass_value`.
+        global_scaling_weight: `XLoraConfig.global_scaling_weight`.
+    """
+    return float(scaling_pass_value) * float(global_scaling_weight)
+
+
+def fused_target(module: str) -> tuple[int, str, int] | None:
+    """Where a transformers module lands in vLLM: (layer, fused projection, sub-projection), or None.
+
+    Returns None for the input embeddings (handled apart) and for modules the plugin cannot mix.
+    """
+    match = _LAYER_MODULE.match(module)
+    if match is None:
+        return None
+    fused, sub = FUSED[match.group(3)]
+    return int(match.group(1)), fused, sub
+
+
+@dataclass
+class ExpertOnModule:
+    """One expert's LoRA on one module: its position in the gate order, its rank and its scale (alpha / r)."""
+
+    expert: int
+    rank: int
+    scale: float
+
+
+@dataclass
+class ServingSpec:
+    """Everything the vLLM model class reads about an X-LoRA model (see the module docstring).
+
+    Attributes:
+        experts: Expert names in gate order (the classifier's output order).
+        mixture_layers: Adapted modules in the order of the model's mixture layers: with layerwise scalings, the
+            classifier gives one block of `len(experts)` logits per entry, in this order.
+        modules: Adapted module -> the experts on it, in gate order (an expert absent from a module is not listed).
+        classifier_depth: Number of linear layers of the classifier (ReLU between them).
+        classifier_width: Hidden width of the classifier (when depth > 1).
+        hidden_size: Width of the classifier's input.
+        layerwise_scalings: One set of scalings per mixture layer instead of one shared set.
+        enable_softmax: Softmax over the experts; otherwise the logits are the scalings.
+        softmax_temperature: Divides the logits before a softmax.
+        top_k_lora: Keep the k largest scalings per token; None keeps all.
+        enable_softmax_topk: With top_k_lora, renormalise the kept experts by a softmax over their logits.
+        scaling_pass_value: Expert weight in the scaling pass, before the global weight.
+        global_scaling_weight: Multiplies every scaling.
+        scaling_pass_layers: Decoder layers the scaling pass runs (None: all, classifier after the final norm).
+        peft_xlora_version: Version that exported the model.
+        format: Layout version of this spec.
+    """
+
+    experts: list[str]
+    mixture_layers: list[str]
+    modules: dict[str, list[ExpertOnModule]]
+    classifier_depth: int
+    classifier_width: int
+    hidden_size: int
+    layerwise_scalings: bool = False
+    enable_softmax: bool = True
+    softmax_temperature: float = 1.0
+    top_k_lora: int | None = None
+    enable_softmax_topk: bool = False
+    scaling_pass_value: float = 0.0
+    global_scaling_weight: float = 1.0
+    scaling_pass_layers: int | None = None
+    peft_xlora_version: str | None = None
+    format: int = field(default=SPEC_FORMAT)
+
+    @property
+    def n_experts(self) -> int:
+        """Number of experts."""
+        return len(self.experts)
+
+    @property
+    def n_slots(self) -> int:
+        """Number of scaling sets the classifier gives per token: mixture layers if layerwise, else 1."""
+        return len(self.mixture_layers) if self.layerwise_scalings else 1
+
+    def slot(self, module: str) -> int:
+        """The scaling set a module reads (its mixture-layer index when layerwise, else 0)."""
+        return self.mixture_layers.index(module) if self.layerwise_scalings else 0
+
+    def scaling_pass_weight(self) -> float:
+        """The constant expert weight of the scaling pass (see `scaling_pass_constant`)."""
+        return scaling_pass_constant(self.scaling_pass_value, self.global_scaling_weight)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready data (modules as lists of [expert, rank, scale])."""
+        out = asdict(self)
+        out["modules"] = {m: [[e.expert, e.rank, e.scale] for e in entries] for m, entries in self.modules.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingSpec:
+        """Reads and checks a spec written by `to_dict`.
+
+        Raises:
+            XLoraServingError: The spec is of another format, inconsistent, or names modules the plugin cannot mix.
+        """
+        if not isinstance(data, dict):
+            raise XLoraServingError(f"The '{SPEC_KEY}' entry of config.json must be an object, got {data!r}.")
+        if data.get("format") != SPEC_FORMAT:
+            raise XLoraServingError(
+                f"This X-LoRA export has spec format {data.get('format')!r}; this peft-xlora reads format "
+                f"{SPEC_FORMAT}. Export the checkpoint again with this version (`peft-xlora export --format vllm`)."
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise XLoraServingError(
+                f"The X-LoRA spec in config.json has unknown entries {unknown}: it was written by a newer peft-xlora. "
+                "Upgrade peft-xlora in the vLLM environment, or export again with this version."
+            )
+        fields = dict(data)
+        fields["modules"] = {
+            module: [ExpertOnModule(int(e), int(r), float(s)) for e, r, s in entries]
+            for module, entries in data["modules"].items()
+        }
+        spec = cls(**fields)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Checks the spec's consistency.
+
+        Raises:
+            XLoraServingError: On the first problem found, saying what is wrong.
+        """
+        n = self.n_experts
+        if n == 0 or len(set(self.experts)) != n:
+            raise XLoraServingError(f"The X-LoRA spec needs distinct expert names, got {self.experts!r}.")
+        if sorted(self.modules) != sorted(self.mixture_layers):
+            raise XLoraServingError("The X-LoRA spec's `modules` and `mixture_layers` name different modules.")
+        for module, entries in self.modules.items():
+            if module != EMBEDDING and fused_target(module) is None:
+                raise XLoraServingError(
+                    f"Module {module!r} is adapted by an expert, but the vLLM plugin can only mix {SUPPORTED_MODULES} "
+                    "(lm_head is not supported: vLLM computes logits for selected tokens only). Use experts that "
+                    "do not target it."
+                )
+            if not entries:
+                raise XLoraServingError(f"Module {module!r} is listed without experts.")
+            for entry in entries:
+                if not 0 <= entry.expert < n or entry.rank < 1 or not math.isfinite(entry.scale):
+                    raise XLoraServingError(f"Module {module!r} has an invalid expert entry {entry}.")
+        for name in ("softmax_temperature", "scaling_pass_value", "global_scaling_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise XLoraServingError(f"`{name}` must be finite, got {getattr(self, name)!r}.")
+        if self.softmax_temperature <= 0:
+            raise XLoraServingError(f"`softmax_temperature` must be > 0, got {self.softmax_temperature!r}.")
+        if self.top_k_lora is not None and not 1 <= self.top_k_lora <= n:
+            raise XLoraServingError(f"`top_k_lora` must be between 1 and {n}, got {self.top_k_lora!r}.")
+        if self.enable_softmax_topk and self.top_k_lora is None:
+            raise XLoraServingError("`enable_softmax_topk` needs `top_k_lora`.")
+        if self.classifier_depth < 1:
+            raise XLoraServingError(f"`classifier_depth` must be >= 1, got {self.classifier_depth!r}.")
+        if self.scaling_pass_layers is not None and self.scaling_pass_layers < 1:
+            raise XLoraServingError(f"`scaling_pass_layers` must be None or >= 1, got {self.scaling_pass_layers!r}.")

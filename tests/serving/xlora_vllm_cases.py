@@ -1,0 +1,298 @@
+"""Shared helpers of the serving tests: tiny random Llama-family models, X-LoRA checkpoints over distinct random
+experts, their vLLM exports, peft-xlora's own reference generations, and in-process vLLM engines.
+
+Not a conftest.py, and independent of tests/conftest.py and its helpers: the rest of the suite imports its conftest
+as the module `conftest` (a second one here would shadow it), and the vLLM environment runs these tests with
+`--noconftest`, so that nothing the main suite's conftest needs has to exist beside vLLM.
+
+The references come from peft-xlora itself, in the same process: the vLLM environment (scripts/vllm_env.sh) has
+peft 0.21.2 and peft-xlora installed beside vLLM's transformers, so each test builds the X-LoRA `PeftModel`, takes its
+cached greedy `generate` in float32 as the reference, saves and exports it, and compares vLLM's output with it. No
+reference file can go stale, and every option set is checked against the code users train with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import gc
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# vLLM on these 2-core machines: engine in this process, no thread pinning, 1 GiB of KV cache, never the Hub.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import peft_xlora
+from peft_xlora.serving.vllm import export_vllm
+
+VOCAB = 97
+# vLLM's CPU attention needs a head size of at least 32: hidden 64 with 2 heads.
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True, "use_sliding_window": False}),
+}
+
+# Distinct experts: different ranks, alphas, rsLoRA, rank/alpha patterns and target modules (the embedding too).
+EXPERT_SPECS = {
+    "math": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    "code": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "o_proj", "up_proj"], "use_rslora": True},
+    "poetry": {
+        "r": 8,
+        "lora_alpha": 4,
+        "target_modules": ["k_proj", "gate_proj", "embed_tokens", "down_proj"],
+        "rank_pattern": {"gate_proj": 3},
+        "alpha_pattern": {"k_proj": 5},
+    },
+}
+
+
+def tiny_base(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random tiny model of `arch` (3 layers, hidden 64), the same weights for the same seed and overrides."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**_COMMON, **extra, **overrides})).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: "<pad>", "<s>", "</s>", then "w3" ... "w96"."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<pad>")
+
+
+def save_base(arch: str, path: str, **overrides) -> str:
+    """Saves the tiny base model with a word-level tokenizer ("w3 w4 ..."), as a model folder users would have."""
+    tiny_base(arch, **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_experts(arch: str, root: str, specs: dict | None = None, **overrides) -> dict[str, str]:
+    """Saves one random LoRA per spec (A and B both random, a distinct seed each); returns name -> folder."""
+    paths = {}
+    for seed, (name, spec) in enumerate((specs or EXPERT_SPECS).items()):
+        torch.manual_seed(1000 + seed)
+        model = get_peft_model(
+            tiny_base(arch, **overrides), LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **spec)
+        )
+        with torch.no_grad():  # some layer types zero B even with init_lora_weights=False
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn_like(param) * 0.3)
+        path = os.path.join(root, f"expert-{name}")
+        model.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+@dataclass
+class Case:
+    """One exported X-LoRA model: the peft-xlora model (the reference), its checkpoint, base and vLLM folders."""
+
+    model: PeftModel
+    checkpoint: str
+    base: str
+    served: str
+
+
+def build_case(root: str, arch: str = "llama", experts: dict[str, str] | None = None, base_overrides=None, **options):
+    """Builds X-LoRA over the experts (a random classifier, so routing is far from uniform), saves and exports it.
+
+    Args:
+        root: A folder for the base, checkpoint and export.
+        arch: "llama", "mistral" or "qwen2".
+        experts: Name -> LoRA folder; default: fresh ones from `EXPERT_SPECS`.
+        base_overrides: Config overrides of the tiny base model.
+        **options: XLoraConfig options.
+    """
+    base_overrides = base_overrides or {}
+    experts = experts or make_experts(arch, root, **base_overrides)
+    kwargs = {"task_type": "CAUSAL_LM", "adapters": experts, "classifier_init": "random", **options}
+    torch.manual_seed(7)
+    model = get_peft_model(tiny_base(arch, **base_overrides), peft_xlora.XLoraConfig(**kwargs)).eval()
+    base = save_base(arch, os.path.join(root, "base"), **base_overrides)
+    checkpoint = os.path.join(root, "checkpoint")
+    peft_xlora.save_pretrained(model, checkpoint)
+    served = export_vllm(checkpoint, os.path.join(root, "served"), base_model=base)
+    return Case(model, checkpoint, base, served)
+
+
+# ---------------------------------------------------------------------------------------------------- references
+
+
+@torch.no_grad()
+def reference_generate(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probabilities from `model.generate` (cached, float32).
+
+    Like vLLM's `ignore_eos`, generation runs to `max_new_tokens` and the EOS token may be generated: the stop token
+    is one outside the vocabulary. (`min_new_tokens` would instead forbid EOS, and the two would differ wherever EOS
+    is the greedy choice; transformers falls back to the model's EOS when the stop token is None.)
+    """
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = VOCAB  # ids run 0..VOCAB-1: never generated
+    config.pad_token_id = 0
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        generation_config=config,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+@functools.cache
+def scales_scaling_pass_by_global_weight() -> bool:
+    """Whether the installed peft-xlora's scaling pass uses `scaling_pass_value * global_scaling_weight`.
+
+    The plugin does (`peft_xlora.serving.vllm.scaling_pass_constant`, issue #15). peft-xlora before that change
+    used `scaling_pass_value` alone there. Probed through the public API: with the global weight g, the scalings of
+    a model whose scaling pass runs at the value v equal g times those of the same model at (v * g, weight 1) exactly
+    when the scaling pass is scaled by g.
+    """
+    value, weight = 0.5, 1.7
+    with tempfile.TemporaryDirectory() as root:
+        experts = make_experts("llama", root, {"a": EXPERT_SPECS["math"], "b": EXPERT_SPECS["code"]})
+        models = []
+        for v, g in ((value, weight), (value * weight, 1.0)):
+            torch.manual_seed(7)
+            config = peft_xlora.XLoraConfig(
+                task_type="CAUSAL_LM",
+                adapters=experts,
+                classifier_init="random",
+                scaling_pass_value=v,
+                global_scaling_weight=g,
+            )
+            models.append(get_peft_model(tiny_base("llama"), config).eval())
+        scalings = []
+        for model in models:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+            scalings.append(model.base_model.get_latest_scalings())
+    return torch.allclose(scalings[0], weight * scalings[1], atol=1e-6)
+
+
+def match_scaling_pass(model, checkpoint_config) -> None:
+    """Makes the reference model's scaling pass run at `scaling_pass_constant` of the checkpoint's config.
+
+    With a peft-xlora that already scales the scaling pass by the global weight this changes nothing; with an older
+    one it sets the reference's `scaling_pass_value` to value * weight, so both sides compute the same model.
+    """
+    if not scales_scaling_pass_by_global_weight():
+        constant = checkpoint_config.scaling_pass_value * checkpoint_config.global_scaling_weight
+        model.base_model.set_scaling_pass_value(constant)
+
+
+# ---------------------------------------------------------------------------------------------------- vLLM
+
+
+@contextlib.contextmanager
+def vllm_engine(served: str, **kwargs) -> Iterator:
+    """An in-process `vllm.LLM` on the export, float32, eager; shut down and freed on exit.
+
+    Args:
+        served: The exported folder.
+        **kwargs: More `vllm.LLM` options (they override the defaults here).
+    """
+    from vllm import LLM
+
+    from peft_xlora.serving.vllm import register
+
+    register()  # what the vllm.general_plugins entry point does in every vLLM process
+    options = {
+        "model": served,
+        "dtype": "float32",
+        "enforce_eager": True,
+        "max_model_len": 128,
+        "max_num_seqs": 16,
+        "seed": 0,
+        "skip_tokenizer_init": True,
+    }
+    options.update(kwargs)
+    llm = LLM(**options)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def vllm_generate(
+    llm, prompts: list[list[int]], max_tokens: int | list[int], cached_tokens: list[int] | None = None
+) -> list[tuple[list[int], list[float]]]:
+    """Greedy generations of all prompts submitted at once (vLLM batches them continuously).
+
+    Args:
+        llm: The engine.
+        prompts: Token ids per request.
+        max_tokens: New tokens per request (one number for all, or one per request).
+        cached_tokens: If given, receives each request's number of prompt tokens served from the prefix cache.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, logprobs=1, ignore_eos=True, detokenize=False) for n in lengths
+    ]
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    out = []
+    for result in results:
+        completion = result.outputs[0]
+        if cached_tokens is not None:
+            cached_tokens.append(result.num_cached_tokens or 0)
+        tokens = list(completion.token_ids)
+        out.append((tokens, [completion.logprobs[i][t].logprob for i, t in enumerate(tokens)]))
+    return out
+
+
+def assert_same_generation(ours, reference, atol: float = 1e-4) -> None:
+    """Same greedy tokens, and log-probabilities within `atol`."""
+    tokens, logprobs = ours
+    ref_tokens, ref_logprobs = reference
+    assert tokens == ref_tokens, f"vLLM generated {tokens}, peft-xlora {ref_tokens}"
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=atol, rtol=0)
+
+
+def prompts_of_lengths(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Random token-id prompts (ids 3..96: no pad/bos/eos) of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
