@@ -135,7 +135,7 @@ class ForwardMixin:
         config = self.xlora_config
         _check_input_device(self.model, args, kwargs)
         if self._static_scalings is not None:
-            return Routing(self._static_scalings[None, None])
+            return self._static_routing(args, kwargs)
         # With a KV cache, the scaling pass extends its own cache beside the main one (see generation.py); in prompt
         # mode, decoding steps skip it and reuse the prompt's scalings held in the cache.
         cache, cache_name = prepare_cache(self.model, kwargs, config.scalings_mode)
