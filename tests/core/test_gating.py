@@ -83,10 +83,8 @@ def test_per_row_static_scalings_equal_separate_runs(expert_dirs, layerwise):
     model = build_xlora("llama", expert_dirs, layerwise_scalings=layerwise)
     n_layers = len(model.base_model.mixture_layer_names)
     torch.manual_seed(3)
-    if layerwise:
-        rows = torch.rand(4, n_layers, 3)  # (rows, n_layers, n_experts)
-    else:
-        rows = torch.cat([torch.eye(3), torch.full((1, 3), 1 / 3)])  # each expert alone, then the uniform mixture
+    # (rows, n_layers, n_experts) random mixtures; or each expert alone, then the uniform mixture, (rows, n_experts)
+    rows = torch.rand(4, n_layers, 3) if layerwise else torch.cat([torch.eye(3), torch.full((1, 3), 1 / 3)])
     ids = input_ids(batch=1)
     expected = []
     for weights in rows:

@@ -153,6 +153,7 @@ class GatingMixin:
             )
         return Routing(static[:, None])
 
+
 def _number(value: Any) -> Any:
     # What `float` accepts becomes a float; anything else is left for the config's check to refuse with its message.
     try:
