@@ -18,7 +18,7 @@ from .core.layer import XLoraLayer
 from .core.model import XLoraModel
 from .core.registration import PEFT_XLORA, register
 from .core.scalings_log import ScalingsLogMixin, load_scalings_log, save_scalings_log
-from .core.training import optimizer_param_groups
+from .core.training import distillation_loss, optimizer_param_groups
 from .io import transformers as _transformers_integration
 from .io.export import export_lora, export_mistralrs
 from .io.hub import push_to_hub
@@ -48,6 +48,7 @@ __all__ = [
     "__version__",
     "add_xlora_to_model",
     "check_checkpoint_dir",
+    "distillation_loss",
     "export_lora",
     "export_mistralrs",
     "from_pretrained",
