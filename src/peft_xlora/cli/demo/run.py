@@ -178,7 +178,8 @@ class Demo:
         s = self.s
         if not hasattr(self, "expert_dirs"):
             self.expert_dirs: dict[str, str] = {}
-        key = self._recipe(domain=domain, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
+        source = None if s.tiny else demo_data.SOURCES[domain]
+        key = self._recipe(domain=domain, source=source, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
         path = self.cache_dir / "experts" / f"{domain}-{key}"
         self.expert_dirs[domain] = str(path)
         self.cache_hits[f"expert {domain}"] = path.is_dir()
