@@ -102,3 +102,13 @@ def test_per_row_static_scalings_refuse_a_batch_of_another_size(expert_dirs):
     with pytest.raises(ValueError, match=r"pinned to 3 per-row weight vectors .* but this batch has 2 rows"):
         model(input_ids=input_ids(batch=2))
     model(input_ids=input_ids(batch=3))  # the right size still runs
+
+
+def test_export_refuses_a_per_row_pin(expert_dirs, tmp_path):
+    from peft_xlora import export_lora
+
+    model = build_xlora("llama", expert_dirs)
+    model.base_model.set_static_scalings(torch.eye(3), per_row=True)
+    with pytest.raises(ValueError, match=r"pinned to per-row weights .* one LoRA holds one mixture"):
+        export_lora(model, tmp_path / "lora")
+    export_lora(model, tmp_path / "lora", weights={"math": 1.0})  # explicit weights still export
