@@ -22,7 +22,7 @@ from .core.model import XLoraModel
 from .core.registration import PEFT_XLORA, register
 from .core.regularisers import RouterLossWarning
 from .core.scalings_log import ScalingsLogMixin, load_scalings_log, save_scalings_log
-from .core.training import RouterLossMixin, optimizer_param_groups, sft_trainer_class
+from .core.training import RouterLossMixin, distillation_loss, optimizer_param_groups, sft_trainer_class
 from .io import save as _atomic_save
 from .io import transformers as _transformers_integration
 from .io.export import export_lora, export_mistralrs
@@ -67,6 +67,7 @@ __all__ = [
     "__version__",
     "add_xlora_to_model",
     "check_checkpoint_dir",
+    "distillation_loss",
     "export_lora",
     "export_mistralrs",
     "from_pretrained",

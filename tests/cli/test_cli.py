@@ -304,12 +304,26 @@ def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
         "PEFT built-in X-LoRA",
         "X-LoRA (peft-xlora)",
         "oracle",
+        "per-token oracle",
     ]
     assert list(table) == expected_rows
     for d in domains:  # the pure-domain oracle is that domain's expert
         assert table["oracle"][d] == table[f"expert: {d}"][d]
     for row in table.values():
         assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    for column, value in table["per-token oracle"].items():  # each token's best expert: below every expert
+        assert all(value <= table[f"expert: {d}"][column] + 1e-6 for d in domains), column
+    for variant, row in table.items():  # every cell has its interval, around its mean
+        for column, value in row.items():
+            low, high = report["intervals_95"][variant][column]
+            assert low - 1e-6 <= value <= high + 1e-6, (variant, column)
+    for rival in ("Arrow top-1", "Arrow top-2", "PEFT built-in X-LoRA"):
+        for column in ("mixed", "after switch"):
+            diff, low, high = report["paired_95"][rival][column]
+            assert diff == pytest.approx(table["X-LoRA (peft-xlora)"][column] - table[rival][column])
+            assert low <= high
+    assert len(report["checks"]) == 15
+    assert report["precision"] == "fp32"  # --tiny: float32 unless asked
     assert (out / "gating_heatmap.png").stat().st_size > 1000
     assert "| X-LoRA (peft-xlora) |" in (out / "results.md").read_text()
     assert not any(report["cache_hits"].values())

@@ -397,6 +397,11 @@ def test_static_scalings_bad_values(expert_dirs):
         model.set_static_scalings(torch.ones(4))
     with pytest.raises(ValueError, match="Static scalings must be finite numbers"):
         model.set_static_scalings({"math": math.inf})
+    with pytest.raises(ValueError, match=r"Per-row static scalings must have shape \(batch, 3\) or \(batch, \d+, 3\)"):
+        model.set_static_scalings(torch.ones(3), per_row=True)
+    with pytest.raises(ValueError, match=r"per_row=True needs a tensor"):
+        model.set_static_scalings({"math": 1.0}, per_row=True)
+    assert model.base_model._static_scalings is None  # nothing refused was kept
 
 
 def test_second_peft_adapter_refused(expert_dirs):

@@ -75,3 +75,40 @@ def test_refused_setter_leaves_the_outputs_unchanged(expert_dirs):
             model.set_global_scaling_weight(math.nan)
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_per_row_static_scalings_equal_separate_runs(expert_dirs, layerwise):
+    # N fixed mixtures of the same text in one batched forward == N forwards, each pinned to its own mixture.
+    model = build_xlora("llama", expert_dirs, layerwise_scalings=layerwise)
+    n_layers = len(model.base_model.mixture_layer_names)
+    torch.manual_seed(3)
+    # (rows, n_layers, n_experts) random mixtures; or each expert alone, then the uniform mixture, (rows, n_experts)
+    rows = torch.rand(4, n_layers, 3) if layerwise else torch.cat([torch.eye(3), torch.full((1, 3), 1 / 3)])
+    ids = input_ids(batch=1)
+    expected = []
+    for weights in rows:
+        model.set_static_scalings(weights)
+        expected.append(model(input_ids=ids).logits)
+    model.set_static_scalings(rows, per_row=True)
+    batched = model(input_ids=ids.expand(rows.shape[0], -1)).logits
+    torch.testing.assert_close(batched, torch.cat(expected))
+    assert not torch.allclose(expected[0], expected[1])  # the rows really differ
+
+
+def test_per_row_static_scalings_refuse_a_batch_of_another_size(expert_dirs):
+    model = build_xlora("llama", expert_dirs)
+    model.set_static_scalings(torch.eye(3), per_row=True)
+    with pytest.raises(ValueError, match=r"pinned to 3 per-row weight vectors .* but this batch has 2 rows"):
+        model(input_ids=input_ids(batch=2))
+    model(input_ids=input_ids(batch=3))  # the right size still runs
+
+
+def test_export_refuses_a_per_row_pin(expert_dirs, tmp_path):
+    from peft_xlora import export_lora
+
+    model = build_xlora("llama", expert_dirs)
+    model.base_model.set_static_scalings(torch.eye(3), per_row=True)
+    with pytest.raises(ValueError, match=r"pinned to per-row weights .* one LoRA holds one mixture"):
+        export_lora(model, tmp_path / "lora")
+    export_lora(model, tmp_path / "lora", weights={"math": 1.0})  # explicit weights still export

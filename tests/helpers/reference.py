@@ -284,3 +284,51 @@ def single_pass_reference(
     finally:
         for layer in mixture.values():
             del layer.forward
+
+
+def distillation_reference(
+    model, ids: torch.Tensor, labels: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> float:
+    """The router distillation term by separate forwards: one per expert pinned alone, then the gate, token by token.
+
+    Args:
+        model: An X-LoRA PeftModel with a dense softmax gate (no top-k, global weight 1), so its scalings are the
+            gate's distribution.
+        ids: (batch, seq) inputs.
+        labels: (batch, seq) labels, -100 where none (shifted by one, as transformers does).
+        temperature: The target's temperature.
+        mask: (batch, seq) attention mask, or None.
+    """
+    xlora = model.base_model
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    losses = []  # per expert: (batch, seq - 1)
+    with torch.no_grad():
+        for name in xlora.expert_names:
+            xlora.set_static_scalings({name: 1.0})
+            logits = model(input_ids=ids, **kwargs).logits.float()
+            rows = []
+            for b in range(ids.shape[0]):
+                row = []
+                for t in range(ids.shape[1] - 1):
+                    label = int(labels[b, t + 1])
+                    row.append(0.0 if label == -100 else float(-torch.log_softmax(logits[b, t], -1)[label]))
+                rows.append(row)
+            losses.append(rows)
+        xlora.set_static_scalings(None)
+        model(input_ids=ids, **kwargs)
+        gate = xlora.get_latest_scalings()  # (batch, seq, n_layers, n_experts)
+    total, count = 0.0, 0
+    n = len(xlora.expert_names)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if int(labels[b, t + 1]) == -100 or (mask is not None and not mask[b, t + 1]):
+                continue
+            scores = [-losses[e][b][t] / temperature for e in range(n)]
+            top = max(scores)
+            exps = [math.exp(v - top) for v in scores]
+            target = [v / sum(exps) for v in exps]
+            slots = gate.shape[2]
+            ce = sum(-target[e] * math.log(float(gate[b, t, s, e])) for s in range(slots) for e in range(n)) / slots
+            total += ce
+            count += 1
+    return total / count

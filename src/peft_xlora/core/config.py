@@ -72,6 +72,12 @@ class XLoraConfig(PeftConfig):
         single_pass_static: In single-pass mode, the static weights of the first k layers: ``"learned"`` (a softmax
             over one logit per adapted layer and expert, starting uniform and trained with the classifier) or
             ``"uniform"`` (fixed at 1 / n_experts).
+        router_distillation_coef: Weight of the distillation term added to the loss when labels are given (>= 0;
+            0 = off): the cross-entropy between the gate and a soft target made from each expert's own loss on
+            every token (each expert scored alone, no gradient; one more batched forward over n_experts copies of
+            the batch). See `peft_xlora.core.distillation` and docs/training.md.
+        router_distillation_temperature: Temperature T of the distillation target softmax(-loss / T), in nats
+            (finite, > 0): small T targets the best expert of each token, large T spreads the target.
         experts: Filled in when the model is built (in the model's copy of the config) and saved with it: for each
             expert, the PEFT `LoraConfig` (as a dict) that describes its layers. A config that has it describes a
             checkpoint: the model built from it takes the experts' weights from that checkpoint, not from `adapters`.
@@ -122,6 +128,13 @@ class XLoraConfig(PeftConfig):
     )
     single_pass_static: SinglePassStatic = field(
         default="learned", metadata={"help": "Single pass: 'learned' or 'uniform' static weights in layers 1..k."}
+    )
+    router_distillation_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the distillation loss from the experts' own per-token losses (0 = off)."},
+    )
+    router_distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature (nats) of the distillation target softmax(-loss / T) (> 0)."}
     )
     experts: dict[str, dict[str, Any]] | None = field(
         default=None, metadata={"help": "Per-expert LoRA configs, filled in at build time and saved."}
@@ -254,11 +267,14 @@ class XLoraConfig(PeftConfig):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-        for name in ("router_load_balancing_coef", "router_entropy_coef"):
+        for name in ("router_load_balancing_coef", "router_entropy_coef", "router_distillation_coef"):
             value = getattr(self, name)
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (is_number and math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+        t = self.router_distillation_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"`router_distillation_temperature` must be a finite number > 0 (nats), got {t!r}.")
         k = self.scaling_pass_layers
         if k is not None and (not _is_int(k) or k < 1):
             raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
@@ -335,4 +351,10 @@ def _check_routing(config: XLoraConfig) -> None:
         raise ValueError(
             "`routing='single_pass'` routes every token from the pass that computes it, so there is no scaling pass "
             "for `scalings_mode='prompt'` to skip: use scalings_mode='token'."
+        )
+    if config.router_distillation_coef:
+        raise ValueError(
+            "`router_distillation_coef` is not supported with `routing='single_pass'`: scoring every expert alone "
+            "would run nested forwards inside the one pass. Train the gate with routing='dual_pass', or set "
+            "router_distillation_coef=0."
         )

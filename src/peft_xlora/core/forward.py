@@ -15,6 +15,7 @@ from torch import nn
 
 from .building import embeddings
 from .classifier import gate
+from .distillation import distillation_term
 from .generation import CACHE_KWARGS, XLoraCache, hold_uncached, input_length, prepare_cache
 from .regularisers import router_losses, warn_if_loss_ignores_router
 from .routing import Routing, current_routing, pop_routing, push_routing
@@ -144,7 +145,7 @@ class ForwardMixin:
         config = self.xlora_config
         _check_input_device(self.model, args, kwargs)
         if self._static_scalings is not None:
-            return Routing(self._static_scalings[None, None])
+            return self._static_routing(args, kwargs)
         if config.routing == "single_pass":
             return self._route_single_pass(kwargs)  # no scaling pass (single_pass.py)
         # With a KV cache, the scaling pass extends its own cache beside the main one (see generation.py); in prompt
@@ -172,12 +173,15 @@ class ForwardMixin:
         scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)
         self._latest_scalings = scalings.detach()
         self._log_scalings(self._latest_scalings)
-        return Routing(scalings, router_loss=self._router_loss(logits, kwargs))
+        return Routing(scalings, router_loss=self._router_loss(logits, args, kwargs))
 
-    def _router_loss(self, logits: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    def _router_loss(self, logits: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The weighted router regularisers of this forward, or None when they are off (the default)."""
         config = self.xlora_config
         coefs = {"load_balancing": config.router_load_balancing_coef, "entropy": config.router_entropy_coef}
+        labels = kwargs.get("labels")
+        if config.router_distillation_coef and isinstance(labels, torch.Tensor):  # needs the next tokens
+            coefs["distillation"] = config.router_distillation_coef
         if not any(coefs.values()):
             return None
         mask = kwargs.get("attention_mask")
@@ -185,6 +189,8 @@ class ForwardMixin:
             mask = None  # 4D or absent masks: every token counts
         with torch.autocast(logits.device.type, enabled=False):
             terms = router_losses(logits, config.softmax_temperature, config.top_k_lora, mask)
+        if "distillation" in coefs:
+            terms["distillation"] = distillation_term(self, logits, args, kwargs, labels)
         self._latest_router_losses = {name: value.detach() for name, value in terms.items()}
         return sum(coefs[name] * terms[name] for name in coefs)
 

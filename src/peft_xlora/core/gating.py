@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .heads import head_mixtures
+from .routing import Routing
 
 if TYPE_CHECKING:
     from .classifier import XLoraClassifier
@@ -107,32 +108,65 @@ class GatingMixin:
         """The global scaling weight."""
         return self.xlora_config.global_scaling_weight
 
-    def set_static_scalings(self, weights: dict[str, float] | torch.Tensor | None) -> None:
+    def set_static_scalings(self, weights: dict[str, float] | torch.Tensor | None, per_row: bool = False) -> None:
         """Pins the gate to fixed weights, skipping the scaling pass; None gives the gate back to the classifier.
 
         Args:
             weights: Expert name -> weight (missing experts get 0), or a tensor of shape (n_experts,) or
                 (n_layers, n_experts). Used as given: no softmax, no global weight.
+            per_row: `weights` holds one weight vector per batch row: shape (batch, n_experts) or
+                (batch, n_layers, n_experts), and every forward must then have exactly `batch` rows. Scores N
+                fixed mixtures (each expert alone, the uniform mixture, ...) of the same text in one batched
+                forward: repeat the inputs N times along the batch.
         """
         if weights is None:
             self._static_scalings = None
             return
         n, n_layers = len(self.expert_names), len(self.mixture_layer_names)
         if isinstance(weights, dict):
+            if per_row:
+                raise ValueError("per_row=True needs a tensor of shape (batch, n_experts), not a dict.")
             unknown = set(weights) - set(self.expert_names)
             if unknown:
                 raise ValueError(f"Unknown experts {sorted(unknown)}; this model has {self.expert_names}.")
             weights = torch.tensor([float(weights.get(name, 0.0)) for name in self.expert_names])
         weights = torch.as_tensor(weights, dtype=torch.float32)
-        if weights.shape == (n,):
-            weights = weights[None]
-        if weights.shape not in ((1, n), (n_layers, n)):
-            raise ValueError(
-                f"Static scalings must have shape ({n},) or ({n_layers}, {n}); got {tuple(weights.shape)}."
-            )
+        if per_row:
+            if weights.dim() == 2:
+                weights = weights[:, None]
+            if weights.dim() != 3 or weights.shape[0] < 1 or weights.shape[1:] not in ((1, n), (n_layers, n)):
+                raise ValueError(
+                    f"Per-row static scalings must have shape (batch, {n}) or (batch, {n_layers}, {n}); "
+                    f"got {tuple(weights.shape)}."
+                )
+        else:
+            if weights.shape == (n,):
+                weights = weights[None]
+            if weights.shape not in ((1, n), (n_layers, n)):
+                raise ValueError(
+                    f"Static scalings must have shape ({n},) or ({n_layers}, {n}); got {tuple(weights.shape)}."
+                )
         if not torch.isfinite(weights).all():
             raise ValueError("Static scalings must be finite numbers.")
-        self._static_scalings = weights.to(self.xlora_classifier.layers[0].weight.device)  # (n_layers|1, n_experts)
+        # (n_layers|1, n_experts), or (batch, n_layers|1, n_experts) per row
+        self._static_scalings = weights.to(self.xlora_classifier.layers[0].weight.device)
+
+    def _static_routing(self, args: tuple, kwargs: dict) -> Routing:
+        """The routing of a forward while the gate is pinned: (batch|1, 1, n_layers|1, n_experts) scalings."""
+        static = self._static_scalings
+        if static.dim() == 2:
+            return Routing(static[None, None])
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        rows = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+        if rows is not None and rows != static.shape[0]:
+            raise ValueError(
+                f"The gate is pinned to {static.shape[0]} per-row weight vectors (set_static_scalings(..., "
+                f"per_row=True)) but this batch has {rows} rows: pass exactly one row per weight vector, or pin "
+                "shared weights."
+            )
+        return Routing(static[:, None])
 
 
 def _number(value: Any) -> Any:

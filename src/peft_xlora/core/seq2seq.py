@@ -70,6 +70,11 @@ def check_seq2seq_supported(model: nn.Module, config: XLoraConfig) -> None:
         )
     if config.scalings_mode != "token":
         raise ValueError(_PROMPT_MODE.format(name=name))
+    if config.router_distillation_coef:
+        raise ValueError(
+            f"`router_distillation_coef` is not supported for encoder-decoder models ({name}) yet: the experts' "
+            "per-token losses are scored for decoder-only models. Set router_distillation_coef=0."
+        )
 
 
 _PROMPT_MODE = (

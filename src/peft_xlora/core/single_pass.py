@@ -163,7 +163,7 @@ class SinglePassMixin:
             )
         self._check_finite(scalings, hidden)
         state.late = scalings
-        state.router_loss = self._router_loss(logits, state.kwargs)
+        state.router_loss = self._router_loss(logits, (), state.kwargs)
         # Kept apart and combined on request: the full (batch, seq, n_layers, n_experts) tensor is only built for
         # `get_latest_scalings` and the scalings log.
         self._latest_scalings = scalings.detach()

@@ -1,4 +1,4 @@
-"""Training helpers: optimizer parameter groups per kind of weight, and the router regularisers under TRL."""
+"""Training helpers: optimizer parameter groups, the distillation-only loss, the router regularisers under TRL."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distillation import distillation_term
 from .heads import head_mixtures
 from .model import find_tuner, find_tuners
 from .regularisers import router_loss_applied_by_trainer
@@ -114,3 +115,43 @@ def sft_trainer_class() -> type:
 
     XLoraSFTTrainer.__module__ = "peft_xlora"
     return XLoraSFTTrainer
+
+
+def distillation_loss(model: nn.Module, labels: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+    """The router distillation term alone, for a pretraining phase of the gate: no main pass, no language-model loss.
+
+    Runs the scaling pass and the classifier (with gradient), scores every expert alone on the same tokens (one
+    batched forward, no gradient), and returns the cross-entropy between the gate and the soft target
+    softmax(-loss / `router_distillation_temperature`) (see `peft_xlora.core.distillation`). Works with any
+    `router_distillation_coef` (0 included): the term is returned unweighted. In a `Trainer`, override
+    `compute_loss` to return `distillation_loss(model, **inputs)`.
+
+    Args:
+        model: The X-LoRA model (PeftModel or wrapped).
+        labels: (batch, seq) next-token labels as transformers takes them (-100: no label); default the inputs.
+        **inputs: The model's forward inputs: `input_ids` (or `inputs_embeds`), optionally `attention_mask`, ...
+
+    Returns:
+        A float32 scalar with the classifier's gradient.
+
+    Raises:
+        ValueError: Neither labels nor `input_ids` are given, the gate is pinned with `set_static_scalings`, or the
+            model routes in a single pass or is an encoder-decoder model.
+    """
+    xlora = find_tuner(model)
+    if xlora.xlora_config.routing != "dual_pass" or getattr(xlora.model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            "distillation_loss runs X-LoRA's scaling pass of a decoder-only model: single-pass routing and "
+            "encoder-decoder models are not supported. Use routing='dual_pass' for the distillation phase."
+        )
+    if labels is None:
+        labels = inputs.get("input_ids")
+    if labels is None:
+        raise ValueError("distillation_loss needs `labels` (or `input_ids` to use as labels).")
+    if xlora._static_scalings is not None:
+        raise ValueError("The gate is pinned (set_static_scalings): unpin it with set_static_scalings(None) first.")
+    inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "past_key_values", "return_dict")}
+    hidden = xlora._scaling_pass((), inputs)  # (batch, seq, hidden), no gradient
+    with torch.autocast(hidden.device.type, enabled=False):  # the gate in float32, as in the forward
+        logits = xlora.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
+    return distillation_term(xlora, logits, (), inputs, labels)  # the experts' scoring under the caller's autocast

@@ -62,6 +62,8 @@ MISTRALRS_IRRELEVANT = (
     "classifier_init",
     "router_load_balancing_coef",
     "router_entropy_coef",
+    "router_distillation_coef",
+    "router_distillation_temperature",
     "peft_xlora_version",
 )
 # Refused unless at this value: the layout has no way to say it, so the exported model would compute other outputs.
@@ -257,6 +259,11 @@ def export_lora(
         raise ValueError("Pass `weights` (expert name -> weight), or pin the model first with set_static_scalings.")
     else:
         static = pinned
+    if static.dim() == 3:
+        raise ValueError(
+            "The model is pinned to per-row weights (set_static_scalings(..., per_row=True)); one LoRA holds one "
+            "mixture: pass `weights` (expert name -> weight) or pin shared weights first."
+        )
     static = static.detach().cpu().float()  # (n_layers|1, n_experts)
     layers = _layers_by_name(tuner)
     # One rank for every module, so that engines without per-module ranks can serve it: modules with fewer experts

