@@ -309,6 +309,7 @@ def test_refused_options_and_inputs(experts):
     for option, match in [
         ({"scalings_mode": "prompt"}, "scalings_mode='prompt' is not supported for encoder-decoder"),
         ({"scaling_pass_layers": 1}, "`scaling_pass_layers` is not supported for encoder-decoder"),
+        ({"router_distillation_coef": 0.5}, "`router_distillation_coef` is not supported for encoder-decoder"),
     ]:
         with pytest.raises(ValueError, match=match):
             xlora(arch, paths, **option)
