@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from peft_xlora.cli.demo import data as demo_data
 from peft_xlora.cli.demo.evaluate import Losses, evaluate
 from peft_xlora.cli.demo.run import Demo
 from peft_xlora.cli.demo.settings import preset
@@ -48,7 +49,8 @@ def _missing_cache(demo: Demo) -> str | None:
 def _missing_experts(demo: Demo) -> str | None:
     s = demo.s
     for domain in demo.domains:
-        key = demo._recipe(domain=domain, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
+        source = None if s.tiny else demo_data.SOURCES[domain]  # the demo's expert cache key (cli/demo/run.py)
+        key = demo._recipe(domain=domain, source=source, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
         path = demo.cache_dir / "experts" / f"{domain}-{key}"
         if not path.is_dir():
             return f"the demo's {domain!r} expert is not cached ({path})"
