@@ -325,3 +325,20 @@ def test_a_late_layer_running_before_layer_k_is_a_clear_error():
     late = torch.rand(2, 7, 1, 3)
     routing.single_pass.late = late
     assert routing.scalings_for(1) is late and routing.snapshot().late_scalings is late
+
+
+def test_masked_experts_get_no_weight_after_layer_k(expert_dirs):
+    # `set_active_experts` masks the gate of the late layers too (the single pass has its own gate call).
+    model = build_xlora("llama", expert_dirs, routing="single_pass", scaling_pass_layers=1).eval()
+    ids = input_ids()
+    tuner = model.base_model
+    with torch.no_grad():
+        model(input_ids=ids)
+        dense = tuner._latest_scalings.clone()  # the late layers' scalings
+        model.set_active_experts(["math", "poetry"])
+        model(input_ids=ids)
+    masked = tuner._latest_scalings
+    code = tuner.expert_names.index("code")
+    assert dense[..., code].abs().max() > 0
+    torch.testing.assert_close(masked[..., code], torch.zeros_like(masked[..., code]), rtol=0, atol=0)
+    torch.testing.assert_close(masked.sum(-1), torch.ones_like(masked.sum(-1)))

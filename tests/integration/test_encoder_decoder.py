@@ -156,10 +156,11 @@ def _reference_logits(arch: str, paths: dict, tuner, batch: dict, layerwise: boo
 
     def gated(hidden):
         logits = tuner.xlora_classifier(hidden)  # (batch, seq, L|1, E): the MLP itself is tested elsewhere
-        return logits, gate_reference(logits, config.softmax_temperature, True, None, False, 1.0)
+        return logits, gate_reference(logits, config.softmax_temperature, True, None, False, g)
 
+    g = config.global_scaling_weight  # multiplies every expert update in both passes (docs/concepts.md)
     with torch.no_grad():
-        value = torch.full((1, 1, n_experts), float(config.scaling_pass_value))
+        value = torch.full((1, 1, n_experts), float(config.scaling_pass_value) * g)
         current.update(source=value, target=value)
         source_hidden = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         target_hidden = model.get_decoder()(
@@ -174,10 +175,11 @@ def _reference_logits(arch: str, paths: dict, tuner, batch: dict, layerwise: boo
     return logits, source, target, source_logits, target_logits
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.5], ids=["weight-1", "weight-0.5"])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["shared", "layerwise"])
-def test_gating_matches_the_two_stack_reference(experts, layerwise):
+def test_gating_matches_the_two_stack_reference(experts, layerwise, weight):
     arch, paths = experts
-    model = xlora(arch, paths, layerwise_scalings=layerwise, scaling_pass_value=0.5)
+    model = xlora(arch, paths, layerwise_scalings=layerwise, scaling_pass_value=0.5, global_scaling_weight=weight)
     batch = inputs()
     logits = model(**batch).logits
     expected, source, target, _, _ = _reference_logits(arch, paths, model.base_model, batch, layerwise)

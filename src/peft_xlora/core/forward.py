@@ -158,17 +158,7 @@ class ForwardMixin:
         hidden = self._scaling_pass(args, kwargs, cache, cache_name)  # (batch, seq, hidden)
         # The classifier and the gate run in their own dtype (float32 for a trained classifier) even under
         # torch.autocast: low-precision logits would quantise the routing decisions.
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
-            scalings = gate(
-                logits,
-                temperature=config.softmax_temperature,
-                enable_softmax=config.enable_softmax,
-                top_k=config.top_k_lora,
-                softmax_topk=config.enable_softmax_topk,
-                global_weight=config.global_scaling_weight,
-                active=getattr(self, "_active_experts", None),  # `set_active_experts` (core/elastic.py)
-            )
+        logits, scalings = self._gate(hidden)  # (batch, seq, n_layers|1, n_experts) each
         self._check_finite(scalings, hidden)
         scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)
         self._latest_scalings = scalings.detach()
@@ -202,6 +192,39 @@ class ForwardMixin:
         """
         return getattr(self, "_latest_router_losses", None)
 
+    def _gate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier logits and gated scalings of hidden states, (batch, seq, n_layers|1, n_experts) each.
+
+        The classifier and the gate run in their own dtype (float32 for a trained classifier) even under
+        torch.autocast: low-precision logits would quantise the routing decisions. Experts masked with
+        `set_active_experts` (core/elastic.py) get 0, and a softmax renormalises over the rest.
+        """
+        config = self.xlora_config
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = self.xlora_classifier(hidden)
+            scalings = gate(
+                logits,
+                temperature=config.softmax_temperature,
+                enable_softmax=config.enable_softmax,
+                top_k=config.top_k_lora,
+                softmax_topk=config.enable_softmax_topk,
+                global_weight=config.global_scaling_weight,
+                active=getattr(self, "_active_experts", None),
+            )
+        return logits, scalings
+
+    def _scaling_pass_scalings(self) -> torch.Tensor | None:
+        """The scaling pass's scalings (1, 1, 1, n_experts): every expert at `scaling_pass_value * global weight`.
+
+        None when that is 0: the scaling pass is then the plain base model. Built where the classifier is (the
+        scalings' device), not on the CPU.
+        """
+        value = self.xlora_config.scaling_pass_value * self.xlora_config.global_scaling_weight
+        if value == 0:
+            return None
+        device = self.xlora_classifier.layers[0].weight.device
+        return torch.full((1, 1, 1, len(self.expert_names)), float(value), device=device)
+
     @torch.no_grad()
     def _scaling_pass(
         self, args: tuple, kwargs: dict, cache: XLoraCache | None = None, cache_name: str | None = None
@@ -217,10 +240,7 @@ class ForwardMixin:
             cache: The main pass's cache, whose `scaling_cache` this pass extends; None runs without a cache.
             cache_name: The keyword the model takes its cache under.
         """
-        value = self.xlora_config.scaling_pass_value * self.xlora_config.global_scaling_weight
-        n = len(self.expert_names)
-        device = self.xlora_classifier.layers[0].weight.device  # built where the scalings are, not on the CPU
-        routing = None if value == 0 else Routing(torch.full((1, 1, 1, n), float(value), device=device))
+        constant = self._scaling_pass_scalings()  # (1, 1, 1, n_experts) or None: the plain base model
         inner = getattr(self.model, "base_model", self.model)
         scaling_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_SCALING_PASS}
         if cache is not None:
@@ -228,7 +248,7 @@ class ForwardMixin:
             scaling_kwargs["use_cache"] = True
         elif "use_cache" in kwargs or any(name in kwargs for name in CACHE_KWARGS):
             scaling_kwargs["use_cache"] = False
-        with_flag = Routing(routing.scalings if routing else None, scaling_pass=True)
+        with_flag = Routing(constant, scaling_pass=True)
         push_routing(with_flag)
         try:
             out = inner(*args, **scaling_kwargs)

@@ -3,9 +3,10 @@
 An encoder-decoder model runs two sequences: the source through the encoder, the target through the decoder. X-LoRA
 runs the dual pass once per stack, with one shared classifier:
 
-* the encoder: its scaling pass (every expert at `scaling_pass_value`) gives the encoder's last hidden state, the
-  classifier turns it into per-source-token scalings, and the encoder's mixture layers read them. A forward pre-hook on
-  the encoder does this, so it also happens when `generate` calls the encoder alone. The encoder's output carries the
+* the encoder: its scaling pass (every expert at `scaling_pass_value * global_scaling_weight`) gives the encoder's
+  last hidden state, the classifier turns it into per-source-token scalings, and the encoder's mixture layers read
+  them. A forward pre-hook on the encoder does this, so it also happens when `generate` calls the encoder alone. The
+  encoder's output carries the
   scaling pass's hidden state and the scalings (`SCALING_HIDDEN`, `SCALINGS`), which the decoder needs.
 * the decoder: its scaling pass reads the target tokens and cross-attends to the encoder's *scaling-pass* output (so it
   is exactly the scaling pass of the whole model); its last hidden state gives per-target-token scalings for the
@@ -26,7 +27,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from .classifier import gate
 from .forward import _check_hidden, _check_input_device
 from .generation import CACHE_KWARGS, _cache_kwarg_name, requested_scalings_mode, sync_scaling_cache
 from .regularisers import router_losses
@@ -304,27 +304,8 @@ class Seq2SeqMixin:
             raise ValueError(_PROMPT_MODE.format(name=type(self.model).__name__))
         return True
 
-    def _gate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classifier logits and gated scalings of a last hidden state, (batch, seq, n_layers|1, n_experts) each."""
-        config = self.xlora_config
-        with torch.autocast(hidden.device.type, enabled=False):  # as in forward.py: float32 routing decisions
-            logits = self.xlora_classifier(hidden)
-            scalings = gate(
-                logits,
-                temperature=config.softmax_temperature,
-                enable_softmax=config.enable_softmax,
-                top_k=config.top_k_lora,
-                softmax_topk=config.enable_softmax_topk,
-                global_weight=config.global_scaling_weight,
-            )
-        return logits, scalings
-
     def _scaling_routing(self) -> Routing:
-        value = self.xlora_config.scaling_pass_value
-        device = self.xlora_classifier.layers[0].weight.device
-        n = len(self.expert_names)
-        scalings = None if value == 0 else torch.full((1, 1, 1, n), float(value), device=device)
-        return Routing(scalings, scaling_pass=True)
+        return Routing(self._scaling_pass_scalings(), scaling_pass=True)  # as the decoder-only scaling pass
 
     def _before_encoder(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Pushes exactly once, as `_before_forward` does; `_after_encoder` pops.
@@ -384,7 +365,7 @@ class Seq2SeqMixin:
     def _decoder_scaling_pass(
         self, kwargs: dict, encoder_hidden: torch.Tensor, cache: XLoraEncoderDecoderCache | None
     ) -> torch.Tensor:
-        """The decoder's last hidden state with every expert at `scaling_pass_value`, over the scaling-pass source."""
+        """The decoder's last hidden state, every expert at the scaling-pass weight, over the scaling-pass source."""
         decoder = self.model.get_decoder()
         target = {
             "input_ids": kwargs.get("decoder_input_ids"),

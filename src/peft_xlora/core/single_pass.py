@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .classifier import gate
 from .generation import requested_scalings_mode
 from .routing import Routing, current_routing
 
@@ -150,17 +149,7 @@ class SinglePassMixin:
         if state is None or state.late is not None:
             return
         hidden = output if isinstance(output, torch.Tensor) else output[0]  # (batch, seq, hidden)
-        config = self.xlora_config
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = self.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
-            scalings = gate(
-                logits,
-                temperature=config.softmax_temperature,
-                enable_softmax=config.enable_softmax,
-                top_k=config.top_k_lora,
-                softmax_topk=config.enable_softmax_topk,
-                global_weight=config.global_scaling_weight,
-            )
+        logits, scalings = self._gate(hidden)  # (batch, seq, n_layers|1, n_experts) each
         self._check_finite(scalings, hidden)
         state.late = scalings
         state.router_loss = self._router_loss(logits, (), state.kwargs)
