@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import time
 
 import pytest
 import torch
 
+from helpers.distributed import launch_two_processes
 from helpers.models import build_xlora, input_ids, tiny_llama
 
 GLOBAL_BATCH = 4
@@ -106,36 +106,12 @@ def _single_process(expert_dirs: dict, variant: str) -> tuple[dict, torch.nn.Mod
     return grads, model
 
 
-def launch_two_processes(function, args: tuple, store_file: str, deadline_s: float = DEADLINE_S) -> None:
-    """As `test_ddp.launch_two_processes`, but joined with a deadline: ranks still running then are killed."""
-    from accelerate.utils import PrepareForLaunch, patch_environment
-    from torch.multiprocessing import start_processes
-
-    with patch_environment(
-        world_size=2,
-        master_addr="127.0.0.1",
-        master_port="29500",
-        accelerate_mixed_precision="no",
-        accelerate_debug_rdv_file=store_file,
-        accelerate_use_cpu="yes",
-        gloo_socket_ifname="lo",
-    ):
-        context = start_processes(
-            PrepareForLaunch(function, debug=True), args=args, nprocs=2, start_method="fork", join=False
-        )
-        end = time.monotonic() + deadline_s
-        while not context.join(timeout=1.0):  # raises if a rank failed
-            if time.monotonic() > end:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail(f"FSDP2 ranks still running after {deadline_s} s")
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fsdp2_step_equals_single_process_and_saves_a_full_checkpoint(variant, expert_dirs, tmp_path):
     from peft import PeftModel
 
-    launch_two_processes(_fsdp_worker, (expert_dirs, variant, str(tmp_path)), str(tmp_path / "store"))
+    store = str(tmp_path / "store")
+    launch_two_processes(_fsdp_worker, (expert_dirs, variant, str(tmp_path)), store, deadline_s=DEADLINE_S)
     sharded = torch.load(tmp_path / "rank0.pt")
     grads, reference = _single_process(expert_dirs, variant)
 
