@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .attributes import TunerAttributes
 from .building import check_experts_fit, check_shapes
 from .experts import ModuleLora, compact_targets, load_expert
 from .layer import XLoraLayer, module_kind
 from .routing import install_carriers
 
 if TYPE_CHECKING:
-    from .classifier import XLoraClassifier
-    from .config import XLoraConfig
+    pass
 
 #: Default distance (in logits, before the temperature) of a new expert's logit below the mean of the others.
 LOGIT_OFFSET = 16.0
@@ -45,19 +45,8 @@ class ExpertChangeWarning(UserWarning):
     """Adding or removing an expert changes what the model computes beyond that expert's own share."""
 
 
-class ElasticMixin:
+class ElasticMixin(TunerAttributes):
     """`add_expert`, `remove_expert` and `set_active_experts` of `XLoraModel`."""
-
-    model: nn.Module
-    expert_names: list[str]
-    mixture_layer_names: list[str]
-    targeted_module_names: list[str]
-    active_adapter: str
-    xlora_config: XLoraConfig
-    xlora_classifier: XLoraClassifier
-    _layers: list[XLoraLayer]
-    _static_scalings: torch.Tensor | None
-    _latest_scalings: torch.Tensor | None
 
     # ------------------------------------------------------------------ masking
 

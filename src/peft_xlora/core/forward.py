@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .attributes import TunerAttributes
 from .building import embeddings
 from .classifier import gate
 from .distillation import distillation_term
@@ -21,9 +22,7 @@ from .regularisers import router_losses, warn_if_loss_ignores_router
 from .routing import Routing, current_routing, pop_routing, push_routing
 
 if TYPE_CHECKING:
-    from .classifier import XLoraClassifier
-    from .config import XLoraConfig
-    from .layer import XLoraLayer
+    pass
 
 # Keyword arguments of a model's forward that concern only the head, the cache or the output format: the scaling
 # pass, which runs the inner model once for its last hidden state, leaves them out.
@@ -94,19 +93,8 @@ class _ScalingPassExit(Exception):  # control flow, not an error
         self.hidden = hidden
 
 
-class ForwardMixin:
+class ForwardMixin(TunerAttributes):
     """The forward hooks of `XLoraModel`: the scaling pass, the gate, and the router losses."""
-
-    model: nn.Module
-    expert_names: list[str]
-    mixture_layer_names: list[str]
-    xlora_config: XLoraConfig
-    xlora_classifier: XLoraClassifier
-    _layers: list[XLoraLayer]
-    _enabled: bool
-    _experts_pending: bool
-    _static_scalings: torch.Tensor | None
-    _latest_scalings: torch.Tensor | None
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Pushes exactly once, even when routing fails: the always-called `_after_forward` pops.

@@ -6,25 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .attributes import TunerAttributes
 from .heads import head_mixtures
 from .routing import Routing
 
 if TYPE_CHECKING:
-    from .classifier import XLoraClassifier
-    from .config import XLoraConfig
     from .layer import XLoraLayer
 
 
-class GatingMixin:
+class GatingMixin(TunerAttributes):
     """Getters and setters of the gating options; every setter validates and never leaves a refused value behind."""
-
-    model: torch.nn.Module
-    expert_names: list[str]
-    mixture_layer_names: list[str]
-    xlora_config: XLoraConfig
-    xlora_classifier: XLoraClassifier
-    _static_scalings: torch.Tensor | None
-    _latest_scalings: torch.Tensor | None
 
     def mixture_layers(self) -> list[XLoraLayer]:
         """The mixture layers (implemented by `XLoraModel`)."""

@@ -27,15 +27,14 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
+from .attributes import TunerAttributes
 from .forward import _check_hidden, _check_input_device
 from .generation import CACHE_KWARGS, _cache_kwarg_name, requested_scalings_mode, sync_scaling_cache
 from .regularisers import router_losses
 from .routing import Routing, current_routing, pop_routing, push_routing, use_routing
 
 if TYPE_CHECKING:
-    from .classifier import XLoraClassifier
     from .config import XLoraConfig
-    from .layer import XLoraLayer
 
 #: Keys X-LoRA adds to the encoder's output: the scaling pass's last hidden state (batch, src, hidden), the source
 #: tokens' scalings (batch, src, n_layers|1, n_experts) and, when the router regularisers are on, their logits.
@@ -201,19 +200,9 @@ def _pop(module: nn.Module, args: tuple, output: Any) -> None:
     pop_routing()
 
 
-class Seq2SeqMixin:
+class Seq2SeqMixin(TunerAttributes):
     """The routing of `XLoraModel` for encoder-decoder models; decoder-only and encoder-only models pass through."""
 
-    model: nn.Module
-    expert_names: list[str]
-    mixture_layer_names: list[str]
-    xlora_config: XLoraConfig
-    xlora_classifier: XLoraClassifier
-    _layers: list[XLoraLayer]
-    _enabled: bool
-    _experts_pending: bool
-    _static_scalings: torch.Tensor | None
-    _latest_scalings: torch.Tensor | None
     _seq2seq_hooks: list
 
     def _install_seq2seq(self, model: nn.Module) -> None:

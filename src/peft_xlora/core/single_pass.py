@@ -26,13 +26,12 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .attributes import TunerAttributes
 from .generation import requested_scalings_mode
 from .routing import Routing, current_routing
 
 if TYPE_CHECKING:
     from .classifier import XLoraClassifier
-    from .config import XLoraConfig
-    from .layer import XLoraLayer
 
 #: Name of the static weights' module inside the classifier.
 STATIC_NAME = "single_pass_static"
@@ -105,15 +104,9 @@ def late_layer_indices(model: nn.Module, mixture_layer_names: list[str], k: int)
     return frozenset(late)
 
 
-class SinglePassMixin:
+class SinglePassMixin(TunerAttributes):
     """The single-pass forward of `XLoraModel`: static weights up to layer k, the gate on layer k's output."""
 
-    model: nn.Module
-    mixture_layer_names: list[str]
-    xlora_config: XLoraConfig
-    xlora_classifier: XLoraClassifier
-    _layers: list[XLoraLayer]
-    _latest_scalings: torch.Tensor | None
     _log_scalings: Any
     _logs_scalings: Any
 
