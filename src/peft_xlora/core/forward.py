@@ -141,7 +141,7 @@ class ForwardMixin(TunerAttributes):
         cache, cache_name = prepare_cache(self.model, kwargs, config.scalings_mode)
         if cache is not None and not cache.needs_scaling_pass(input_length(args, kwargs) or 0):
             self._latest_scalings = cache.held_scalings  # (batch, 1, n_layers|1, n_experts)
-            self._log_scalings(self._latest_scalings)
+            self._log_scalings(cache.held_scalings)
             return Routing(cache.held_scalings)
         hidden = self._scaling_pass(args, kwargs, cache, cache_name)  # (batch, seq, hidden)
         # The classifier and the gate run in their own dtype (float32 for a trained classifier) even under
@@ -149,8 +149,10 @@ class ForwardMixin(TunerAttributes):
         logits, scalings = self._gate(hidden)  # (batch, seq, n_layers|1, n_experts) each
         self._check_finite(scalings, hidden)
         scalings = cache.record(scalings) if cache is not None else hold_uncached(scalings, config.scalings_mode)
-        self._latest_scalings = scalings.detach()
-        self._log_scalings(self._latest_scalings)
+        # Logged from the local tensor: another thread's forward may replace `_latest_scalings` in between.
+        latest = scalings.detach()
+        self._latest_scalings = latest
+        self._log_scalings(latest)
         return Routing(scalings, router_loss=self._router_loss(logits, args, kwargs))
 
     def _router_loss(self, logits: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -272,8 +272,9 @@ class Seq2SeqMixin(TunerAttributes):
         hidden = self._decoder_scaling_pass(kwargs, scaling_hidden, cache)  # (batch, tgt, hidden)
         logits, scalings = self._gate(hidden)
         self._check_finite(scalings, hidden)  # type: ignore[attr-defined]
-        self._latest_scalings = scalings.detach()
-        self._log_scalings(self._latest_scalings)  # type: ignore[attr-defined]
+        latest = scalings.detach()  # logged from the local tensor, as in forward.py
+        self._latest_scalings = latest
+        self._log_scalings(latest)  # type: ignore[attr-defined]
         loss = self._seq2seq_router_loss(
             [(source_logits, kwargs.get("attention_mask")), (logits, kwargs.get("decoder_attention_mask"))]
         )

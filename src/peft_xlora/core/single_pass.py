@@ -148,10 +148,10 @@ class SinglePassMixin(TunerAttributes):
         state.router_loss = self._router_loss(logits, (), state.kwargs)
         # Kept apart and combined on request: the full (batch, seq, n_layers, n_experts) tensor is only built for
         # `get_latest_scalings` and the scalings log.
-        self._latest_scalings = scalings.detach()
-        self._latest_static = routing.scalings.detach()
+        latest, static = scalings.detach(), routing.scalings.detach()  # logged from these: threads share the tuner
+        self._latest_scalings, self._latest_static = latest, static
         if self._logs_scalings():
-            self._log_scalings(self._reported_scalings(self._latest_static, self._latest_scalings))
+            self._log_scalings(self._reported_scalings(static, latest))
 
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward.
