@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from .cases import Workload, build_case, make_experts, supported
-from .run import machine
+from .provenance import provenance, write_result
 
 # Mistral 7B's sizes (v0.2+: no sliding window), 8 of its 32 layers.
 MISTRAL_7B_8L = Workload(
@@ -159,10 +160,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     start = time.time()
+    block = provenance(("python -m benchmarks.gpu " + shlex.join(sys.argv[1:] if argv is None else argv)).strip())
     rows = run(work, args.n, args.reps, args.warmup, args.phases)
-    info = machine()
     result = {
-        "machine": info,
         "workload": work.to_dict(),
         "n": args.n,
         "reps": args.reps,
@@ -170,13 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "wall_s": time.time() - start,
     }
-    card = re.sub(r"[^A-Za-z0-9]+", "-", info.get("gpu", args.device)).strip("-").lower()
-    os.makedirs(args.out, exist_ok=True)
+    where = block["gpu"] or args.device
+    card = re.sub(r"[^A-Za-z0-9]+", "-", where).strip("-").lower()
     path = os.path.join(args.out, f"gpu-{card}{'-tiny' if args.tiny else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(path, result, block)
     print(f"\nwrote {path}; {result['wall_s']:.0f} s in all")
-    where = info.get("gpu", args.device)
     print(f"\n{where}, {work.dtype}, {work.arch} {work.num_hidden_layers} layers, N={args.n} r={work.rank}")
     print(table(rows))
     return result

@@ -137,11 +137,7 @@ def finish(block: dict[str, Any]) -> dict[str, Any]:
     return block
 
 
-def write_result(path: str, payload: dict[str, Any], block: dict[str, Any]) -> str:
-    """Writes `payload` with the schema tag and the (finished) provenance block to `path`, atomically."""
-    if "schema" in payload or "provenance" in payload:
-        raise ValueError("`schema` and `provenance` are reserved keys of a result file.")
-    data = {"schema": SCHEMA, "provenance": finish(dict(block)), **payload}
+def _write_atomic(path: str, data: dict[str, Any]) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
@@ -155,6 +151,20 @@ def write_result(path: str, payload: dict[str, Any], block: dict[str, Any]) -> s
             os.unlink(tmp)
         raise
     return path
+
+
+def write_result(path: str, payload: dict[str, Any], block: dict[str, Any]) -> str:
+    """Writes `payload` with the schema tag and the (finished) provenance block to `path`, atomically."""
+    if "schema" in payload or "provenance" in payload:
+        raise ValueError("`schema` and `provenance` are reserved keys of a result file.")
+    return _write_atomic(path, {"schema": SCHEMA, "provenance": finish(dict(block)), **payload})
+
+
+def rewrite_result(path: str, data: dict[str, Any]) -> str:
+    """Writes back a whole result file (e.g. with derived fields recomputed), keeping its provenance as it was."""
+    if problems := check_result(data):
+        raise ValueError(f"{path} is not a result file of schema {SCHEMA}: {'; '.join(problems)}")
+    return _write_atomic(path, data)
 
 
 def check_result(data: dict[str, Any]) -> list[str]:
