@@ -77,7 +77,7 @@ class EvidenceError(ValueError):
 # ---------------------------------------------------------------------------------------------- result files
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(path: str) -> dict[str, Any]:
     """A result file (path relative to the repository root), checked against the schema."""
     full = ROOT / path
@@ -121,8 +121,8 @@ def resolve(data: Any, path: str) -> Any:
 
 
 # A key path inside an expression: a word, then dotted words/indices and selectors.
-_PATH_IN_EXPR = re.compile(r'[A-Za-z_]\w*(?:\.\w+|\[[^\]]*\])*')
-_ALLOWED = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.operator, ast.unaryop)
+_PATH_IN_EXPR = re.compile(r"[A-Za-z_]\w*(?:\.\w+|\[[^\]]*\])*")
+_ALLOWED = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub)
 
 
 def evaluate(source: str) -> float:
@@ -141,7 +141,10 @@ def evaluate(source: str) -> float:
 
     code = _PATH_IN_EXPR.sub(name, expr.strip())
     tree = ast.parse(code, mode="eval")
-    if not all(isinstance(node, _ALLOWED) for node in ast.walk(tree)):
+    if not all(
+        isinstance(node, _ALLOWED) or (isinstance(node, ast.Constant) and type(node.value) in (int, float))
+        for node in ast.walk(tree)
+    ):
         raise EvidenceError(f"{source!r}: only + - * /, parentheses, numbers and key paths are allowed")
     return float(eval(compile(tree, source, "eval"), {"__builtins__": {}}, names))
 

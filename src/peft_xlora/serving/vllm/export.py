@@ -110,7 +110,8 @@ def _check_xlora_config(config: dict[str, Any]) -> None:
     """Refuses checkpoints that are not peft-xlora's, and options the vLLM plugin cannot serve."""
     if config.get("peft_type") != "PEFT_XLORA":
         hint = (
-            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate` (or `peft-xlora migrate`)."
+            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate(base_model, checkpoint)` and "
+            "save the result with `save_pretrained`."
             if config.get("peft_type") == "XLORA"
             else "Export a checkpoint saved by peft-xlora."
         )
