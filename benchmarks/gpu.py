@@ -18,9 +18,7 @@ import argparse
 import gc
 import os
 import re
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -29,7 +27,7 @@ from typing import Any
 import torch
 
 from .cases import Workload, build_case, make_experts, supported
-from .provenance import provenance, write_result
+from .provenance import module_command, provenance, write_result
 
 # Mistral 7B's sizes (v0.2+: no sliding window), 8 of its 32 layers.
 MISTRAL_7B_8L = Workload(
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     start = time.time()
-    block = provenance(("python -m benchmarks.gpu " + shlex.join(sys.argv[1:] if argv is None else argv)).strip())
+    block = provenance(module_command("benchmarks.gpu", argv))
     rows = run(work, args.n, args.reps, args.warmup, args.phases)
     result = {
         "workload": work.to_dict(),

@@ -95,6 +95,11 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def module_command(module: str, argv: list[str] | None = None) -> str:
+    """`python -m <module>` with `argv` (None: this process's arguments), the command a reader retypes."""
+    return " ".join(["python", "-m", module, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+
+
 def provenance(command: str | list[str] | None = None) -> dict[str, Any]:
     """The provenance block at the start of a run (call `finish` on it at the end).
 

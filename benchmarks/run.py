@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 
 from . import memory
 from .cases import METHODS, SMOKE, Workload, build_case, make_experts, supported
-from .provenance import provenance, rewrite_result, write_result
+from .provenance import module_command, provenance, rewrite_result, write_result
 
 # (name, phase, numerator, denominator, n, limit): the targets of issue 4, checked on every run.
 TARGETS = [
@@ -373,8 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("peak RSS cannot be reset on this system: memory not measured", file=sys.stderr)
         args.memory = "off"
 
-    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
-    block = provenance(command.strip())
+    block = provenance(module_command("benchmarks.run", argv))
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"benchmark-{args.tag}.json")
     rows: list[dict[str, Any]] = []

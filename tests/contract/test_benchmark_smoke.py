@@ -110,3 +110,32 @@ def test_single_pass_quality_script_skips_without_the_demo_cache(tmp_path, capsy
 
     assert single_pass_quality.main(["--cache-dir", str(tmp_path / "empty")]) is None
     assert "skipped: no converted SmolLM2-135M" in capsys.readouterr().out
+
+
+def _one_thread(fn):
+    threads = torch.get_num_threads()
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_generation_check_writes_a_result_file(tmp_path):
+    from benchmarks import generation_check
+
+    out = tmp_path / "gen.json"
+    _one_thread(lambda: generation_check.main(["--smoke", "--threads", "1", "--out", str(out)]))
+    data = json.loads(out.read_text())
+    assert check_result(data) == []
+    assert data["rows"][0]["new_tokens"] == 4 and data["rows"][0]["token_vs_peft"] > 0
+    assert all(len(t) == data["reps"] for t in data["times_s"].values())
+
+
+def test_scaling_pass_layers_writes_a_result_file(tmp_path):
+    from benchmarks import scaling_pass_layers
+
+    out = tmp_path / "spl.json"
+    payload = _one_thread(lambda: scaling_pass_layers.main(["--smoke", "--reps", "1", "--out", str(out)]))
+    data = json.loads(out.read_text())
+    assert check_result(data) == [] and data["rows"] == payload["rows"]
+    assert [r["layers"] for r in data["rows"]] == ["all", "4", "2", "1"]
