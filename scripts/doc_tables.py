@@ -259,6 +259,224 @@ def _row(path: str, **fields: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the tables
 
 REFERENCE = "benchmarks/results/benchmark-reference.json"
+GENERATION = "benchmarks/results/generation-check.json"
+SCALING_PASS_LAYERS = "benchmarks/results/scaling-pass-layers.json"
+SEQ2SEQ = "benchmarks/results/seq2seq-classifier.json"
+DEMO = "benchmarks/results/demo-default.json"
+DEMO_THOROUGH = "benchmarks/results/demo-thorough.json"
+
+METHOD_NAMES = {
+    "base": "base model",
+    "lora": "one LoRA, rank 16",
+    "wide": "one LoRA, rank N x 16 (`wide`)",
+    "floor": "`floor`: no-grad base pass + `wide`",
+    "peft": "PEFT's built-in X-LoRA",
+    "ours": "peft-xlora, dual pass",
+    "single": "peft-xlora, single pass",
+    "single_uniform": "peft-xlora, single pass, uniform static weights",
+}
+
+
+@table("readme-reference")
+def readme_reference() -> str:
+    """README: peft-xlora beside PEFT's built-in X-LoRA and one LoRA of the experts' total rank, CPU time."""
+    header = [
+        "measured (CPU seconds, median)",
+        "N",
+        "peft-xlora",
+        "peft-xlora, single pass",
+        "PEFT's built-in X-LoRA",
+        "one LoRA of rank N x 16",
+    ]
+    rows = []
+    for phase, label in (("train", "training step, 2 x 256 tokens"), ("prefill", "prefill, 1 x 512 tokens")):
+        for n in load(REFERENCE)["settings"]["n"]:
+            t = {
+                m: _row(REFERENCE, phase=phase, method=m, n=n)["cpu_median_s"]
+                for m in ("ours", "single", "peft", "wide")
+            }
+            peft = f"{t['peft']:.2f} ({_x(t['peft'] / t['ours'])})"
+            rows.append([label, str(n), f"{t['ours']:.2f}", f"{t['single']:.2f}", peft, f"{t['wide']:.2f}"])
+    for n in load(REFERENCE)["settings"]["n"]:
+        gib = {
+            m: _row(REFERENCE, phase="train", method=m, n=n)["peak_rss_gib"]
+            for m in ("ours", "single", "peft", "wide")
+        }
+        rows.append(
+            ["training step, peak RSS (GiB)", str(n), *(f"{gib[m]:.2f}" for m in ("ours", "single", "peft", "wide"))]
+        )
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---|---:|---:|---:|---:|---:|"),
+            "In brackets: PEFT's built-in X-LoRA's time over peft-xlora's. " + caption(REFERENCE),
+        ]
+    )
+
+
+@table("perf-reference")
+def perf_reference() -> str:
+    """performance.md: every method of the reference run, CPU and wall medians, ratios within one N, memory."""
+    order = {m: i for i, m in enumerate(METHOD_NAMES)}
+    rows = []
+    results = sorted(load(REFERENCE)["results"], key=lambda r: (r["phase"] != "prefill", r["n"], order[r["method"]]))
+    for r in results:
+        group = {x["method"]: x for x in _rows(REFERENCE, phase=r["phase"], n=r["n"])}
+        vs = [_x(r["cpu_median_s"] / group[m]["cpu_median_s"]) if m in group else "" for m in ("ours", "wide")]
+        memory = [f"{r[k]:.2f}" if k in r else "" for k in ("peak_rss_gib", "peak_increase_gib")]
+        rows.append(
+            [r["phase"], str(r["n"]), METHOD_NAMES[r["method"]], f"{r['cpu_median_s']:.3f}", *vs,
+             f"{r['median_s']:.3f}", *memory]
+        )  # fmt: skip
+    header = [
+        "phase",
+        "N",
+        "method",
+        "CPU s",
+        "CPU vs ours",
+        "CPU vs wide",
+        "wall s",
+        "peak RSS GiB",
+        "RSS increase GiB",
+    ]
+    reps = load(REFERENCE)["settings"]["reps"]
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---|---:|---|---:|---:|---:|---:|---:|---:|"),
+            f"Medians of {reps} interleaved repetitions after a warm-up. " + caption(REFERENCE),
+        ]
+    )
+
+
+@table("perf-targets")
+def perf_targets() -> str:
+    """performance.md: the targets the harness checks, judged on CPU time (wall time beside it)."""
+    rows = []
+    for t in load(REFERENCE)["targets"]:
+        cpu = t.get("cpu_value")
+        verdict = (cpu if cpu is not None else t["value"]) <= t["limit"]
+        rows.append(
+            [t["target"], f"{cpu:.2f}" if cpu is not None else "-", f"{t['value']:.2f}", f"{t['limit']:g}",
+             "met" if verdict else "**missed**"]
+        )  # fmt: skip
+    header = ["target", "ratio of CPU times", "ratio of wall times (memory: of peak RSS)", "limit", "on CPU time"]
+    return _md(header, rows, "|---|---:|---:|---:|---|") + "\n\n" + caption(REFERENCE)
+
+
+@table("perf-generation")
+def perf_generation() -> str:
+    """performance.md: cached generation, tokens per CPU second of every method, and the ratios."""
+    data = load(GENERATION)
+    methods = ("base", "lora", "floor", "token", "prompt", "single", "peft")
+    header = ["N", "new tokens", *methods, "token / floor", "prompt / lora", "single / lora", "token / peft"]
+    rows = []
+    for r in data["rows"]:
+        cells = [f"{r['tok_s'][m]:.1f}" if m in r["tok_s"] else "" for m in methods]
+        ratios = [r.get(k) for k in ("token_vs_floor", "prompt_vs_lora", "single_vs_lora", "token_vs_peft")]
+        rows.append([str(data["n"]), str(r["new_tokens"]), *cells, *(_x(v) if v else "" for v in ratios)])
+    unit = "CPU second" if data["clock"] == "CPU" else "second"
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---:|---:|" + "---:|" * (len(header) - 2)),
+            f"Tokens per {unit}, medians of {data['reps']} interleaved repetitions. " + caption(GENERATION),
+        ]
+    )
+
+
+@table("perf-scaling-pass-layers")
+def perf_scaling_pass_layers() -> str:
+    """performance.md: prefill with a shorter scaling pass, and the routing task's outcome, per k."""
+    data = load(SCALING_PASS_LAYERS)
+    header = ["scaling_pass_layers", "prefill CPU s", "CPU vs all layers", "wall s", "final KL", "mean gate on target"]
+    rows = [
+        [r["layers"], f"{r['cpu_median_s']:.3f}", _x(r["cpu_vs_all"]), f"{r['median_s']:.3f}", f"{r['final_kl']:.3f}",
+         f"{r['target_share']:.3f}"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---|---:|---:|---:|---:|---:|"),
+            f"N = {data['n']}, medians of {data['reps']} interleaved repetitions. " + caption(SCALING_PASS_LAYERS),
+        ]
+    )
+
+
+@table("seq2seq-classifier")
+def seq2seq_classifier() -> str:
+    """models.md: one classifier for both stacks of an encoder-decoder model, or one per stack."""
+    data = load(SEQ2SEQ)
+    header = ["rule", "classifier", "parameters", "encoder accuracy", "decoder accuracy", "held-out cross-entropy"]
+    rows = [
+        [r["rule"], r["classifier"], str(r["parameters"]), f"{r['encoder_accuracy']:.3f}",
+         f"{r['decoder_accuracy']:.3f}", f"{r['cross_entropy']:.3f}"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    settings = data["settings"]
+    return "\n\n".join(
+        [
+            _md(header, rows, "| --- | --- | ---: | ---: | ---: | ---: |"),
+            f"Medians of {settings['seeds']} seeds, {settings['steps']} Adam steps each. " + caption(SEQ2SEQ),
+        ]
+    )
+
+
+def _demo_table(path: str) -> str:
+    from peft_xlora.cli.demo.evaluate import markdown_paired, markdown_table
+
+    data = load(path)
+    oracle = next(v for v in data["table"] if v == "oracle")
+    return "\n\n".join(
+        [
+            markdown_table(data["table"], oracle, data["intervals_95"]),
+            markdown_paired(data["paired_95"], "X-LoRA", ["mixed", "after switch"]),
+            f"Precision {data['precision']}, {data['threads']} thread. " + caption(path),
+        ]
+    )
+
+
+def _demo_checks(path: str) -> str:
+    return "\n".join(f"- {line}" for line in load(path)["checks"])
+
+
+def _demo_timings(path: str) -> str:
+    data = load(path)
+    rows = [[stage, f"{wall:.1f}", f"{data['cpu_s'][stage]:.1f}"] for stage, wall in data["timings_s"].items()]
+    trained = [name for name, hit in data["cache_hits"].items() if not hit]
+    note = (
+        f"Trained in this run (not from the cache): {', '.join(trained)}. "
+        if trained
+        else "Everything from the cache. "
+    )
+    return "\n\n".join([_md(["stage", "wall s", "CPU s"], rows, "| --- | ---: | ---: |"), note + caption(path)])
+
+
+@table("demo-default")
+def demo_default() -> str:
+    """README and demo.md: the default demo run's table and paired differences."""
+    return _demo_table(DEMO)
+
+
+@table("demo-default-checks")
+def demo_default_checks() -> str:
+    """demo.md: the default run's targets, as the demo checked them."""
+    return _demo_checks(DEMO)
+
+
+@table("demo-default-timings")
+def demo_default_timings() -> str:
+    """demo.md: the default run's stages, wall and CPU seconds."""
+    return _demo_timings(DEMO)
+
+
+@table("demo-thorough")
+def demo_thorough() -> str:
+    """demo.md: the `--thorough` run's table and paired differences."""
+    return _demo_table(DEMO_THOROUGH)
+
+
+@table("demo-thorough-checks")
+def demo_thorough_checks() -> str:
+    """demo.md: the thorough run's targets."""
+    return _demo_checks(DEMO_THOROUGH)
 
 
 def main(argv: list[str] | None = None) -> int:
