@@ -419,6 +419,32 @@ def seq2seq_classifier() -> str:
     )
 
 
+CHECKPOINTING = "benchmarks/results/checkpointing-memory.json"
+REGULARISERS = "benchmarks/results/router-regularisers.json"
+
+
+@table("training-checkpointing")
+def training_checkpointing() -> str:
+    """training.md: what gradient checkpointing saves while training the gate (examples/measure_checkpointing.py)."""
+    data = load(CHECKPOINTING)
+    header = ["checkpointing", "saved activations (MB)", "peak RSS (MB)", "step CPU s", "step wall s"]
+    rows = [
+        [mode, f"{r['saved_mb']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['step_cpu_s']:.2f}", f"{r['step_s']:.2f}"]
+        for mode, r in data["rows"].items()
+    ]
+    return _md(header, rows, "| --- | ---: | ---: | ---: | ---: |") + "\n\n" + caption(CHECKPOINTING)
+
+
+@table("training-regularisers")
+def training_regularisers() -> str:
+    """training.md: what the router regularisers change (examples/router_regularisers.py)."""
+    data = load(REGULARISERS)
+    columns = [c for c in data["rows"][0] if c != "setting"]
+    rows = [[r["setting"], *(f"{r[c]:.3f}" for c in columns)] for r in data["rows"]]
+    align = "| --- |" + " ---: |" * len(columns)
+    return _md(["setting", *columns], rows, align) + f"\n\n{data['steps']} Adam steps. " + caption(REGULARISERS)
+
+
 def _demo_table(path: str) -> str:
     from peft_xlora.cli.demo.evaluate import markdown_paired, markdown_table
 
