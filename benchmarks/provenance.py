@@ -147,6 +147,7 @@ def _write_atomic(path: str, data: dict[str, Any]) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for every reader
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")

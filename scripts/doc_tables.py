@@ -53,7 +53,8 @@ PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob
 
 TABLE_START = re.compile(r"^<!-- table: (?P<name>[\w-]+) -->$")
 TABLE_END = "<!-- /table -->"
-SOURCE = re.compile(r"<!-- src: (?P<file>[^#\s]+)#(?P<expr>.+?) -->")
+# A marker quoted in inline code (`<!-- src: ... -->`, as on the page that explains them) is not one.
+SOURCE = re.compile(r"(?<!`)<!-- src: (?P<file>[^#\s]+)#(?P<expr>.+?) -->")
 # The number a source marker backs: the last number before it, followed by at most a short unit.
 _NUMBER_BEFORE = re.compile(r"(?P<num>[-+−]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?)(?P<unit>[^\d\n<>|]{0,12})$")
 
@@ -161,8 +162,12 @@ def matches(printed: str, value: float) -> bool:
 # ---------------------------------------------------------------------------------------------- pages
 
 
-def render(text: str) -> str:
-    """The page with every generated table written afresh from the result files."""
+def render(text: str, problems: list[str] | None = None) -> str:
+    """The page with every generated table written afresh from the result files.
+
+    A table whose generator fails (a result file missing or without provenance) keeps its old content, and the
+    failure is appended to `problems`; without a `problems` list it raises.
+    """
     lines, out, i = text.split("\n"), [], 0
     while i < len(lines):
         m = TABLE_START.match(lines[i])
@@ -173,9 +178,15 @@ def render(text: str) -> str:
         end = next((j for j in range(i, len(lines)) if lines[j] == TABLE_END), None)
         if end is None:
             raise EvidenceError(f"<!-- table: {m['name']} --> has no {TABLE_END} line")
-        if m["name"] not in TABLES:
-            raise EvidenceError(f"no table generator named {m['name']!r} (scripts/doc_tables.py)")
-        out += ["", TABLES[m["name"]]().strip("\n"), "", TABLE_END]
+        try:
+            if m["name"] not in TABLES:
+                raise EvidenceError(f"no table generator named {m['name']!r} (scripts/doc_tables.py)")
+            out += ["", TABLES[m["name"]]().strip("\n"), "", TABLE_END]
+        except (EvidenceError, OSError, KeyError, ValueError) as e:
+            if problems is None:
+                raise
+            problems.append(f"table {m['name']!r}: {type(e).__name__}: {e}")
+            out += lines[i : end + 1]
         i = end + 1
     return "\n".join(out)
 
@@ -208,15 +219,13 @@ def sources(text: str) -> set[str]:
 def check_page(page: Path) -> list[str]:
     """Everything wrong with one page's evidence (empty when the tables and numbers hold)."""
     text = page.read_text(encoding="utf-8")
-    name = page.relative_to(ROOT)
+    problems: list[str] = []
     try:
-        problems = [] if render(text) == text else ["a generated table differs: run python scripts/doc_tables.py"]
-    except (EvidenceError, OSError) as e:
-        problems = [str(e)]
-    return [f"{name}: {p}" for p in problems + check_sources(text)]
-
-
-# ---------------------------------------------------------------------------------------------- helpers for tables
+        if render(text, problems) != text and not problems:
+            problems.append("a generated table differs from its result files: run python scripts/doc_tables.py")
+    except EvidenceError as e:
+        problems.append(str(e))
+    return [f"{page.relative_to(ROOT)}: {p}" for p in problems + check_sources(text)]
 
 
 def caption(path: str) -> str:
@@ -281,7 +290,7 @@ METHOD_NAMES = {
 def readme_reference() -> str:
     """README: peft-xlora beside PEFT's built-in X-LoRA and one LoRA of the experts' total rank, CPU time."""
     header = [
-        "measured (CPU seconds, median)",
+        f"median of {load(REFERENCE)['settings']['reps']} runs",
         "N",
         "peft-xlora",
         "peft-xlora, single pass",
@@ -289,7 +298,8 @@ def readme_reference() -> str:
         "one LoRA of rank N x 16",
     ]
     rows = []
-    for phase, label in (("train", "training step, 2 x 256 tokens"), ("prefill", "prefill, 1 x 512 tokens")):
+    phases = (("train", "training step, 2 x 256 tokens: CPU s"), ("prefill", "prefill, 1 x 512 tokens: CPU s"))
+    for phase, label in phases:
         for n in load(REFERENCE)["settings"]["n"]:
             t = {
                 m: _row(REFERENCE, phase=phase, method=m, n=n)["cpu_median_s"]
@@ -303,7 +313,7 @@ def readme_reference() -> str:
             for m in ("ours", "single", "peft", "wide")
         }
         rows.append(
-            ["training step, peak RSS (GiB)", str(n), *(f"{gib[m]:.2f}" for m in ("ours", "single", "peft", "wide"))]
+            ["training step: peak RSS, GiB", str(n), *(f"{gib[m]:.2f}" for m in ("ours", "single", "peft", "wide"))]
         )
     return "\n\n".join(
         [
@@ -419,7 +429,22 @@ def seq2seq_classifier() -> str:
     )
 
 
+SINGLE_PASS_QUALITY = "benchmarks/results/single-pass-quality-smollm2.json"
 CHECKPOINTING = "benchmarks/results/checkpointing-memory.json"
+
+
+@table("demo-single-pass")
+def demo_single_pass() -> str:
+    """demo.md: single-pass gates at several k beside the dual pass, on the demo's experts and held-out data."""
+    data = load(SINGLE_PASS_QUALITY)
+    header = ["variant", "pure (mean of the domains)", "mixed", "pure - dual", "mixed - dual"]
+    rows = [
+        [r["variant"], f"{r['pure']:.3f}", f"{r['mixed']:.3f}", f"{r['d_pure']:+.3f}", f"{r['d_mixed']:+.3f}"]
+        for r in data["rows"]
+    ]
+    return _md(header, rows, "| --- | ---: | ---: | ---: | ---: |") + "\n\n" + caption(SINGLE_PASS_QUALITY)
+
+
 REGULARISERS = "benchmarks/results/router-regularisers.json"
 
 
@@ -516,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     for page in pages:
         if not args.check:
             text = page.read_text(encoding="utf-8")
-            new = render(text)
+            new = render(text, [])
             if new != text:
                 page.write_text(new, encoding="utf-8")
                 print(f"rewrote the tables of {page.relative_to(ROOT)}")
