@@ -8,11 +8,13 @@ Tiny random models; nothing is downloaded.
 
 from __future__ import annotations
 
+import shutil
+
 import peft
 import pytest
 import torch
 import transformers as tf
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft import XLoraConfig as BuiltinXLoraConfig
 from torch.utils.checkpoint import CheckpointError
 
@@ -145,3 +147,28 @@ def test_encoder_decoder_with_source_and_target_of_different_lengths(impl, bart_
     with torch.no_grad():
         logits = model(input_ids=source, decoder_input_ids=target).logits
     assert logits.shape == (1, 5, 64)
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "ours",
+        # Its save keeps the experts' original paths in adapter_config.json and reload reads them from there.
+        _builtin("reload reads the experts from their original folders, which are gone", ValueError),
+    ],
+)
+def test_a_saved_checkpoint_loads_without_the_expert_folders(impl, named_experts, tmp_path):
+    experts = {}
+    for i, (name, path) in enumerate(named_experts.items()):  # private copies, deleted after the save
+        key = name if impl == "ours" else str(i)
+        experts[key] = str(shutil.copytree(path, tmp_path / "experts" / key))
+    model = _xlora(impl, tiny_llama(), experts).eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids()).logits
+    model.save_pretrained(tmp_path / "checkpoint")
+    shutil.rmtree(tmp_path / "experts")
+    base = tiny_llama()
+    base.config.use_cache = impl == "ours"  # the built-in refuses a cache
+    loaded = PeftModel.from_pretrained(base, tmp_path / "checkpoint").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids()).logits, expected)
