@@ -172,3 +172,20 @@ def test_a_saved_checkpoint_loads_without_the_expert_folders(impl, named_experts
     loaded = PeftModel.from_pretrained(base, tmp_path / "checkpoint").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids()).logits, expected)
+
+
+@pytest.mark.parametrize("impl", ["ours", _builtin("refuses a model whose config enables the KV cache", ValueError)])
+def test_generation_with_a_kv_cache(impl, numbered_experts):
+    base = tiny_llama()
+    base.config.use_cache = True
+    if impl == "ours":
+        config = XLoraConfig(task_type="CAUSAL_LM", adapters=numbered_experts, xlora_depth=2, xlora_size=16)
+    else:
+        config = BuiltinXLoraConfig(
+            task_type="CAUSAL_LM", hidden_size=32, adapters=numbered_experts, xlora_depth=2, xlora_size=16
+        )
+    model = get_peft_model(base, config).eval()
+    ids = input_ids()[:1]
+    cached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    uncached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
