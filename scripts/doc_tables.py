@@ -20,7 +20,9 @@ rewrites every such block in place; `--check` only reports blocks that differ fr
     PEFT's built-in X-LoRA takes 3.4x<!-- src: benchmarks/results/benchmark-reference.json#
         results[phase=train,method=peft,n=8].cpu_median_s / results[phase=train,method=ours,n=8].cpu_median_s -->
 
-(on one line). After `#` comes a key path into the file, or arithmetic (`+ - * /`, parentheses, numbers) over
+(on one line). A page that quotes one file often may name it once, on a line of its own:
+`<!-- src-alias: ref = benchmarks/results/benchmark-reference.json -->`, and then write `<!-- src: ref#... -->`.
+After `#` comes a key path into the file, or arithmetic (`+ - * /`, parentheses, numbers) over
 several. A key path is keys and list indices joined by dots, plus two selectors: `name[key=value,...]` picks the one
 element of the list `name` whose fields have those values (compared as text), and `name["any key"]` reads a key
 that is not a plain word. The value must round to the printed number: as many decimals as printed (`1.82` means the
@@ -53,6 +55,8 @@ PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob
 
 TABLE_START = re.compile(r"^<!-- table: (?P<name>[\w-]+) -->$")
 TABLE_END = "<!-- /table -->"
+# `<!-- src-alias: ref = benchmarks/results/x.json -->` on a page lets its markers say `ref#...` for that file.
+ALIAS = re.compile(r"(?<!`)<!-- src-alias: (?P<name>\w+) = (?P<file>\S+) -->")
 # A marker quoted in inline code (`<!-- src: ... -->`, as on the page that explains them) is not one.
 SOURCE = re.compile(r"(?<!`)<!-- src: (?P<file>[^#\s]+)#(?P<expr>.+?) -->")
 # The number a source marker backs: the last number before it, followed by at most a short unit.
@@ -191,10 +195,15 @@ def render(text: str, problems: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
+def _aliases(text: str) -> dict[str, str]:
+    return {m["name"]: m["file"] for m in ALIAS.finditer(text)}
+
+
 def check_sources(text: str) -> list[str]:
     """Problems with the source markers of a page: unresolved, or not what the page prints."""
-    problems = []
+    problems, aliases = [], _aliases(text)
     for m in SOURCE.finditer(text):
+        file = aliases.get(m["file"], m["file"])
         line = text.count("\n", 0, m.start()) + 1
         before = text[text.rfind("\n", 0, m.start()) + 1 : m.start()]
         number = _NUMBER_BEFORE.search(before)
@@ -202,18 +211,19 @@ def check_sources(text: str) -> list[str]:
             problems.append(f"line {line}: no number right before <!-- src: {m['file']}#... -->")
             continue
         try:
-            value = evaluate(f"{m['file']}#{m['expr']}")
+            value = evaluate(f"{file}#{m['expr']}")
         except (EvidenceError, SyntaxError, ZeroDivisionError) as e:
             problems.append(f"line {line}: {e}")
             continue
         if not matches(number["num"], value):
-            problems.append(f"line {line}: prints {number['num']} but {m['file']}#{m['expr']} is {value!r}")
+            problems.append(f"line {line}: prints {number['num']} but {file}#{m['expr']} is {value!r}")
     return problems
 
 
 def sources(text: str) -> set[str]:
     """The result files a page quotes through source markers."""
-    return {m["file"] for m in SOURCE.finditer(text)}
+    aliases = _aliases(text)
+    return {aliases.get(m["file"], m["file"]) for m in SOURCE.finditer(text)}
 
 
 def check_page(page: Path) -> list[str]:

@@ -177,6 +177,8 @@ def test_source_markers_resolve_against_a_file(tmp_path, monkeypatch):
     assert len(wrong) == 1 and "prints 3.4" in wrong[0]
     assert "no number" in doc_tables.check_sources(f"fast<!-- src: {src} -->")[0]
     assert "only + - * /" in doc_tables.check_sources(f"1<!-- src: {path}#results.0.t ** 2 -->")[0]
+    aliased = f"<!-- src-alias: r = {path} -->\nPEFT's takes 3.5x<!-- src: r#results[method=peft].t --> as long."
+    assert doc_tables.check_sources(aliased) == [] and doc_tables.sources(aliased) == {str(path)}
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"t": 1}))
     assert "not a result file with provenance" in doc_tables.check_sources(f"1<!-- src: {bare}#t -->")[0]
