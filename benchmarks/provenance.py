@@ -3,7 +3,7 @@
 A result file is one JSON object with two reserved keys beside the benchmark's own payload:
 
     {"schema": "peft-xlora-result/1",
-     "provenance": {"date_utc", "commit", "dirty", "cpu_model", "cpu_flags", "cores", "torch_threads",
+     "provenance": {"date_utc", "commit", "dirty", ("dirty_paths"), "cpu_model", "cpu_flags", "cores", "torch_threads",
                     "load_average_start", "load_average_end", "versions", "command", "gpu"},
      ...payload}
 
@@ -112,6 +112,8 @@ def provenance(command: str | list[str] | None = None) -> dict[str, Any]:
     elif not isinstance(command, str):
         command = shlex.join(command)
     model, flags = _cpu()
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = [line.split(maxsplit=1)[-1] for line in status.splitlines()]
     threads = None
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -122,7 +124,9 @@ def provenance(command: str | list[str] | None = None) -> dict[str, Any]:
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(changed),
+        # Which tracked files differed from the commit (an output such as a plot, or code: the reader can tell).
+        "dirty_paths": changed[:20],
         "cpu_model": model,
         "cpu_flags": flags,
         "cores": os.cpu_count(),

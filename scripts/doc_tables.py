@@ -246,7 +246,10 @@ def caption(path: str) -> str:
     busy = ""
     if load_start and load_end:
         busy = f"; load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end"
-    dirty = " with uncommitted changes" if block.get("dirty") else ""
+    dirty = ""
+    if block.get("dirty"):
+        paths = block.get("dirty_paths")
+        dirty = " with uncommitted changes" + (f" to {', '.join(f'`{p}`' for p in paths)}" if paths else "")
     versions = block.get("versions") or {}
     stack = ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "peft") if versions.get(k))
     return (
