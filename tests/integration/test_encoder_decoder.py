@@ -327,10 +327,8 @@ def test_refused_options_and_inputs(experts):
         model(encoder_outputs=plain, decoder_input_ids=batch["decoder_input_ids"])
     with pytest.raises(ValueError, match="scalings_mode='prompt' is not supported"):
         model.generate(input_ids=batch["input_ids"], max_new_tokens=2, scalings_mode="prompt")
-    model.base_model.update_config(scalings_mode="prompt")
     with pytest.raises(ValueError, match="scalings_mode='prompt' is not supported"):
-        model(**batch)
-    model.base_model.update_config(scalings_mode="token")
+        model.base_model.update_config(scalings_mode="prompt")  # refused before it changes anything
     filled = tf.EncoderDecoderCache(tf.DynamicCache(), tf.DynamicCache())
     with model.disable_adapter():  # filled without the scaling pass, whose own cache is then missing
         model(**batch, cache=filled, use_cache=True)

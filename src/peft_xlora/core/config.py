@@ -11,7 +11,9 @@ from peft.config import PeftConfig
 
 from .._version import __version__
 from .checkpoint import CheckpointError, check_checkpoint
+from .combinations import Situation, check
 from .experts import load_expert
+from .places import CONFIG
 from .registration import PEFT_XLORA
 
 ScalingsMode = Literal["token", "prompt"]
@@ -261,8 +263,6 @@ class XLoraConfig(PeftConfig):
                 f"`top_k_lora` must be None (dense) or an int between 1 and the number of experts ({n}), "
                 f"got {self.top_k_lora!r}."
             )
-        if self.enable_softmax_topk and self.top_k_lora is None:
-            raise ValueError("`enable_softmax_topk=True` needs `top_k_lora` to be set (the k experts to renormalise).")
         for name in ("scaling_pass_value", "global_scaling_weight"):
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -334,27 +334,18 @@ def replace_experts(config: XLoraConfig, sources: dict[str, str]) -> None:
 
 
 def _check_routing(config: XLoraConfig) -> None:
-    """`routing` and `single_pass_static` take one of their values; the single pass needs its layer k."""
+    """Checks `routing` and the fields that combine within a config (the table of what combines, "config" place).
+
+    `routing` and `single_pass_static` take one of their values, and the single pass needs its layer k.
+    """
     if config.routing not in ("dual_pass", "single_pass"):
         raise ValueError(f"`routing` must be 'dual_pass' or 'single_pass', got {config.routing!r}.")
     if config.single_pass_static not in ("learned", "uniform"):
         raise ValueError(f"`single_pass_static` must be 'learned' or 'uniform', got {config.single_pass_static!r}.")
-    if config.routing != "single_pass":
-        return
-    if config.scaling_pass_layers is None:
+    if config.routing == "single_pass" and config.scaling_pass_layers is None:
         raise ValueError(
             "`routing='single_pass'` needs `scaling_pass_layers=k`: the decoder layer whose output feeds the "
             "classifier (layers 1..k use static weights, the later ones the per-token scalings), e.g. half the "
             "model's layers."
         )
-    if config.scalings_mode != "token":
-        raise ValueError(
-            "`routing='single_pass'` routes every token from the pass that computes it, so there is no scaling pass "
-            "for `scalings_mode='prompt'` to skip: use scalings_mode='token'."
-        )
-    if config.router_distillation_coef:
-        raise ValueError(
-            "`router_distillation_coef` is not supported with `routing='single_pass'`: scoring every expert alone "
-            "would run nested forwards inside the one pass. Train the gate with routing='dual_pass', or set "
-            "router_distillation_coef=0."
-        )
+    check(CONFIG.name, Situation(config, routing=config.routing))
