@@ -85,7 +85,7 @@ def _same(cell: Cell, *names: str) -> dict[str, Cell]:
 
 CONFIG = Place(
     "config",
-    "a config on its own (XLoraConfig(...), and every update_config)",
+    "a config on its own: `XLoraConfig(...)`, and every `update_config`",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         "task_type": supported("the PEFT task; the model's head and wrapper follow it"),
@@ -145,7 +145,7 @@ CONFIG = Place(
 
 BUILD = Place(
     "build",
-    "building the model (get_peft_model, PeftModel.from_pretrained, load_adapter)",
+    "building the model: `get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         "task_type": refused(
@@ -221,7 +221,7 @@ _REBUILT = supported("the model is rebuilt for the new value, exactly as a model
 
 UPDATE_CONFIG = Place(
     "update_config",
-    "update_config(**fields) on a built model (every gating setter)",
+    "`update_config(**fields)` on a built model (every gating setter)",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(
@@ -289,7 +289,7 @@ _NOT_READ = irrelevant("not read when experts change")
 
 ADD_EXPERT = Place(
     "add_expert",
-    "add_expert(name, source)",
+    "`add_expert(name, source)`",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(
@@ -337,7 +337,7 @@ ADD_EXPERT = Place(
 
 REMOVE_EXPERT = Place(
     "remove_expert",
-    "remove_expert(name)",
+    "`remove_expert(name)`",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(
@@ -404,7 +404,7 @@ _GATE_OPTION_UNUSED = irrelevant("a pinned gate uses its weights as given: no cl
 
 SET_STATIC_SCALINGS = Place(
     "set_static_scalings",
-    "set_static_scalings(weights, per_row=False)",
+    "`set_static_scalings(weights, per_row=False)`",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(irrelevant(), "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size"),
@@ -442,7 +442,7 @@ SET_STATIC_SCALINGS = Place(
 
 SET_ACTIVE_EXPERTS = Place(
     "set_active_experts",
-    "set_active_experts(names)",
+    "`set_active_experts(names)`",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(irrelevant(), "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size"),
@@ -481,7 +481,7 @@ _SAVED = supported("saved in adapter_config.json and restored on load")
 
 SAVE_LOAD = Place(
     "save_load",
-    "save_pretrained and every load (PeftModel.from_pretrained, load_adapter)",
+    "`save_pretrained` and every load (`PeftModel.from_pretrained`, `load_adapter`)",
     {
         **_same(
             _SAVED,
@@ -529,7 +529,7 @@ SAVE_LOAD = Place(
 
 GENERATE = Place(
     "generate",
-    "generate(..., scalings_mode=None) and cached forwards",
+    "`generate(..., scalings_mode=None)` and cached forwards",
     {
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(irrelevant(), "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size"),
