@@ -257,3 +257,212 @@ def test_single_pass_layer_k_cannot_change(expert_dirs):
         with pytest.raises(ValueError, match=f"`{name}` cannot change on a built model"):
             model.update_config(**{name: value})
         assert_unchanged(model, before, ids_input())
+
+
+# ------------------------------------------------------------------------------ supported cells, from the table
+#
+# Each option the table marks supported at update_config, add_expert, remove_expert or set_active_experts is set to a
+# value away from its default here and tried there against a model built directly. Cells tested elsewhere name their
+# test in COVERED; `test_every_supported_cell_is_tried` fails when a supported cell is in neither.
+
+# Options away from their defaults: row -> the config fields that set it (with what it needs).
+OPTIONS = {
+    "enable_softmax": {"enable_softmax": False},
+    "enable_softmax_topk": {"top_k_lora": 2, "enable_softmax_topk": True},
+    "softmax_temperature": {"softmax_temperature": 0.5},
+    "top_k_lora": {"top_k_lora": 2},
+    "layerwise_scalings": {"layerwise_scalings": True},
+    "global_scaling_weight": {"global_scaling_weight": 0.5},
+    "use_trainable_adapters": {"use_trainable_adapters": True},
+    "scaling_pass_value": {"scaling_pass_value": 0.5},
+    "scalings_mode": {"scalings_mode": "prompt"},
+    "scaling_pass_layers": {"scaling_pass_layers": 1},
+    "router_load_balancing_coef": {"router_load_balancing_coef": 0.3},
+    "router_entropy_coef": {"router_entropy_coef": 0.3},
+    "router_distillation_coef": {"router_distillation_coef": 0.3},
+    "router_distillation_temperature": {"router_distillation_coef": 0.3, "router_distillation_temperature": 0.5},
+    "routing": {"routing": "single_pass", "scaling_pass_layers": 1},
+    "single_pass_static": {"routing": "single_pass", "scaling_pass_layers": 1, "single_pass_static": "uniform"},
+    "distillation": {"router_distillation_coef": 0.3},
+}
+# Options with which adding an expert changes the outputs by definition (each warns with ExpertChangeWarning).
+CHANGES_OUTPUTS = {"scaling_pass_value", "single_pass_static"}
+
+COVERED = {
+    ("update_config", "xlora_dropout_p"): "test_update_classifier_dropout_rebuilds_exactly",
+    ("update_config", "use_trainable_adapters"): "test_update_use_trainable_adapters_changes_what_trains",
+    ("update_config", "pins"): "test_update_config_while_pinned",
+    ("update_config", "per_row_pins"): "test_update_config_while_pinned",
+    ("update_config", "masks"): "test_update_config_while_masked",
+    ("update_config", "heads"): "tests/core/test_table.py (trainable_head refused)",
+    ("update_config", "encoder_decoder"): "tests/core/test_table.py (its refusals) and test_encoder_decoder.py",
+    ("add_expert", "trainable_head"): "tests/core/test_heads.py::test_added_expert_brings_its_head",
+    ("add_expert", "heads"): "tests/core/test_heads.py::test_added_expert_brings_its_head",
+    ("add_expert", "pins"): "tests/core/test_elastic.py::test_add_expert_keeps_pinned_scalings_and_masks",
+    ("add_expert", "per_row_pins"): "test_per_row_pins_follow_an_added_expert",
+    ("add_expert", "masks"): "tests/core/test_elastic.py::test_add_expert_keeps_pinned_scalings_and_masks",
+    ("add_expert", "encoder_decoder"): "tests/integration/test_encoder_decoder.py::test_added_expert_equals_...",
+    ("add_expert", "elastic_changes"): "this place",
+    ("add_expert", "adapters"): "every add_expert test",
+    ("add_expert", "experts"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
+    ("add_expert", "expert_order"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
+    ("remove_expert", "trainable_head"): "tests/core/test_heads.py::test_removed_expert_takes_its_head",
+    ("remove_expert", "heads"): "tests/core/test_heads.py::test_removed_expert_takes_its_head",
+    ("remove_expert", "pins"): "tests/core/test_elastic.py (shared pins follow)",
+    ("remove_expert", "per_row_pins"): "test_per_row_pins_follow_a_removed_expert",
+    ("remove_expert", "masks"): "tests/core/test_elastic.py::test_bad_remove_and_mask_are_refused_and_change_nothing",
+    ("remove_expert", "encoder_decoder"): "tests/integration/test_encoder_decoder.py::test_removed_expert_equals_...",
+    ("remove_expert", "elastic_changes"): "this place",
+    ("remove_expert", "adapters"): "every remove_expert test",
+    ("remove_expert", "experts"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
+    ("remove_expert", "expert_order"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
+    ("set_active_experts", "adapters"): "every mask test",
+    ("set_active_experts", "masks"): "this place",
+    ("set_active_experts", "heads"): "tests/core/test_heads.py::test_mask_is_the_model_built_without",
+    ("set_active_experts", "encoder_decoder"): "test_encoder_decoder.py::test_mask_equals_a_model_built_without",
+    (
+        "set_active_experts",
+        "elastic_changes",
+    ): "tests/core/test_elastic.py::test_add_expert_keeps_pinned_scalings_and_masks",
+    ("set_active_experts", "generate_modes"): "test_masked_generation_equals_a_model_built_without",
+}
+PLACES = ("update_config", "add_expert", "remove_expert", "set_active_experts")
+
+
+def _supported(place: str) -> list[str]:
+    from peft_xlora.core.combinations import Status, places
+
+    return [row for row, cell in places()[place].cells.items() if cell.status is not Status.IRRELEVANT]
+
+
+def test_every_supported_cell_is_tried():
+    untried = [
+        (place, row)
+        for place in PLACES
+        for row in _supported(place)
+        if row not in OPTIONS and (place, row) not in COVERED and (place, row) not in _REFUSED_ONLY
+    ]
+    assert not untried, f"supported cells with no test: {untried}"
+
+
+# Rows whose cell at these places only refuses (the refusals are tried in test_table.py) or are the place itself.
+_REFUSED_ONLY = (
+    {("update_config", r) for r in ("task_type", "inference_mode", "hidden_size", "xlora_depth")}
+    | {
+        ("update_config", r)
+        for r in ("xlora_size", "layerwise_scalings", "trainable_head", "routing", "single_pass_static")
+    }
+    | {("update_config", r) for r in ("adapters", "experts", "expert_order")}
+)
+
+
+def _with_labels(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    return out.logits, out.loss
+
+
+def _same_outputs(model, reference, ids, loss=True, atol=1e-6):
+    got, expected = _with_labels(model, ids), _with_labels(reference, ids)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=atol)
+    if loss:
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=atol)
+
+
+def _probe_rows(place: str) -> list[str]:
+    return sorted(row for row in _supported(place) if row in OPTIONS and (place, row) not in _REFUSED_ONLY)
+
+
+@pytest.mark.parametrize("row", _probe_rows("update_config"))
+def test_update_config_equals_a_model_built_with_the_value(expert_dirs, row):
+    options = OPTIONS[row]
+    start = {k: v for k, v in options.items() if k == "top_k_lora" and "enable_softmax_topk" in options}
+    model = _built(expert_dirs, xlora_dropout_p=0.0, **start)
+    model.update_config(**{k: v for k, v in options.items() if k not in start})
+    reference = _built(expert_dirs, xlora_dropout_p=0.0, **options)
+    reference.base_model.xlora_classifier.load_state_dict(model.base_model.xlora_classifier.state_dict())
+    _same_outputs(model, reference, input_ids(), atol=0)
+    if row == "scalings_mode":  # the default of generate: prompt mode holds the prompt's scalings
+        kwargs = {"input_ids": input_ids(batch=1), "max_new_tokens": 3, "do_sample": False}
+        assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
+
+
+def _build_with(adapters, options):
+    built = build_xlora("llama", {"llama": adapters}, xlora_dropout_p=0.0, **options).eval()
+    if options.get("routing") == "single_pass" and options.get("single_pass_static", "learned") == "learned":
+        static = built.base_model.xlora_classifier.get_submodule(STATIC_NAME)
+        with torch.no_grad():
+            static.logits.copy_(torch.randn(static.logits.shape, generator=torch.Generator().manual_seed(4)))
+    return built
+
+
+@pytest.mark.filterwarnings("ignore::peft_xlora.ExpertChangeWarning")
+@pytest.mark.parametrize("row", _probe_rows("add_expert"))
+def test_add_expert_with_each_option_equals_a_model_built_with_it(expert_dirs, new_expert, tmp_path, row):
+    from peft import set_peft_model_state_dict
+    from peft.utils.save_and_load import load_peft_weights
+
+    options = OPTIONS[row]
+    model = _build_with(expert_dirs["llama"], options)
+    ids = input_ids()
+    before = _with_labels(model, ids)
+    model.add_expert("new", new_expert)
+    if row not in CHANGES_OUTPUTS:
+        torch.testing.assert_close(_with_labels(model, ids)[0], before[0], rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "added")
+    reference = _build_with({**expert_dirs["llama"], "new": new_expert}, options)
+    set_peft_model_state_dict(reference, load_peft_weights(str(tmp_path / "added")))
+    _same_outputs(model, reference, ids)
+
+
+@pytest.mark.parametrize("row", _probe_rows("remove_expert"))
+def test_remove_expert_and_mask_with_each_option_equal_a_model_built_without(expert_dirs, row):
+    options = OPTIONS[row]
+    adapters = expert_dirs["llama"]
+    model = _build_with(adapters, options)
+    kept = ["math", "poetry"]
+    k = options.get("scaling_pass_layers") if options.get("routing") == "single_pass" else None
+    reference = built_without(model, adapters, kept, k=k, xlora_dropout_p=0.0, **options)
+    ids = input_ids()
+    model.set_active_experts(kept)  # the mask: the gate's values and logits as built without "code"
+    _same_outputs(model, reference, ids, loss=False, atol=1e-5)
+    model.set_active_experts(None)
+    model.remove_expert("code")
+    _same_outputs(model, reference, ids, atol=1e-5)
+
+
+def test_update_config_while_pinned(expert_dirs):
+    # A pinned gate ignores the gating options; unpinned, the model is the one built with the new values.
+    model = _built(expert_dirs)
+    for pins, per_row, batch in ((torch.tensor([0.2, 0.5, 0.3]), False, 2), (torch.eye(3), True, 3)):
+        model.set_static_scalings(pins, per_row=per_row)
+        ids = input_ids(batch=batch)
+        pinned = logits(model, {"input_ids": ids})
+        model.update_config(top_k_lora=1, softmax_temperature=0.3)
+        torch.testing.assert_close(logits(model, {"input_ids": ids}), pinned, rtol=0, atol=0)
+        model.set_static_scalings(None)
+        reference = _built(expert_dirs, top_k_lora=1, softmax_temperature=0.3)
+        reference.base_model.xlora_classifier.load_state_dict(model.base_model.xlora_classifier.state_dict())
+        _same_outputs(model, reference, ids, atol=0)
+        model.update_config(top_k_lora=None, softmax_temperature=1.0)
+
+
+def test_update_config_while_masked(expert_dirs):
+    adapters = expert_dirs["llama"]
+    model = _built(expert_dirs, xlora_dropout_p=0.0)
+    model.set_active_experts(["math", "poetry"])
+    model.update_config(softmax_temperature=0.4)
+    reference = built_without(model, adapters, ["math", "poetry"], softmax_temperature=0.4, xlora_dropout_p=0.0)
+    _same_outputs(model, reference, input_ids(), loss=False, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token", "prompt"])
+def test_masked_generation_equals_a_model_built_without(expert_dirs, mode):
+    adapters = expert_dirs["llama"]
+    model = _built(expert_dirs, xlora_dropout_p=0.0, scaling_pass_value=0.5)
+    reference = built_without(model, adapters, ["math", "poetry"], xlora_dropout_p=0.0, scaling_pass_value=0.5)
+    model.set_active_experts(["math", "poetry"])
+    kwargs = {"input_ids": input_ids(batch=2, seq=5), "max_new_tokens": 4, "do_sample": False, "scalings_mode": mode}
+    generated = model.generate(**kwargs)
+    assert torch.equal(generated, model.generate(**kwargs, use_cache=False))
+    assert torch.equal(generated, reference.generate(**kwargs))

@@ -379,3 +379,12 @@ def test_added_expert_without_a_head_is_refused(experts, tmp_path):
     with pytest.raises(ExpertError, match=r"carry their classification head .* but \['bare'\] do not"):
         model.add_expert("bare", bare)
     assert_unchanged(model, before, batch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_mask_is_the_model_built_without(arch, experts):
+    # One expert left active: the gate gives it weight 1, its head alone is mixed: that expert's PEFT model.
+    model = xlora(arch, experts[arch])
+    model.set_active_experts(["e1"])
+    alone = PeftModel.from_pretrained(build(arch), experts[arch]["e1"]).eval()
+    torch.testing.assert_close(model(**inputs(arch)).logits, alone(**inputs(arch)).logits, rtol=1e-5, atol=1e-6)

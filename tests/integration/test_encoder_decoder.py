@@ -433,3 +433,26 @@ def test_distillation_cannot_be_turned_on_later(experts):
     with pytest.raises(ValueError, match="`scaling_pass_layers` is not supported for encoder-decoder"):
         model.base_model.update_config(scaling_pass_layers=1)
     assert_unchanged(model, before, batch)
+
+
+def test_mask_equals_a_model_built_without(experts):
+    # One expert left active: the gate gives it weight 1 in both stacks (and the scaling passes leave the other out).
+    arch, paths = experts
+    model = xlora(arch, paths, scaling_pass_value=0.5)
+    model.set_active_experts(["expert1"])
+    batch = inputs()
+    reference = PeftModel.from_pretrained(build(arch), paths["expert1"]).eval()
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_lora_export_equals_the_pinned_model(experts, tmp_path):
+    from peft_xlora import export_lora
+
+    arch, paths = experts
+    model = xlora(arch, paths)
+    weights = {"expert0": 0.3, "expert1": 0.7}
+    model.set_static_scalings(weights)
+    export_lora(model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(build(arch), tmp_path / "lora").eval()
+    batch = inputs()
+    torch.testing.assert_close(lora(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
