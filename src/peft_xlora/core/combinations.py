@@ -13,7 +13,7 @@ layers register (`io/export.py` registers the mistral.rs and plain-LoRA exporter
 
 Pairwise only: a cell is one option against one place, and a condition names the other option or feature that makes
 it refused. Every place calls `check(place, situation)` once, before it changes anything; `check` raises one error
-that lists every refused cell that applies. `tests/contract/test_combinations.py` fails when a config field or a
+that lists every refused cell that applies. `tests/contract/test_combination_table.py` fails when a config field or a
 named feature is left out of any registered place, and `scripts/combinations_table.py` writes the table to
 docs/combinations.md.
 

@@ -3,7 +3,7 @@
 Places: ``config`` (a config on its own: checked when it is made and at every `update_config`), ``build``
 (`get_peft_model` and every load), ``update_config`` (every gating setter goes through it), ``add_expert``,
 ``remove_expert``, ``set_static_scalings``, ``set_active_experts``, ``save_load`` and ``generate``. Each lists every
-config field and named feature; `tests/contract/test_combinations.py` fails on one left out.
+config field and named feature; `tests/contract/test_combination_table.py` fails on one left out.
 """
 
 from __future__ import annotations
@@ -372,7 +372,8 @@ REMOVE_EXPERT = Place(
         "scalings_mode": supported(),
         "scaling_pass_layers": refused(
             refuse(
-                "removing {expert!r} leaves " + _GATE_NEVER_USED + ". Keep an expert that adapts a later layer.",
+                "removing {expert!r} would leave no mixture layer after decoder layer {value}, so the single pass's "
+                "gate would never be used. Keep an expert that adapts a later layer.",
                 NO_LATE_LAYER,
             ),
             note="single pass: its late layers go",

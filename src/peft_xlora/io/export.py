@@ -54,7 +54,7 @@ def _layers_by_name(tuner) -> list[tuple[str, Any]]:
 # and the original package compute it as peft-xlora does), irrelevant (no effect on the exported model's outputs), or
 # refused unless at its default (the layout has no way to say it, so the exported model would compute other outputs).
 # With the named features, these make the mistral.rs column of the table of what combines (`MISTRALRS_PLACE` below,
-# registered in `core.combinations`; tests/contract/test_combinations.py checks that nothing is left unplaced).
+# registered in `core.combinations`; tests/contract/test_combination_table.py checks that nothing is left unplaced).
 MISTRALRS_WRITTEN = (
     "adapters",
     "expert_order",
