@@ -64,10 +64,14 @@ def test_pinned_gate_is_the_expert_with_its_head(arch, layerwise, experts):
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the experts' heads differ
 
 
+@pytest.mark.parametrize("routing", ["dual_pass", "single_pass"])
 @pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_gated_heads_match_the_plain_loop(arch, layerwise, experts):
-    model = xlora(arch, experts[arch], layerwise_scalings=layerwise)
+def test_gated_heads_match_the_plain_loop(arch, layerwise, routing, experts):
+    # Single pass: the head comes after decoder layer k, so the per-token gate of layer k's output mixes it (the last
+    # mixture layer's slot, which is late), not the static weights of layers 1..k.
+    single = {"routing": "single_pass", "scaling_pass_layers": 1} if routing == "single_pass" else {}
+    model = xlora(arch, experts[arch], layerwise_scalings=layerwise, **single)
     head = head_of(model)
     seen = {}
     head.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0], out=out))

@@ -18,8 +18,12 @@ named feature is left out of any registered place, and `scripts/combinations_tab
 docs/combinations.md.
 
 Hook for other layers (core cannot import them): a module above core calls `register_place(Place(...))` at import
-time with its own cells, and `check(...)` where it acts; the vLLM exporter's column (`export_vllm`) is meant to be
-registered that way by `serving/vllm/export.py`.
+time with a cell for every row (`rows(XLoraConfig)`), and `check(place, situation)` where it acts, before it writes
+anything. A place that has a built model takes `core.places.situation_of(tuner)`; one that reads only a saved
+checkpoint's files (the vLLM exporter, `export_vllm`, never builds the model) builds `Situation(config,
+routing=config.routing, features=...)` from what the files hold. The vLLM exporter's column (`export_vllm`, with the
+serving layer's field table) and a `cli` column are meant to be registered that way by `serving/vllm/export.py` and
+`cli/`; the contract test then holds them to every row too.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ token's scalings s (the same scalings the mixture layers use at that token, glob
   gate of the token the head reads.
 - BERT-style: ``classifier`` maps the pooled state, (batch, hidden), which the pooler computes from the first token:
   the first token's scalings are used.
-- With layerwise scalings the head uses the slot of the last mixture layer, the one nearest the head.
+- With layerwise scalings the head uses the slot of the last mixture layer, the one nearest the head; in single-pass
+  mode it uses that layer's scalings too: the per-token gate of layer k's output, not the static weights.
 
 With `XLoraConfig.trainable_head` a head shared by all experts trains with the gate, as PEFT's `modules_to_save` trains
 a `SEQ_CLS` head: a copy of the model's head when the experts bring none, a zero-initialised head added to the mixture
@@ -110,6 +111,7 @@ class XLoraHead(nn.Module):
     @torch.no_grad()
     def follow(self, change: ExpertChange, added: list[dict[str, torch.Tensor]]) -> None:
         """Follows added and removed experts: kept experts keep their heads, added ones bring `added` (in order)."""
+        self.slot = max(len(change.layers) - 1, 0)  # the last mixture layer's, nearest the head
         if self.xlora_head_weight is None:
             return
         new = iter(added)
@@ -155,13 +157,15 @@ class XLoraHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The experts' heads mixed by the current routing's scalings; the base head when the experts are off."""
         routing = current_routing()
-        if routing is None or routing.scalings is None:
+        # The last mixture layer's scalings: in single-pass mode the head, after layer k, reads the per-token gate.
+        scalings = routing.scalings_for(self.slot) if routing is not None else None
+        if scalings is None:
             return self.base_layer(hidden)
         out = None
         if self.xlora_head_weight is not None:
             weight, bias = self.xlora_head_weight, self.xlora_head_bias
             x = hidden.to(weight.dtype)
-            s = self.token_scalings(routing.scalings, hidden).to(weight.dtype)  # (*lead|1, E)
+            s = self.token_scalings(scalings, hidden).to(weight.dtype)  # (*lead|1, E)
             # One small matmul per expert, each the very call the expert's own head makes (a stacked matmul differs
             # from it in the last bit): a gate pinned to one expert gives exactly that expert's logits.
             for e in range(self.n_experts):

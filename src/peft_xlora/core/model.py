@@ -107,11 +107,11 @@ class XLoraModel(GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
         names = [name for name in shapes if any(name in e.modules for e in experts)]
         router = ROUTERS[mode](self)  # `self.model` is `model` (PEFT sets it first), which the router reads
         router.check_config(config)
-        features = {"encoder_decoder"} if mode == "encoder_decoder" else set()
+        features = frozenset({"encoder_decoder"} if mode == "encoder_decoder" else ())
+        late = router.late_layer_count(names)  # single pass: the layers that would read the gate
         situation = Situation(
-            config, routing=mode, features=frozenset(features), model_name=type(model).__name__,
-            late_layers=router.late_layer_count(names) if mode == "single_pass" else None,
-        )  # fmt: skip
+            config, routing=mode, features=features, model_name=type(model).__name__, late_layers=late
+        )
         check("build", situation)  # before any module of the model changes
         head_name = check_heads(model, experts, config.task_type, config.trainable_head)
         self.expert_names = list(config.adapters)

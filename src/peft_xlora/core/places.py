@@ -615,7 +615,7 @@ def situation_of(tuner: Any, config: Any = None, **kwargs: Any) -> Situation:
         features=features_of(tuner) | frozenset(extra),
         routing=tuner.router.mode,
         model_name=type(tuner.model).__name__,
-        late_layers=kwargs.pop("late_layers", tuner.router.late_layer_count()),
+        late_layers=kwargs.pop("late_layers") if "late_layers" in kwargs else tuner.router.late_layer_count(),
         **kwargs,
     )
 
