@@ -60,8 +60,9 @@ def test_rebuilds_leave_exactly_one_set_of_hooks(expert_dirs, bart_experts):
     assert _hook_count(seq2seq) == expected() == 8
     seq2seq.remove_expert("e1")
     assert _hook_count(seq2seq) == expected() == 8
-    seq2seq.base_model.unload()
-    assert _hook_count(seq2seq.base_model.model) == 0
+    base = seq2seq.base_model.unload()
+    assert _hook_count(base) == 0
+    assert {name: type(m) for name, m in base.named_modules()} == {n: type(m) for n, m in tiny_bart().named_modules()}
 
 
 def _seen_routings(model) -> list[Routing]:

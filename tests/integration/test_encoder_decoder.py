@@ -378,16 +378,18 @@ def new_expert(experts, tmp_path_factory):
     return str(path)
 
 
-def test_added_expert_equals_a_model_built_with_it(experts, new_expert, tmp_path):
+@pytest.mark.parametrize("layerwise", [False, True], ids=["shared", "layerwise"])
+def test_added_expert_equals_a_model_built_with_it(experts, new_expert, tmp_path, layerwise):
     from helpers.compose import same_as_built
 
     arch, paths = experts
-    model = xlora(arch, paths)
+    model = xlora(arch, paths, layerwise_scalings=layerwise)
     batch = inputs()
     before = model(**batch).logits
     model.add_expert("expert2", new_expert)
     torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)  # it starts changing nothing
-    same_as_built(model, xlora(arch, {**paths, "expert2": new_expert}), batch, tmp_path / "added", lambda: build(arch))
+    reference = xlora(arch, {**paths, "expert2": new_expert}, layerwise_scalings=layerwise)
+    same_as_built(model, reference, batch, tmp_path / "added", lambda: build(arch))
     model.set_static_scalings({"expert2": 1.0})
     reference = PeftModel.from_pretrained(build(arch), new_expert).eval()
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
