@@ -249,7 +249,7 @@ OUT_OF_BOUNDS = {
     ),
     "classifier-weights": (
         {"xlora_depth": 32, "xlora_size": 4096, "hidden_size": 32},
-        r"A classifier of depth 32 and width 4096 over hidden size 32 has 503,447,552 weights; at most 16,777,216",
+        r"A classifier of depth 32 and width 4096 over hidden size 32 has 503,447,552 weights; at most 134,217,728",
     ),
     "hidden-1e9": ({"hidden_size": 10**9}, r"`hidden_size` is 1000000000; at most 65536"),
     "softmax-temperature": ({"softmax_temperature": 1e-4}, r"`softmax_temperature` must be >= 0.001, got 0.0001"),
@@ -270,6 +270,7 @@ def test_sizes_out_of_bounds_are_refused_before_any_allocation(expert_dirs, case
 def test_sizes_at_the_bounds_are_accepted(expert_dirs):
     adapters = expert_dirs["llama"]
     XLoraConfig(adapters=adapters, xlora_depth=32, xlora_size=1024, hidden_size=4096)
+    XLoraConfig(adapters=adapters, xlora_depth=32, xlora_size=2048, hidden_size=32)  # the default width, any depth
     XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=4096, hidden_size=32)  # 4096 wide fits any model
     XLoraConfig(adapters=adapters, xlora_depth=1, xlora_size=2**20, hidden_size=32)  # one layer: the width is unused
     XLoraConfig(adapters=adapters, softmax_temperature=1e-3, router_distillation_temperature=1e-3)

@@ -379,8 +379,8 @@ WIDTH_ALWAYS_ALLOWED = 4096
 MAX_WIDTH = MAX_WIDTH_PER_HIDDEN * MAX_HIDDEN_SIZE
 #: The classifier's weights may number this many times hidden_size**2 (a Llama decoder layer has about 12)...
 MAX_CLASSIFIER_WEIGHTS_PER_HIDDEN_SQUARED = 64
-#: ...or this many, whichever is larger (64 MiB in float32).
-CLASSIFIER_WEIGHTS_ALWAYS_ALLOWED = 2**24
+#: ...or this many, whichever is larger (512 MiB in float32: depth 32 at the default width, 2048, on any model).
+CLASSIFIER_WEIGHTS_ALWAYS_ALLOWED = 2**27
 #: Lowest softmax or distillation temperature: below it the softmax is an argmax whose logits overflow.
 MIN_TEMPERATURE = 1e-3
 
