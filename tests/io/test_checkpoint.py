@@ -1,11 +1,15 @@
 """Checkpoints: exact save/load round trips, self-contained folders, expert swapping, strict errors, atomic saves."""
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 import safetensors.torch
@@ -685,3 +689,84 @@ def test_odd_expert_names_round_trip(tmp_path, expert_dirs):
     assert loaded.base_model.expert_names == names
     assert_state_dicts_equal(model, loaded)
     torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- saves touch only what they own
+
+
+def _special_files(folder):
+    """A named pipe and a Unix socket in `folder`: opening the pipe to read it blocks until someone writes to it."""
+    os.mkfifo(folder / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock"))
+    return sock
+
+
+def _run_with_deadline(call, seconds, release):
+    """Runs `call` in a thread; fails the test if it has not returned after `seconds` (then `release` unblocks it)."""
+    errors = []
+
+    def target():
+        try:
+            call()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        release()
+        thread.join(30)
+        pytest.fail(f"the save was still blocked after {seconds} s")
+    if errors:
+        raise errors[0]
+
+
+def _open_pipe_for_writing(path):
+    # A reader blocked in open() of the pipe returns once a writer opens it; closing at once gives it end-of-file.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_special_files_in_the_folder_are_kept_and_never_opened(tmp_path, expert_dirs, save):
+    # Before: the save hung forever, reading the named pipe to flush it to disk.
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    sock = _special_files(target)
+    (target / "logs").mkdir()
+    os.mkfifo(target / "logs" / "pipe")
+    os.mkfifo(target / "README.md")  # not a card we wrote: kept, and no card is written
+    model = trained_llama(expert_dirs)
+    try:
+        for _ in range(2):  # into a folder without a checkpoint, then over the checkpoint
+            _run_with_deadline(lambda: SAVES[save](model, target), 60, lambda: _open_pipe_for_writing(target / "pipe"))
+    finally:
+        sock.close()
+    assert stat.S_ISFIFO(os.lstat(target / "pipe").st_mode) and stat.S_ISFIFO(
+        os.lstat(target / "logs" / "pipe").st_mode
+    )
+    assert stat.S_ISSOCK(os.lstat(target / "sock").st_mode) and stat.S_ISFIFO(os.lstat(target / "README.md").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), logits(model))
+
+
+@pytest.mark.parametrize("save", SAVES)
+@pytest.mark.parametrize("where", ["target", "inside"], ids=["cwd-is-the-folder", "cwd-inside-the-folder"])
+def test_save_into_the_working_directory_keeps_it_valid(tmp_path, expert_dirs, monkeypatch, save, where):
+    # Before: `save_pretrained(".")` swapped a new folder in and deleted the old one, the process's working directory:
+    # the files were there, but os.getcwd() raised FileNotFoundError and every relative path after it failed.
+    target = tmp_path / "ckpt"
+    (target / "logs").mkdir(parents=True)
+    cwd = target if where == "target" else target / "logs"
+    monkeypatch.chdir(cwd)
+    model = trained_llama(expert_dirs)
+    for _ in range(2):
+        SAVES[save](model, "." if where == "target" else target)
+        assert os.getcwd() == os.path.realpath(cwd)
+    with open("written-after.txt", "w") as f:  # a relative write, as Trainer's next one
+        f.write("fine")
+    assert (cwd / "written-after.txt").read_text() == "fine"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), logits(model))

@@ -62,7 +62,8 @@ def save_pretrained(
     try:
         _peft_save(model)(model, tmp, **kwargs)
         user_card = os.path.join(target, CARD_NAME)
-        if os.path.isfile(user_card) and not is_our_card(user_card):
+        # Any README.md but a regular file we wrote is the user's (a pipe or socket included: never opened).
+        if os.path.lexists(user_card) and not (os.path.isfile(user_card) and is_our_card(user_card)):
             os.remove(os.path.join(tmp, CARD_NAME))  # PEFT's card: the user's README.md stays instead
         else:
             write_model_card(model, tmp, repo_id=card_repo_id)
