@@ -18,7 +18,7 @@ from .building import embeddings
 from .classifier import gate
 from .distillation import distillation_term
 from .generation import CACHE_KWARGS, XLoraCache, hold_uncached, input_length, prepare_cache
-from .regularisers import router_losses, warn_if_loss_ignores_router
+from .regularisers import for_accumulated_batch, router_losses, warn_if_loss_ignores_router
 from .routing import Routing, current_routing, pop_routing, push_routing
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class ForwardMixin(TunerAttributes):
         if "distillation" in coefs:
             terms["distillation"] = distillation_term(self, logits, args, kwargs, labels)
         self._latest_router_losses = {name: value.detach() for name, value in terms.items()}
-        return sum(coefs[name] * terms[name] for name in coefs)
+        return for_accumulated_batch(sum(coefs[name] * terms[name] for name in coefs), kwargs, self.model)
 
     def get_latest_router_losses(self) -> dict[str, torch.Tensor] | None:
         """The router regularisers of the last forward (unweighted, detached), for logging; None when they are off.

@@ -30,7 +30,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 from .attributes import TunerAttributes
 from .forward import _check_hidden, _check_input_device
 from .generation import CACHE_KWARGS, _cache_kwarg_name, requested_scalings_mode, sync_scaling_cache
-from .regularisers import router_losses
+from .regularisers import for_accumulated_batch, router_losses
 from .routing import Routing, current_routing, pop_routing, push_routing, use_routing
 
 if TYPE_CHECKING:
@@ -278,6 +278,7 @@ class Seq2SeqMixin(TunerAttributes):
         loss = self._seq2seq_router_loss(
             [(source_logits, kwargs.get("attention_mask")), (logits, kwargs.get("decoder_attention_mask"))]
         )
+        loss = for_accumulated_batch(loss, kwargs, self.model)  # a micro-batch's share (regularisers.py)
         return Routing(scalings, source_scalings=source_scalings, router_loss=loss)
 
     def _routes(self) -> bool:

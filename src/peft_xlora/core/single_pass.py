@@ -75,7 +75,8 @@ class SinglePassState:
 
     Attributes:
         late_layers: Indices of the mixture layers that apply the per-token scalings.
-        kwargs: What the router losses read of the forward's keyword arguments (its attention mask).
+        kwargs: What the router losses read of the forward's keyword arguments (the attention mask, and the labels
+            and `num_items_in_batch` that weigh a micro-batch under gradient accumulation).
         late: Per-token scalings (batch, seq, n_layers|1, n_experts), set once layer k has run.
         router_loss: The weighted router regularisers, set with `late` (None when they are off).
     """
@@ -131,7 +132,8 @@ class SinglePassMixin(TunerAttributes):
                 "that computes it, with no scaling pass to skip. Generate without `scalings_mode` (or 'token')."
             )
         static = self.xlora_classifier.get_submodule(STATIC_NAME)()  # (1, 1, n_layers|1, n_experts), float32
-        state = SinglePassState(self._late_layers, {"attention_mask": kwargs.get("attention_mask")})
+        read = ("attention_mask", "labels", "shift_labels", "num_items_in_batch")  # what `_router_loss` reads
+        state = SinglePassState(self._late_layers, {name: kwargs.get(name) for name in read})
         return Routing(static, single_pass=state)
 
     def _after_layer_k(self, module: nn.Module, args: tuple, output: Any) -> None:
