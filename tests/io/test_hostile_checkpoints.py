@@ -177,3 +177,27 @@ def test_hostile_sizes_in_the_config_fail_before_any_allocation(checkpoint, case
         else:
             base.load_adapter(str(folder))
     assert not hasattr(base, "peft_config")
+
+
+# ------------------------------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "what"),
+    [
+        ("experts", ["math", "code", "poetry"], "an object of expert name -> LoRA config object"),
+        ("experts", {"math": 1, "code": {}, "poetry": {}}, "an object of expert name -> LoRA config object"),
+        ("expert_order", "math", "a list of expert names"),
+        ("expert_order", ["math", 2, "poetry"], "a list of expert names"),
+        ("adapters", ["math", "code", "poetry"], "an object of expert name -> source"),
+    ],
+    ids=["experts-list", "expert-not-object", "order-string", "order-non-string", "adapters-list"],
+)
+def test_config_fields_of_the_wrong_json_type_are_named(checkpoint, field, value, what):
+    # Before: a TypeError or AttributeError from inside XLoraConfig that named neither the file nor the field.
+    folder, _ = checkpoint
+    edit_config(folder, lambda c: c.update({field: value}))
+    with pytest.raises(
+        CheckpointError, match=rf"adapter_config.json: `{field}` is .*, not {what}; the file was edited"
+    ):
+        PeftModel.from_pretrained(tiny_llama(), folder)
