@@ -516,3 +516,44 @@ def test_gpt2_expert_and_llama_expert_on_gpt2(expert_dirs):
     base = tiny_gpt2()
     with pytest.raises(ExpertError, match="which this GPT2LMHeadModel does not have"):
         xlora(base, {"llama": expert_dirs["llama"]["code"]})
+
+
+# ---------------------------------------------------------------------------------------------- vLLM spec sizes
+
+
+def _spec(**changes) -> dict:
+    """The serving spec of a small exported model (as config.json holds it), with `changes`."""
+    module = "model.layers.0.self_attn.q_proj"
+    spec = {
+        "format": 1,
+        "experts": ["a", "b"],
+        "mixture_layers": [module],
+        "modules": {module: [[0, 4, 2.0], [1, 4, 2.0]]},
+        "classifier_depth": 2,
+        "classifier_width": 16,
+        "hidden_size": 32,
+    }
+    return {**spec, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classifier_depth": 10**9}, r"`xlora_depth` is 1000000000: the classifier may have at most 32"),
+        ({"classifier_width": 10**6}, r"`xlora_size` is 1000000: .* at most 4096 wide \(16x the hidden size 32"),
+        ({"hidden_size": 10**9}, r"`hidden_size` is 1000000000; at most 65536"),
+        (
+            {"modules": {"model.layers.0.self_attn.q_proj": [[0, 10**8, 1.0], [1, 4, 2.0]]}},
+            r"The LoRA rank of 'model.layers.0.self_attn.q_proj' expert 0 is 100000000; at most 4096",
+        ),
+    ],
+    ids=["depth", "width", "hidden", "rank"],
+)
+def test_vllm_spec_with_sizes_out_of_bounds_is_refused_before_any_allocation(changes, message):
+    # Before: the plugin built whatever an exported config.json's spec asked for. The spec loader now holds the
+    # bounds every config has (core/config.py, `check_sizes`).
+    from peft_xlora.serving.vllm import ServingSpec, XLoraServingError
+
+    ServingSpec.from_dict(_spec())  # the spec itself is fine
+    with no_large_allocation(), pytest.raises(XLoraServingError, match=message):
+        ServingSpec.from_dict(_spec(**changes))
