@@ -221,6 +221,8 @@ def mistakes(workspace):
     (root / "mistakes" / "resume-best" / "checkpoints" / "checkpoint-best").mkdir(parents=True)
     (root / "mistakes" / "resume-cut" / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # no trainer_state.json
     (root / "mistakes" / "short.txt").write_text("abba " * 8)  # two windows of 16 tokens
+    shutil.copytree(base_dir, root / "mistakes" / "damaged-cache" / "tiny-llama")  # the demo's cached base model
+    (root / "mistakes" / "damaged-cache" / "tiny-llama" / "config.json").write_text("{not json")
     single = get_peft_model(
         load_base(base_dir),
         XLoraConfig(
@@ -353,6 +355,7 @@ USER_ERRORS = {
     "export-vllm-depth-huge": ["export", "{root}/depth-huge", "--format", "vllm", "--out", "{root}/v"],
     "export-vllm-base-config-not-json": ["export", "{root}/base-elsewhere", "--format", "vllm", "--out", "{root}/v"],
     "export-vllm-no-checkpoint": ["export", "{root}/nowhere", "--format", "vllm", "--out", "{root}/v"],
+    "demo-damaged-cache": ["demo", "--tiny", "--quiet", "--cache-dir", "{root}/damaged-cache", "--out", "{root}/d"],
 }
 
 
