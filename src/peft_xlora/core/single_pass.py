@@ -104,7 +104,8 @@ class SinglePassState:
 
     Attributes:
         late_layers: Indices of the mixture layers that apply the per-token scalings.
-        kwargs: What the router losses read of the forward's keyword arguments (its attention mask).
+        kwargs: What the router losses read of the forward's keyword arguments (the attention mask, and the labels
+            and `num_items_in_batch` that weigh a micro-batch under gradient accumulation).
         late: Per-token scalings (batch, seq, n_layers|1, n_experts), set once layer k has run.
         late_chosen: The experts each token chose under top-k (`routing.Chosen`), set with `late`; None when dense.
         router_loss: The weighted router regularisers, set with `late` (None when they are off).

@@ -130,7 +130,10 @@ class Demo:
             self.base_dir = base_models.tiny_base(self.cache_dir, self.s.seed)
         else:
             self.base_dir = base_models.smollm_base(self.cache_dir, self.log)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        except (OSError, ValueError, KeyError) as exc:  # a damaged cache folder
+            raise base_models.DemoSetupError(base_models.damaged_cache(self.base_dir, exc)) from exc
         self.model_id = self.base_dir.name
 
     def new_base(self) -> torch.nn.Module:
@@ -325,7 +328,10 @@ class Demo:
         """One of our trained X-LoRA models, reloaded from its checkpoint."""
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(self.new_base(), self.xlora_dirs[label]).eval()
+        try:
+            return PeftModel.from_pretrained(self.new_base(), self.xlora_dirs[label]).eval()
+        except ValueError as exc:  # CheckpointError: a damaged cached checkpoint
+            raise base_models.DemoSetupError(base_models.damaged_cache(self.xlora_dirs[label], exc)) from exc
 
     def evaluate_all(self) -> dict[str, Losses]:
         """Per-token held-out losses of every variant, plus the oracles."""

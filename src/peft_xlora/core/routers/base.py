@@ -20,6 +20,7 @@ concurrent forwards stay independent; the latest scalings are written from each 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from ..classifier import gate_and_choose
 from ..distillation import distillation_term
 from ..forward import _add_router_loss, _check_input_device
-from ..regularisers import router_losses
+from ..regularisers import for_accumulated_batch, router_losses
 from ..routing import Chosen, Routing, current_routing, install_carriers, pop_routing, push_routing, remove_carriers
 
 if TYPE_CHECKING:
@@ -275,7 +276,10 @@ class Router:
     # ------------------------------------------------------------------ the router losses
 
     def router_loss(
-        self, stacks: list[tuple[torch.Tensor | None, Any]], distill: tuple[tuple, dict] | None = None
+        self,
+        stacks: list[tuple[torch.Tensor | None, Any]],
+        kwargs: Mapping[str, Any],
+        distill: tuple[tuple, dict] | None = None,
     ) -> torch.Tensor | None:
         """The weighted router regularisers (and distillation) of one forward, or None when they are off.
 
@@ -283,6 +287,8 @@ class Router:
             stacks: (logits (batch, seq, n_layers|1, n_experts) or None, attention mask or None) per stack of
                 tokens the gate routed (one for decoder-only models; the source and the target for
                 encoder-decoder ones). The regularisers are summed over the stacks, each over its own tokens.
+            kwargs: The forward's keyword arguments: under gradient accumulation their labels and
+                `num_items_in_batch` weigh this micro-batch's share (`regularisers.for_accumulated_batch`).
             distill: The forward's (args, kwargs), for the distillation term on the first stack's logits when
                 `router_distillation_coef` is on and the forward has labels; None where the mode cannot score the
                 experts (the table of what combines refuses the coefficient there).
@@ -308,7 +314,7 @@ class Router:
             args, kwargs = distill
             totals["distillation"] = distillation_term(self.tuner, stacks[0][0], args, kwargs, labels)
         self._latest_router_losses = {name: value.detach() for name, value in totals.items()}
-        return sum(coefs[name] * totals[name] for name in coefs)
+        return for_accumulated_batch(sum(coefs[name] * totals[name] for name in coefs), kwargs, self.tuner.model)
 
     def latest_router_losses(self) -> dict[str, torch.Tensor] | None:
         """The unweighted router losses of the last forward that computed them (detached), or None."""

@@ -56,7 +56,7 @@ class DualPassRouter(Router):
         if held is not scalings:
             chosen = None  # prompt mode held some positions' scalings: the choice of the dense tensor is theirs
         self.report(held)
-        loss = self.router_loss([(logits, kwargs.get("attention_mask"))], distill=(args, kwargs))
+        loss = self.router_loss([(logits, kwargs.get("attention_mask"))], kwargs, distill=(args, kwargs))
         return Routing(held, router_loss=loss, chosen=chosen)
 
     @torch.no_grad()

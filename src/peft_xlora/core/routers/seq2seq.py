@@ -120,7 +120,7 @@ class Seq2SeqRouter(Router):
         return Routing(
             scalings,
             source_scalings=encoded[SCALINGS],
-            router_loss=self.router_loss(stacks),
+            router_loss=self.router_loss(stacks, kwargs),
             chosen=chosen,
             source_chosen=source_chosen,
         )

@@ -80,7 +80,8 @@ class SinglePassRouter(Router):
     def route_gated(self, args: tuple, kwargs: dict) -> Routing:
         """The routing of a single-pass forward: the static weights now, the per-token scalings at layer k."""
         static = self.static(self.tuner._active_experts)  # (1, 1, n_layers|1, n_experts), float32
-        state = SinglePassState(self._late, {"attention_mask": kwargs.get("attention_mask")})
+        read = ("attention_mask", "labels", "shift_labels", "num_items_in_batch")  # what `router_loss` reads
+        state = SinglePassState(self._late, {name: kwargs.get(name) for name in read})
         return Routing(static, single_pass=state)
 
     def forward_router_loss(self, routing: Routing) -> torch.Tensor | None:
@@ -98,7 +99,7 @@ class SinglePassRouter(Router):
         hidden = output if isinstance(output, torch.Tensor) else output[0]  # (batch, seq, hidden)
         logits, scalings, chosen = self.gate(hidden)  # (batch, seq, n_layers|1, n_experts) each
         state.late, state.late_chosen = scalings, chosen
-        state.router_loss = self.router_loss([(logits, state.kwargs.get("attention_mask"))])
+        state.router_loss = self.router_loss([(logits, state.kwargs.get("attention_mask"))], state.kwargs)
         # Kept apart and combined on request: the full (batch, seq, n_layers, n_experts) tensor is only built for
         # `latest_scalings` and the scalings log.
         latest, static = scalings.detach(), routing.scalings.detach()  # logged from these: threads share the tuner

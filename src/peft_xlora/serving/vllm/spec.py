@@ -16,6 +16,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...core.config import check_sizes
+
 #: Key of the spec in the exported config.json.
 SPEC_KEY = "xlora"
 #: Version of the spec's layout; the model class refuses others.
@@ -220,3 +222,6 @@ class ServingSpec:
             raise XLoraServingError(f"`classifier_depth` must be >= 1, got {self.classifier_depth!r}.")
         if self.scaling_pass_layers is not None and self.scaling_pass_layers < 1:
             raise XLoraServingError(f"`scaling_pass_layers` must be None or >= 1, got {self.scaling_pass_layers!r}.")
+        # The bounds every X-LoRA config has (core/config.py), before the plugin allocates the classifier and factors.
+        ranks = {f"{module!r} expert {e.expert}": e.rank for module, entries in self.modules.items() for e in entries}
+        check_sizes(self.classifier_depth, self.classifier_width, self.hidden_size, ranks, error=XLoraServingError)
