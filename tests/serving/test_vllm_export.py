@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from xlora_vllm_cases import EXPERT_SPECS, build_case, make_experts, save_base
 
+from peft_xlora import CheckpointError
 from peft_xlora.serving.vllm import SPEC_KEY, ServingSpec, XLoraServingError, export_vllm, scaling_pass_constant
 from peft_xlora.serving.vllm import export as export_module
 from peft_xlora.serving.vllm.ops import Segment, StackedLora, classify, gate
@@ -308,3 +309,71 @@ def test_spec_refuses_other_formats_and_unknown_entries(tmp_path):
         ServingSpec.from_dict({**data, "format": 99})
     with pytest.raises(XLoraServingError, match="newer peft-xlora"):
         ServingSpec.from_dict({**data, "future_option": 1})
+
+
+
+@pytest.mark.parametrize("static", ["uniform", "learned"])
+def test_export_refuses_single_pass_checkpoints_for_now(tmp_path, static):
+    with pytest.raises(XLoraServingError, match="routing='single_pass'"):
+        build_case(str(tmp_path), routing="single_pass", scaling_pass_layers=2, single_pass_static=static)
+
+
+@pytest.fixture(scope="module")
+def saved_case(tmp_path_factory):
+    """One exported tiny model shared by the broken-input tests (each breaks a copy of its checkpoint)."""
+    return build_case(str(tmp_path_factory.mktemp("saved")), top_k_lora=2)
+
+
+def _broken_copy(case, tmp_path, name: str) -> str:
+    import shutil
+
+    path = str(tmp_path / name)
+    shutil.copytree(case.checkpoint, path)
+    return path
+
+
+def _truncate(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+
+
+def _write_config(path: str, edit) -> None:
+    config_path = os.path.join(path, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    edit(config)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "error", "match"),
+    [
+        ("no-folder", CheckpointError, "adapter_config.json does not exist"),
+        ("no-config", CheckpointError, "adapter_config.json does not exist"),
+        ("no-weights", CheckpointError, "adapter_model.safetensors does not exist"),
+        ("truncated-weights", CheckpointError, "is truncated"),
+        ("config-not-json", CheckpointError, "not valid JSON"),
+        ("config-bad-value", ValueError, "top_k_lora"),
+    ],
+)
+def test_export_checks_the_checkpoint_before_reading_it(saved_case, tmp_path, breakage, error, match):
+    path = _broken_copy(saved_case, tmp_path, "broken")
+    if breakage == "no-folder":
+        path = str(tmp_path / "missing")
+    elif breakage == "no-config":
+        os.remove(os.path.join(path, "adapter_config.json"))
+    elif breakage == "no-weights":
+        os.remove(os.path.join(path, "adapter_model.safetensors"))
+    elif breakage == "truncated-weights":
+        _truncate(os.path.join(path, "adapter_model.safetensors"))
+    elif breakage == "config-not-json":
+        with open(os.path.join(path, "adapter_config.json"), "a", encoding="utf-8") as f:
+            f.write("{")
+    elif breakage == "config-bad-value":
+        _write_config(path, lambda config: config.update(top_k_lora=99))
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        export_vllm(path, out, base_model=saved_case.base)
+    assert not out.exists()  # nothing written

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ...core.checkpoint import check_checkpoint_dir
 from ...io.files import write_folder
 from .spec import (
     ARCHITECTURES,
@@ -68,9 +69,12 @@ def export_vllm(
     Raises:
         XLoraServingError: The checkpoint uses an option the vLLM plugin cannot serve, or does not fit the base model.
         FileExistsError: `out_dir` is a file, or a non-empty folder that is not an earlier export.
-        FileNotFoundError: The checkpoint or the base model's files are missing.
+        peft_xlora.CheckpointError: A checkpoint file is missing, truncated or unreadable.
+        FileNotFoundError: The base model's files are missing.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
+    # The checks every load path runs: a missing, truncated or unreadable file is named before anything is read.
+    check_checkpoint_dir(checkpoint_dir)
     config = _read_json(os.path.join(checkpoint_dir, _CHECKPOINT_CONFIG), "the X-LoRA checkpoint's config")
     _check_xlora_config(config)
     base_dir = _resolve_base(base_model or config.get("base_model_name_or_path"))
@@ -119,6 +123,12 @@ def _check_xlora_config(config: dict[str, Any]) -> None:
         raise XLoraServingError(
             "The checkpoint's adapter_config.json lacks `experts` or `expert_order` (it was not saved from a built "
             "model). Build the X-LoRA model, then save it with `peft_xlora.save_pretrained`."
+        )
+    if config.get("routing", "dual_pass") != "dual_pass":
+        raise XLoraServingError(
+            f"routing={config['routing']!r} is not served by the vLLM plugin yet: it runs X-LoRA's dual pass only, "
+            "and would serve this checkpoint as another model. Serve it with transformers' generate, or train the "
+            "gate with routing='dual_pass'."
         )
     if config.get("scalings_mode", "token") != "token":
         raise XLoraServingError(
