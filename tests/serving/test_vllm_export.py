@@ -311,7 +311,6 @@ def test_spec_refuses_other_formats_and_unknown_entries(tmp_path):
         ServingSpec.from_dict({**data, "future_option": 1})
 
 
-
 @pytest.mark.parametrize("static", ["uniform", "learned"])
 def test_export_refuses_single_pass_checkpoints_for_now(tmp_path, static):
     with pytest.raises(XLoraServingError, match="routing='single_pass'"):
