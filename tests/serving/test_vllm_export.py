@@ -81,6 +81,32 @@ def test_experts_are_distinct(tmp_path):
     assert len({frozenset(w) for w in weights.values()}) == len(weights)  # each adapts other modules
 
 
+def test_every_config_field_is_written_refused_or_irrelevant_for_vllm():
+    # A new XLoraConfig field must be placed in one of the three tables of serving/vllm/export.py, or this fails.
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    from peft_xlora import XLoraConfig
+
+    ours = {f.name for f in dataclasses.fields(XLoraConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    placed = [*export_module.VLLM_WRITTEN, *export_module.VLLM_IRRELEVANT, *export_module.VLLM_REFUSED]
+    assert sorted(placed) == sorted(ours)
+
+
+@pytest.mark.parametrize("field", sorted(export_module.VLLM_REFUSED))
+def test_every_refused_field_is_refused_by_name(saved_case, tmp_path, field):
+    # Each refused option, set in an otherwise servable checkpoint, stops the export with its name and reason.
+    other = {"routing": "single_pass", "scalings_mode": "prompt", "trainable_head": True}[field]
+    assert other != export_module.VLLM_REFUSED[field][0]
+    path = _broken_copy(saved_case, tmp_path, "refused")
+    extra = {"scaling_pass_layers": 2} if field == "routing" else {}
+    _write_config(path, lambda config: config.update({field: other, **extra}))
+    with pytest.raises(XLoraServingError, match=f"{field}={other!r} is not served by the vLLM plugin"):
+        export_vllm(path, tmp_path / "out", base_model=saved_case.base)
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_refuses_prompt_mode(tmp_path):
     with pytest.raises(XLoraServingError, match="scalings_mode='prompt'"):
         build_case(str(tmp_path), scalings_mode="prompt")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...core.checkpoint import check_checkpoint_dir
+from ...core.config import XLoraConfig
 from ...io.files import write_folder
 from .spec import (
     ARCHITECTURES,
@@ -75,9 +76,9 @@ def export_vllm(
     checkpoint_dir = os.fspath(checkpoint_dir)
     # The checks every load path runs: a missing, truncated or unreadable file is named before anything is read.
     check_checkpoint_dir(checkpoint_dir)
-    config = _read_json(os.path.join(checkpoint_dir, _CHECKPOINT_CONFIG), "the X-LoRA checkpoint's config")
-    _check_xlora_config(config)
-    base_dir = _resolve_base(base_model or config.get("base_model_name_or_path"))
+    config = _read_config(checkpoint_dir)
+    _check_options(config)
+    base_dir = _resolve_base(base_model or config.base_model_name_or_path)
     base_config = _read_json(os.path.join(base_dir, "config.json"), "the base model's config")
     arch = _architecture(base_config)
     tensors = _read_checkpoint_tensors(checkpoint_dir)
@@ -110,36 +111,91 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _check_xlora_config(config: dict[str, Any]) -> None:
-    """Refuses checkpoints that are not peft-xlora's, and options the vLLM plugin cannot serve."""
-    if config.get("peft_type") != "PEFT_XLORA":
+def _read_config(checkpoint_dir: str) -> XLoraConfig:
+    """The checkpoint's config, validated as `XLoraConfig` (every load path's checks), after refusing other kinds."""
+    raw = _read_json(os.path.join(checkpoint_dir, _CHECKPOINT_CONFIG), "the X-LoRA checkpoint's config")
+    if not isinstance(raw, dict) or raw.get("peft_type") != "PEFT_XLORA":
+        peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
         hint = (
             "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate` (or `peft-xlora migrate`)."
-            if config.get("peft_type") == "XLORA"
+            if peft_type == "XLORA"
             else "Export a checkpoint saved by peft-xlora."
         )
-        raise XLoraServingError(f"Not a peft-xlora checkpoint (peft_type {config.get('peft_type')!r}). {hint}")
-    if not config.get("experts") or not config.get("expert_order"):
+        raise XLoraServingError(f"Not a peft-xlora checkpoint (peft_type {peft_type!r}). {hint}")
+    if not raw.get("experts") or not raw.get("expert_order"):
         raise XLoraServingError(
             "The checkpoint's adapter_config.json lacks `experts` or `expert_order` (it was not saved from a built "
             "model). Build the X-LoRA model, then save it with `peft_xlora.save_pretrained`."
         )
-    if config.get("routing", "dual_pass") != "dual_pass":
-        raise XLoraServingError(
-            f"routing={config['routing']!r} is not served by the vLLM plugin yet: it runs X-LoRA's dual pass only, "
-            "and would serve this checkpoint as another model. Serve it with transformers' generate, or train the "
-            "gate with routing='dual_pass'."
-        )
-    if config.get("scalings_mode", "token") != "token":
-        raise XLoraServingError(
-            f"scalings_mode={config['scalings_mode']!r} holds each request's prompt scalings for its generated "
-            "tokens, which needs per-request state the vLLM plugin does not keep. Set the config's "
-            "scalings_mode='token' (every token routed) before exporting, or serve with transformers' generate."
-        )
-    for name, expert in config["experts"].items():
-        for option in _EXPERT_OPTIONS:
-            if expert.get(option):
-                raise XLoraServingError(f"Expert {name!r} uses `{option}`, which the vLLM plugin cannot serve.")
+    return XLoraConfig.from_pretrained(checkpoint_dir)
+
+
+# Every `XLoraConfig` field, by what `export_vllm` does with it (tests/serving/test_vllm_export.py checks that none is
+# left out, so a new field must be placed here). Written: the serving spec carries it (or the tensors it decides), and
+# the plugin computes it as peft-xlora does.
+VLLM_WRITTEN = (
+    "expert_order",  # the gate's order: `ServingSpec.experts`
+    "experts",  # each expert's rank, alpha, rsLoRA, patterns and targets, resolved into (expert, rank, scale) entries
+    "hidden_size",  # checked against the base model's
+    "enable_softmax",
+    "enable_softmax_topk",
+    "softmax_temperature",
+    "layerwise_scalings",
+    "top_k_lora",
+    "xlora_depth",
+    "xlora_size",  # the classifier's width, when xlora_depth > 1
+    "scaling_pass_value",
+    "global_scaling_weight",
+    "scaling_pass_layers",
+    "peft_xlora_version",
+)
+# No effect on what the exported model computes: training-only, initialisation, sources, or bookkeeping.
+VLLM_IRRELEVANT = (
+    "adapters",  # where the experts came from; the checkpoint holds their weights
+    "xlora_dropout_p",  # training only: the classifier runs without dropout at inference
+    "classifier_init",  # overwritten by the trained classifier
+    "use_trainable_adapters",  # the checkpoint holds the experts as trained
+    "router_load_balancing_coef",
+    "router_entropy_coef",
+    "router_distillation_coef",
+    "router_distillation_temperature",
+    "single_pass_static",  # single-pass routing only, which is refused
+)
+# Refused unless at this value (with the reason the plugin cannot serve another).
+VLLM_REFUSED = {
+    "routing": (
+        "dual_pass",
+        "the vLLM plugin runs X-LoRA's dual pass only, and would serve this checkpoint as another model. Serve it "
+        "with transformers' generate, or train the gate with routing='dual_pass'",
+    ),
+    "scalings_mode": (
+        "token",
+        "it holds each request's prompt scalings for its generated tokens, which needs per-request state the vLLM "
+        "plugin does not keep. Set the config's scalings_mode='token' (every token routed) before exporting, or "
+        "serve with transformers' generate",
+    ),
+    "trainable_head": (
+        False,
+        "the vLLM plugin serves causal language models, which have no classification heads",
+    ),
+}
+
+
+def _check_options(config: XLoraConfig) -> None:
+    """Refuses options the vLLM plugin cannot serve (`VLLM_REFUSED`, the experts' LoRA variants), naming each."""
+    problems = [
+        f"{name}={getattr(config, name)!r} is not served by the vLLM plugin: {why}"
+        for name, (default, why) in VLLM_REFUSED.items()
+        if getattr(config, name) != default
+    ]
+    for name, expert in config.experts.items():
+        problems += [
+            f"expert {name!r} uses `{option}`, which the vLLM plugin cannot serve"
+            for option in _EXPERT_OPTIONS
+            if expert.get(option)
+        ]
+    if problems:
+        raise XLoraServingError("; ".join(problems) + ".")
 
 
 def _resolve_base(base: str | os.PathLike | None) -> str:
@@ -222,13 +278,18 @@ def _expert_scale(expert: dict[str, Any], module: str, rank: int, name: str) -> 
 
 
 def _build_spec(
-    config: dict[str, Any],
+    config: XLoraConfig,
     base_config: dict[str, Any],
     modules: dict[str, tuple[int, int]],
     tensors: dict[str, torch.Tensor],
 ) -> tuple[ServingSpec, dict[str, torch.Tensor]]:
     """The serving spec and the export's X-LoRA tensors, after checking every tensor against the base model."""
-    names = list(config["expert_order"])
+    if config.hidden_size is not None and config.hidden_size != base_config.get("hidden_size"):
+        raise XLoraServingError(
+            f"The checkpoint was built for hidden size {config.hidden_size}, but the base model's is "
+            f"{base_config.get('hidden_size')}: the checkpoint was trained on another base model."
+        )
+    names = list(config.expert_order)
     used: set[str] = set()
     weights: dict[str, torch.Tensor] = {}
     entries: dict[str, list[ExpertOnModule]] = {}
@@ -249,7 +310,7 @@ def _build_spec(
                 )
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise XLoraServingError(f"Expert {name!r} has NaN or infinite factors on {module!r}.")
-            scale = _expert_scale(config["experts"][name], module, rank, name)
+            scale = _expert_scale(config.experts[name], module, rank, name)
             entries.setdefault(module, []).append(ExpertOnModule(e, rank, scale))
             weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_A"] = a.contiguous()
             weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_B"] = b.contiguous()
@@ -257,10 +318,10 @@ def _build_spec(
 
     classifier = _classifier_tensors(tensors, used)
     depth = len(classifier)
-    if depth != config.get("xlora_depth", 1):
+    if depth != config.xlora_depth:
         raise XLoraServingError(
             f"The checkpoint's classifier has {depth} linear layers but its config says xlora_depth="
-            f"{config.get('xlora_depth')}."
+            f"{config.xlora_depth}."
         )
     for j, (weight, bias) in enumerate(classifier):
         weights[f"{WEIGHT_PREFIX}classifier.{j}.weight"] = weight.contiguous()
@@ -277,17 +338,17 @@ def _build_spec(
         mixture_layers=mixture_layers,
         modules=entries,
         classifier_depth=depth,
-        classifier_width=int(config.get("xlora_size", 0)) if depth > 1 else 0,
+        classifier_width=int(config.xlora_size) if depth > 1 else 0,
         hidden_size=int(base_config["hidden_size"]),
-        layerwise_scalings=bool(config.get("layerwise_scalings", False)),
-        enable_softmax=bool(config.get("enable_softmax", True)),
-        softmax_temperature=float(config.get("softmax_temperature", 1.0)),
-        top_k_lora=config.get("top_k_lora"),
-        enable_softmax_topk=bool(config.get("enable_softmax_topk", False)),
-        scaling_pass_value=float(config.get("scaling_pass_value", 0.0)),
-        global_scaling_weight=float(config.get("global_scaling_weight", 1.0)),
-        scaling_pass_layers=config.get("scaling_pass_layers"),
-        peft_xlora_version=config.get("peft_xlora_version"),
+        layerwise_scalings=bool(config.layerwise_scalings),
+        enable_softmax=bool(config.enable_softmax),
+        softmax_temperature=float(config.softmax_temperature),
+        top_k_lora=config.top_k_lora,
+        enable_softmax_topk=bool(config.enable_softmax_topk),
+        scaling_pass_value=float(config.scaling_pass_value),
+        global_scaling_weight=float(config.global_scaling_weight),
+        scaling_pass_layers=config.scaling_pass_layers,
+        peft_xlora_version=config.peft_xlora_version,
     )
     spec.check()  # refuses modules the plugin cannot mix, e.g. lm_head
     first_in, last_out = classifier[0][0].shape[1], classifier[-1][0].shape[0]
