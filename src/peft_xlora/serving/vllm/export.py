@@ -7,6 +7,8 @@ The folder written is the base model's folder (weights, tokenizer, generation co
     xlora.safetensors    xlora.classifier.<j>.{weight,bias}             the classifier's j-th linear layer
                          xlora.experts.<module>.<expert index>.lora_A    (r, in) an expert's factors on one module
                          xlora.experts.<module>.<expert index>.lora_B    (out, r)
+                         xlora.single_pass_static.logits                 (n_early, n_experts) a learned single
+                                                                         pass's static weights, before the softmax
 
 It reads the checkpoint from its files (``adapter_config.json`` and ``adapter_model.safetensors``, the stable saved
 layout), not through peft-xlora's tuner, and works out what the tuner would: the mixture layers are the base model's
@@ -31,7 +33,10 @@ from ...core.config import XLoraConfig
 from ...io.files import write_folder
 from .spec import (
     ARCHITECTURES,
+    EMBEDDING,
+    EMBEDDING_IS_LM_HEAD,
     SPEC_KEY,
+    STATIC_LOGITS,
     WEIGHT_PREFIX,
     WEIGHTS_FILE,
     ExpertOnModule,
@@ -41,6 +46,10 @@ from .spec import (
 
 _CHECKPOINT_CONFIG = "adapter_config.json"
 _CHECKPOINT_WEIGHTS = "adapter_model.safetensors"
+_STATIC_KEYS = (
+    "base_model.xlora_classifier.single_pass_static.logits",
+    "base_model.model.xlora_classifier.single_pass_static.logits",
+)
 _CLASSIFIER_PREFIXES = ("base_model.xlora_classifier.layers.", "base_model.model.xlora_classifier.layers.")
 _EXPERT_KEY = "base_model.model.{module}.xlora_experts.{expert}.lora_{part}"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -84,6 +93,12 @@ def export_vllm(
     tensors = _read_checkpoint_tensors(checkpoint_dir)
     modules = _mixable_modules(base_dir)
     spec, weights = _build_spec(config, base_config, modules, tensors)
+    if arch in EMBEDDING_IS_LM_HEAD and EMBEDDING in spec.modules:
+        raise XLoraServingError(
+            f"Experts adapt {EMBEDDING}, but vLLM's {arch} computes its logits with the input embedding module "
+            "itself, which the plugin cannot wrap without changing the LM head. Use experts that do not target "
+            "embed_tokens on this architecture."
+        )
 
     target = os.path.abspath(os.fspath(out_dir))
 
@@ -147,6 +162,8 @@ VLLM_WRITTEN = (
     "scaling_pass_value",
     "global_scaling_weight",
     "scaling_pass_layers",
+    "routing",  # single pass: the static weights' logits (learned) go into the weights file
+    "single_pass_static",
     "peft_xlora_version",
 )
 # No effect on what the exported model computes: training-only, initialisation, sources, or bookkeeping.
@@ -159,15 +176,9 @@ VLLM_IRRELEVANT = (
     "router_entropy_coef",
     "router_distillation_coef",
     "router_distillation_temperature",
-    "single_pass_static",  # single-pass routing only, which is refused
 )
 # Refused unless at this value (with the reason the plugin cannot serve another).
 VLLM_REFUSED = {
-    "routing": (
-        "dual_pass",
-        "the vLLM plugin runs X-LoRA's dual pass only, and would serve this checkpoint as another model. Serve it "
-        "with transformers' generate, or train the gate with routing='dual_pass'",
-    ),
     "scalings_mode": (
         "token",
         "it holds each request's prompt scalings for its generated tokens, which needs per-request state the vLLM "
@@ -316,6 +327,7 @@ def _build_spec(
             weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_B"] = b.contiguous()
             used.update((key_a, key_b))
 
+    static_logits = _static_logits(tensors, used)
     classifier = _classifier_tensors(tensors, used)
     depth = len(classifier)
     if depth != config.xlora_depth:
@@ -348,9 +360,12 @@ def _build_spec(
         scaling_pass_value=float(config.scaling_pass_value),
         global_scaling_weight=float(config.global_scaling_weight),
         scaling_pass_layers=config.scaling_pass_layers,
+        routing=config.routing,
+        single_pass_static=config.single_pass_static,
         peft_xlora_version=config.peft_xlora_version,
     )
     spec.check()  # refuses modules the plugin cannot mix, e.g. lm_head
+    _check_static_logits(spec, static_logits, weights)
     first_in, last_out = classifier[0][0].shape[1], classifier[-1][0].shape[0]
     if first_in != spec.hidden_size or last_out != spec.n_slots * spec.n_experts:
         raise XLoraServingError(
@@ -359,6 +374,39 @@ def _build_spec(
             f"{spec.n_experts} experts): the checkpoint does not belong to this base model."
         )
     return spec, weights
+
+
+def _static_logits(tensors: dict[str, torch.Tensor], used: set[str]) -> torch.Tensor | None:
+    """Single pass: the learned static weights' logits (a row per early mixture layer), if the checkpoint has them."""
+    found = [key for key in _STATIC_KEYS if key in tensors]
+    if not found:
+        return None
+    used.update(found)
+    return tensors[found[0]]
+
+
+def _check_static_logits(spec: ServingSpec, logits: torch.Tensor | None, weights: dict[str, torch.Tensor]) -> None:
+    """Puts a learned single pass's static logits into the export's tensors, after checking them against the spec."""
+    learned = spec.routing == "single_pass" and spec.single_pass_static == "learned"
+    if not learned:
+        if logits is not None:
+            raise XLoraServingError(
+                "The checkpoint holds single-pass static weights, but its config does not use them "
+                f"(routing={spec.routing!r}, single_pass_static={spec.single_pass_static!r}): the config and weights "
+                "disagree. Save the checkpoint again."
+            )
+        return
+    shape = (len(spec.early_layers), spec.n_experts)
+    if logits is None or tuple(logits.shape) != shape:
+        found = None if logits is None else tuple(logits.shape)
+        raise XLoraServingError(
+            f"A learned single pass needs its static logits of shape {shape} (one row per mixture layer up to layer "
+            f"k={spec.scaling_pass_layers}, one column per expert), but the checkpoint holds {found}. Save the "
+            "checkpoint again."
+        )
+    if not torch.isfinite(logits).all():
+        raise XLoraServingError("The checkpoint's single-pass static logits hold NaN or infinite values.")
+    weights[f"{WEIGHT_PREFIX}{STATIC_LOGITS}"] = logits.float().contiguous()
 
 
 def _classifier_tensors(tensors: dict[str, torch.Tensor], used: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
