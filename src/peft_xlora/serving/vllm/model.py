@@ -308,9 +308,13 @@ class XLoraCausalLM(nn.Module):
 
         loaded = super().load_weights(base_weights())
         self._load_xlora(xlora)
-        if not self._xlora_installed:
-            self._install()
-        return loaded
+        if self._xlora_installed:
+            return loaded
+        name_of = {id(p): name for name, p in self.named_parameters()}
+        self._install()
+        # The wrappers renamed the parameters they hold (``...qkv_proj.base_layer.weight``); vLLM checks the loaded
+        # names against `named_parameters()` after this returns.
+        return loaded | {name for name, p in self.named_parameters() if name_of.get(id(p)) in loaded}
 
     @torch.no_grad()
     def _load_xlora(self, weights: dict[str, torch.Tensor]) -> None:
