@@ -390,8 +390,9 @@ def test_spec_refuses_other_formats_and_unknown_entries(tmp_path):
     _, spec = _read_served(case.served)
     data = spec.to_dict()
     assert ServingSpec.from_dict(data) == spec
-    with pytest.raises(XLoraServingError, match="spec format"):
-        ServingSpec.from_dict({**data, "format": 99})
+    for other in (1, 99):  # 1: the first plugin's exports (dual pass only), which lack the routing
+        with pytest.raises(XLoraServingError, match="Export the checkpoint again"):
+            ServingSpec.from_dict({**data, "format": other})
     with pytest.raises(XLoraServingError, match="newer peft-xlora"):
         ServingSpec.from_dict({**data, "future_option": 1})
 
@@ -455,3 +456,42 @@ def test_export_checks_the_checkpoint_before_reading_it(saved_case, tmp_path, br
     with pytest.raises(error, match=match):
         export_vllm(path, out, base_model=saved_case.base)
     assert not out.exists()  # nothing written
+
+
+def test_export_refuses_embedding_experts_on_gemma2(tmp_path):
+    # vLLM's Gemma 2 computes its logits with the embedding module itself: the plugin cannot wrap it.
+    experts = make_experts(
+        "gemma2", str(tmp_path), {"emb": {"r": 2, "lora_alpha": 2, "target_modules": ["embed_tokens"]}}
+    )
+    with pytest.raises(XLoraServingError, match="computes its logits with the input embedding module"):
+        build_case(str(tmp_path), arch="gemma2", experts=experts)
+    assert not (tmp_path / "served").exists()
+
+
+@pytest.mark.parametrize("static", ["learned", "uniform"])
+def test_single_pass_export_writes_its_routing_and_static_logits(tmp_path, static):
+    case = build_case(str(tmp_path), routing="single_pass", scaling_pass_layers=2, single_pass_static=static)
+    _, spec = _read_served(case.served)
+    tuner = case.model.base_model
+    assert (spec.routing, spec.single_pass_static, spec.scaling_pass_layers) == ("single_pass", static, 2)
+    # The mixture layers the spec calls late are peft-xlora's late layers.
+    late = {tuner.mixture_layer_names[i] for i in tuner._late_layers}
+    assert {m for m in spec.mixture_layers if spec.is_late(m)} == late
+    weights = load_file(os.path.join(case.served, WEIGHTS_FILE))
+    if static == "learned":
+        logits = tuner.xlora_classifier.single_pass_static.logits.detach()
+        torch.testing.assert_close(weights["xlora.single_pass_static.logits"], logits)
+        assert not torch.allclose(logits, torch.zeros_like(logits))  # the cases' static logits are not uniform
+    else:
+        assert "xlora.single_pass_static.logits" not in weights
+
+
+def test_spec_refuses_classifier_sizes_past_the_bounds(tmp_path):
+    # A hostile config.json must not make the model class allocate without limit.
+    case = build_case(str(tmp_path))
+    _, spec = _read_served(case.served)
+    data = spec.to_dict()
+    with pytest.raises(XLoraServingError, match="at most 32 layers"):
+        ServingSpec.from_dict({**data, "classifier_depth": 10**9})
+    with pytest.raises(XLoraServingError, match="16 x the hidden size"):
+        ServingSpec.from_dict({**data, "classifier_depth": 2, "classifier_width": 17 * spec.hidden_size})
