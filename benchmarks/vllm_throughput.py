@@ -217,7 +217,9 @@ def time_vllm(args: argparse.Namespace, model: str, prompts: list[list[int]], lo
     if lora is not None:
         with open(os.path.join(lora, "adapter_config.json"), encoding="utf-8") as f:
             rank = int(json.load(f)["r"])
-        options.update(enable_lora=True, max_loras=1, max_lora_rank=rank)
+        # vLLM accepts only some maximum ranks (1, 8, 16, 32, 64, ...): the smallest that holds this LoRA's.
+        allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        options.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in allowed if r >= rank))
     start = time.perf_counter()
     llm = LLM(**options)
     load_s = time.perf_counter() - start
