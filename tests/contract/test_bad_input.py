@@ -523,9 +523,11 @@ def test_gpt2_expert_and_llama_expert_on_gpt2(expert_dirs):
 
 def _spec(**changes) -> dict:
     """The serving spec of a small exported model (as config.json holds it), with `changes`."""
+    from peft_xlora.serving.vllm.spec import SPEC_FORMAT
+
     module = "model.layers.0.self_attn.q_proj"
     spec = {
-        "format": 1,
+        "format": SPEC_FORMAT,
         "experts": ["a", "b"],
         "mixture_layers": [module],
         "modules": {module: [[0, 4, 2.0], [1, 4, 2.0]]},
