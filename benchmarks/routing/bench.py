@@ -89,6 +89,22 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
+def distillation(
+    logits: torch.Tensor, expert_losses: torch.Tensor, temperature: float, softmax_temperature: float
+) -> torch.Tensor:
+    """The library's distillation term (`peft_xlora.core.distillation`) from precomputed expert losses.
+
+    Args:
+        logits: The classifier's logits of the forward, (batch, seq, n_layers|1, n_experts), with grad.
+        expert_losses: Every expert's own loss on each next token, (batch, seq - 1, n_experts).
+        temperature: Of the target softmax(-loss / T).
+        softmax_temperature: The gate's softmax temperature.
+    """
+    targets = soft_targets(expert_losses, temperature)  # (batch, seq - 1, n_experts)
+    valid = torch.ones(targets.shape[:2], dtype=torch.bool)
+    return gate_cross_entropy(logits, targets, softmax_temperature, valid)
+
+
 class RoutingBench(Demo):
     """One seed of the routing benchmark.
 
@@ -251,10 +267,9 @@ class RoutingBench(Demo):
             loss = m(input_ids=ids, labels=ids).loss
             if targets is None:
                 return loss
-            q = soft_targets(targets[i], v.temperature)  # (batch, seq - 1, n_experts)
-            valid = torch.ones(q.shape[:2], dtype=torch.bool)
-            return loss + v.distillation * gate_cross_entropy(
-                captured["logits"], q, tuner.xlora_config.softmax_temperature, valid
+            softmax_temperature = tuner.xlora_config.softmax_temperature
+            return loss + v.distillation * distillation(
+                captured["logits"], targets[i], v.temperature, softmax_temperature
             )
 
         start = time.process_time()

@@ -86,6 +86,6 @@ def install(model: nn.Module, extra_layers: tuple[int, ...]) -> MultiLayerClassi
         device=weight.device,
         dtype=weight.dtype,
     )
-    new = MultiLayerClassifier(inner, taps)
+    new = MultiLayerClassifier(inner, taps).train(old.training)  # eval mode stays eval mode (dropout)
     tuner.model.add_module(CLASSIFIER_NAME, new)  # where the tuner looks the classifier up
     return new
