@@ -25,7 +25,7 @@ import torch
 from benchmarks import corpora
 from benchmarks.provenance import provenance, write_result
 from benchmarks.routing import variants as V
-from benchmarks.routing.bench import REAL, TINY, RoutingBench, pooled, report, to_json
+from benchmarks.routing.bench import BUILTIN, REAL, TINY, RoutingBench, pooled, report, to_json
 from peft_xlora.cli.demo.base import default_cache_dir
 
 GROUPS = {
@@ -63,24 +63,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache = args.cache_dir or default_cache_dir()
     known = V.all_variants()
     chosen = [known[label] for label in args.variants] if args.variants else GROUPS[args.group]()
-    labels = [v.label for v in chosen]
-    per_seed, reports, timings = [], {}, {}
+    out = args.out or Path("benchmarks/results") / f"routing-{args.group}.json"
+    runs: list[dict[str, Any]] = []  # per seed: bench, results, timings
+
+    def emit(final: bool) -> dict[str, Any]:
+        # Written after every stage (`complete` false until the end), so a long run leaves its numbers so far.
+        payload = _payload(args, chosen, runs, start, cpu)
+        payload["complete"] = final
+        write_result(str(out), payload, block)
+        return payload
+
     for seed in args.seeds:
         print(f"=== seed {seed}", flush=True)
         bench = RoutingBench(settings, cache, args.domains, seed=seed, quiet=True)
+        run = {"seed": seed, "bench": bench, "results": {}}
+        runs.append(run)
         bench.prepare()
-        results = bench._stage("baselines", bench.score_baselines)
+        results = run["results"]
+        results.update(bench._stage("fixed mixtures", bench.score_fixed))
+        results.update(bench._stage("Arrow", bench.score_arrow))
+        emit(False)
         for v in chosen:
             results[v.label] = bench._stage(v.label, lambda v=v, bench=bench: bench.score_variant(v))
-        reports[str(seed)] = report(results, bench.eval_set, bench.s.n_boot, seed, labels)
-        per_seed.append((results, bench.eval_set))
-        timings[str(seed)] = {
-            "stage_wall_s": {k: round(v, 1) for k, v in bench.timings.items()},
-            "stage_cpu_s": {k: round(v, 1) for k, v in bench.cpu_times.items()},
-            "gate_train_cpu_s_this_run": bench.gate_cpu_s,
-        }
+            emit(False)
+        results[BUILTIN] = bench._stage(BUILTIN, bench.score_builtin)
+        emit(False)
         if args.cost and seed == args.seeds[0]:
-            cost = bench._stage("cost", lambda bench=bench: bench.gate_cost(chosen))
+            run["cost"] = bench._stage("cost", lambda bench=bench: bench.gate_cost(chosen))
+    payload = emit(True)
+    print(f"wrote {out} ({payload['total_wall_s']} s wall, {payload['total_cpu_s']} CPU s)")
+    return payload
+
+
+def _payload(args: argparse.Namespace, chosen: list, runs: list[dict[str, Any]], start: float, cpu: float) -> dict:
+    """The result file's payload from the seeds run so far (rows: what has been scored)."""
+    bench = runs[0]["bench"]
+    labels = [v.label for v in chosen]
+    reports, per_seed = {}, []
+    for run in runs:
+        results = run["results"]
+        if "segment oracle" not in results:
+            continue
+        ours = [label for label in labels if label in results]
+        reports[str(run["seed"])] = report(results, run["bench"].eval_set, bench.s.n_boot, run["seed"], ours)
+        per_seed.append((results, run["bench"].eval_set))
     payload: dict[str, Any] = {
         "benchmark": "routing (issue 25)",
         "model": bench.model_id,
@@ -96,20 +122,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for d in bench.domains
         },
         "variants": {v.label: v.recipe() for v in chosen},
-        "seeds": args.seeds,
+        "seeds": [run["seed"] for run in runs],
         "per_seed": to_json(reports),
     }
-    if len(args.seeds) > 1:
+    if len(per_seed) > 1:
         results, data = pooled(per_seed)
-        payload["pooled"] = to_json(report(results, data, bench.s.n_boot, 0, labels))
-    payload["timings"] = timings
-    if args.cost:
-        payload["cost"] = to_json(cost)
+        ours = [label for label in labels if label in results]
+        payload["pooled"] = to_json(report(results, data, bench.s.n_boot, 0, ours))
+    payload["timings"] = {
+        str(run["seed"]): {
+            "stage_wall_s": {k: round(v, 1) for k, v in run["bench"].timings.items()},
+            "stage_cpu_s": {k: round(v, 1) for k, v in run["bench"].cpu_times.items()},
+            "gate_train_cpu_s_this_run": run["bench"].gate_cpu_s,
+        }
+        for run in runs
+    }
+    costs = [run["cost"] for run in runs if "cost" in run]
+    if costs:
+        payload["cost"] = to_json(costs[0])
     payload["total_wall_s"] = round(time.perf_counter() - start, 1)
     payload["total_cpu_s"] = round(time.process_time() - cpu, 1)
-    out = args.out or Path("benchmarks/results") / f"routing-{args.group}.json"
-    write_result(str(out), payload, block)
-    print(f"wrote {out} ({payload['total_wall_s']} s wall, {payload['total_cpu_s']} CPU s)")
     return payload
 
 
