@@ -47,10 +47,11 @@ def _where(data: dict[str, Any]) -> str:
     p = data["provenance"]
     load = p.get("load_average_start") or ["?"]
     seeds = ", ".join(str(s) for s in data["seeds"])
+    partial = "" if data.get("complete", True) else " A partial file: the run was still going when it was written."
     return (
         f"Measured {p['date_utc'][:10]} at commit `{p['commit'][:9]}` on {p['cpu_model']} ({p['cores']} cores, "
         f"{p['torch_threads']} thread, load average {load[0]:.1f} at the start), {data['model']}, precision "
-        f"{data['precision']}, seeds {seeds}: `{p['command']}`."
+        f"{data['precision']}, seeds {seeds}: `{p['command']}`.{partial}"
     )
 
 
