@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the payload written to the result file."""
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    block = provenance()
+    argv = sys.argv[1:] if argv is None else argv
+    block = provenance("python -m benchmarks.routing " + shlex.join(argv))
     start, cpu = time.perf_counter(), time.process_time()
     settings = TINY if args.tiny else REAL
     cache = args.cache_dir or default_cache_dir()

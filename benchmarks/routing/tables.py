@@ -36,7 +36,9 @@ def _report(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rows(data: dict[str, Any]) -> list[str]:
-    return [*BASELINES, *data["variants"], *ORACLES]
+    """The rows the report has (a partial file may lack some), baselines first."""
+    have = _report(data)["table"]
+    return [row for row in [*BASELINES, *data["variants"], *ORACLES] if row in have]
 
 
 def _pct(x: float) -> str:
@@ -117,7 +119,9 @@ def ablation(data: dict[str, Any]) -> str:
     cols.append(("after 5-64", "5-64"))
     head = "| variant | " + " | ".join(f"{label} (gap, change)" for _, label in cols) + " |"
     lines = [head, "| --- |" + " ---: |" * len(cols)]
-    for row in data["variants"]:
+    for row in _rows(data):
+        if row not in data["variants"]:
+            continue
         base = DEFAULTS if row.startswith("defaults") else RECIPE
         cells = []
         for key, _ in cols:
