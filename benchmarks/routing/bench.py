@@ -23,7 +23,7 @@ import torch
 from benchmarks import corpora
 from benchmarks.routing import features
 from benchmarks.routing.metrics import MIXED_COLUMNS, bench_columns, check_targets, gaps, summary
-from benchmarks.routing.variants import Variant
+from benchmarks.routing.variants import DEFAULTS_LABEL, Variant
 from peft_xlora.cli.demo import data as demo_data
 from peft_xlora.cli.demo.evaluate import (
     Bootstrap,
@@ -407,7 +407,12 @@ def report(results: dict[str, Losses], data: EvalSet, n_boot: int, seed: int, ou
     boot = Bootstrap(data, n_boot, seed, columns=bench_columns)
     intervals = boot.intervals(results)
     rivals = [r for r in (ARROW1, BUILTIN) if r in results]  # a partial file may not have the built-in yet
-    paired = {label: boot.paired(results, label, rivals) for label in ours}
+
+    # Every other gate is also compared with the defaults, paired: what the evidence for a new default needs.
+    def rivals_of(label: str) -> list[str]:
+        return [*rivals, DEFAULTS_LABEL] if DEFAULTS_LABEL in results and label != DEFAULTS_LABEL else rivals
+
+    paired = {label: boot.paired(results, label, rivals_of(label)) for label in ours}
     targets = {label: check_targets(table, paired[label], label, ORACLE, rivals) for label in ours}
     return {
         "table": table,
