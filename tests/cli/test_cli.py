@@ -405,6 +405,133 @@ def test_refused_saves_leave_the_users_lora_as_it_was(mistakes):
     assert {path.name: path.read_bytes() for path in lora.iterdir()} == before
 
 
+# ------------------------------------------------------------------------------ the CLI's column of the table
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    """Base folders, experts and checkpoints the command line does not run: sequence classification, BART."""
+    from helpers import seq_cls
+    from helpers.models import make_seq2seq_expert, tiny_bart
+    from peft_xlora.cli.demo.base import char_tokenizer
+
+    root = tmp_path_factory.mktemp("foreign")
+    tokenizer = char_tokenizer()
+    for name, model in (("cls-base", seq_cls.build("llama")), ("bart-base", tiny_bart())):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    cls_experts = {f"e{i}": seq_cls.save_expert("llama", root / f"cls-e{i}", i, ["q_proj"]) for i in range(2)}
+    bart_experts = {f"e{i}": make_seq2seq_expert(["q_proj", "fc1"], i, str(root / f"bart-e{i}")) for i in range(2)}
+    checkpoints = {
+        "cls": (seq_cls.xlora("llama", cls_experts), "cls-base"),
+        "bart": (
+            get_peft_model(
+                tiny_bart(), XLoraConfig(task_type="SEQ_2_SEQ_LM", adapters=bart_experts, xlora_size=8)
+            ).eval(),
+            "bart-base",
+        ),
+    }
+    for name, (model, base) in checkpoints.items():
+        model.peft_config["default"].base_model_name_or_path = str(root / base)
+        model.save_pretrained(root / name)
+    return root
+
+
+# One case per refusal of the ``cli`` column, keyed (row, index of the refusal in its cell), as a user would type it.
+CLI_CASES = {
+    ("task_type", 0): ["generate", "{foreign}/cls", "--prompt", "ab"],
+    ("heads", 0): ["build", "--base", "{base}", "--adapter", "e0={foreign}/cls-e0", "--out", "{out}"],
+    ("encoder_decoder", 0): ["generate", "{foreign}/bart", "--prompt", "ab"],
+    ("generate_modes", 0): ["generate", "{root}/single-pass", "--prompt", "1 +", "--mode", "prompt"],
+}
+# The same refusals at every command that loads a model, and the exporters' columns checked before it loads.
+MORE_CLI_REFUSALS = {
+    "train-seq-cls": ("task_type", ["train", "{foreign}/cls", "--data", "{root}/../a.txt", "--out", "{out}"]),
+    "inspect-text-seq-cls": ("task_type", ["inspect", "{foreign}/cls", "--text", "ab"]),
+    "export-lora-seq-cls": ("task_type", ["export", "{foreign}/cls", "--format", "lora", "--weights", "e0=1"]),
+    "train-bart": ("encoder_decoder", ["train", "{foreign}/bart", "--data", "{root}/../a.txt", "--out", "{out}"]),
+    "inspect-text-bart": ("encoder_decoder", ["inspect", "{foreign}/bart", "--text", "ab"]),
+    "export-mistralrs-bart": ("encoder_decoder", ["export", "{foreign}/bart", "--format", "mistralrs"]),
+    "build-on-bart": (
+        "encoder_decoder",
+        ["build", "--base", "{foreign}/bart-base", "--adapter", "e0={foreign}/bart-e0"],
+    ),
+    "export-mistralrs-single-pass": (
+        "export_mistralrs:routing",
+        ["export", "{root}/single-pass", "--format", "mistralrs"],
+    ),
+}
+
+
+def _cli_refusals() -> dict:
+    from peft_xlora.core.combinations import places
+
+    return {
+        (place.name, row, i): refusal
+        for place in places().values()
+        if place.layer == "cli"
+        for row, cell in place.cells.items()
+        for i, refusal in enumerate(cell.refusals)
+    }
+
+
+def test_every_cli_refusal_has_a_case():
+    assert {(row, i) for _, row, i in _cli_refusals()} == set(CLI_CASES)
+    assert {place for place, _, _ in _cli_refusals()} == {"cli"}
+
+
+def _refused_before_loading(argv: list[str], message: str, out, monkeypatch, capsys) -> None:
+    """`argv` exits 2 with one line holding `message`'s fixed parts, having loaded no model and written nothing."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the command loaded a model before refusing")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    status = main(["--threads", "1", *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(f"peft-xlora {argv[0]}: error: "), err
+    fixed = re.split(r"\{[^}]*\}", message)  # the message's fixed parts, around its placeholders
+    assert all(" ".join(part.split()) in lines[0] for part in fixed if part.strip()), (message, err)
+    assert not out.exists()
+
+
+def _argv(template: list[str], mistakes, foreign, out) -> list[str]:
+    root, base_dir = mistakes
+    argv = [a.format(root=root, built=root / "built", base=base_dir, foreign=foreign, out=out) for a in template]
+    if argv[0] in ("build", "export") and "--out" not in argv:
+        argv += ["--out", str(out)]
+    return argv
+
+
+@pytest.mark.parametrize("key", sorted(CLI_CASES), ids=["-".join(map(str, k)) for k in sorted(CLI_CASES)])
+def test_cli_refusal_comes_from_the_table_before_loading(mistakes, foreign, tmp_path, key, monkeypatch, capsys):
+    out = tmp_path / "out"
+    refusal = _cli_refusals()[("cli", *key)]
+    _refused_before_loading(_argv(CLI_CASES[key], mistakes, foreign, out), refusal.message, out, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CLI_REFUSALS))
+def test_every_command_that_loads_a_model_refuses_first(mistakes, foreign, tmp_path, case, monkeypatch, capsys):
+    from peft_xlora.core.combinations import places
+
+    row, template = MORE_CLI_REFUSALS[case]
+    place, _, row = row.rpartition(":")
+    out = tmp_path / "out"
+    message = places()[place or "cli"].cells[row].refusals[0].message
+    _refused_before_loading(_argv(template, mistakes, foreign, out), message, out, monkeypatch, capsys)
+
+
+def test_inspect_without_text_describes_what_the_cli_cannot_run(foreign, capsys):
+    # Reading the files is supported for every task and model: only the commands that load a model refuse.
+    for name, expert_order in (("cls", ["e0", "e1"]), ("bart", ["e0", "e1"])):
+        assert run("inspect", foreign / name, "--json") == 0
+        assert json.loads(capsys.readouterr().out)["expert_order"] == expert_order
+
+
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     threads = torch.get_num_threads()
     cache, out = tmp_path / "cache", tmp_path / "out"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import UserError, load_xlora, non_negative_int, plot_gate, positive_int, weights
+from .common import UserError, load_xlora, non_negative_int, plot_gate, positive_int, require_supported, weights
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +56,8 @@ def _apply_static(model: Any, weights: dict[str, float] | None) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora generate`: a continuation of every prompt."""
+    mode = {"scalings_mode": args.mode} if args.mode else {}  # else the checkpoint's own
+    require_supported(args.checkpoint, "generate", args.base, pins=args.static is not None, **mode)
     model, tokenizer, _ = load_xlora(args.checkpoint, args.base)
     _apply_static(model, args.static)
     torch.manual_seed(args.seed)
