@@ -532,6 +532,86 @@ def test_inspect_without_text_describes_what_the_cli_cannot_run(foreign, capsys)
         assert json.loads(capsys.readouterr().out)["expert_order"] == expert_order
 
 
+# Each option the table lets the command line read, set on a checkpoint built directly from Python (two experts:
+# top-k 1): row -> (config fields, extra `generate` arguments). tests/core/test_supported_cells.py accounts for them.
+CLI_OPTIONS = {
+    "enable_softmax": ({"enable_softmax": False}, []),
+    "enable_softmax_topk": ({"top_k_lora": 1, "enable_softmax_topk": True}, []),
+    "softmax_temperature": ({"softmax_temperature": 0.5}, []),
+    "top_k_lora": ({"top_k_lora": 1}, []),
+    "layerwise_scalings": ({"layerwise_scalings": True}, []),
+    "global_scaling_weight": ({"global_scaling_weight": 0.5}, []),
+    "use_trainable_adapters": ({"use_trainable_adapters": True}, []),
+    "scaling_pass_value": ({"scaling_pass_value": 0.5}, []),
+    "scalings_mode": ({"scalings_mode": "prompt"}, []),
+    "scaling_pass_layers": ({"scaling_pass_layers": 1}, []),
+    "router_load_balancing_coef": ({"router_load_balancing_coef": 0.3}, []),
+    "router_entropy_coef": ({"router_entropy_coef": 0.3}, []),
+    "router_distillation_coef": ({"router_distillation_coef": 0.3}, []),
+    "router_distillation_temperature": ({"router_distillation_coef": 0.3, "router_distillation_temperature": 0.5}, []),
+    "distillation": ({"router_distillation_coef": 0.3}, []),
+    "routing": ({"routing": "single_pass", "scaling_pass_layers": 1}, []),
+    "single_pass_static": ({"routing": "single_pass", "scaling_pass_layers": 1, "single_pass_static": "uniform"}, []),
+    "xlora_depth": ({"xlora_depth": 3}, []),
+    "xlora_size": ({"xlora_size": 4}, []),
+    "xlora_dropout_p": ({"xlora_dropout_p": 0.1}, []),
+    "classifier_init": ({"classifier_init": "uniform"}, []),
+    "hidden_size": ({"hidden_size": 48}, []),
+    "inference_mode": ({"inference_mode": True}, []),
+    "pins": ({}, ["--static", "digits=0.7,letters=0.2"]),
+    "generate_modes": ({}, ["--mode", "prompt"]),
+    "elastic_changes": ({}, []),  # built with one expert, the other added
+}
+
+
+@pytest.mark.filterwarnings("ignore::peft_xlora.ExpertChangeWarning")
+@pytest.mark.parametrize("row", sorted(CLI_OPTIONS))
+def test_cli_with_each_option_equals_python(workspace, tmp_path, row, capsys):
+    # `generate` and `inspect --text` of a checkpoint with the option give what the checkpoint loaded in Python gives.
+    from transformers import AutoTokenizer
+
+    from peft_xlora.core.single_pass import STATIC_NAME
+
+    _, base_dir, experts = workspace
+    options, extra = CLI_OPTIONS[row]
+    adapters = {name: str(path) for name, path in experts.items()}
+    first = {"digits": adapters["digits"]} if row == "elastic_changes" else adapters
+    torch.manual_seed(5)
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=first, **{"classifier_init": "random", **options})
+    model = get_peft_model(load_base(base_dir), config)
+    if row == "elastic_changes":
+        model.add_expert("letters", adapters["letters"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # trained: a gate, static weights, factors off their start
+            if param.requires_grad or STATIC_NAME in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(tmp_path / "ck")
+
+    prompt, text = "12 + 3 =", "abba 12"
+    assert run("generate", tmp_path / "ck", "--prompt", prompt, "--max-new-tokens", 5, "--json", *extra) == 0
+    continuation = json.loads(capsys.readouterr().out)["generations"][0]["continuation"]
+    loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "ck").eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    if row == "pins":
+        loaded.set_static_scalings({"digits": 0.7, "letters": 0.2})
+    if row == "generate_modes":
+        kwargs["scalings_mode"] = "prompt"
+    expected = loaded.generate(input_ids=ids, **kwargs)
+    assert continuation == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    if row == "pins":
+        return
+    assert run("inspect", tmp_path / "ck", "--text", text, "--json") == 0
+    gate = json.loads(capsys.readouterr().out)["mean_gate"]
+    with torch.no_grad():
+        loaded(input_ids=tok(text, return_tensors="pt").input_ids, use_cache=False)
+    mean = loaded.get_latest_scalings()[0].float().mean(dim=(0, 1))  # (n_experts,)
+    assert list(gate) == list(loaded.base_model.expert_names)
+    assert gate == pytest.approx(dict(zip(gate, mean.tolist())), abs=1e-4)
+
+
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):
     threads = torch.get_num_threads()
     cache, out = tmp_path / "cache", tmp_path / "out"
