@@ -395,6 +395,18 @@ def test_build_refuses_a_huge_classifier_before_allocating_it(mistakes, sizes, c
     assert not (root / "b").exists()
 
 
+def test_build_with_a_lora_folder_without_weights_names_the_missing_file(mistakes, tmp_path, capsys):
+    # Before: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (PEFT took the folder for a Hub id).
+    root, base_dir = mistakes
+    lora = tmp_path / "no-weights"
+    lora.mkdir()
+    shutil.copy(root.parent / "digits" / "adapter_config.json", lora)
+    assert run("build", "--base", base_dir, "--adapter", f"x={lora}", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"the folder {lora} has no adapter_model.safetensors" in err and "Repo id" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_refused_saves_leave_the_users_lora_as_it_was(mistakes):
     # Before: `build --out` or `train --out` onto someone's LoRA folder replaced its adapter files with X-LoRA's.
     root, base_dir = mistakes
