@@ -246,6 +246,8 @@ USER_ERRORS = {
     "threads-zero": ["--threads", "0", "inspect", "{built}"],
     "max-new-tokens-zero": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "0"],
     "max-new-tokens-negative": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "-2"],
+    "max-new-tokens-past-the-positions": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "600"],
+    "max-new-tokens-huge": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "100000000"],
     "heatmap-in-missing-folder": [
         "generate",
         "{built}",
