@@ -384,3 +384,48 @@ def _early_layers(names: list[str], k: int) -> list[str]:
         if inside is None or inside < k:
             early.append(name)
     return early
+
+
+def pinned_reference(
+    base: torch.nn.Module,
+    experts: list[dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]],
+    weights: torch.Tensor,
+    slots: dict[str, int],
+    input_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The experts mixed at fixed weights, written out: the logits (batch, seq, vocab) of `base` with the experts.
+
+    Every adapted module computes ``base(x) + sum_e w[row, slot, e] * scale_e * B_e A_e x``, expert by expert: a
+    pinned gate (`set_static_scalings`), with no scaling pass, classifier or static weights.
+
+    Args:
+        base: A fresh transformers model (no adapters); forward hooks are added for the call and removed.
+        experts: Per expert, in gate order: `lora_factors_reference` of its folder.
+        weights: (rows|1, n_slots|1, n_experts): per batch row (per-row pins) or shared, per mixture layer or one.
+        slots: Adapted module name -> its slot (its index among the model's mixture layers).
+        input_ids: (batch, seq) token ids.
+    """
+
+    def hook(name: str):
+        def add_updates(module, args, output):
+            x = args[0]
+            out = output
+            w = weights[:, slots[name] if weights.shape[1] > 1 else 0]  # (rows|1, n_experts)
+            for e, factors in enumerate(experts):
+                if name not in factors:
+                    continue
+                A, B, scale, is_embedding = factors[name]
+                down = F.embedding(x, A.T) if is_embedding else x.float() @ A.T
+                out = out + w[:, e].reshape(-1, *[1] * (out.dim() - 1)) * scale * (down @ B.T)
+            return out
+
+        return add_updates
+
+    names = sorted({name for factors in experts for name in factors})
+    handles = [base.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            return base(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
