@@ -33,6 +33,7 @@ from .building import check_experts_fit, check_shapes
 from .experts import ModuleLora, compact_targets, load_expert
 from .layer import XLoraLayer, module_kind
 from .routing import install_carriers
+from .sparse import configure_topk
 
 if TYPE_CHECKING:
     pass
@@ -259,6 +260,7 @@ class ElasticMixin(TunerAttributes):
             self.model.get_submodule(name).layer_index = position
         self.mixture_layer_names = names
         self._layers = [self.model.get_submodule(n) for n in names]
+        configure_topk(self._layers, self.xlora_config)
         self.targeted_module_names[:] = names
         install_carriers(self.model, set(names))
 

@@ -9,6 +9,7 @@ import torch
 from .attributes import TunerAttributes
 from .heads import head_mixtures
 from .routing import Routing
+from .sparse import configure_topk
 
 if TYPE_CHECKING:
     from .layer import XLoraLayer
@@ -53,6 +54,7 @@ class GatingMixin(TunerAttributes):
             for name, value in old.items():
                 setattr(config, name, value)
             raise
+        configure_topk(self._layers, config)  # top_k_lora / topk_compute reach the mixture layers
 
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward."""

@@ -60,6 +60,7 @@ MISTRALRS_IRRELEVANT = (
     "single_pass_static",  # single-pass routing only, which is refused
     "xlora_dropout_p",  # written as 0: mistral.rs applies the classifier's dropout at inference too
     "classifier_init",
+    "topk_compute",  # how top_k_lora is computed (dense or sparse): the same outputs within float tolerance
     "router_load_balancing_coef",
     "router_entropy_coef",
     "router_distillation_coef",
