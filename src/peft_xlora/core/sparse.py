@@ -128,11 +128,11 @@ def chosen_indices(routing: Any, scalings: torch.Tensor, k: int) -> torch.Tensor
 class _Layout:
     """A layer's experts as the sparse path indexes them (built once per layer, model size and device)."""
 
-    local: torch.Tensor  # (n_experts,) long: the layer's position of each model expert, -1 where it adapts none
-    scale: torch.Tensor  # (E_l,) float32: alpha / r per expert
-    drop_id: torch.Tensor  # (E_l,) long: index into layer.dropouts
+    position: torch.Tensor  # (n_experts,) long: each model expert's position in the layer; n_local where it is absent
+    scale: torch.Tensor  # (n_experts,) float32: each model expert's alpha / r here; 0 where it adapts none
+    drop_id: torch.Tensor  # (n_local + 1,) long: each position's index into layer.dropouts (the absent slot: 0)
     rank: int  # the largest rank; smaller ones are zero-padded
-    pad_rows: torch.Tensor | None  # (E_l, rank) long rows of the stacked factors (R = a zero row); None: equal ranks
+    pad_rows: torch.Tensor | None  # (n_local, rank) rows of the stacked factors (R: a zero row); None: equal ranks
 
 
 def _layout(layer: XLoraLayer, n_experts: int, device: torch.device) -> _Layout:
@@ -140,40 +140,55 @@ def _layout(layer: XLoraLayer, n_experts: int, device: torch.device) -> _Layout:
     key = (n_experts, str(device))
     if key in cache:
         return cache[key]
-    ranks = layer.ranks
-    starts = [sum(ranks[:i]) for i in range(len(ranks))]
-    local = torch.full((n_experts,), -1, dtype=torch.long)
-    for position, expert in enumerate(layer.expert_indices):
+    ranks, n_local = layer.ranks, len(layer.ranks)
+    starts = [sum(ranks[:i]) for i in range(n_local)]
+    rank_scale = layer.rank_scale.detach().cpu()
+    position = torch.full((n_experts,), n_local, dtype=torch.long)
+    scale = torch.zeros(n_experts, dtype=torch.float32)
+    for local, expert in enumerate(layer.expert_indices):
         if expert < n_experts:
-            local[expert] = position
-    scale = layer.rank_scale.detach().cpu()[starts].float()
+            position[expert] = local
+            scale[expert] = rank_scale[starts[local]]
     # Each expert's dropout as an index into `layer.dropouts` (rank_dropout holds them rounded to float32).
     values = torch.tensor(layer.dropouts, dtype=torch.float32)
     drop_id = (layer.rank_dropout.detach().cpu()[starts, None] - values).abs().argmin(-1)
+    drop_id = torch.cat([drop_id, drop_id.new_zeros(1)])
     rank = max(ranks)
     pad_rows = None
     if len(set(ranks)) > 1:
         total = sum(ranks)
         rows = [[s + j if j < r else total for j in range(rank)] for s, r in zip(starts, ranks)]
         pad_rows = torch.tensor(rows, dtype=torch.long, device=device)
-    layout = _Layout(local.to(device), scale.to(device), drop_id.to(device), rank, pad_rows)
+    layout = _Layout(position.to(device), scale.to(device), drop_id.to(device), rank, pad_rows)
     cache[key] = layout
     return layout
 
 
-def _expert_factors(layer: XLoraLayer, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors per expert: A (E_l, r, in) and B (E_l, r, out), zero-padded to the largest rank.
+def _expert_factors(
+    layer: XLoraLayer, layout: _Layout, experts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors per expert: A (E, r, in) and B (E, r, out), zero-padded to the largest rank.
 
-    Equal ranks: views of the stacked parameters (no copy). Unequal: one gather with a zero row for the padding,
-    differentiable, so trainable experts still get their gradients.
+    Args:
+        layer: The mixture layer.
+        layout: Its `_layout`.
+        experts: (E,) positions to take (repeats allowed), or None for all the layer's experts in order.
+
+    Equal ranks and all experts: views of the stacked parameters (no copy). Otherwise one gather (a zero row pads
+    smaller ranks); differentiable either way, so trainable experts get their gradients.
     """
     A, B = layer.xlora_A, layer.xlora_B  # (R, in), (out, R)
     n_local = len(layer.ranks)
     if layout.pad_rows is None:
-        return A.view(n_local, layout.rank, -1), B.view(B.shape[0], n_local, layout.rank).permute(1, 2, 0)
+        A3 = A.view(n_local, layout.rank, A.shape[1])  # (E_l, r, in)
+        B3 = B.view(B.shape[0], n_local, layout.rank).permute(1, 2, 0)  # (E_l, r, out)
+        if experts is None:
+            return A3, B3
+        return A3.index_select(0, experts), B3.index_select(0, experts)
+    rows = layout.pad_rows if experts is None else layout.pad_rows.index_select(0, experts)  # (E, r)
     A_ext = torch.cat([A, A.new_zeros(1, A.shape[1])])  # (R + 1, in)
     B_ext = torch.cat([B.T, B.new_zeros(1, B.shape[0])])  # (R + 1, out)
-    return A_ext[layout.pad_rows], B_ext[layout.pad_rows]
+    return A_ext[rows], B_ext[rows]
 
 
 def sparse_mixture(
@@ -198,58 +213,86 @@ def sparse_mixture(
     pick = layer._per_token(slot_i, lead).expand(*lead, k).reshape(n_tokens, k)  # (tokens, k)
     weights = layer._per_token(weights, lead).expand(*lead, k).reshape(n_tokens, k)  # (tokens, k)
     layout = _layout(layer, n_experts, slot_s.device)
-    position = layout.local[pick]  # (tokens, k): the layer's expert, -1 where it adapts none
-    present = position >= 0
-    position = position.clamp(min=0)
     # alpha / r folded into the weight; a pair whose expert does not adapt this layer weighs 0 (and gets no gradient).
-    weights = weights * layout.scale[position] * present
     dtype = layer.xlora_A.dtype
-    weights = weights.to(dtype)
+    weights = (weights * layout.scale[pick]).to(dtype)
+    position = layout.position[pick]  # (tokens, k): the layer's expert; len(layer.ranks) where it adapts none
     if layer.is_embedding:
         inputs = x.reshape(n_tokens)
     else:
-        inputs = _dropped_inputs(layer, x.reshape(n_tokens, x.shape[-1]).to(dtype))  # (n_drop, tokens, in)
+        inputs = _dropped_inputs(layer, x.reshape(n_tokens, x.shape[-1]).to(dtype))  # (n_drop * tokens, in)
     if method is None:
         method = "gather" if n_tokens * k <= GATHER_MAX_PAIRS else "grouped"
     if method == "gather":
         update = _gather(layer, layout, inputs, position, weights)
     elif method in ("grouped", "loop"):
-        update = _grouped(layer, layout, inputs, position, present, weights, loop=method == "loop")
+        update = _grouped(layer, layout, inputs, position, weights, loop=method == "loop")
     else:
         raise ValueError(f"Unknown sparse method {method!r}; expected 'grouped', 'gather' or 'loop'.")
     return update.reshape(*lead, update.shape[-1])
 
 
 def _dropped_inputs(layer: XLoraLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as each dropout value sees it, (n_dropouts, tokens, in).
+    """The layer input as each dropout value sees it, stacked: (n_dropouts * tokens, in).
 
     The masks are drawn in the dense path's order (one per distinct dropout value, ascending), so with the same
     random state both paths drop the same entries.
     """
     if not layer.training or layer.dropouts == [0.0]:
-        return x[None]
+        return x
     if len(layer.dropouts) == 1:
-        return F.dropout(x, layer.dropouts[0], training=True)[None]
-    return torch.stack([F.dropout(x, p, training=True) for p in layer.dropouts])
+        return F.dropout(x, layer.dropouts[0], training=True)
+    return torch.cat([F.dropout(x, p, training=True) for p in layer.dropouts])
 
 
 def _gather(
     layer: XLoraLayer, layout: _Layout, inputs: torch.Tensor, position: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Per (token, expert) pair: its expert's factors gathered, a batched matrix-vector product. (tokens, out)."""
+    """Per token: its k experts' factors gathered side by side, two batched matrix-vector products. (tokens, out).
+
+    No sort and no host sync: fixed shapes for a given number of tokens. The sum over the k experts is part of the
+    second product, whose inner dimension is k * r.
+    """
     n_tokens, k = position.shape
-    A, B = _expert_factors(layer, layout)  # (E_l, r, in), (E_l, r, out)
-    flat = position.reshape(-1)  # (pairs,)
+    flat = position.reshape(-1).clamp(max=len(layer.ranks) - 1)  # (pairs,); absent experts weigh 0
+    A, B = _expert_factors(layer, layout, flat)  # (pairs, r, in), (pairs, r, out)
+    rank = A.shape[1]
     if layer.is_embedding:
         ids = inputs.repeat_interleave(k)  # (pairs,)
-        z = A[flat, :, ids]  # (pairs, r)
-    else:
-        token = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
-        x_pairs = inputs[layout.drop_id[flat], token]  # (pairs, in)
-        z = torch.bmm(A.index_select(0, flat), x_pairs.unsqueeze(-1)).squeeze(-1)  # (pairs, r)
-    z = z * weights.reshape(-1, 1)
-    y = torch.bmm(z.unsqueeze(1), B.index_select(0, flat)).squeeze(1)  # (pairs, out)
-    return y.view(n_tokens, k, -1).sum(1)
+        z = A[torch.arange(A.shape[0], device=flat.device), :, ids]  # (pairs, r)
+    elif inputs.shape[0] == n_tokens:  # one input row per token (at most one dropout value)
+        z = torch.bmm(A.view(n_tokens, k * rank, -1), inputs.unsqueeze(-1))  # (tokens, k * r, 1)
+    else:  # each expert's own dropout: one input row per pair
+        token = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)  # (pairs,)
+        x_pairs = F.embedding(layout.drop_id[flat] * n_tokens + token, inputs)  # (pairs, in)
+        z = torch.bmm(A, x_pairs.unsqueeze(-1))  # (pairs, r, 1)
+    z = z.reshape(n_tokens, k, rank) * weights.unsqueeze(-1)  # (tokens, k, r)
+    y = torch.bmm(z.view(n_tokens, 1, k * rank), B.view(n_tokens, k * rank, -1))  # (tokens, 1, out)
+    return y.squeeze(1)
+
+
+#: Candidate tile sizes of the grouped method (besides one tile per expert, as large as its largest group).
+_TILES = (8, 16, 32, 64, 128, 256)
+
+
+def _tile_size(counts: list[int], rank: int, views: bool) -> int:
+    """Rows per tile for the grouped method, from the pairs each expert got.
+
+    One tile per expert, padded to the largest group, moves no factors when `views` (all experts present, equal
+    ranks) but pads every group to the largest; smaller tiles pad less but copy one factor block per tile. The
+    estimate counts rows moved per (in + out) feature: padded input rows plus copied factor rows.
+    """
+    largest = max(counts)
+    present = sum(1 for c in counts if c)
+    best_cost, best = present * largest + (0 if views else present * rank), largest
+    for size in _TILES:
+        if size >= largest:
+            break
+        tiles = sum(-(-c // size) for c in counts)
+        cost = tiles * size + tiles * rank
+        if cost < best_cost:
+            best_cost, best = cost, size
+    return best
 
 
 def _grouped(
@@ -257,68 +300,67 @@ def _grouped(
     layout: _Layout,
     inputs: torch.Tensor,
     position: torch.Tensor,
-    present: torch.Tensor,
     weights: torch.Tensor,
     loop: bool = False,
 ) -> torch.Tensor:
-    """Pairs sorted by expert; per expert present, its tokens in one padded block; two batched matmuls. (tokens, out).
+    """Pairs sorted by expert, cut into padded tiles of one expert each, two batched matmuls. (tokens, out).
 
-    With `loop`, one pair of plain matmuls per expert present instead (no padding).
+    With `loop`, one pair of plain matmuls per expert present instead (no padding, a Python loop).
     """
     n_tokens, k = position.shape
     n_local = len(layer.ranks)
     device = position.device
-    # Pairs of experts that do not adapt this layer sort last, into a group of their own that is never computed.
-    key = torch.where(present, position, n_local).reshape(-1)  # (pairs,)
+    out_features = layer.out_features
+    # Pairs whose expert does not adapt this layer have key n_local: they sort last and are never computed.
+    key = position.reshape(-1)  # (pairs,)
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=n_local + 1)[:n_local].tolist()  # the one host sync
     n_valid = sum(counts)
-    out_features = layer.out_features
-    dtype = weights.dtype
     if n_valid == 0:  # no token chose an expert that adapts this layer
         return weights.new_zeros(n_tokens, out_features)
     order = order[:n_valid]
-    experts = [e for e, c in enumerate(counts) if c > 0]
-    block = max(counts)
     sorted_pos = key[order]  # (valid,)
-    token = order // k  # (valid,): pair p is token p // k
+    token = order // k  # (valid,): pair p belongs to token p // k
     pair_w = weights.reshape(-1)[order]  # (valid,)
-    A, B = _expert_factors(layer, layout)  # (E_l, r, in), (E_l, r, out)
     if layer.is_embedding:
-        ids = inputs[token]
-        z_pairs = A[sorted_pos, :, ids]  # (valid, r)
-        rows = None
+        A_all, _ = _expert_factors(layer, layout)
+        z_pairs = A_all[sorted_pos, :, inputs[token]]  # (valid, r)
     else:
-        rows = layout.drop_id[sorted_pos] * n_tokens + token  # (valid,) rows of the (n_drop * tokens, in) inputs
-        flat_inputs = inputs.reshape(-1, inputs.shape[-1])
+        rows = layout.drop_id[sorted_pos] * n_tokens + token  # (valid,) rows of the stacked dropped inputs
     if loop:
+        A_all, B_all = _expert_factors(layer, layout)
         out = weights.new_zeros(n_tokens, out_features)
         start = 0
-        for e in experts:
-            stop = start + counts[e]
-            # (count, r)
-            z = z_pairs[start:stop] if rows is None else flat_inputs.index_select(0, rows[start:stop]) @ A[e].T
-            y = (z * pair_w[start:stop, None]) @ B[e]  # (count, out)
-            out = out.index_add(0, token[start:stop], y)
+        for e, count in enumerate(counts):
+            if not count:
+                continue
+            stop = start + count
+            embedded = layer.is_embedding
+            z = z_pairs[start:stop] if embedded else F.embedding(rows[start:stop], inputs) @ A_all[e].T  # (count, r)
+            out = out.index_add(0, token[start:stop], (z * pair_w[start:stop, None]) @ B_all[e])
             start = stop
         return out
-    n_present = len(experts)
-    starts = torch.tensor([0, *counts], device=device).cumsum(0)[:-1]  # (E_l,) first sorted pair of each expert
-    compact = torch.full((n_local,), 0, dtype=torch.long)
-    compact[experts] = torch.arange(n_present)
-    compact = compact.to(device)
-    dest = compact[sorted_pos] * block + (torch.arange(n_valid, device=device) - starts[sorted_pos])  # (valid,)
-    w_block = weights.new_zeros(n_present * block).index_put((dest,), pair_w).view(n_present, block, 1)
-    tok_block = torch.zeros(n_present * block, dtype=torch.long, device=device).index_put_((dest,), token)
-    if n_present < n_local:
-        experts_t = torch.tensor(experts, device=device)
-        A, B = A.index_select(0, experts_t), B.index_select(0, experts_t)
-    if layer.is_embedding:
-        z = z_pairs.new_zeros(n_present * block, z_pairs.shape[-1]).index_put((dest,), z_pairs)
-        z = z.view(n_present, block, -1)  # (present, block, r)
+    views = layout.pad_rows is None and all(counts)
+    size = _tile_size(counts, layout.rank, views)
+    tiles_of = [-(-c // size) for c in counts]  # tiles per expert
+    n_tiles = sum(tiles_of)
+    first_pair = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)  # (E_l,) first sorted pair per expert
+    first_tile = torch.tensor([0, *tiles_of[:-1]], device=device).cumsum(0)  # (E_l,) first tile per expert
+    within = torch.arange(n_valid, device=device) - first_pair[sorted_pos]  # (valid,) rank inside the group
+    dest = (first_tile[sorted_pos] + within // size) * size + within % size  # (valid,) row in the tiles
+    w_tiles = weights.new_zeros(n_tiles * size).index_put((dest,), pair_w).view(n_tiles, size, 1)
+    tok_tiles = torch.zeros(n_tiles * size, dtype=torch.long, device=device).index_put_((dest,), token)
+    if views and n_tiles == n_local:
+        A, B = _expert_factors(layer, layout)  # (E_l, r, in), (E_l, r, out): views
     else:
-        row_block = torch.zeros(n_present * block, dtype=torch.long, device=device).index_put_((dest,), rows)
-        x_block = flat_inputs.index_select(0, row_block).view(n_present, block, -1)  # (present, block, in)
-        z = torch.bmm(x_block, A.transpose(1, 2))  # (present, block, r)
-    y = torch.bmm(z * w_block, B)  # (present, block, out); padding rows weigh 0
-    return weights.new_zeros(n_tokens, out_features, dtype=dtype).index_add(0, tok_block, y.view(-1, out_features))
+        tile_expert = torch.repeat_interleave(torch.arange(n_local), torch.tensor(tiles_of)).to(device)
+        A, B = _expert_factors(layer, layout, tile_expert)  # (tiles, r, in), (tiles, r, out)
+    if layer.is_embedding:
+        z = z_pairs.new_zeros(n_tiles * size, z_pairs.shape[-1]).index_put((dest,), z_pairs)
+        z = z.view(n_tiles, size, -1)  # (tiles, size, r)
+    else:
+        row_tiles = torch.zeros(n_tiles * size, dtype=torch.long, device=device).index_put_((dest,), rows)
+        x_tiles = F.embedding(row_tiles, inputs).view(n_tiles, size, -1)  # (tiles, size, in)
+        z = torch.bmm(x_tiles, A.transpose(1, 2))  # (tiles, size, r)
+    y = torch.bmm(z * w_tiles, B)  # (tiles, size, out); padding rows weigh 0
+    return weights.new_zeros(n_tokens, out_features).index_add(0, tok_tiles, y.view(-1, out_features))
