@@ -326,7 +326,9 @@ def _grouped(
         A_all, _ = _expert_factors(layer, layout)
         z_pairs = A_all[sorted_pos, :, inputs[token]]  # (valid, r)
     else:
-        rows = layout.drop_id[sorted_pos] * n_tokens + token  # (valid,) rows of the stacked dropped inputs
+        rows = token  # (valid,) rows of the inputs: one per token, or per dropout value and token
+        if inputs.shape[0] > n_tokens:
+            rows = layout.drop_id[sorted_pos] * n_tokens + token
     if loop:
         A_all, B_all = _expert_factors(layer, layout)
         out = weights.new_zeros(n_tokens, out_features)
