@@ -88,9 +88,13 @@ def reference(layer, x, scalings, logits, k):
     return out.reshape(*x.shape[:2], -1)
 
 
-def run_sparse(layer, x, scalings, method, k):
+def run_sparse(layer, x, scalings, method, k, into=True):
+    """The sparse path as `XLoraLayer.forward` takes it (the update added into the base output in place), or the
+    update alone added afterwards."""
     indices = chosen_indices(Routing(scalings), scalings, k)
     assert indices is not None
+    if into:
+        return sparse_mixture(layer, x, scalings, indices, method=method, into=layer.base_layer(x))
     return layer.base_layer(x) + sparse_mixture(layer, x, scalings, indices, method=method)
 
 
@@ -187,7 +191,7 @@ def test_skewed_routing_uses_small_tiles_and_stays_exact(method):
     logits[0, :60, :, 3] += 100.0
     scalings = gated(logits, 1)
     counts = torch.bincount(logits[0, :, SLOT].topk(1).indices.flatten(), minlength=16)[LAYER_EXPERTS].tolist()
-    assert max(counts) >= 60 and sparse._tile_size(counts, 4, views=False) < max(counts)
+    assert max(counts) >= 60 and 0 < sparse._tile_size(counts, 4, 12, 10, views=True) < max(counts)
     torch.testing.assert_close(run_sparse(layer, x, scalings, method, 1), run_dense(layer, x, scalings))
 
 
@@ -196,6 +200,7 @@ def test_flattened_tokens_and_a_token_broadcast():
     x = layer_input("linear")
     scalings = gated(gate_logits(grad=False), 2)
     expected = run_sparse(layer, x, scalings, "grouped", 2)
+    torch.testing.assert_close(run_sparse(layer, x, scalings, "grouped", 2, into=False), expected)
     torch.testing.assert_close(run_sparse(layer, x.reshape(18, 12), scalings, "grouped", 2), expected.reshape(18, 10))
     pinned = torch.zeros(1, 1, 1, N_EXPERTS)  # one weight vector for every token (a pinned gate), 2 experts
     pinned[..., [1, 6]] = torch.tensor([0.3, 0.7])
@@ -319,6 +324,19 @@ def test_model_logits_and_gradients_equal_dense(sixteen, sparse_calls, n, k, sof
     assert not sparse_calls
     ours = train_step(model_of(sixteen, n, "sparse", **options), batches)
     assert sparse_calls  # the sparse path ran
+    assert_same(ours, dense)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mixed_ranks_rslora_and_partial_targets(expert_dirs, sparse_calls, k):
+    # the shared experts: ranks 4, 2 and 8 (rsLoRA in one), each adapting different modules
+    options = {"top_k_lora": k, "use_trainable_adapters": True}
+    batches = [input_ids(seed=9)]
+    torch.manual_seed(0)
+    dense = train_step(build_xlora("llama", expert_dirs, topk_compute="dense", **options), batches)
+    torch.manual_seed(0)
+    ours = train_step(build_xlora("llama", expert_dirs, topk_compute="sparse", **options), batches)
+    assert sparse_calls
     assert_same(ours, dense)
 
 

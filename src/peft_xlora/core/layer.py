@@ -199,11 +199,11 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         if scalings is None:
             return result
         chosen = self._sparse_indices(routing, scalings)
-        if chosen is not None:  # top-k: only the chosen experts' updates (sparse.py)
-            update = sparse_mixture(self, x, scalings, chosen)  # (*lead, out)
-        else:
-            z = self._project_down(x)  # (*lead, R)
-            update = self._weigh(z, scalings) @ self.xlora_B.T  # (*lead, out)
+        if chosen is not None:  # top-k: only the chosen experts' updates (sparse.py), added to `result` in place
+            embed_scale = self._get_embed_scale() if self.is_embedding else None
+            return sparse_mixture(self, x, scalings, chosen, into=result, embed_scale=embed_scale)
+        z = self._project_down(x)  # (*lead, R)
+        update = self._weigh(z, scalings) @ self.xlora_B.T  # (*lead, out)
         if self.is_embedding:
             embed_scale = self._get_embed_scale()
             if embed_scale is not None:

@@ -32,6 +32,7 @@ chosen scalings, also through a recomputed checkpointed layer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -131,8 +132,9 @@ class _Layout:
     position: torch.Tensor  # (n_experts,) long: each model expert's position in the layer; n_local where it is absent
     scale: torch.Tensor  # (n_experts,) float32: each model expert's alpha / r here; 0 where it adapts none
     drop_id: torch.Tensor  # (n_local + 1,) long: each position's index into layer.dropouts (the absent slot: 0)
-    rank: int  # the largest rank; smaller ones are zero-padded
-    pad_rows: torch.Tensor | None  # (n_local, rank) rows of the stacked factors (R: a zero row); None: equal ranks
+    rank: int  # the largest rank
+    rows: torch.Tensor  # (n_local, rank) long: each expert's rows of the stacked factors (a smaller rank repeats one)
+    rank_mask: torch.Tensor | None  # (n_local, rank): 1 on an expert's own ranks, 0 on padding; None: equal ranks
 
 
 def _layout(layer: XLoraLayer, n_experts: int, device: torch.device) -> _Layout:
@@ -154,47 +156,56 @@ def _layout(layer: XLoraLayer, n_experts: int, device: torch.device) -> _Layout:
     drop_id = (layer.rank_dropout.detach().cpu()[starts, None] - values).abs().argmin(-1)
     drop_id = torch.cat([drop_id, drop_id.new_zeros(1)])
     rank = max(ranks)
-    pad_rows = None
+    # A smaller rank is padded with its first row again, masked to 0: no zero row needs concatenating per call.
+    rows = torch.tensor([[s + (j if j < r else 0) for j in range(rank)] for s, r in zip(starts, ranks)])
+    mask = None
     if len(set(ranks)) > 1:
-        total = sum(ranks)
-        rows = [[s + j if j < r else total for j in range(rank)] for s, r in zip(starts, ranks)]
-        pad_rows = torch.tensor(rows, dtype=torch.long, device=device)
-    layout = _Layout(position.to(device), scale.to(device), drop_id.to(device), rank, pad_rows)
+        mask = torch.tensor([[float(j < r) for j in range(rank)] for r in ranks]).to(device, layer.xlora_A.dtype)
+    layout = _Layout(position.to(device), scale.to(device), drop_id.to(device), rank, rows.to(device), mask)
     cache[key] = layout
     return layout
 
 
 def _expert_factors(
     layer: XLoraLayer, layout: _Layout, experts: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors per expert: A (E, r, in) and B (E, r, out), zero-padded to the largest rank.
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Factors per expert, padded to the largest rank: A (E, r, in), B (E, r, out) and the rank mask (E, r) or None.
 
     Args:
         layer: The mixture layer.
         layout: Its `_layout`.
         experts: (E,) positions to take (repeats allowed), or None for all the layer's experts in order.
 
-    Equal ranks and all experts: views of the stacked parameters (no copy). Otherwise one gather (a zero row pads
-    smaller ranks); differentiable either way, so trainable experts get their gradients.
+    Equal ranks and all experts: views of the stacked parameters (no copy). Otherwise a gather of A's rows and of B's
+    columns: B is stored (out, R), so its columns are gathered where they lie (a gather of (E, r, out) blocks would
+    transpose, several times slower). Differentiable either way, so trainable experts get their gradients. An
+    embedding's A (R, vocabulary) is never gathered whole: None, the caller indexes it.
     """
     A, B = layer.xlora_A, layer.xlora_B  # (R, in), (out, R)
-    n_local = len(layer.ranks)
-    if layout.pad_rows is None:
-        A3 = A.view(n_local, layout.rank, A.shape[1])  # (E_l, r, in)
-        B3 = B.view(B.shape[0], n_local, layout.rank).permute(1, 2, 0)  # (E_l, r, out)
-        if experts is None:
-            return A3, B3
-        return A3.index_select(0, experts), B3.index_select(0, experts)
-    rows = layout.pad_rows if experts is None else layout.pad_rows.index_select(0, experts)  # (E, r)
-    A_ext = torch.cat([A, A.new_zeros(1, A.shape[1])])  # (R + 1, in)
-    B_ext = torch.cat([B.T, B.new_zeros(1, B.shape[0])])  # (R + 1, out)
-    return A_ext[rows], B_ext[rows]
+    n_local, rank = len(layer.ranks), layout.rank
+    if experts is None and layout.rank_mask is None:
+        A3 = None if layer.is_embedding else A.view(n_local, rank, A.shape[1])  # (E_l, r, in)
+        return A3, B.view(B.shape[0], n_local, rank).permute(1, 2, 0), None  # B: (E_l, r, out), strided
+    rows = layout.rows if experts is None else layout.rows.index_select(0, experts)  # (E, r)
+    n = rows.shape[0]
+    A_t = None if layer.is_embedding else A.index_select(0, rows.reshape(-1)).view(n, rank, A.shape[1])
+    B_t = B.index_select(1, rows.reshape(-1)).view(B.shape[0], n, rank).permute(1, 2, 0)  # (E, r, out)
+    mask = None
+    if layout.rank_mask is not None:
+        mask = layout.rank_mask if experts is None else layout.rank_mask.index_select(0, experts)
+    return A_t, B_t, mask
 
 
 def sparse_mixture(
-    layer: XLoraLayer, x: torch.Tensor, scalings: torch.Tensor, indices: torch.Tensor, method: str | None = None
+    layer: XLoraLayer,
+    x: torch.Tensor,
+    scalings: torch.Tensor,
+    indices: torch.Tensor,
+    method: str | None = None,
+    into: torch.Tensor | None = None,
+    embed_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The gated update of `layer` computed from the chosen experts only: (*lead, out), before any embed scale.
+    """The gated update of `layer` computed from the chosen experts only.
 
     Args:
         layer: The mixture layer.
@@ -202,6 +213,12 @@ def sparse_mixture(
         scalings: (batch|1, seq|1, n_slots|1, n_experts) scalings the layer applies.
         indices: `chosen_indices` of `scalings`, (batch|1, seq|1, n_slots|1, k).
         method: ``"grouped"``, ``"gather"`` or ``"loop"``; None picks by the number of pairs.
+        into: The base layer's output (*lead, out): the update is added to it in place (saving a zero-filled
+            buffer and a sum the size of the output) and it is returned. None returns the update alone.
+        embed_scale: An embedding's output scale (Gemma's), applied to the update.
+
+    Returns:
+        (*lead, out): `into` plus the update, or the update.
     """
     lead = x.shape if layer.is_embedding else x.shape[:-1]
     scalings = scalings.to(layer.xlora_A.device)
@@ -215,21 +232,32 @@ def sparse_mixture(
     layout = _layout(layer, n_experts, slot_s.device)
     # alpha / r folded into the weight; a pair whose expert does not adapt this layer weighs 0 (and gets no gradient).
     dtype = layer.xlora_A.dtype
-    weights = (weights * layout.scale[pick]).to(dtype)
+    weights = weights * layout.scale[pick]
+    if embed_scale is not None:
+        weights = weights * embed_scale.to(weights.device, weights.dtype)
+    weights = weights.to(dtype)
     position = layout.position[pick]  # (tokens, k): the layer's expert; len(layer.ranks) where it adapts none
     if layer.is_embedding:
         inputs = x.reshape(n_tokens)
     else:
         inputs = _dropped_inputs(layer, x.reshape(n_tokens, x.shape[-1]).to(dtype))  # (n_drop * tokens, in)
+    out = None
+    if into is not None and into.is_contiguous():
+        out = into.view(n_tokens, into.shape[-1])  # (tokens, out), shares memory with `into`
     if method is None:
         method = "gather" if n_tokens * k <= GATHER_MAX_PAIRS else "grouped"
     if method == "gather":
         update = _gather(layer, layout, inputs, position, weights)
+        if out is not None:
+            out.add_(update.to(out.dtype))
     elif method in ("grouped", "loop"):
-        update = _grouped(layer, layout, inputs, position, weights, loop=method == "loop")
+        update = _grouped(layer, layout, inputs, position, weights, loop=method == "loop", out=out)
     else:
         raise ValueError(f"Unknown sparse method {method!r}; expected 'grouped', 'gather' or 'loop'.")
-    return update.reshape(*lead, update.shape[-1])
+    if out is not None:
+        return into
+    update = update.reshape(*lead, update.shape[-1])
+    return update if into is None else into + update.to(into.dtype)
 
 
 def _dropped_inputs(layer: XLoraLayer, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +273,13 @@ def _dropped_inputs(layer: XLoraLayer, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.dropout(x, p, training=True) for p in layer.dropouts])
 
 
+def _embedding_down(layer: XLoraLayer, layout: _Layout, ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The down projection z = A_e[:, id] of (id, expert) pairs, (pairs, r): for an embedding, a lookup."""
+    rows = layout.rows.index_select(0, experts)  # (pairs, r)
+    z = layer.xlora_A[rows, ids.unsqueeze(-1)]  # (pairs, r)
+    return z if layout.rank_mask is None else z * layout.rank_mask.index_select(0, experts)
+
+
 def _gather(
     layer: XLoraLayer, layout: _Layout, inputs: torch.Tensor, position: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -255,41 +290,44 @@ def _gather(
     """
     n_tokens, k = position.shape
     flat = position.reshape(-1).clamp(max=len(layer.ranks) - 1)  # (pairs,); absent experts weigh 0
-    A, B = _expert_factors(layer, layout, flat)  # (pairs, r, in), (pairs, r, out)
-    rank = A.shape[1]
+    A, B, mask = _expert_factors(layer, layout, flat)  # (pairs, r, in), (pairs, r, out), (pairs, r)
+    rank = layout.rank
     if layer.is_embedding:
-        ids = inputs.repeat_interleave(k)  # (pairs,)
-        z = A[torch.arange(A.shape[0], device=flat.device), :, ids]  # (pairs, r)
+        z = _embedding_down(layer, layout, inputs.repeat_interleave(k), flat)  # (pairs, r)
     elif inputs.shape[0] == n_tokens:  # one input row per token (at most one dropout value)
         z = torch.bmm(A.view(n_tokens, k * rank, -1), inputs.unsqueeze(-1))  # (tokens, k * r, 1)
     else:  # each expert's own dropout: one input row per pair
         token = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)  # (pairs,)
         x_pairs = F.embedding(layout.drop_id[flat] * n_tokens + token, inputs)  # (pairs, in)
         z = torch.bmm(A, x_pairs.unsqueeze(-1))  # (pairs, r, 1)
-    z = z.reshape(n_tokens, k, rank) * weights.unsqueeze(-1)  # (tokens, k, r)
-    y = torch.bmm(z.view(n_tokens, 1, k * rank), B.view(n_tokens, k * rank, -1))  # (tokens, 1, out)
-    return y.squeeze(1)
+    z = z.reshape(n_tokens, k, rank)
+    if mask is not None and not layer.is_embedding:
+        z = z * mask.view(n_tokens, k, rank)
+    z = z * weights.unsqueeze(-1)  # (tokens, k, r)
+    B = B.reshape(n_tokens, k, rank, -1).reshape(n_tokens, k * rank, -1)  # (tokens, k * r, out)
+    return torch.bmm(z.view(n_tokens, 1, k * rank), B).squeeze(1)  # (tokens, out)
 
 
 #: Candidate tile sizes of the grouped method (besides one tile per expert, as large as its largest group).
 _TILES = (8, 16, 32, 64, 128, 256)
 
 
-def _tile_size(counts: list[int], rank: int, views: bool) -> int:
-    """Rows per tile for the grouped method, from the pairs each expert got.
+def _tile_size(counts: list[int], rank: int, n_in: int, n_out: int, views: bool) -> int:
+    """Rows per tile for the grouped method, from the pairs each expert got; 0 means one tile per layer expert.
 
-    One tile per expert, padded to the largest group, moves no factors when `views` (all experts present, equal
-    ranks) but pads every group to the largest; smaller tiles pad less but copy one factor block per tile. The
-    estimate counts rows moved per (in + out) feature: padded input rows plus copied factor rows.
+    One tile per expert, as large as the largest group, uses the stacked factors as they are (`views`: equal ranks)
+    but pads every expert to the largest group; smaller tiles pad less but copy one factor block per tile. Measured
+    on CPU, a padded row costs about 2 (in + out) element moves (input gathered, output written and read back) and a
+    tile's copy of B's r columns about 2 r out (a strided gather; A's rows are cheap): the estimate compares those.
     """
     largest = max(counts)
-    present = sum(1 for c in counts if c)
-    best_cost, best = present * largest + (0 if views else present * rank), largest
-    for size in _TILES:
-        if size >= largest:
-            break
+    copy = 2 * rank * n_out / (2 * (n_in + n_out))  # a tile's factor copy, in padded rows
+    best_cost, best = (len(counts) * largest, 0) if views else (math.inf, 0)
+    for size in (*_TILES, largest):
+        if size > largest or (size == largest and views):
+            continue
         tiles = sum(-(-c // size) for c in counts)
-        cost = tiles * size + tiles * rank
+        cost = tiles * size + tiles * copy
         if cost < best_cost:
             best_cost, best = cost, size
     return best
@@ -302,49 +340,59 @@ def _grouped(
     position: torch.Tensor,
     weights: torch.Tensor,
     loop: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pairs sorted by expert, cut into padded tiles of one expert each, two batched matmuls. (tokens, out).
 
-    With `loop`, one pair of plain matmuls per expert present instead (no padding, a Python loop).
+    With `loop`, one pair of plain matmuls per expert present instead (no padding, a Python loop). The update is
+    added into `out` in place when given (and `out` returned).
     """
     n_tokens, k = position.shape
     n_local = len(layer.ranks)
     device = position.device
     out_features = layer.out_features
+    if out is None:
+        out = weights.new_zeros(n_tokens, out_features)
     # Pairs whose expert does not adapt this layer have key n_local: they sort last and are never computed.
     key = position.reshape(-1)  # (pairs,)
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=n_local + 1)[:n_local].tolist()  # the one host sync
     n_valid = sum(counts)
     if n_valid == 0:  # no token chose an expert that adapts this layer
-        return weights.new_zeros(n_tokens, out_features)
+        return out
     order = order[:n_valid]
     sorted_pos = key[order]  # (valid,)
     token = order // k  # (valid,): pair p belongs to token p // k
     pair_w = weights.reshape(-1)[order]  # (valid,)
     if layer.is_embedding:
-        A_all, _ = _expert_factors(layer, layout)
-        z_pairs = A_all[sorted_pos, :, inputs[token]]  # (valid, r)
+        z_pairs = _embedding_down(layer, layout, inputs[token], sorted_pos)  # (valid, r)
     else:
         rows = token  # (valid,) rows of the inputs: one per token, or per dropout value and token
         if inputs.shape[0] > n_tokens:
             rows = layout.drop_id[sorted_pos] * n_tokens + token
     if loop:
-        A_all, B_all = _expert_factors(layer, layout)
-        out = weights.new_zeros(n_tokens, out_features)
+        A_all, B_all, mask = _expert_factors(layer, layout)
         start = 0
         for e, count in enumerate(counts):
             if not count:
                 continue
             stop = start + count
-            embedded = layer.is_embedding
-            z = z_pairs[start:stop] if embedded else F.embedding(rows[start:stop], inputs) @ A_all[e].T  # (count, r)
-            out = out.index_add(0, token[start:stop], (z * pair_w[start:stop, None]) @ B_all[e])
+            if layer.is_embedding:
+                z = z_pairs[start:stop]  # (count, r)
+            else:
+                z = F.embedding(rows[start:stop], inputs) @ A_all[e].T  # (count, r)
+                z = z if mask is None else z * mask[e]
+            y = (z * pair_w[start:stop, None]) @ B_all[e]  # (count, out)
+            out = out.index_add_(0, token[start:stop], y.to(out.dtype))
             start = stop
         return out
-    views = layout.pad_rows is None and all(counts)
-    size = _tile_size(counts, layout.rank, views)
-    tiles_of = [-(-c // size) for c in counts]  # tiles per expert
+    views = layout.rank_mask is None
+    n_in = layer.in_features if not layer.is_embedding else layout.rank
+    size = _tile_size(counts, layout.rank, n_in, out_features, views)
+    if size == 0:  # one tile per layer expert, the stacked factors as they are
+        size, tiles_of = max(counts), [1] * n_local
+    else:
+        tiles_of = [-(-c // size) for c in counts]  # tiles per expert
     n_tiles = sum(tiles_of)
     first_pair = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)  # (E_l,) first sorted pair per expert
     first_tile = torch.tensor([0, *tiles_of[:-1]], device=device).cumsum(0)  # (E_l,) first tile per expert
@@ -352,11 +400,11 @@ def _grouped(
     dest = (first_tile[sorted_pos] + within // size) * size + within % size  # (valid,) row in the tiles
     w_tiles = weights.new_zeros(n_tiles * size).index_put((dest,), pair_w).view(n_tiles, size, 1)
     tok_tiles = torch.zeros(n_tiles * size, dtype=torch.long, device=device).index_put_((dest,), token)
-    if views and n_tiles == n_local:
-        A, B = _expert_factors(layer, layout)  # (E_l, r, in), (E_l, r, out): views
+    if n_tiles == n_local and views:
+        A, B, mask = _expert_factors(layer, layout)  # (E_l, r, in), (E_l, r, out): views
     else:
         tile_expert = torch.repeat_interleave(torch.arange(n_local), torch.tensor(tiles_of)).to(device)
-        A, B = _expert_factors(layer, layout, tile_expert)  # (tiles, r, in), (tiles, r, out)
+        A, B, mask = _expert_factors(layer, layout, tile_expert)  # (tiles, r, in), (tiles, r, out), (tiles, r)
     if layer.is_embedding:
         z = z_pairs.new_zeros(n_tiles * size, z_pairs.shape[-1]).index_put((dest,), z_pairs)
         z = z.view(n_tiles, size, -1)  # (tiles, size, r)
@@ -364,5 +412,7 @@ def _grouped(
         row_tiles = torch.zeros(n_tiles * size, dtype=torch.long, device=device).index_put_((dest,), rows)
         x_tiles = F.embedding(row_tiles, inputs).view(n_tiles, size, -1)  # (tiles, size, in)
         z = torch.bmm(x_tiles, A.transpose(1, 2))  # (tiles, size, r)
+        if mask is not None:
+            z = z * mask.unsqueeze(1)
     y = torch.bmm(z * w_tiles, B)  # (tiles, size, out); padding rows weigh 0
-    return weights.new_zeros(n_tokens, out_features).index_add(0, tok_tiles, y.view(-1, out_features))
+    return out.index_add_(0, tok_tiles, y.view(-1, out_features).to(out.dtype))
