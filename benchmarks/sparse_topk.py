@@ -376,7 +376,9 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
             ax.set_ylabel("CPU seconds (median)")
             ax.set_title(f"reference workload, {phase}, top-{K}")
         else:
-            rows = [r for r in kernel["results"] if r["phase"] == phase and r["k"] == K and not r["skew"]]
+            ks = sorted({r["k"] for r in kernel["results"]})
+            k = K if K in ks else ks[0]
+            rows = [r for r in kernel["results"] if r["phase"] == phase and r["k"] == k and not r["skew"]]
             base = {r["n"]: r["cpu_median_s"] for r in rows if r["method"] == "base"}
             for method in KERNEL_METHODS[1:]:
                 pts = sorted(
@@ -385,7 +387,7 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
             ax.set_ylabel("mixture CPU ms (call minus base projections)")
-            ax.set_title(f"one decoder layer's 7 projections, {phase}, top-{K}")
+            ax.set_title(f"one decoder layer's 7 projections, {phase}, top-{k}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("experts N")
         ax.grid(alpha=0.3)
@@ -421,6 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: tests the harness")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--tag", default=None, help="file name suffix (default none; smoke: smoke)")
+    p.add_argument("--png", default=None, help="plot: where to write it (default <out>/sparse-topk[-tag].png)")
     args = p.parse_args(argv)
     model = args.part == "model"
     if args.n is None:
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         png = plot(
             loaded["kernel"],
             loaded["model"],
-            os.path.join(args.out, "sparse-topk" + (f"-{args.tag}" if args.tag else "") + ".png"),
+            args.png or os.path.join(args.out, "sparse-topk" + (f"-{args.tag}" if args.tag else "") + ".png"),
         )
         print(png or "nothing to plot")
         return None

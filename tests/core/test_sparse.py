@@ -14,6 +14,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -191,8 +193,72 @@ def test_skewed_routing_uses_small_tiles_and_stays_exact(method):
     logits[0, :60, :, 3] += 100.0
     scalings = gated(logits, 1)
     counts = torch.bincount(logits[0, :, SLOT].topk(1).indices.flatten(), minlength=16)[LAYER_EXPERTS].tolist()
-    assert max(counts) >= 60 and 0 < sparse._tile_size(counts, 4, 12, 10, views=True) < max(counts)
+    assert max(counts) >= 60 and sparse._tile_size(counts, 4, 12, 10, views=True) not in (0, max(counts))
     torch.testing.assert_close(run_sparse(layer, x, scalings, method, 1), run_dense(layer, x, scalings))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    n_experts=st.integers(2, 12),
+    k=st.integers(1, 4),
+    ranks=st.lists(st.integers(1, 6), min_size=1, max_size=12),
+    tokens=st.integers(1, 40),
+    layerwise=st.booleans(),
+    method=st.sampled_from(METHODS),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_equals_dense(n_experts, k, ranks, tokens, layerwise, method, seed):
+    # random sizes: experts (some absent from the layer), k, ranks, token counts, per-layer slots
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, n_experts)
+    users = sorted(torch.randperm(n_experts, generator=g)[: len(ranks)].tolist())[: len(ranks)]
+    ranks = ranks[: len(users)]
+    loras = [
+        ModuleLora(torch.randn(r, 5, generator=g), torch.randn(4, r, generator=g), r, 0.5 + i, 0.0)
+        for i, r in enumerate(ranks)
+    ]
+    layer = XLoraLayer(nn.Linear(5, 4), 1, users, loras)
+    slots = 3 if layerwise else 1
+    logits = torch.randn(1, tokens, slots, n_experts, generator=g)
+    scalings = gated(logits, k)
+    x = torch.randn(1, tokens, 5, generator=g)
+    torch.testing.assert_close(run_sparse(layer, x, scalings, method, k), run_dense(layer, x, scalings))
+
+
+@pytest.mark.parametrize("layout", [0, 3, sparse.LOOP], ids=["tile-per-expert", "tiles-of-3", "loop"])
+@pytest.mark.parametrize("ranks", ["equal", "mixed"])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_every_grouped_layout_is_exact(monkeypatch, layout, ranks, kind):
+    rank_list = [4] * 12 if ranks == "equal" else [4, 1, 7, 2, 4, 3, 1, 5, 2, 6, 4, 3]
+    layer = make_layer(kind, rank_list, trainable=True)
+    x = layer_input(kind, grad=kind != "embedding")
+    logits = gate_logits()
+    if layout == 0 and ranks == "mixed":
+        layout = 5  # one tile per expert needs equal ranks
+    monkeypatch.setattr(sparse, "_tile_size", lambda *a: layout)
+    g = torch.randn(2, 9, 10)
+    ours = run_sparse(layer, x, gated(logits, 2), "grouped", 2)
+    (ours * g).sum().backward()
+    leaves = [logits, layer.xlora_A, layer.xlora_B] + ([x] if kind != "embedding" else [])
+    ours_grads = grads(*leaves)
+    dense = run_dense(layer, x, gated(logits, 2))
+    (dense * g).sum().backward()
+    torch.testing.assert_close(ours, dense)
+    for a, b in zip(ours_grads, grads(*leaves)):
+        torch.testing.assert_close(a, b)
+
+
+def test_tile_planner():
+    rank, n_in, n_out = 16, 512, 1376
+    balanced = [16] * 64
+    skewed = [445, 257, 122, 75, 45, 30, 20] + [10] * 5  # 1024 pairs over 12 of 64 experts
+    skewed += [0] * (64 - len(skewed))
+    few = [100, 100] + [0] * 62  # two experts chosen
+    assert sparse._tile_size(balanced, rank, n_in, n_out, views=True) == 0  # no padding: the stacked factors
+    assert sparse._tile_size(skewed, rank, n_in, n_out, views=True) == sparse.LOOP
+    assert sparse._tile_size(few, rank, n_in, n_out, views=True) == sparse.LOOP
+    # mixed ranks have no views: balanced groups get tiles of their size (one factor copy each)
+    assert sparse._tile_size(balanced, rank, n_in, n_out, views=False) == 16
 
 
 def test_flattened_tokens_and_a_token_broadcast():
@@ -242,11 +308,12 @@ def test_chosen_indices_once_per_tensor_and_none_for_dense_rows(monkeypatch):
         ("dense", 64, 2, "cpu", False),
         ("sparse", 3, 2, "cpu", True),
         ("sparse", 2, 2, "cpu", False),  # keeping every expert: nothing to skip
-        ("auto", sparse.SPARSE_FROM["cpu"], 2, "cpu", True),
-        ("auto", sparse.SPARSE_FROM["cpu"] - 1, 2, "cpu", False),
-        ("auto", sparse.SPARSE_FROM["cuda"], 2, "cuda", True),
-        ("auto", sparse.SPARSE_FROM["cuda"] - 1, 2, "cuda", False),
-        ("auto", sparse.SPARSE_FROM_DEFAULT - 1, 2, "mps", False),
+        ("auto", sparse.SPARSE_FROM["cpu"] * 2, 2, "cpu", True),
+        ("auto", sparse.SPARSE_FROM["cpu"] * 2 - 1, 2, "cpu", False),
+        ("auto", sparse.SPARSE_FROM["cpu"], 1, "cpu", True),
+        ("auto", sparse.SPARSE_FROM["cuda"] * 2, 2, "cuda", True),
+        ("auto", sparse.SPARSE_FROM["cuda"] * 2 - 1, 2, "cuda", False),
+        ("auto", sparse.SPARSE_FROM_DEFAULT * 2 - 1, 2, "mps", False),
     ],
 )
 def test_use_sparse(mode, n, k, device, expected):
@@ -450,7 +517,7 @@ def test_without_top_k_nothing_changes(sixteen, monkeypatch):
 
 
 def test_auto_picks_sparse_in_layers_with_enough_experts(sixteen, sparse_calls, monkeypatch):
-    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", 8)
+    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", 4)  # at top-2: sparse from 8 experts
     model = model_of(sixteen, 16, "auto", top_k_lora=2).eval()
     with torch.no_grad():
         model(input_ids=input_ids())

@@ -6,33 +6,37 @@ by 0, so its cost grows with N. When every token's scalings have at most k non-z
     y_t = base(x_t) + sum_{j<k} s_{t,e_tj} * scale_{e_tj} * B_{e_tj} A_{e_tj} x_t
 
 needs only the k chosen experts' factors per token: its cost depends on k and the ranks, not on N. Three ways to
-compute it, all exact against the dense path (float tolerance) and selectable for measurement:
+compute it, all exact against the dense path (float tolerance), selectable for measurement:
 
-- ``"grouped"``: the (token, expert) pairs are sorted by expert, each expert's tokens are gathered into one row
-  block padded to the largest block, and two batched matmuls over the experts present do the work; the results are
-  scatter-added back to their tokens (what mixture-of-experts layers do). Work ~ n_present * largest_block, so it
-  stays flat in N while routing spreads; one host sync per call (the block sizes).
-- ``"gather"``: every pair gathers its expert's (r, in) and (r, out) factors and runs a batched matrix-vector
-  product: no sort, no host sync, fixed shapes per step, but it materialises (pairs, r, in) factor copies, so it
-  is for few tokens (cached generation).
-- ``"loop"``: the sort of ``"grouped"``, then one pair of matmuls per expert present: no padding, a Python loop.
+- ``"grouped"``: the (token, expert) pairs are sorted by expert; each expert's tokens are gathered into padded tiles
+  and two batched matmuls over the tiles do the work; the results are scatter-added back to their tokens (what
+  mixture-of-experts layers do). `_tile_size` picks the layout from the group sizes: one tile per expert over the
+  stacked factors as they are, smaller tiles (less padding, a factor copy per tile) when routing is skewed, or one
+  pair of plain matmuls per expert present when few experts are chosen. One host sync per call (the group sizes).
+- ``"gather"``: every token gathers its k experts' factors and runs two batched matrix-vector products: no sort, no
+  host sync, fixed shapes for a given number of tokens, but it copies (pairs, r, in + out) factors, so it is for a
+  handful of tokens (cached generation).
+- ``"loop"``: the sort of ``"grouped"``, then one pair of matmuls per expert present, always.
 
-`sparse_update` picks ``"gather"`` for a handful of pairs and ``"grouped"`` otherwise (measured on CPU in
-`benchmarks/sparse_topk.py`; docs/performance.md has the numbers). Whether a layer takes the sparse path at all is
-`XLoraConfig.topk_compute`: ``"dense"``, ``"sparse"``, or ``"auto"`` (sparse once the layer has at least
-`SPARSE_FROM[device type]` experts; `use_sparse`).
+`sparse_mixture` takes ``"gather"`` for at most `GATHER_MAX_PAIRS` (token, expert) pairs and ``"grouped"`` otherwise.
+On a GPU the same split holds, with other kernels: a grouped GEMM over the sorted pairs (no padding, the scatter-add
+fused into it) for prefill and training, and the per-token gather (as multi-LoRA serving kernels do) for decoding,
+where it is also what CUDA graphs and torch.compile need (fixed shapes, no host sync). Whether a layer takes the
+sparse path at all is `XLoraConfig.topk_compute`: ``"dense"``, ``"sparse"``, or ``"auto"``: sparse in a layer adapted
+by at least `SPARSE_FROM[device type] * k` experts (`use_sparse`).
 
 The chosen experts come from the routing: `routing.chosen` (indices computed once by the gate) where the router
 provides it for this layer's scalings, else from the scalings tensor itself, once per tensor (so once per forward,
 not per layer): the k entries of largest magnitude, after checking that no row has more than k non-zero entries (a
 row with more, e.g. the scaling pass's constant weights, a pinned gate or single-pass static weights, takes the dense
 path). The weights are always gathered from the layer's own scalings tensor, so the gradient reaches exactly the
-chosen scalings, also through a recomputed checkpointed layer.
+chosen scalings, also through a recomputed checkpointed layer. (Derived from the scalings, a chosen expert whose
+scaling is exactly 0, possible only without softmax, may be swapped for another zero: the outputs stay exact, the
+gate's gradient then reaches that other zero entry instead; the router's own indices avoid it.)
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,14 +50,14 @@ if TYPE_CHECKING:
 TopKCompute = Literal["auto", "dense", "sparse"]
 SparseMethod = Literal["grouped", "gather", "loop"]
 
-#: `topk_compute="auto"` takes the sparse path in a layer adapted by at least this many experts, per device type.
-#: "cpu": the crossover measured on the project's CPU (benchmarks/results/sparse-topk-kernel.json: one mixture layer of
-#: the reference workload at k = 2, rank 16, sparse faster than dense from this N on in prefill, training and cached
-#: generation). "cuda": NOT measured (no GPU was available); a conservative guess that keeps the dense path, a few
-#: large GEMMs a GPU runs at full speed, until the dense work is clearly larger than the sparse path's overhead.
-SPARSE_FROM: dict[str, int] = {"cpu": 16, "cuda": 64}
+#: `topk_compute="auto"` takes the sparse path in a layer adapted by at least `SPARSE_FROM[device] * k` experts.
+#: "cpu": measured on the project's CPU (benchmarks/results/sparse-topk-kernel.json, one decoder layer of the reference
+#: workload, rank 16): sparse is faster than dense from N = 4 / 8 / 32 (k = 1 / 2 / 4) in prefill and from N = 8 / 16
+#: / 32 in training steps and cached decoding; 8 per kept expert covers all three. "cuda": NOT measured (no GPU was
+#: available): a conservative guess that keeps the dense path, a few large GEMMs a GPU runs well, to larger N.
+SPARSE_FROM: dict[str, int] = {"cpu": 8, "cuda": 32}
 #: Devices without an entry (mps, xpu, ...) use the conservative value.
-SPARSE_FROM_DEFAULT = 64
+SPARSE_FROM_DEFAULT = 32
 #: At most this many (token, expert) pairs take the ``"gather"`` method; more take ``"grouped"``.
 GATHER_MAX_PAIRS = 16
 
@@ -82,13 +86,15 @@ def configure_topk(layers: list[XLoraLayer], config: Any) -> None:
 def use_sparse(mode: str, n_experts: int, k: int, device_type: str) -> bool:
     """Whether a layer of `n_experts` experts computes a top-`k` mixture sparsely on `device_type`.
 
-    ``"dense"`` never, ``"sparse"`` whenever fewer than all experts are kept, ``"auto"`` from `SPARSE_FROM`.
+    ``"dense"`` never, ``"sparse"`` whenever fewer than all experts are kept, ``"auto"`` from `SPARSE_FROM`: the dense
+    work grows with the number of experts and the sparse work with k, so the crossover is a number of experts per
+    kept expert.
     """
     if mode == "dense" or k >= n_experts:
         return False
     if mode == "sparse":
         return True
-    return n_experts >= SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT)
+    return n_experts >= SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT) * k
 
 
 # Per scalings tensor: its chosen indices (or None: some row has more than k non-zero entries). Keyed weakly by the
@@ -310,19 +316,28 @@ def _gather(
 
 #: Candidate tile sizes of the grouped method (besides one tile per expert, as large as its largest group).
 _TILES = (8, 16, 32, 64, 128, 256)
+#: The per-expert cost of the loop layout (a handful of small ops per expert present), in padded rows: fitted to the
+#: kernel benchmark (benchmarks/results/sparse-topk-kernel.json, prefill at N = 128 with balanced and skewed routing).
+_LOOP_ROWS = 28
+LOOP = -1
 
 
 def _tile_size(counts: list[int], rank: int, n_in: int, n_out: int, views: bool) -> int:
-    """Rows per tile for the grouped method, from the pairs each expert got; 0 means one tile per layer expert.
+    """The layout of the grouped method, from the pairs each expert got: rows per tile, 0 or `LOOP`.
 
-    One tile per expert, as large as the largest group, uses the stacked factors as they are (`views`: equal ranks)
-    but pads every expert to the largest group; smaller tiles pad less but copy one factor block per tile. Measured
-    on CPU, a padded row costs about 2 (in + out) element moves (input gathered, output written and read back) and a
-    tile's copy of B's r columns about 2 r out (a strided gather; A's rows are cheap): the estimate compares those.
+    0 is one tile per layer expert, as large as the largest group: the stacked factors are used as they are (`views`:
+    equal ranks), but every expert is padded to the largest group. A tile size pads less but copies one factor block
+    per tile. `LOOP` computes each expert present with its own matmuls: no padding, no copy, a fixed cost per expert.
+    Measured on CPU, a padded row costs about 2 (in + out) element moves (input gathered, output written and read
+    back) and a tile's copy of B's r columns about 2 r out (a strided gather; A's rows are cheap): the estimate
+    compares those, in padded rows.
     """
     largest = max(counts)
-    copy = 2 * rank * n_out / (2 * (n_in + n_out))  # a tile's factor copy, in padded rows
-    best_cost, best = (len(counts) * largest, 0) if views else (math.inf, 0)
+    present = sum(1 for c in counts if c)
+    copy = rank * n_out / (n_in + n_out)  # a tile's factor copy, in padded rows
+    best_cost, best = sum(counts) + present * _LOOP_ROWS, LOOP
+    if views and len(counts) * largest < best_cost:
+        best_cost, best = len(counts) * largest, 0
     for size in (*_TILES, largest):
         if size > largest or (size == largest and views):
             continue
@@ -344,8 +359,9 @@ def _grouped(
 ) -> torch.Tensor:
     """Pairs sorted by expert, cut into padded tiles of one expert each, two batched matmuls. (tokens, out).
 
-    With `loop`, one pair of plain matmuls per expert present instead (no padding, a Python loop). The update is
-    added into `out` in place when given (and `out` returned).
+    `_tile_size` picks the tiles, or one pair of plain matmuls per expert present (no padding, a Python loop: best
+    when few experts are chosen); `loop` forces the latter. The update is added into `out` in place when given (and
+    `out` returned).
     """
     n_tokens, k = position.shape
     n_local = len(layer.ranks)
@@ -370,7 +386,10 @@ def _grouped(
         rows = token  # (valid,) rows of the inputs: one per token, or per dropout value and token
         if inputs.shape[0] > n_tokens:
             rows = layout.drop_id[sorted_pos] * n_tokens + token
-    if loop:
+    views = layout.rank_mask is None
+    n_in = layer.in_features if not layer.is_embedding else layout.rank
+    size = LOOP if loop else _tile_size(counts, layout.rank, n_in, out_features, views)
+    if size == LOOP:
         A_all, B_all, mask = _expert_factors(layer, layout)
         start = 0
         for e, count in enumerate(counts):
@@ -386,9 +405,6 @@ def _grouped(
             out = out.index_add_(0, token[start:stop], y.to(out.dtype))
             start = stop
         return out
-    views = layout.rank_mask is None
-    n_in = layer.in_features if not layer.is_embedding else layout.rank
-    size = _tile_size(counts, layout.rank, n_in, out_features, views)
     if size == 0:  # one tile per layer expert, the stacked factors as they are
         size, tiles_of = max(counts), [1] * n_local
     else:
