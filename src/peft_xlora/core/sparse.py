@@ -248,7 +248,9 @@ def sparse_mixture(
     else:
         inputs = _dropped_inputs(layer, x.reshape(n_tokens, x.shape[-1]).to(dtype))  # (n_drop * tokens, in)
     out = None
-    if into is not None and into.is_contiguous():
+    if into is not None and into.is_contiguous() and not torch.is_grad_enabled():
+        # Without autograd, into the base output directly. With it, in-place ops on this view would each make
+        # autograd copy the whole output's gradient in backward (CopySlices): a fresh buffer is added once instead.
         out = into.view(n_tokens, into.shape[-1])  # (tokens, out), shares memory with `into`
     if method is None:
         method = "gather" if n_tokens * k <= GATHER_MAX_PAIRS else "grouped"
