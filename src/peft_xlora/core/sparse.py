@@ -350,6 +350,33 @@ def _tile_size(counts: list[int], rank: int, n_in: int, n_out: int, views: bool)
     return best
 
 
+class _AddRows(torch.autograd.Function):
+    """out.index_add(0, index, source) whose backward keeps only the index.
+
+    torch's index_add saves `source` for its backward (to shape the gradient); here that is the (padded pairs, out)
+    product of the up projection, the largest tensor of the layer: saving it made the sparse path's training step
+    hold more memory than the dense one. The gradient of `source` is the output's gradient gathered at `index`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return out.index_add(0, index, source)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)
+
+
+def _add_rows(out: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`out` with row `index[i]` increased by `source[i]`; in place without autograd, else without saving `source`."""
+    source = source.to(out.dtype)
+    if torch.is_grad_enabled() and (out.requires_grad or source.requires_grad):
+        return _AddRows.apply(out, index, source)
+    return out.index_add_(0, index, source)
+
+
 def _grouped(
     layer: XLoraLayer,
     layout: _Layout,
@@ -393,7 +420,7 @@ def _grouped(
     size = LOOP if loop else _tile_size(counts, layout.rank, n_in, out_features, views)
     if size == LOOP:
         A_all, B_all, mask = _expert_factors(layer, layout)
-        start = 0
+        start, ys = 0, []
         for e, count in enumerate(counts):
             if not count:
                 continue
@@ -403,10 +430,9 @@ def _grouped(
             else:
                 z = F.embedding(rows[start:stop], inputs) @ A_all[e].T  # (count, r)
                 z = z if mask is None else z * mask[e]
-            y = (z * pair_w[start:stop, None]) @ B_all[e]  # (count, out)
-            out = out.index_add_(0, token[start:stop], y.to(out.dtype))
+            ys.append((z * pair_w[start:stop, None]) @ B_all[e])  # (count, out)
             start = stop
-        return out
+        return _add_rows(out, token, torch.cat(ys))
     if size == 0:  # one tile per layer expert, the stacked factors as they are
         size, tiles_of = max(counts), [1] * n_local
     else:
@@ -433,4 +459,4 @@ def _grouped(
         if mask is not None:
             z = z * mask.unsqueeze(1)
     y = torch.bmm(z * w_tiles, B)  # (tiles, size, out); padding rows weigh 0
-    return out.index_add_(0, tok_tiles, y.view(-1, out_features).to(out.dtype))
+    return _add_rows(out, tok_tiles, y.view(-1, out_features))
