@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.sparse_topk kernel --threads 1      # one decoder layer's 7 projections: dense vs sparse
     python -m benchmarks.sparse_topk model --threads 1       # the reference workload at N = 8 .. 128, top-2
     python -m benchmarks.sparse_topk plot                    # sparse-topk.png from the two recorded files
+    python -m benchmarks.sparse_topk report                  # their Markdown tables (as docs/performance.md quotes)
     python -m benchmarks.sparse_topk kernel --smoke          # tiny sizes, one repetition: checks the harness
 
 ``kernel`` times the seven projections of one decoder layer of the reference workload (hidden 512, MLP 1376, every
@@ -398,6 +399,66 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
     return path
 
 
+# ------------------------------------------------------------------ report
+
+
+def report(kernel: dict[str, Any] | None, model: dict[str, Any] | None) -> str:
+    """Markdown tables of the recorded files: what docs/performance.md quotes."""
+    lines: list[str] = []
+    if model:
+        rows = model["results"]
+        lines += ["| phase | N | floor CPU s | dense CPU s | sparse CPU s | sparse / floor | dense / floor | "
+                  "sparse peak RSS GiB | dense peak RSS GiB | floor peak RSS GiB | largest expert share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for phase in ("prefill", "train"):
+            for n in sorted({r["n"] for r in rows}):
+                cell = {r["method"]: r for r in rows if r["phase"] == phase and r["n"] == n}
+                if len(cell) < 3:
+                    continue
+                f, d, sp = (cell[m] for m in MODEL_METHODS)
+                mem = [f"{c['peak_rss_gib']:.2f}" if "peak_rss_gib" in c else "" for c in (sp, d, f)]
+                share = sp.get("largest_expert_share")
+                lines.append(
+                    f"| {phase} | {n} | {f['cpu_median_s']:.3f} | {d['cpu_median_s']:.3f} | {sp['cpu_median_s']:.3f} "
+                    f"| {sp['cpu_median_s'] / f['cpu_median_s']:.2f}x | {d['cpu_median_s'] / f['cpu_median_s']:.2f}x "
+                    f"| {' | '.join(mem)} | {share:.2f} |"
+                )
+        lines += ["", "| target | CPU | wall | per-group floor | limit | |", "|---|---|---|---|---|---|"]
+        for t in model["targets"]:
+            group = f"{t['per_group_floor']:.2f}" if "per_group_floor" in t else ""
+            met = "met" if t["met"] else "missed"
+            lines.append(
+                f"| {t['target']} | {t['value']:.2f} | {t['wall_value']:.2f} | {group} | {t['limit']} | {met} |"
+            )
+    if kernel:
+        rows = [r for r in kernel["results"] if not r["skew"]]
+        lines += [
+            "",
+            "| phase | k | " + " | ".join(f"N={n}" for n in sorted({r["n"] for r in rows})) + " | sparse from |",
+        ]
+        ns = sorted({r["n"] for r in rows})
+        lines.append("|---|---|" + "---|" * len(ns) + "---|")
+        for c in kernel["crossover"]:
+            ratios = [c["sparse_over_dense"].get(str(n)) for n in ns]
+            cells = " | ".join(f"{x:.2f}" if x is not None else "" for x in ratios)
+            lines.append(f"| {c['phase']} | {c['k']} | {cells} | {c['sparse_from_n']} |")
+        methods = KERNEL_METHODS[1:]
+        lines += ["", "| phase | N | k | routing | base ms | " + " | ".join(f"{m} ms" for m in methods) + " |"]
+        lines.append("|---|---|---|---|---|" + "---|" * len(methods))
+        for r0 in kernel["results"]:
+            if r0["method"] != "base" or r0["k"] != K:
+                continue
+            key = (r0["phase"], r0["n"], r0["k"], r0["skew"])
+            same = {r["method"]: r for r in kernel["results"] if (r["phase"], r["n"], r["k"], r["skew"]) == key}
+            base = r0["cpu_median_s"]
+            mix = [f"{1000 * (same[m]['cpu_median_s'] - base):.1f}" if m in same else "" for m in KERNEL_METHODS[1:]]
+            routing = f"skewed (largest {r0['largest_expert_share']:.2f})" if r0["skew"] else "random"
+            lines.append(
+                f"| {r0['phase']} | {r0['n']} | {r0['k']} | {routing} | {1000 * base:.1f} | {' | '.join(mix)} |"
+            )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -409,7 +470,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparse_topk", description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["kernel", "model", "plot"])
+    p.add_argument("part", choices=["kernel", "model", "plot", "report"])
     p.add_argument("--n", type=int, nargs="+", help="numbers of experts (kernel: 2..128, model: 8 16 32 64 128)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="kernel: top-k values (default 1 2 4)")
     p.add_argument("--phases", nargs="+", default=None, help="kernel: prefill train decode; model: prefill train")
@@ -451,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = SMOKE if args.smoke else Workload()
-    if args.part == "plot":
+    if args.part in ("plot", "report"):
         loaded = {}
         for part in ("kernel", "model"):
             path = result_path(args.out, part, args.tag)
@@ -459,6 +520,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             if os.path.exists(path):
                 with open(path) as f:
                     loaded[part] = json.load(f)
+        if args.part == "report":
+            print(report(loaded["kernel"], loaded["model"]))
+            return None
         png = plot(
             loaded["kernel"],
             loaded["model"],

@@ -316,35 +316,39 @@ def _gather(
     return torch.bmm(z.view(n_tokens, 1, k * rank), B).squeeze(1)  # (tokens, out)
 
 
-#: Candidate tile sizes of the grouped method (besides one tile per expert, as large as its largest group).
-_TILES = (8, 16, 32, 64, 128, 256)
-#: The per-expert cost of the loop layout (a handful of small ops per expert present), in padded rows: fitted to the
-#: kernel benchmark (benchmarks/results/sparse-topk-kernel.json, prefill at N = 128 with balanced and skewed routing).
+#: Candidate tile sizes of the grouped method (besides one tile per expert, as large as its largest group). Smaller
+#: tiles pad less but measured slower on CPU: batched matmuls of fewer than 32 rows run well below their peak.
+_TILES = (32, 64, 128, 256)
+#: The per-expert cost of the loop layout (a handful of small ops per expert present, and their autograd nodes when
+#: training), in padded rows of an inference forward: fitted to the kernel benchmark's layouts on CPU
+#: (benchmarks/results/sparse-topk-kernel.json, N = 64 and 128, balanced and skewed routing).
 _LOOP_ROWS = 28
+_LOOP_ROWS_TRAINING = 80
 LOOP = -1
 
 
-def _tile_size(counts: list[int], rank: int, n_in: int, n_out: int, views: bool) -> int:
+def _tile_size(counts: list[int], rank: int, n_in: int, n_out: int, views: bool, training: bool = False) -> int:
     """The layout of the grouped method, from the pairs each expert got: rows per tile, 0 or `LOOP`.
 
     0 is one tile per layer expert, as large as the largest group: the stacked factors are used as they are (`views`:
     equal ranks), but every expert is padded to the largest group. A tile size pads less but copies one factor block
     per tile. `LOOP` computes each expert present with its own matmuls: no padding, no copy, a fixed cost per expert.
     Measured on CPU, a padded row costs about 2 (in + out) element moves (input gathered, output written and read
-    back) and a tile's copy of B's r columns about 2 r out (a strided gather; A's rows are cheap): the estimate
-    compares those, in padded rows.
+    back; twice that when autograd records, for the backward), a tile's copy of B's r columns about 2 r out (a strided
+    gather; A's rows are cheap; no backward for frozen experts): the estimate compares those, in padded rows.
     """
     largest = max(counts)
     present = sum(1 for c in counts if c)
+    row = 2 if training else 1
     copy = rank * n_out / (n_in + n_out)  # a tile's factor copy, in padded rows
-    best_cost, best = sum(counts) + present * _LOOP_ROWS, LOOP
-    if views and len(counts) * largest < best_cost:
-        best_cost, best = len(counts) * largest, 0
+    best_cost, best = sum(counts) * row + present * (_LOOP_ROWS_TRAINING if training else _LOOP_ROWS), LOOP
+    if views and len(counts) * largest * row < best_cost:
+        best_cost, best = len(counts) * largest * row, 0
     for size in (*_TILES, largest):
         if size > largest or (size == largest and views):
             continue
         tiles = sum(-(-c // size) for c in counts)
-        cost = tiles * size + tiles * copy
+        cost = tiles * size * row + tiles * copy
         if cost < best_cost:
             best_cost, best = cost, size
     return best
@@ -417,7 +421,10 @@ def _grouped(
             rows = layout.drop_id[sorted_pos] * n_tokens + token
     views = layout.rank_mask is None
     n_in = layer.in_features if not layer.is_embedding else layout.rank
-    size = LOOP if loop else _tile_size(counts, layout.rank, n_in, out_features, views)
+    training = torch.is_grad_enabled() and (
+        inputs.requires_grad or weights.requires_grad or layer.xlora_A.requires_grad
+    )
+    size = LOOP if loop else _tile_size(counts, layout.rank, n_in, out_features, views, training)
     if size == LOOP:
         A_all, B_all, mask = _expert_factors(layer, layout)
         start, ys = 0, []
