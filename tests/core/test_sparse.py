@@ -302,22 +302,31 @@ def test_chosen_indices_once_per_tensor_and_none_for_dense_rows(monkeypatch):
     assert torch.equal(chosen_indices(routed, other, 2), first)
 
 
+MANY, FEW = sparse.SPARSE_FROM["cpu"]
+CUDA_MANY, CUDA_FEW = sparse.SPARSE_FROM["cuda"]
+
+
 @pytest.mark.parametrize(
-    "mode, n, k, device, expected",
+    "mode, n, k, device, tokens, expected",
     [
-        ("dense", 64, 2, "cpu", False),
-        ("sparse", 3, 2, "cpu", True),
-        ("sparse", 2, 2, "cpu", False),  # keeping every expert: nothing to skip
-        ("auto", sparse.SPARSE_FROM["cpu"] * 2, 2, "cpu", True),
-        ("auto", sparse.SPARSE_FROM["cpu"] * 2 - 1, 2, "cpu", False),
-        ("auto", sparse.SPARSE_FROM["cpu"], 1, "cpu", True),
-        ("auto", sparse.SPARSE_FROM["cuda"] * 2, 2, "cuda", True),
-        ("auto", sparse.SPARSE_FROM["cuda"] * 2 - 1, 2, "cuda", False),
-        ("auto", sparse.SPARSE_FROM_DEFAULT * 2 - 1, 2, "mps", False),
+        ("dense", 64, 2, "cpu", 512, False),
+        ("sparse", 3, 2, "cpu", 512, True),
+        ("sparse", 2, 2, "cpu", 512, False),  # keeping every expert: nothing to skip
+        ("auto", MANY * 2, 2, "cpu", 512, True),
+        ("auto", MANY * 2 - 1, 2, "cpu", 512, False),
+        ("auto", MANY * 2, 2, "cpu", None, True),  # unknown: many
+        ("auto", MANY, 1, "cpu", 512, True),
+        ("auto", FEW * 2, 2, "cpu", 1, True),  # decoding one token
+        ("auto", FEW * 2 - 1, 2, "cpu", 1, False),
+        ("auto", MANY * 2, 2, "cpu", 1, MANY >= FEW),  # enough for a prefill, not for one token
+        ("auto", CUDA_MANY * 2, 2, "cuda", 512, True),
+        ("auto", CUDA_MANY * 2 - 1, 2, "cuda", 512, False),
+        ("auto", CUDA_FEW * 2 - 1, 2, "cuda", 1, False),
+        ("auto", sparse.SPARSE_FROM_DEFAULT[0] * 2 - 1, 2, "mps", 512, False),
     ],
 )
-def test_use_sparse(mode, n, k, device, expected):
-    assert use_sparse(mode, n, k, device) is expected
+def test_use_sparse(mode, n, k, device, tokens, expected):
+    assert use_sparse(mode, n, k, device, tokens) is expected
 
 
 # ------------------------------------------------------------------ a tiny Llama with up to 16 experts
@@ -517,7 +526,7 @@ def test_without_top_k_nothing_changes(sixteen, monkeypatch):
 
 
 def test_auto_picks_sparse_in_layers_with_enough_experts(sixteen, sparse_calls, monkeypatch):
-    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", 4)  # at top-2: sparse from 8 experts
+    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", (4, 4))  # at top-2: sparse from 8 experts
     model = model_of(sixteen, 16, "auto", top_k_lora=2).eval()
     with torch.no_grad():
         model(input_ids=input_ids())

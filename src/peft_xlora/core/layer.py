@@ -198,7 +198,7 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         scalings = routing.scalings_for(self.layer_index)
         if scalings is None:
             return result
-        chosen = self._sparse_indices(routing, scalings)
+        chosen = self._sparse_indices(routing, scalings, x)
         if chosen is not None:  # top-k: only the chosen experts' updates (sparse.py), added to `result` in place
             embed_scale = self._get_embed_scale() if self.is_embedding else None
             return sparse_mixture(self, x, scalings, chosen, into=result, embed_scale=embed_scale)
@@ -210,17 +210,18 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
                 update = update * embed_scale.to(update.dtype)
         return result + update.to(result.dtype)
 
-    def _sparse_indices(self, routing: Any, scalings: torch.Tensor) -> torch.Tensor | None:
+    def _sparse_indices(self, routing: Any, scalings: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """The experts each token keeps, (batch|1, seq|1, n_slots|1, k), when this call computes sparsely; else None.
 
-        Sparse only with `top_k_lora`, where `topk_compute` (and, for "auto", the number of experts here and the
-        device) says so, and where no row of these scalings has more than k non-zero entries (the scaling pass's
-        constant weights, a pinned gate or single-pass static weights may): there the dense path runs.
+        Sparse only with `top_k_lora`, where `topk_compute` (and, for "auto", the number of experts here, of tokens
+        in `x` and the device) says so, and where no row of these scalings has more than k non-zero entries (the
+        scaling pass's constant weights, a pinned gate or single-pass static weights may): there the dense path runs.
         """
         topk = self.topk
         if topk is None or getattr(routing, "scaling_pass", False):
             return None
-        if not use_sparse(topk.mode, len(self.ranks), topk.k, self.xlora_A.device.type):
+        n_tokens = x.numel() if self.is_embedding else x.numel() // x.shape[-1]
+        if not use_sparse(topk.mode, len(self.ranks), topk.k, self.xlora_A.device.type, n_tokens):
             return None
         return chosen_indices(routing, scalings, topk.k)
 

@@ -23,7 +23,7 @@ On a GPU the same split holds, with other kernels: a grouped GEMM over the sorte
 fused into it) for prefill and training, and the per-token gather (as multi-LoRA serving kernels do) for decoding,
 where it is also what CUDA graphs and torch.compile need (fixed shapes, no host sync). Whether a layer takes the
 sparse path at all is `XLoraConfig.topk_compute`: ``"dense"``, ``"sparse"``, or ``"auto"``: sparse in a layer adapted
-by at least `SPARSE_FROM[device type] * k` experts (`use_sparse`).
+by at least a measured number of experts per kept expert (`SPARSE_FROM`, `use_sparse`).
 
 The chosen experts come from the routing: `routing.chosen` (indices computed once by the gate) where the router
 provides it for this layer's scalings, else from the scalings tensor itself, once per tensor (so once per forward,
@@ -50,14 +50,16 @@ if TYPE_CHECKING:
 TopKCompute = Literal["auto", "dense", "sparse"]
 SparseMethod = Literal["grouped", "gather", "loop"]
 
-#: `topk_compute="auto"` takes the sparse path in a layer adapted by at least `SPARSE_FROM[device] * k` experts.
-#: "cpu": measured on the project's CPU (benchmarks/results/sparse-topk-kernel.json, one decoder layer of the reference
-#: workload, rank 16): sparse is faster than dense from N = 4 / 8 / 32 (k = 1 / 2 / 4) in prefill and from N = 8 / 16
-#: / 32 in training steps and cached decoding; 8 per kept expert covers all three. "cuda": NOT measured (no GPU was
-#: available): a conservative guess that keeps the dense path, a few large GEMMs a GPU runs well, to larger N.
-SPARSE_FROM: dict[str, int] = {"cpu": 8, "cuda": 32}
-#: Devices without an entry (mps, xpu, ...) use the conservative value.
-SPARSE_FROM_DEFAULT = 32
+#: `topk_compute="auto"` takes the sparse path in a layer adapted by at least `n * k` experts, where n is the first
+#: entry here for a call of many tokens (prefill, training) and the second for one of at most `GATHER_MAX_PAIRS`
+#: (token, expert) pairs (cached decoding), per device type. "cpu": measured on the project's CPU
+#: (benchmarks/results/sparse-topk-kernel.json, one decoder layer of the reference workload, rank 16): sparse beats
+#: dense from N = 8 / 8 / 16 (k = 1 / 2 / 4) in prefill, 8 / 8 / 32 in training steps and 16 / 32 / 64 when decoding
+#: one token. "cuda": NOT measured (no GPU was available): a conservative guess that keeps the dense path, a few
+#: large GEMMs a GPU runs well, to larger N.
+SPARSE_FROM: dict[str, tuple[int, int]] = {"cpu": (8, 16), "cuda": (32, 64)}
+#: Devices without an entry (mps, xpu, ...) use the conservative values.
+SPARSE_FROM_DEFAULT = (32, 64)
 #: At most this many (token, expert) pairs take the ``"gather"`` method; more take ``"grouped"``.
 GATHER_MAX_PAIRS = 16
 
@@ -83,18 +85,20 @@ def configure_topk(layers: list[XLoraLayer], config: Any) -> None:
         layer.topk = setting
 
 
-def use_sparse(mode: str, n_experts: int, k: int, device_type: str) -> bool:
-    """Whether a layer of `n_experts` experts computes a top-`k` mixture sparsely on `device_type`.
+def use_sparse(mode: str, n_experts: int, k: int, device_type: str, n_tokens: int | None = None) -> bool:
+    """Whether a layer of `n_experts` experts computes a top-`k` mixture of `n_tokens` tokens sparsely.
 
     ``"dense"`` never, ``"sparse"`` whenever fewer than all experts are kept, ``"auto"`` from `SPARSE_FROM`: the dense
     work grows with the number of experts and the sparse work with k, so the crossover is a number of experts per
-    kept expert.
+    kept expert (higher for a handful of tokens, where fixed costs weigh more). `n_tokens` None counts as many.
     """
     if mode == "dense" or k >= n_experts:
         return False
     if mode == "sparse":
         return True
-    return n_experts >= SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT) * k
+    many, few = SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT)
+    per_kept = few if n_tokens is not None and n_tokens * k <= GATHER_MAX_PAIRS else many
+    return n_experts >= per_kept * k
 
 
 # Per scalings tensor: its chosen indices (or None: some row has more than k non-zero entries). Keyed weakly by the
