@@ -369,13 +369,19 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
         panels += [("kernel", phase) for phase in PHASES if any(r["phase"] == phase for r in kernel["results"])]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
-    for ax, (part, phase) in zip(axes[0], panels):
+    colors = {"floor": "tab:gray", "dense": "tab:red", "sparse": "tab:green", "grouped": "tab:green",
+              "gather": "tab:blue", "loop": "tab:orange"}  # fmt: skip
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (part, phase) in zip(axes.flat, panels):
         if part == "model":
             rows = [r for r in model["results"] if r["phase"] == phase]
             for method in MODEL_METHODS:
                 pts = sorted((r["n"], r["cpu_median_s"]) for r in rows if r["method"] == method)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])
             ax.set_ylabel("CPU seconds (median)")
             ax.set_title(f"reference workload, {phase}, top-{K}")
         else:
@@ -388,9 +394,9 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
                     (r["n"], 1000 * (r["cpu_median_s"] - base[r["n"]])) for r in rows if r["method"] == method
                 )
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])
             ax.set_ylabel("mixture CPU ms (call minus base projections)")
-            ax.set_title(f"one decoder layer's 7 projections, {phase}, top-{k}")
+            ax.set_title(f"one decoder layer's projections, {phase}, top-{k}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("experts N")
         ax.grid(alpha=0.3)

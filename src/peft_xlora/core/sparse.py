@@ -38,14 +38,15 @@ gate's gradient then reaches that other zero entry instead; the router's own ind
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-if TYPE_CHECKING:
-    from .layer import XLoraLayer
+# The mixture layer (`layer.XLoraLayer`, which imports this module): typed by its base class here.
+XLoraLayer = nn.Module
 
 TopKCompute = Literal["auto", "dense", "sparse"]
 SparseMethod = Literal["grouped", "gather", "loop"]
