@@ -558,3 +558,62 @@ def test_config_field_is_validated_switched_saved_and_kept_by_elastic_changes(si
     assert json.loads((tmp_path / "adapter_config.json").read_text())["topk_compute"] == "sparse"
     loaded = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)
     assert {layer.topk for layer in loaded.base_model.mixture_layers()} == {TopKSetting(3, "sparse")}
+
+
+@pytest.fixture(scope="module")
+def bart_experts(tmp_path_factory):
+    """Three distinct random LoRA experts of a tiny BART, on the encoder's and decoder's attention (cross-attention
+    keys and values read the source tokens, so those layers apply the source's scalings)."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = {}
+    for i in range(3):
+        torch.manual_seed(200 + i)
+        lora = get_peft_model(
+            tiny_bart(), LoraConfig(task_type="SEQ_2_SEQ_LM", r=2 + i, lora_alpha=4, init_lora_weights=False,
+                                    target_modules=["q_proj", "k_proj", "v_proj"])
+        )  # fmt: skip
+        path = tmp_path_factory.mktemp(f"bart-{i}")
+        lora.save_pretrained(path)
+        paths[f"b{i}"] = str(path)
+    return paths
+
+
+def tiny_bart():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BartConfig(
+        vocab_size=61, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    return tf.BartForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_encoder_decoder(bart_experts, sparse_calls, k):
+    # source and target lengths differ: cross-attention layers must use the source tokens' choices
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(3, 61, (2, 7), generator=g),
+        "decoder_input_ids": torch.randint(3, 61, (2, 5), generator=g),
+    }
+    out = {}
+    for mode in ("dense", "sparse"):
+        torch.manual_seed(0)
+        config = XLoraConfig(
+            task_type="SEQ_2_SEQ_LM", adapters=bart_experts, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.0,
+            classifier_init="random", top_k_lora=k, topk_compute=mode,
+        )  # fmt: skip
+        from peft import get_peft_model
+
+        model = get_peft_model(tiny_bart(), config).train()
+        logits = model(**batch, labels=batch["decoder_input_ids"]).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[mode] = (logits.detach(), grads)
+    assert sparse_calls
+    torch.testing.assert_close(out["sparse"][0], out["dense"][0], **MODEL_TOL)
+    assert out["dense"][1].keys() == out["sparse"][1].keys() and out["dense"][1]
+    for name, grad in out["dense"][1].items():
+        torch.testing.assert_close(out["sparse"][1][name], grad, **MODEL_TOL, msg=name)
