@@ -31,8 +31,8 @@ not per layer): the k entries of largest magnitude, after checking that no row h
 row with more, e.g. the scaling pass's constant weights, a pinned gate or single-pass static weights, takes the dense
 path). The weights are always gathered from the layer's own scalings tensor, so the gradient reaches exactly the
 chosen scalings, also through a recomputed checkpointed layer. (Derived from the scalings, a chosen expert whose
-scaling is exactly 0, possible only without softmax, may be swapped for another zero: the outputs stay exact, the
-gate's gradient then reaches that other zero entry instead; the router's own indices avoid it.)
+scaling is exactly 0, possible only without softmax, may be swapped for another zero: the outputs stay exact, but
+the gate's gradient lacks that expert's term; the router's own indices avoid it.)
 """
 
 from __future__ import annotations
