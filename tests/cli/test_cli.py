@@ -12,6 +12,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from helpers.allocations import no_large_allocation
+from peft_xlora import XLoraConfig
 from peft_xlora.cli import main
 from peft_xlora.cli.demo.base import load_base, tiny_base
 
@@ -93,7 +95,8 @@ def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys)
     first = json.loads((trained / "train_metrics.json").read_text())
     assert first["steps"] == 4 and "eval_loss" in first
     assert (trained / "checkpoints" / "checkpoint-4").is_dir()
-    # Resuming continues from step 4 to step 6.
+    # Resuming continues from step 4 to step 6; a folder of another name (a copy kept as the best) is not a step.
+    shutil.copytree(trained / "checkpoints" / "checkpoint-4", trained / "checkpoints" / "checkpoint-best")
     assert run(*args, "--steps", 6, "--save-steps", 2, "--resume") == 0
     assert json.loads((trained / "train_metrics.json").read_text())["steps"] == 6
     before = PeftModel.from_pretrained(load_base(base_dir), built).base_model.xlora_classifier.state_dict()
@@ -199,10 +202,44 @@ def mistakes(workspace):
     (root / "mistakes" / "a-file").write_text("mine")
     (root / "mistakes" / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
     (root / "mistakes" / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    edits = {
+        "experts-list": lambda c: c.update(experts=list(c["experts"])),
+        "order-string": lambda c: c.update(expert_order="letters"),
+        "depth-huge": lambda c: c.update(xlora_depth=10**9),
+        "base-elsewhere": lambda c: c.update(base_model_name_or_path=str(root / "mistakes" / "base-not-json")),
+    }
+    for name, edit in edits.items():
+        shutil.copytree(built, root / "mistakes" / name)
+        config = json.loads((built / "adapter_config.json").read_text())
+        edit(config)
+        (root / "mistakes" / name / "adapter_config.json").write_text(json.dumps(config))
+    (root / "mistakes" / "base-without-weights").mkdir()
+    shutil.copy(base_dir / "config.json", root / "mistakes" / "base-without-weights")
+    shutil.copytree(base_dir, root / "mistakes" / "base-not-json")
+    (root / "mistakes" / "base-not-json" / "config.json").write_text("{not json")
+    shutil.copytree(experts["digits"], root / "mistakes" / "their-lora")  # someone's LoRA adapter
+    (root / "mistakes" / "resume-best" / "checkpoints" / "checkpoint-best").mkdir(parents=True)
+    (root / "mistakes" / "resume-cut" / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # no trainer_state.json
+    (root / "mistakes" / "short.txt").write_text("abba " * 8)  # two windows of 16 tokens
+    shutil.copytree(base_dir, root / "mistakes" / "damaged-cache" / "tiny-llama")  # the demo's cached base model
+    (root / "mistakes" / "damaged-cache" / "tiny-llama" / "config.json").write_text("{not json")
+    single = get_peft_model(
+        load_base(base_dir),
+        XLoraConfig(
+            task_type="CAUSAL_LM",
+            adapters={name: str(path) for name, path in experts.items()},
+            routing="single_pass",
+            scaling_pass_layers=1,
+            xlora_size=8,
+        ),
+    )
+    single.peft_config["default"].base_model_name_or_path = str(base_dir)
+    single.save_pretrained(root / "mistakes" / "single-pass")
     return root / "mistakes", base_dir
 
 
 _TRAIN = ["--data", "{root}/../a.txt", "--out", "{root}/trained", "--seq-len", "16", "--batch-size", "2"]
+_BUILD = ["--adapter", "x={root}/../digits", "--out", "{root}/b"]
 # Each case as a new user might type it; every one must be refused in one line with exit status 2.
 USER_ERRORS = {
     "threads-negative": ["--threads", "-3", "inspect", "{built}"],
@@ -265,6 +302,60 @@ USER_ERRORS = {
     "demo-out-on-a-file": ["demo", "--tiny", "--cache-dir", "{root}/cache", "--out", "{root}/a-file"],
     "demo-expert-steps-zero": ["demo", "--tiny", "--cache-dir", "{root}/cache", "--expert-steps", "0"],
     "demo-router-steps-negative": ["demo", "--tiny", "--cache-dir", "{root}/cache", "--router-steps", "-1"],
+    # issue 22: each of these ended in a traceback, or was accepted and lost the user's files
+    "build-base-without-weights": ["build", "--base", "{root}/base-without-weights", *_BUILD],
+    "build-base-config-not-json": ["build", "--base", "{root}/base-not-json", *_BUILD],
+    "build-depth-huge": ["build", "--base", "{base}", *_BUILD, "--depth", "1000000000"],
+    "build-size-huge": ["build", "--base", "{base}", *_BUILD, "--depth", "2", "--size", "1000000000000"],
+    "build-size-over-16x-hidden": ["build", "--base", "{base}", *_BUILD, "--depth", "2", "--size", "100000"],
+    "build-out-holds-a-lora": [
+        "build",
+        "--base",
+        "{base}",
+        "--adapter",
+        "x={root}/../digits",
+        "--out",
+        "{root}/their-lora",
+    ],
+    "inspect-text-blank": ["inspect", "{built}", "--text", "   "],
+    "inspect-text-empty": ["inspect", "{built}", "--text", ""],
+    "inspect-experts-a-list": ["inspect", "{root}/experts-list"],
+    "inspect-expert-order-a-string": ["inspect", "{root}/order-string"],
+    "inspect-depth-huge": ["inspect", "{root}/depth-huge", "--text", "ab"],
+    "inspect-base-config-not-json": ["inspect", "{built}", "--text", "ab", "--base", "{root}/base-not-json"],
+    "generate-experts-a-list": ["generate", "{root}/experts-list", "--prompt", "1 +"],
+    "generate-single-pass-prompt-mode": ["generate", "{root}/single-pass", "--prompt", "1 +", "--mode", "prompt"],
+    "generate-base-without-weights": [
+        "generate",
+        "{built}",
+        "--prompt",
+        "1 +",
+        "--base",
+        "{root}/base-without-weights",
+    ],
+    "train-resume-checkpoint-best": ["train", "{built}", *_TRAIN, "--out", "{root}/resume-best", "--resume"],
+    "train-resume-incomplete": ["train", "{built}", *_TRAIN, "--out", "{root}/resume-cut", "--resume"],
+    "train-experts-a-list": ["train", "{root}/experts-list", *_TRAIN],
+    "train-eval-takes-every-window": [
+        "train",
+        "{built}",
+        *_TRAIN,
+        "--data",
+        "{root}/short.txt",
+        "--eval-fraction",
+        "0.9",
+    ],
+    "train-out-holds-a-lora": ["train", "{built}", *_TRAIN, "--out", "{root}/their-lora"],
+    "export-vllm-config-not-json": ["export", "{root}/not-json", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-config-not-utf8": ["export", "{root}/not-utf8", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-config-a-list": ["export", "{root}/list", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-experts-a-list": ["export", "{root}/experts-list", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-expert-order-a-string": ["export", "{root}/order-string", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-truncated-weights": ["export", "{root}/truncated", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-depth-huge": ["export", "{root}/depth-huge", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-base-config-not-json": ["export", "{root}/base-elsewhere", "--format", "vllm", "--out", "{root}/v"],
+    "export-vllm-no-checkpoint": ["export", "{root}/nowhere", "--format", "vllm", "--out", "{root}/v"],
+    "demo-damaged-cache": ["demo", "--tiny", "--quiet", "--cache-dir", "{root}/damaged-cache", "--out", "{root}/d"],
 }
 
 
@@ -277,7 +368,8 @@ def test_user_errors_are_one_line_never_a_traceback(mistakes, case, capsys):
     command = next(a for a in argv if a in ("build", "train", "generate", "inspect", "export", "demo"))
     hf_logging.disable_progress_bar()  # transformers' loading bars also write to stderr
     try:
-        status = main(argv)
+        with no_large_allocation(2**22):  # a refusal allocates no more than the tiny model (a huge size: at once)
+            status = main(argv)
     finally:
         hf_logging.enable_progress_bar()
     err = capsys.readouterr().err
@@ -285,6 +377,32 @@ def test_user_errors_are_one_line_never_a_traceback(mistakes, case, capsys):
     assert status == 2, err
     assert len(lines) == 1 and lines[0].startswith(f"peft-xlora {command}: error: "), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [["--depth", "1000000000"], ["--depth", "2", "--size", "1000000000000"], ["--depth", "2", "--size", "100000"]],
+    ids=["depth", "size", "size-over-16x-hidden"],
+)
+def test_build_refuses_a_huge_classifier_before_allocating_it(mistakes, sizes, capsys):
+    # Before: `--depth 1000000000` built layer after layer until the machine ran out of memory. The guard turns any
+    # allocation past a few MiB (the tiny base model is far less) into a MemoryError, so the refusal must come first.
+    root, base_dir = mistakes
+    adapter = f"x={root.parent / 'digits'}"
+    with no_large_allocation():
+        assert run("build", "--base", base_dir, "--adapter", adapter, "--out", root / "b", *sizes) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (root / "b").exists()
+
+
+def test_refused_saves_leave_the_users_lora_as_it_was(mistakes):
+    # Before: `build --out` or `train --out` onto someone's LoRA folder replaced its adapter files with X-LoRA's.
+    root, base_dir = mistakes
+    lora = root / "their-lora"
+    before = {path.name: path.read_bytes() for path in lora.iterdir()}
+    assert run("build", "--base", base_dir, "--adapter", f"x={root.parent / 'digits'}", "--out", lora) == 2
+    assert run("train", root / "built", "--data", root.parent / "a.txt", "--out", lora, "--seq-len", 16) == 2
+    assert {path.name: path.read_bytes() for path in lora.iterdir()} == before
 
 
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):

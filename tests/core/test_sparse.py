@@ -293,13 +293,13 @@ def test_chosen_indices_once_per_tensor_and_none_for_dense_rows(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(torch.Tensor, "topk", lambda *a, **kw: pytest.fail("derived twice"))
         assert chosen_indices(Routing(top2), top2, 2) is first  # once per scalings tensor
-    # A router's own indices are used for the scalings they describe, and only for those.
+    # The gate's own choice for a layer (`Routing.chosen_for`) is used as it is: no derivation.
     given = torch.zeros(2, 5, 1, 2, dtype=torch.long)
-    routed = Routing(top2)
-    object.__setattr__(routed, "chosen", (given, None))
-    assert chosen_indices(routed, top2, 2) is given
-    other = top2.clone()
-    assert torch.equal(chosen_indices(routed, other, 2), first)
+    routed = Routing(top2.clone(), chosen=(given, torch.zeros(2, 5, 1, 2)))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "topk", lambda *a, **kw: pytest.fail("derived"))
+        assert chosen_indices(routed, routed.scalings, 2, layer_index=0) is given
+    assert torch.equal(chosen_indices(routed, routed.scalings, 2), first)  # no layer: derived from the scalings
 
 
 MANY, FEW = sparse.SPARSE_FROM["cpu"]
@@ -500,7 +500,7 @@ def test_single_pass_routes_sparsely_after_layer_k_only(sixteen, sparse_calls):
     model = model_of(sixteen, 16, "sparse", **options)
     ours = train_step(model, batches)
     assert_same(ours, dense)
-    late = model.base_model._late_layers
+    late = model.base_model.router.late_layers
     # the static weights of layers 1..k mix every expert by definition: those layers stay dense
     assert sparse_calls and set(sparse_calls) <= set(late)
 

@@ -334,6 +334,58 @@ def distillation_reference(
     return total / count
 
 
+def restricted_classifier_state(original, reference, kept: list[str], k: int | None = None) -> dict[str, torch.Tensor]:
+    """The classifier weights a model built with only the `kept` experts gets from `original`: removal, by hand.
+
+    The hidden layers are copied; of the last layer, the rows of the kept experts in the slots the reference has
+    (matched by mixture layer name when scalings are layerwise); of single-pass static logits (Llama layout, decoder
+    layer k), the kept experts' columns of the early layers the reference has. Under a softmax this is the gate that
+    renormalises over the kept experts' logits, which is what removing (and masking) an expert means.
+
+    Args:
+        original: The `XLoraModel` with every expert.
+        reference: The `XLoraModel` built directly with the kept experts only.
+        kept: Names of the kept experts, in the reference's gate order.
+        k: The single pass's decoder layer k (None: no static logits).
+    """
+    source = original.xlora_classifier.state_dict()
+    names = list(original.expert_names)
+    columns = [names.index(name) for name in kept]
+    target = reference.xlora_classifier.state_dict()
+    last = max(int(key.split(".")[1]) for key in target if key.startswith("layers."))
+    layerwise = original.xlora_config.layerwise_scalings
+    old_slots = original.mixture_layer_names if layerwise else [None]
+    new_slots = reference.mixture_layer_names if layerwise else [None]
+    out = {}
+    for key in target:
+        if key.startswith(f"layers.{last}."):
+            rows = []
+            for slot in new_slots:
+                for column in columns:
+                    rows.append(source[key][old_slots.index(slot) * len(names) + column])
+            out[key] = torch.stack(rows)
+        elif key.endswith("single_pass_static.logits"):
+            old_early = _early_layers(original.mixture_layer_names, k)
+            new_early = _early_layers(reference.mixture_layer_names, k)
+            out[key] = torch.stack([source[key][old_early.index(n)][columns] for n in new_early])
+        else:
+            out[key] = source[key].clone()
+    return out
+
+
+def _early_layers(names: list[str], k: int) -> list[str]:
+    """Mixture layers before decoder layer k+1 of a Llama: the embedding and those inside layers 1..k, in order."""
+    early = []
+    for name in names:
+        parts = name.split(".")
+        inside = int(parts[2]) if parts[:2] == ["model", "layers"] else None
+        if inside is None and name != "model.embed_tokens":
+            continue  # registered after the stack (an LM head): late
+        if inside is None or inside < k:
+            early.append(name)
+    return early
+
+
 def topk_mixture_reference(
     x: torch.Tensor,
     base_out: torch.Tensor,

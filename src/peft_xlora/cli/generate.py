@@ -64,14 +64,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         enc = tokenizer(prompt, return_tensors="pt")
         if enc.input_ids.shape[1] == 0:
             raise UserError(f"Prompt {i + 1} is empty after tokenization.")
-        with torch.no_grad():
-            ids = model.generate(
-                **enc,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=args.sample,
-                scalings_mode=args.mode,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        try:
+            with torch.no_grad():
+                ids = model.generate(
+                    **enc,
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=args.sample,
+                    scalings_mode=args.mode,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+        except ValueError as exc:  # an option this model refuses, e.g. --mode prompt with single-pass routing
+            raise UserError(str(exc)) from exc
         text = tokenizer.decode(ids[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
         outputs.append({"prompt": prompt, "continuation": text})
         if not args.json:

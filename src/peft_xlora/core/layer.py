@@ -223,7 +223,7 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         n_tokens = x.numel() if self.is_embedding else x.numel() // x.shape[-1]
         if not use_sparse(topk.mode, len(self.ranks), topk.k, self.xlora_A.device.type, n_tokens):
             return None
-        return chosen_indices(routing, scalings, topk.k)
+        return chosen_indices(routing, scalings, topk.k, self.layer_index)
 
     # transformers' adapter API (`model.enable_adapters()`, `disable_adapters()`, `set_adapter()`, `delete_adapter()`)
     # calls these on every tuner layer. PEFT's versions expect per-adapter ModuleDicts; X-LoRA has one adapter.

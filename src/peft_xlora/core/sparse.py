@@ -25,14 +25,15 @@ where it is also what CUDA graphs and torch.compile need (fixed shapes, no host 
 sparse path at all is `XLoraConfig.topk_compute`: ``"dense"``, ``"sparse"``, or ``"auto"``: sparse in a layer adapted
 by at least a measured number of experts per kept expert (`SPARSE_FROM`, `use_sparse`).
 
-The chosen experts come from the routing: `routing.chosen` (indices computed once by the gate) where the router
-provides it for this layer's scalings, else from the scalings tensor itself, once per tensor (so once per forward,
-not per layer): the k entries of largest magnitude, after checking that no row has more than k non-zero entries (a
-row with more, e.g. the scaling pass's constant weights, a pinned gate or single-pass static weights, takes the dense
-path). The weights are always gathered from the layer's own scalings tensor, so the gradient reaches exactly the
-chosen scalings, also through a recomputed checkpointed layer. (Derived from the scalings, a chosen expert whose
-scaling is exactly 0, possible only without softmax, may be swapped for another zero: the outputs stay exact, but
-the gate's gradient lacks that expert's term; the router's own indices avoid it.)
+The chosen experts come from the routing: `routing.chosen_for(layer)` (indices the gate computed once, for the
+scalings this layer applies) where the router has them, else from the scalings tensor itself, once per tensor (so
+once per forward, not per layer): the k entries of largest magnitude, after checking that no row has more than k
+non-zero entries (a row with more, e.g. the scaling pass's constant weights, a pinned gate or single-pass static
+weights, takes the dense path; held prompt scalings take this way too). The weights are always gathered from the
+layer's own scalings tensor, so the gradient reaches exactly the chosen scalings, also through a recomputed
+checkpointed layer. (Derived from the scalings, a chosen expert whose scaling is exactly 0, possible only without
+softmax, may be swapped for another zero: the outputs stay exact, but the gate's gradient lacks that expert's term;
+the router's own indices avoid it.)
 """
 
 from __future__ import annotations
@@ -107,26 +108,26 @@ def use_sparse(mode: str, n_experts: int, k: int, device_type: str, n_tokens: in
 _CHOSEN: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
-def chosen_indices(routing: Any, scalings: torch.Tensor, k: int) -> torch.Tensor | None:
+def chosen_indices(
+    routing: Any, scalings: torch.Tensor, k: int, layer_index: int | None = None
+) -> torch.Tensor | None:
     """The experts each token and layer slot keeps, (batch|1, seq|1, n_slots|1, k) long; None if not top-k.
 
     Args:
-        routing: The forward's `Routing`; its `chosen` (indices, weights) is used when it describes `scalings`.
+        routing: The forward's `Routing`: the gate's own choice for mixture layer `layer_index` (`chosen_for`) is
+            used when it has one.
         scalings: (batch|1, seq|1, n_slots|1, n_experts), the tensor the layer applies.
         k: The number of experts kept.
+        layer_index: The mixture layer asking; None derives the choice from `scalings`.
 
     Returns:
         Indices such that every non-zero scaling of a row is among them, or None when a row has more than k
         non-zero scalings (then only the dense path is exact).
     """
-    chosen = getattr(routing, "chosen", None)
-    # The router's indices describe `routing.scalings`; an encoder-decoder routing also carries the source tokens'
-    # scalings (and swaps them in for cross-attention), so there the indices are derived per tensor instead.
-    own = scalings is getattr(routing, "scalings", None) and getattr(routing, "source_scalings", None) is None
-    if chosen is not None and own:
-        indices = chosen[0]
-        if indices.shape[:-1] == scalings.shape[:-1] and indices.shape[-1] <= scalings.shape[-1]:
-            return indices
+    chosen_for = getattr(routing, "chosen_for", None)
+    chosen = chosen_for(layer_index) if chosen_for is not None and layer_index is not None else None
+    if chosen is not None and chosen[0].shape[:-1] == scalings.shape[:-1]:
+        return chosen[0]  # computed once by the gate (routing.Chosen): no derivation, no host sync
     if scalings in _CHOSEN:
         return _CHOSEN[scalings]
     with torch.no_grad():

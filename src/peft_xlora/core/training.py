@@ -151,7 +151,7 @@ def distillation_loss(model: nn.Module, labels: torch.Tensor | None = None, **in
     if xlora._static_scalings is not None:
         raise ValueError("The gate is pinned (set_static_scalings): unpin it with set_static_scalings(None) first.")
     inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "past_key_values", "return_dict")}
-    hidden = xlora._scaling_pass((), inputs)  # (batch, seq, hidden), no gradient
+    hidden = xlora.router.scaling_pass((), inputs)  # (batch, seq, hidden), no gradient
     with torch.autocast(hidden.device.type, enabled=False):  # the gate in float32, as in the forward
         logits = xlora.xlora_classifier(hidden)  # (batch, seq, n_layers|1, n_experts)
     return distillation_term(xlora, logits, (), inputs, labels)  # the experts' scoring under the caller's autocast
