@@ -467,6 +467,7 @@ COVERED: dict[tuple[str, str], str] = {
     ("build", "experts"): f"{IO}/test_checkpoint.py::test_folder_is_self_contained",
     ("build", "expert_order"): f"{IO}/test_checkpoint.py::test_expert_order_survives_sorted_json",
     ("build", "encoder_decoder"): TWO_STACKS,
+    ("build", "topk_compute"): f"{CORE}/test_sparse.py::test_model_logits_and_gradients_equal_dense",
     # update_config: the structural fields only refuse; the rest
     **dict.fromkeys(REFUSED_ONLY, TABLE),
     ("update_config", "xlora_dropout_p"): f"{COMBINATIONS}::test_update_classifier_dropout_rebuilds_exactly",
@@ -509,6 +510,7 @@ COVERED: dict[tuple[str, str], str] = {
         "distillation",
     ): f"{CORE}/test_distillation.py::test_expert_token_losses_equal_one_forward_per_expert",
     ("set_static_scalings", "generate_modes"): PINNED_GENERATION,
+    ("set_static_scalings", "topk_compute"): f"{CORE}/test_sparse.py::test_pinned_gate_is_the_dense_pinned_model",
     # set_active_experts
     ("set_active_experts", "adapters"): REMOVED,
     ("set_active_experts", "masks"): REMOVED,
@@ -530,6 +532,10 @@ COVERED: dict[tuple[str, str], str] = {
     ),
     ("cli", "task_type"): f"{END_TO_END}, {NO_CLI_RUN}",
     ("cli", "encoder_decoder"): NO_CLI_RUN,
+    # the command line reads topk_compute from the checkpoint; python's build of each value is tried in test_sparse
+    ("cli", "topk_compute"): (
+        f"{CORE}/test_sparse.py::test_config_field_is_validated_switched_saved_and_kept_by_elastic_changes"
+    ),
     ("cli", "heads"): CLI_HEADS,
     ("cli", "trainable_head"): CLI_HEADS,
 }

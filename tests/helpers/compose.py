@@ -82,6 +82,7 @@ OPTIONS = {
     "enable_softmax_topk": {"top_k_lora": 2, "enable_softmax_topk": True},
     "softmax_temperature": {"softmax_temperature": 0.5},
     "top_k_lora": {"top_k_lora": 2},
+    "topk_compute": {"top_k_lora": 2, "topk_compute": "sparse"},
     "layerwise_scalings": {"layerwise_scalings": True},
     "global_scaling_weight": {"global_scaling_weight": 0.5},
     "use_trainable_adapters": {"use_trainable_adapters": True},

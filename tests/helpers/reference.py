@@ -429,3 +429,40 @@ def pinned_reference(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def topk_mixture_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+    expert_ids: list[int],
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    is_embedding: bool = False,
+) -> torch.Tensor:
+    """Plain loop over tokens and the experts each chose: base_out[t] + sum_j w_tj * scale_e * B_e A_e x_t, e = i_tj.
+
+    Only the chosen experts are computed, one token and one expert at a time; an expert that does not adapt this
+    layer adds nothing.
+
+    Args:
+        x: (tokens, in) inputs, or (tokens,) token ids for an embedding.
+        base_out: (tokens, out) output of the base layer.
+        factors: Per expert of this layer: (A (r, in), B (out, r), scale).
+        expert_ids: The model's index of each expert in `factors`.
+        indices: (tokens, k) the model's indices of the experts each token chose.
+        weights: (tokens, k) their scalings.
+    """
+    position = {expert: i for i, expert in enumerate(expert_ids)}
+    rows = []
+    for t in range(base_out.shape[0]):
+        row = base_out[t]
+        for j in range(indices.shape[1]):
+            expert = int(indices[t, j])
+            if expert not in position:
+                continue
+            A, B, scale = factors[position[expert]]
+            down = A[:, x[t]] if is_embedding else A @ x[t]  # (r,)
+            row = row + weights[t, j] * scale * (B @ down)
+        rows.append(row)
+    return torch.stack(rows)

@@ -94,6 +94,7 @@ CLI_PLACE = Place(
                 "single_pass_static",
                 "router_distillation_coef",
                 "router_distillation_temperature",
+                "topk_compute",
             ),
             _FROM_CHECKPOINT,
         ),
