@@ -1,26 +1,36 @@
-"""Throughput of X-LoRA served by vLLM, beside vLLM's base model, vLLM's own LoRA and peft-xlora's HF `generate`.
+"""X-LoRA served by vLLM, beside everything it should be compared with, on the reference workload and on SmolLM2.
 
-One run, one workload (the reference workload of benchmarks/cases.py: a random 8-layer Llama, hidden 512, N random
-rank-16 experts on all seven projections), four measurements of the same 16 concurrent greedy requests (prompt 64
-random tokens, 128 new tokens each):
+One run measures, on each workload, the same concurrent greedy requests (default 8 requests, prompt 64 random
+tokens, 64 new tokens each), every method in the same process one after another:
 
 - ``vllm_base``: vLLM serving the base model.
-- ``vllm_lora``: vLLM serving the base model with one LoRA of rank N * 16 on the same projections (vLLM's own LoRA):
-  the cost of the experts' arithmetic at its best, one adapter for every token.
-- ``vllm_xlora``: vLLM serving the X-LoRA export through the peft-xlora plugin.
-- ``hf_generate``: peft-xlora's cached `generate` of the same X-LoRA model, the 16 requests as one batch.
+- ``vllm_pinned``: the plugin with a pinned gate: a single-pass export whose static weights cover every layer
+  (k = all layers, uniform): one pass with the full stacked update of all experts, the floor for any mixture.
+- ``vllm_single``: the plugin, single pass (static weights up to layer k, the gate on layer k's output after it).
+- ``vllm_dual``: the plugin, dual pass (X-LoRA as published: a full scaling pass, then the main pass).
+- ``vllm_lora``: vLLM's own LoRA serving one LoRA of the experts' total rank (N x r) on the same projections.
+- ``hf_generate``: peft-xlora's cached `generate` of the dual-pass model, all requests as one batch.
 
-A dual-pass mixture must at least run the base model once (the scaling pass) and the base model with all experts'
-ranks once (the main pass), so its throughput floor inside vLLM is 1 / (1/base + 1/lora). Targets (issue 17):
-``vllm_xlora >= 0.85 x floor`` and ``vllm_xlora >= 3 x hf_generate``.
+Workloads: ``reference`` is the reference workload of benchmarks/cases.py (a random 8-layer Llama, hidden 512,
+N = 8 random rank-16 experts on all seven projections, classifier depth 2 and width 256; single pass k = 4);
+``smollm2`` is the demo's base model, SmolLM2-135M (30 layers, hidden 576), with the demo's expert shape (3 experts,
+rank 8, all seven projections; random factors: speed does not depend on their values), classifier depth 2 and width
+64, layerwise, single pass k = 20 as the demo trains it. It needs the demo's converted base model in its cache.
+
+Targets (issue 23), in tokens per CPU-second: single >= 0.9 x pinned, single >= 1.7 x dual, dual >= 0.9 x pinned / 2.
+Each method is timed `--repeats` times after one untimed run of the same workload; the medians are reported, with
+the CPU time of this process (where the in-process engine runs: it does not count the time other processes hold
+the cores, so it drifts less than wall time on a shared machine) beside the wall time.
 
 Run it in the vLLM environment (scripts/vllm_env.sh prints its folder)::
 
     $(bash scripts/vllm_env.sh)/bin/python -m benchmarks.vllm_throughput            # CPU, float32
     python -m benchmarks.vllm_throughput --device cuda                               # GPU: bfloat16, CUDA graphs
 
-On CUDA the vLLM engines run with CUDA graphs and torch.compile (vLLM's defaults, `enforce_eager=False`): the plugin's
-forward has no `.item()`, `nonzero` or Python branch on tensor values, so it is captured like the base model's.
+vLLM's default compilation applies to every engine (on CPU: the model traced once and compiled by inductor; vLLM's own
+LoRA forces eager mode on CPU). On CUDA the engines run with CUDA graphs (vLLM's default): the plugin's forward has no
+`.item()`, `nonzero` or Python branch on tensor values. The CUDA run is written but has not been run
+(scripts/vllm_gpu.sh).
 """
 
 from __future__ import annotations
@@ -29,11 +39,18 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from typing import Any
+
+METHODS = ("vllm_base", "vllm_pinned", "vllm_single", "vllm_dual", "vllm_lora", "hf_generate")
+WORKLOADS = ("reference", "smollm2")
+TARGETS = {
+    "single_over_pinned": 0.9,
+    "single_over_dual": 1.7,
+    "dual_over_half_pinned": 0.9,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,20 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--experts", type=int, default=8, help="N, the number of rank-16 experts")
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--requests", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per vLLM engine (the median is reported)")
-    p.add_argument("--hf-repeats", type=int, default=1, help="timed runs of HF generate (slow on CPU)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for every method")
     p.add_argument("--eager", action="store_true", help="run every vLLM engine eagerly (no torch.compile)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["vllm_base", "vllm_lora", "vllm_xlora", "hf_generate"])
-    p.add_argument("--smoke", action="store_true", help="a tiny workload, to check that the script runs")
-    p.add_argument("--workdir", default=None, help="where models are written (default: a temporary folder)")
+    p.add_argument("--skip", nargs="*", default=[], choices=METHODS)
     p.add_argument(
-        "--out", default=None, help="JSON result (default: benchmarks/results/vllm-throughput-<device>.json)"
+        "--smoke", action="store_true", help="a tiny workload and one repeat, to check that the script runs"
     )
+    p.add_argument("--workdir", default=None, help="where models are written (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="JSON result (default: benchmarks/results/vllm-serving-<device>.json)")
     return p.parse_args(argv)
 
 
@@ -68,52 +84,108 @@ def _environment(args: argparse.Namespace) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
-def _workload(args: argparse.Namespace):
-    from benchmarks.cases import SMOKE, Workload
-
-    work = SMOKE if args.smoke else Workload()
-    work.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    work.device = "cpu"  # models are built and saved on the CPU; the engines move them
-    if args.smoke:
-        work.hidden_size, work.num_attention_heads, work.num_key_value_heads = 64, 2, 2  # vLLM's CPU head size >= 32
-    return work
+def _dtype(args: argparse.Namespace) -> str:
+    return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
 
-def build_models(args: argparse.Namespace, work, root: str) -> dict[str, str]:
-    """Writes the base model, the rank N*16 LoRA, and the X-LoRA checkpoint and its vLLM export under `root`."""
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _xlora_checkpoints(base_factory, experts: dict[str, str], root: str, options: dict, k_single: int, n_layers: int):
+    """Saves the dual-pass, single-pass and pinned (single pass over every layer, uniform) checkpoints under `root`."""
+    import torch
+    from peft import get_peft_model
+
+    import peft_xlora
+
+    variants = {
+        "dual": {},
+        "single": {"routing": "single_pass", "scaling_pass_layers": k_single},
+        "pinned": {"routing": "single_pass", "scaling_pass_layers": n_layers, "single_pass_static": "uniform"},
+    }
+    paths = {}
+    for name, extra in variants.items():
+        torch.manual_seed(2)
+        config = peft_xlora.XLoraConfig(
+            task_type="CAUSAL_LM", adapters=experts, classifier_init="random", **options, **extra
+        )
+        model = get_peft_model(base_factory(), config).eval()
+        paths[name] = os.path.join(root, f"xlora-{name}")
+        peft_xlora.save_pretrained(model, paths[name])
+        del model
+    return paths
+
+
+def _one_big_lora(base_factory, targets: list[str], rank: int, path: str) -> str:
+    """One LoRA with the experts' total rank on the same projections: what vLLM's own LoRA serves."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import peft_xlora
-    from benchmarks.cases import TARGETS, build_base, make_experts
-    from peft_xlora.serving.vllm import export_vllm
-
-    paths = {"base": os.path.join(root, "base"), "lora": os.path.join(root, "lora-rank-big")}
-    build_base(work).save_pretrained(paths["base"])
-    experts = make_experts(work, args.experts, os.path.join(root, "experts"))
-
-    # One LoRA with all experts' ranks: what vLLM's own LoRA computes at the same total rank.
-    rank = args.experts * work.rank
     torch.manual_seed(1)
-    lora = get_peft_model(
-        build_base(work),
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM"),
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM"
     )
-    lora.save_pretrained(paths["lora"])
+    get_peft_model(base_factory(), config).save_pretrained(path)
+    return path
 
-    torch.manual_seed(2)
-    config = peft_xlora.XLoraConfig(
-        task_type="CAUSAL_LM",
-        adapters=experts,
-        xlora_depth=work.xlora_depth,
-        xlora_size=work.xlora_size,
-        classifier_init="random",
-    )
-    model = get_peft_model(build_base(work), config).eval()
-    paths["checkpoint"] = os.path.join(root, "xlora")
-    peft_xlora.save_pretrained(model, paths["checkpoint"])
-    paths["served"] = export_vllm(paths["checkpoint"], os.path.join(root, "xlora-vllm"), base_model=paths["base"])
-    return paths
+
+def build_reference(args: argparse.Namespace, root: str) -> dict[str, Any]:
+    """The reference workload's base model, LoRA and X-LoRA checkpoints, and their vLLM exports."""
+    from benchmarks.cases import SMOKE, TARGETS, Workload, build_base, make_experts
+
+    work = SMOKE if args.smoke else Workload()
+    work.dtype, work.device = "float32", "cpu"  # built and saved on the CPU in float32; the engines cast and move
+    if args.smoke:
+        work.hidden_size, work.num_attention_heads, work.num_key_value_heads = 64, 2, 2  # vLLM's CPU head size >= 32
+    n_experts = 2 if args.smoke else 8
+    base = os.path.join(root, "base")
+    build_base(work).save_pretrained(base)
+    experts = make_experts(work, n_experts, os.path.join(root, "experts"))
+    options = {"xlora_depth": work.xlora_depth, "xlora_size": work.xlora_size}
+    n_layers = work.num_hidden_layers
+    k = work.single_pass_layers or n_layers // 2
+    checkpoints = _xlora_checkpoints(lambda: build_base(work), experts, root, options, k, n_layers)
+    lora = _one_big_lora(lambda: build_base(work), TARGETS, n_experts * work.rank, os.path.join(root, "lora-big"))
+    info = {**work.to_dict(), "experts": n_experts, "single_pass_layers": k, "dual_scaling_pass_layers": None}
+    return {"base": base, "lora": lora, "checkpoints": checkpoints, "vocab": work.vocab_size, "info": info}
+
+
+def build_smollm2(args: argparse.Namespace, root: str) -> dict[str, Any]:
+    """SmolLM2-135M (the demo's converted base model) with three random rank-8 experts of the demo's shape."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_xlora.cli.demo.base import default_cache_dir, smollm_base
+    from peft_xlora.cli.demo.settings import REAL
+
+    base = str(smollm_base(default_cache_dir()))
+
+    def factory():
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+    lora = {k: v for k, v in REAL.lora.items() if k != "lora_dropout"}
+    model = get_peft_model(factory(), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora))
+    params = [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+    experts = {}
+    for i, name in enumerate(("shakespeare", "codecs", "pydoc")):
+        torch.manual_seed(1000 + i)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+        experts[name] = os.path.join(root, f"expert-{name}")
+        model.save_pretrained(experts[name])
+    del model
+    n_layers = AutoConfig.from_pretrained(base).num_hidden_layers
+    options = {"xlora_depth": REAL.router_depth, "xlora_size": REAL.router_size, "layerwise_scalings": True}
+    k = REAL.scaling_pass_layers or n_layers // 2
+    checkpoints = _xlora_checkpoints(factory, experts, root, options, k, n_layers)
+    big = _one_big_lora(factory, lora["target_modules"], 3 * lora["r"], os.path.join(root, "lora-big"))
+    info = {"model": "SmolLM2-135M-Instruct", "experts": 3, **lora, **options, "single_pass_layers": k}
+    return {"base": base, "lora": big, "checkpoints": checkpoints, "vocab": 49152, "info": info}
+
+
+# ---------------------------------------------------------------------------------------------------- timing
 
 
 def _prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
@@ -124,7 +196,7 @@ def _prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
 
 
 def time_vllm(args: argparse.Namespace, model: str, prompts: list[list[int]], lora: str | None = None) -> dict:
-    """Median wall time of generating all requests at once, after one untimed run of the same workload."""
+    """Median time of generating all requests at once, after one untimed run of the same workload."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -134,15 +206,20 @@ def time_vllm(args: argparse.Namespace, model: str, prompts: list[list[int]], lo
     register()
     options: dict[str, Any] = {
         "model": model,
-        "dtype": _workload_dtype(args),
+        "dtype": _dtype(args),
         "max_model_len": args.prompt + args.new_tokens + 16,
         "max_num_seqs": args.requests,
         "skip_tokenizer_init": True,
         "seed": 0,
         "enforce_eager": args.eager,
+        "enable_prefix_caching": False,  # every repeat computes its prompts afresh
     }
     if lora is not None:
-        options.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(lora))
+        with open(os.path.join(lora, "adapter_config.json"), encoding="utf-8") as f:
+            rank = int(json.load(f)["r"])
+        # vLLM accepts only some maximum ranks (1, 8, 16, 32, 64, ...): the smallest that holds this LoRA's.
+        allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+        options.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in allowed if r >= rank))
     start = time.perf_counter()
     llm = LLM(**options)
     load_s = time.perf_counter() - start
@@ -166,24 +243,16 @@ def time_vllm(args: argparse.Namespace, model: str, prompts: list[list[int]], lo
     return _row(args, times, cpu_times, load_s=load_s)
 
 
-def _lora_rank(path: str) -> int:
-    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
-        return int(json.load(f)["r"])
-
-
-def _workload_dtype(args: argparse.Namespace) -> str:
-    return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-
-
-def time_hf_generate(args: argparse.Namespace, work, paths: dict[str, str], prompts: list[list[int]]) -> dict:
-    """peft-xlora's cached `generate`, all requests in one batch (equal prompt lengths: no padding)."""
+def time_hf_generate(args: argparse.Namespace, base: str, checkpoint: str, prompts: list[list[int]]) -> dict:
+    """peft-xlora's cached `generate` of the dual-pass model, all requests in one batch (equal prompt lengths)."""
     import torch
     from peft import PeftModel
-
-    from benchmarks.cases import build_base
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    model = PeftModel.from_pretrained(build_base(work), paths["checkpoint"]).eval().to(args.device)
+    dtype = getattr(torch, _dtype(args))
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = PeftModel.from_pretrained(base_model, checkpoint).eval().to(args.device)
     ids = torch.tensor(prompts, device=args.device)
     kwargs = {
         "attention_mask": torch.ones_like(ids),
@@ -195,7 +264,7 @@ def time_hf_generate(args: argparse.Namespace, work, paths: dict[str, str], prom
     times, cpu_times = [], []
     with torch.no_grad():
         model.generate(ids[:, :8], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        for _ in range(args.hf_repeats):
+        for _ in range(args.repeats):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -208,11 +277,6 @@ def time_hf_generate(args: argparse.Namespace, work, paths: dict[str, str], prom
 
 
 def _row(args: argparse.Namespace, times: list[float], cpu_times: list[float], **extra: Any) -> dict:
-    """Wall-clock and CPU time (all threads of this process, where the in-process engine runs) of the timed runs.
-
-    On a shared machine, CPU time drifts less than wall time: it does not count the time other processes hold the
-    cores. Ratios are given for both.
-    """
     median, cpu_median = statistics.median(times), statistics.median(cpu_times)
     tokens = args.requests * args.new_tokens
     return {
@@ -226,54 +290,40 @@ def _row(args: argparse.Namespace, times: list[float], cpu_times: list[float], *
     }
 
 
-def summarize(rows: dict[str, dict], key: str = "tokens_per_s") -> dict[str, Any]:
-    """The ratios of issue 17 and whether they meet its targets, from wall-clock (or CPU-time) throughput."""
+def summarize(rows: dict[str, dict], key: str) -> dict[str, Any]:
+    """The ratios of issue 23 (and the comparisons beside them) and whether the targets are met."""
+    t = {name: row[key] for name, row in rows.items()}
     out: dict[str, Any] = {}
-    tput = {name: row[key] for name, row in rows.items()}
-    if {"vllm_base", "vllm_lora"} <= set(tput):
-        out["dual_pass_floor_tokens_per_s"] = 1 / (1 / tput["vllm_base"] + 1 / tput["vllm_lora"])
-    if "vllm_xlora" in tput and "dual_pass_floor_tokens_per_s" in out:
-        out["xlora_over_floor"] = tput["vllm_xlora"] / out["dual_pass_floor_tokens_per_s"]
-        out["xlora_over_floor_target_0.85_met"] = out["xlora_over_floor"] >= 0.85
-    if {"vllm_xlora", "hf_generate"} <= set(tput):
-        out["xlora_over_hf_generate"] = tput["vllm_xlora"] / tput["hf_generate"]
-        out["xlora_over_hf_generate_target_3_met"] = out["xlora_over_hf_generate"] >= 3
-    if {"vllm_xlora", "vllm_base"} <= set(tput):
-        out["xlora_over_base"] = tput["vllm_xlora"] / tput["vllm_base"]
+
+    def ratio(name: str, num: str, den: str, factor: float = 1.0) -> None:
+        if {num, den} <= set(t):
+            out[name] = t[num] / (t[den] * factor)
+            if name in TARGETS:
+                out[f"{name}_target_{TARGETS[name]}_met"] = out[name] >= TARGETS[name]
+
+    ratio("single_over_pinned", "vllm_single", "vllm_pinned")
+    ratio("single_over_dual", "vllm_single", "vllm_dual")
+    ratio("dual_over_half_pinned", "vllm_dual", "vllm_pinned", 0.5)
+    ratio("pinned_over_base", "vllm_pinned", "vllm_base")
+    ratio("single_over_base", "vllm_single", "vllm_base")
+    ratio("dual_over_base", "vllm_dual", "vllm_base")
+    ratio("single_over_vllm_lora", "vllm_single", "vllm_lora")
+    ratio("dual_over_hf_generate", "vllm_dual", "hf_generate")
+    ratio("single_over_hf_generate", "vllm_single", "hf_generate")
     return out
 
 
-def machine(args: argparse.Namespace) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-    import transformers
-    import vllm
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "vllm": vllm.__version__,
-        "device": args.device,
-        "threads": args.threads,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_count": os.cpu_count(),
-    }
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def format_table(rows: dict[str, dict], summary: dict[str, Any]) -> str:
-    """A markdown table of the four measurements and the ratios."""
+def format_table(workload: str, rows: dict[str, dict], summary: dict[str, Any]) -> str:
+    """A markdown table of one workload's measurements and ratios."""
     lines = [
-        "| method | median wall s | tokens/s | median CPU s | tokens/CPU-s |",
+        f"### {workload}",
+        "| method | median CPU s | tokens / CPU-s | median wall s | tokens / s |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, row in rows.items():
         lines.append(
-            f"| {name} | {row['median_s']:.2f} | {row['tokens_per_s']:.1f} | {row['cpu_median_s']:.2f} | "
-            f"{row['tokens_per_cpu_s']:.1f} |"
+            f"| {name} | {row['cpu_median_s']:.2f} | {row['tokens_per_cpu_s']:.1f} | {row['median_s']:.2f} | "
+            f"{row['tokens_per_s']:.1f} |"
         )
     for label, part in summary.items():
         lines.append(f"\n{label}:")
@@ -282,44 +332,71 @@ def format_table(rows: dict[str, dict], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_workload(args: argparse.Namespace, workload: str, root: str) -> dict[str, Any]:
+    """Builds one workload's models and times every method on it."""
+    from peft_xlora.serving.vllm import export_vllm
+
+    start = time.perf_counter()
+    built = (build_reference if workload == "reference" else build_smollm2)(args, root)
+    served = {
+        name: export_vllm(path, os.path.join(root, f"served-{name}"), base_model=built["base"])
+        for name, path in built["checkpoints"].items()
+    }
+    build_s = time.perf_counter() - start
+    prompts = _prompts(args, built["vocab"])
+    measured = {
+        "vllm_base": lambda: time_vllm(args, built["base"], prompts),
+        "vllm_pinned": lambda: time_vllm(args, served["pinned"], prompts),
+        "vllm_single": lambda: time_vllm(args, served["single"], prompts),
+        "vllm_dual": lambda: time_vllm(args, served["dual"], prompts),
+        "vllm_lora": lambda: time_vllm(args, built["base"], prompts, lora=built["lora"]),
+        "hf_generate": lambda: time_hf_generate(args, built["base"], built["checkpoints"]["dual"], prompts),
+    }
+    rows: dict[str, dict] = {}
+    for name, run in measured.items():
+        if name not in args.skip:
+            rows[name] = run()
+            print(f"{workload} {name}: {rows[name]['tokens_per_cpu_s']:.1f} tokens/CPU-s", flush=True)
+    summary = {"CPU time": summarize(rows, "tokens_per_cpu_s"), "wall clock": summarize(rows, "tokens_per_s")}
+    return {"workload": built["info"], "build_s": build_s, "results": rows, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Builds the models, runs the four measurements, writes the JSON record and prints the table."""
+    """Runs every workload, writes the result file (benchmarks/provenance.py schema) and prints the tables."""
     args = parse_args(argv)
     _environment(args)
-    work = _workload(args)
+    if args.smoke:
+        args.repeats, args.requests, args.new_tokens, args.workloads = 1, 2, 4, ["reference"]
+    import torch
+
+    from benchmarks.provenance import provenance, write_result
+
+    torch.set_num_threads(args.threads)
+    block = provenance()
+    payload: dict[str, Any] = {
+        "requests": args.requests,
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "dtype": _dtype(args),
+        "device": args.device,
+        "eager": args.eager,
+        "targets": TARGETS,
+        "workloads": {},
+    }
     with tempfile.TemporaryDirectory(prefix="xlora-vllm-bench-") as tmp:
-        root = args.workdir or tmp
-        start = time.perf_counter()
-        paths = build_models(args, work, root)
-        build_s = time.perf_counter() - start
-        prompts = _prompts(args, work.vocab_size)
-        rows: dict[str, dict] = {}
-        measured = {
-            "vllm_base": lambda: time_vllm(args, paths["base"], prompts),
-            "vllm_lora": lambda: time_vllm(args, paths["base"], prompts, lora=paths["lora"]),
-            "vllm_xlora": lambda: time_vllm(args, paths["served"], prompts),
-            "hf_generate": lambda: time_hf_generate(args, work, paths, prompts),
-        }
-        for name, run in measured.items():
-            if name not in args.skip:
-                rows[name] = run()
-                print(f"{name}: {rows[name]['tokens_per_s']:.1f} tokens/s", flush=True)
-    summary = {"wall clock": summarize(rows), "CPU time": summarize(rows, "tokens_per_cpu_s")}
-    result = {
-        "workload": {**work.to_dict(), "experts": args.experts, "requests": args.requests, "prompt": args.prompt,
-                     "new_tokens": args.new_tokens, "eager": args.eager},
-        "machine": machine(args),
-        "build_s": build_s,
-        "results": rows,
-        "summary": summary,
-    }  # fmt: skip
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"vllm-throughput-{args.device}.json")
+        for workload in args.workloads:
+            root = os.path.join(args.workdir or tmp, workload)
+            payload["workloads"][workload] = run_workload(args, workload, root)
+            print(
+                format_table(
+                    workload, payload["workloads"][workload]["results"], payload["workloads"][workload]["summary"]
+                )
+            )
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"vllm-serving-{args.device}.json")
     if not args.smoke:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    print(format_table(rows, summary))
-    return result
+        write_result(out, payload, block)
+    return payload
 
 
 if __name__ == "__main__":

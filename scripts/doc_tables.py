@@ -226,6 +226,30 @@ def sources(text: str) -> set[str]:
     return {aliases.get(m["file"], m["file"]) for m in SOURCE.finditer(text)}
 
 
+# The routing benchmark's pages keep blocks of their own (`<!-- routing-table: NAME FILE -->` ...
+# `<!-- /routing-table -->`), written by `python -m benchmarks.routing.tables`; they are checked here the same way.
+ROUTING_TABLE = re.compile(r"^<!-- routing-table: (?P<name>[\w-]+) (?P<file>\S+) -->$")
+ROUTING_TABLE_END = "<!-- /routing-table -->"
+
+
+def _check_routing_tables(text: str) -> list[str]:
+    """Problems with a page's routing-benchmark blocks: a file without provenance, or a block that is stale."""
+    files = [m["file"] for line in text.split("\n") if (m := ROUTING_TABLE.match(line))]
+    if not files:
+        return []
+    from benchmarks.routing.tables import render as render_routing
+
+    problems = []
+    for file in files:
+        try:
+            load(file)
+        except EvidenceError as e:
+            problems.append(str(e))
+    if not problems and render_routing(text) != text:
+        problems.append("a routing-table block differs from its result file: run python -m benchmarks.routing.tables")
+    return problems
+
+
 def check_page(page: Path) -> list[str]:
     """Everything wrong with one page's evidence (empty when the tables and numbers hold)."""
     text = page.read_text(encoding="utf-8")
@@ -235,6 +259,7 @@ def check_page(page: Path) -> list[str]:
             problems.append("a generated table differs from its result files: run python scripts/doc_tables.py")
     except EvidenceError as e:
         problems.append(str(e))
+    problems += _check_routing_tables(text)
     return [f"{page.relative_to(ROOT)}: {p}" for p in problems + check_sources(text)]
 
 
@@ -541,6 +566,90 @@ def demo_thorough() -> str:
 def demo_thorough_checks() -> str:
     """demo.md: the thorough run's targets."""
     return _demo_checks(DEMO_THOROUGH)
+
+
+SPARSE_MODEL = "benchmarks/results/sparse-topk-model.json"
+SPARSE_KERNEL = "benchmarks/results/sparse-topk-kernel.json"
+SPARSE_K = 2  # the kernel's per-method table is at top-2, the issue's targets, at a few N
+SPARSE_METHODS_N = (8, 64, 128)
+
+
+@table("sparse-model")
+def sparse_model() -> str:
+    """performance.md: the reference workload with top-2 of N experts, floor / dense / sparse, CPU time and memory."""
+    data = load(SPARSE_MODEL)
+    rows = []
+    for phase in ("prefill", "train"):
+        for n in data["settings"]["n"]:
+            cell = {r["method"]: r for r in _rows(SPARSE_MODEL, phase=phase, n=n)}
+            f, d, sp = cell["floor"], cell["dense"], cell["sparse"]
+            memory = [f"{c['peak_rss_gib']:.2f}" if "peak_rss_gib" in c else "" for c in (sp, d, f)]
+            rows.append(
+                [phase, str(n), *(f"{c['cpu_median_s']:.3f}" for c in (f, d, sp)),
+                 _x(sp["cpu_median_s"] / f["cpu_median_s"]), _x(d["cpu_median_s"] / f["cpu_median_s"]), *memory,
+                 f"{sp['largest_expert_share']:.2f}"]
+            )  # fmt: skip
+    header = ["phase", "N", "floor CPU s", "dense CPU s", "sparse CPU s", "sparse / floor", "dense / floor",
+              "sparse peak RSS GiB", "dense peak RSS GiB", "floor peak RSS GiB", "largest expert share"]  # fmt: skip
+    reps = data["settings"]["reps"]
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"),
+            f"CPU-time medians of {reps} interleaved repetitions per N. " + caption(SPARSE_MODEL),
+        ]
+    )
+
+
+@table("sparse-targets")
+def sparse_targets() -> str:
+    """performance.md: the sparse path's targets (issue 26), CPU and wall ratios and the per-group floor."""
+    rows = [
+        [t["target"], f"{t['value']:.2f}", f"{t['wall_value']:.2f}",
+         f"{t['per_group_floor']:.2f}" if "per_group_floor" in t else "", f"{t['limit']:g}",
+         "met" if t["met"] else "**missed**"]
+        for t in load(SPARSE_MODEL)["targets"]
+    ]  # fmt: skip
+    header = ["target", "CPU", "wall", "per-group floor", "limit", "on CPU time"]
+    return _md(header, rows, "|---|---:|---:|---:|---:|---|") + "\n\n" + caption(SPARSE_MODEL)
+
+
+@table("sparse-crossover")
+def sparse_crossover() -> str:
+    """performance.md: one decoder layer's projections, sparse over dense CPU time per N and k, and the crossover."""
+    data = load(SPARSE_KERNEL)
+    ns = data["settings"]["n"]
+    rows = []
+    for c in data["crossover"]:
+        ratios = [c["sparse_over_dense"].get(str(n)) for n in ns]
+        rows.append([c["phase"], str(c["k"]), *(f"{x:.2f}" if x is not None else "" for x in ratios),
+                     str(c["sparse_from_n"])])  # fmt: skip
+    header = ["phase", "k", *(f"N={n}" for n in ns), "sparse from"]
+    reps = data["settings"]["reps"]
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---|---:|" + "---:|" * len(ns) + "---:|"),
+            f"CPU-time medians of {reps} repetitions. " + caption(SPARSE_KERNEL),
+        ]
+    )
+
+
+@table("sparse-methods")
+def sparse_methods() -> str:
+    """performance.md: the mixture's own CPU milliseconds per call and method at top-2 (the base's time subtracted)."""
+    data = load(SPARSE_KERNEL)
+    methods = ("dense", "grouped", "gather", "loop")
+    rows = []
+    for base in data["results"]:
+        if base["method"] != "base" or base["k"] != SPARSE_K or base["n"] not in SPARSE_METHODS_N:
+            continue
+        key = (base["phase"], base["n"], base["k"], base["skew"])
+        same = {r["method"]: r for r in data["results"] if (r["phase"], r["n"], r["k"], r["skew"]) == key}
+        t0 = base["cpu_median_s"]
+        mix = [f"{1000 * (same[m]['cpu_median_s'] - t0):.1f}" if m in same else "" for m in methods]
+        routing = f"skewed (largest {base['largest_expert_share']:.2f})" if base["skew"] else "random"
+        rows.append([base["phase"], str(base["n"]), str(base["k"]), routing, f"{1000 * t0:.1f}", *mix])
+    header = ["phase", "N", "k", "routing", "base ms", *(f"{m} ms" for m in methods)]
+    return _md(header, rows, "|---|---:|---:|---|---:|" + "---:|" * len(methods)) + "\n\n" + caption(SPARSE_KERNEL)
 
 
 def main(argv: list[str] | None = None) -> int:

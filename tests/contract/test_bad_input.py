@@ -20,6 +20,7 @@ from peft.config import PeftConfig
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers.allocations import no_large_allocation
 from helpers.models import VOCAB, build_xlora, input_ids, tiny_gpt2, tiny_llama
 from peft_xlora import CheckpointError, ExpertError, XLoraConfig, XLoraLayer
 
@@ -61,6 +62,20 @@ def test_missing_path(tmp_path, expert_dirs):
     missing = str(tmp_path / "no-such-adapter")
     with pytest.raises(ExpertError, match=r"Expert 'ghost': cannot read a PEFT adapter config from .*no-such-adapter"):
         xlora(base, {"math": expert_dirs["llama"]["math"], "ghost": missing})
+    assert_untouched(base)
+
+
+def test_adapter_folder_without_weights_says_so(tmp_path, expert_dirs):
+    # Before: PEFT took the folder for a Hub id and said "Repo id must be in the form 'repo_name' ...".
+    import shutil
+
+    shutil.copytree(expert_dirs["llama"]["code"], tmp_path / "code")
+    (tmp_path / "code" / "adapter_model.safetensors").unlink()
+    base = tiny_llama()
+    match = r"Expert 'code': the folder .*code has no adapter_model.safetensors \(nor adapter_model.bin\)"
+    with pytest.raises(ExpertError, match=match) as info:
+        xlora(base, {"math": expert_dirs["llama"]["math"], "code": str(tmp_path / "code")})
+    assert "Repo id" not in str(info.value)
     assert_untouched(base)
 
 
@@ -234,6 +249,61 @@ def test_temperature_not_positive(expert_dirs, t):
 def test_other_config_values(expert_dirs, options, message):
     with pytest.raises(ValueError, match=message):
         XLoraConfig(adapters=expert_dirs["llama"], **options)
+
+
+# Sizes no real model needs (core/config.py, "bounds on sizes"): refused before anything is allocated. Before, the
+# first allocated until the machine ran out of memory and the others passed validation.
+OUT_OF_BOUNDS = {
+    "depth-1e9": ({"xlora_depth": 10**9}, r"`xlora_depth` is 1000000000: the classifier may have at most 32 linear"),
+    "depth-33": ({"xlora_depth": 33}, r"`xlora_depth` is 33: .* at most 32"),
+    "size-1e12": ({"xlora_size": 10**12}, r"`xlora_size` is 1000000000000: .* at most 1048576 wide"),
+    "size-over-16x-hidden": (
+        {"xlora_depth": 2, "xlora_size": 10**6, "hidden_size": 32},
+        r"`xlora_size` is 1000000: .* at most 4096 wide \(16x the hidden size 32, or 4096\)",
+    ),
+    "classifier-weights": (
+        {"xlora_depth": 32, "xlora_size": 4096, "hidden_size": 32},
+        r"A classifier of depth 32 and width 4096 over hidden size 32 has 503,447,552 weights; at most 134,217,728",
+    ),
+    "hidden-1e9": ({"hidden_size": 10**9}, r"`hidden_size` is 1000000000; at most 65536"),
+    "softmax-temperature": ({"softmax_temperature": 1e-4}, r"`softmax_temperature` must be >= 0.001, got 0.0001"),
+    "distillation-temperature": (
+        {"router_distillation_temperature": 1e-39},
+        r"`router_distillation_temperature` must be >= 0.001, got 1e-39",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OUT_OF_BOUNDS)
+def test_sizes_out_of_bounds_are_refused_before_any_allocation(expert_dirs, case):
+    options, message = OUT_OF_BOUNDS[case]
+    with no_large_allocation(), pytest.raises(ValueError, match=message):
+        XLoraConfig(adapters=expert_dirs["llama"], **options)
+
+
+def test_sizes_at_the_bounds_are_accepted(expert_dirs):
+    adapters = expert_dirs["llama"]
+    XLoraConfig(adapters=adapters, xlora_depth=32, xlora_size=1024, hidden_size=4096)
+    XLoraConfig(adapters=adapters, xlora_depth=32, xlora_size=2048, hidden_size=32)  # the default width, any depth
+    XLoraConfig(adapters=adapters, xlora_depth=2, xlora_size=4096, hidden_size=32)  # 4096 wide fits any model
+    XLoraConfig(adapters=adapters, xlora_depth=1, xlora_size=2**20, hidden_size=32)  # one layer: the width is unused
+    XLoraConfig(adapters=adapters, softmax_temperature=1e-3, router_distillation_temperature=1e-3)
+
+
+def test_a_classifier_too_wide_for_the_model_is_refused_when_built(expert_dirs):
+    # The config does not know the hidden size (32): the build checks the width once it does, before any change.
+    base = tiny_llama()
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=expert_dirs["llama"], xlora_depth=2, xlora_size=8192)
+    with no_large_allocation(), pytest.raises(ValueError, match=r"`xlora_size` is 8192: .* \(16x the hidden size 32"):
+        get_peft_model(base, config)
+    assert_untouched(base)
+
+
+def test_update_config_refuses_a_size_out_of_bounds(expert_dirs):
+    model = build_xlora("llama", expert_dirs, xlora_dropout_p=0.0)
+    with pytest.raises(ValueError, match=r"`softmax_temperature` must be >= 0\.001"):
+        model.base_model.update_config(softmax_temperature=1e-9)
+    assert model.peft_config["default"].softmax_temperature == 1.0
 
 
 def _own_fields(kind):
@@ -460,3 +530,46 @@ def test_gpt2_expert_and_llama_expert_on_gpt2(expert_dirs):
     base = tiny_gpt2()
     with pytest.raises(ExpertError, match="which this GPT2LMHeadModel does not have"):
         xlora(base, {"llama": expert_dirs["llama"]["code"]})
+
+
+# ---------------------------------------------------------------------------------------------- vLLM spec sizes
+
+
+def _spec(**changes) -> dict:
+    """The serving spec of a small exported model (as config.json holds it), with `changes`."""
+    from peft_xlora.serving.vllm.spec import SPEC_FORMAT
+
+    module = "model.layers.0.self_attn.q_proj"
+    spec = {
+        "format": SPEC_FORMAT,
+        "experts": ["a", "b"],
+        "mixture_layers": [module],
+        "modules": {module: [[0, 4, 2.0], [1, 4, 2.0]]},
+        "classifier_depth": 2,
+        "classifier_width": 16,
+        "hidden_size": 32,
+    }
+    return {**spec, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classifier_depth": 10**9}, r"`xlora_depth` is 1000000000: the classifier may have at most 32"),
+        ({"classifier_width": 10**6}, r"`xlora_size` is 1000000: .* at most 4096 wide \(16x the hidden size 32"),
+        ({"hidden_size": 10**9}, r"`hidden_size` is 1000000000; at most 65536"),
+        (
+            {"modules": {"model.layers.0.self_attn.q_proj": [[0, 10**8, 1.0], [1, 4, 2.0]]}},
+            r"The LoRA rank of 'model.layers.0.self_attn.q_proj' expert 0 is 100000000; at most 4096",
+        ),
+    ],
+    ids=["depth", "width", "hidden", "rank"],
+)
+def test_vllm_spec_with_sizes_out_of_bounds_is_refused_before_any_allocation(changes, message):
+    # Before: the plugin built whatever an exported config.json's spec asked for. The spec loader now holds the
+    # bounds every config has (core/config.py, `check_sizes`).
+    from peft_xlora.serving.vllm import ServingSpec, XLoraServingError
+
+    ServingSpec.from_dict(_spec())  # the spec itself is fine
+    with no_large_allocation(), pytest.raises(XLoraServingError, match=message):
+        ServingSpec.from_dict(_spec(**changes))

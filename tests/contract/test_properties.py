@@ -201,7 +201,7 @@ def test_config_accepts_exactly_the_valid_values(
         isinstance(depth, int) and depth >= 1
         and isinstance(size, int) and size >= 1
         and dropout is not None and 0 <= dropout < 1
-        and temperature is not None and math.isfinite(temperature) and temperature > 0
+        and temperature is not None and math.isfinite(temperature) and temperature >= 1e-3
         and (top_k is None or (isinstance(top_k, int) and 1 <= top_k <= 3))
         and pass_value is not None and math.isfinite(pass_value)
         and weight is not None and math.isfinite(weight)

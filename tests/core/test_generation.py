@@ -48,7 +48,7 @@ def reference_logits(model, sequences, prompt_length, mode, monkeypatch, attenti
             scalings = xlora.get_latest_scalings().clone()  # (batch, seq, n_layers, n_experts)
             scalings[:, prompt_length:] = scalings[:, prompt_length - 1 : prompt_length]
             with monkeypatch.context() as patch:
-                patch.setattr(xlora, "_route", lambda args, kwargs: Routing(scalings))
+                patch.setattr(xlora.router, "route", lambda args, kwargs: Routing(scalings))
                 logits = model(**inputs).logits
     return logits[:, prompt_length - 1 : -1]
 
@@ -69,13 +69,13 @@ class CountScalingPasses:
 
     def __init__(self, xlora, monkeypatch):
         self.calls = 0
-        original = xlora._scaling_pass
+        original = xlora.router.scaling_pass
 
         def counted(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(xlora, "_scaling_pass", counted)
+        monkeypatch.setattr(xlora.router, "scaling_pass", counted)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

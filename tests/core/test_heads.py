@@ -64,10 +64,14 @@ def test_pinned_gate_is_the_expert_with_its_head(arch, layerwise, experts):
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the experts' heads differ
 
 
+@pytest.mark.parametrize("routing", ["dual_pass", "single_pass"])
 @pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_gated_heads_match_the_plain_loop(arch, layerwise, experts):
-    model = xlora(arch, experts[arch], layerwise_scalings=layerwise)
+def test_gated_heads_match_the_plain_loop(arch, layerwise, routing, experts):
+    # Single pass: the head comes after decoder layer k, so the per-token gate of layer k's output mixes it (the last
+    # mixture layer's slot, which is late), not the static weights of layers 1..k.
+    single = {"routing": "single_pass", "scaling_pass_layers": 1} if routing == "single_pass" else {}
+    model = xlora(arch, experts[arch], layerwise_scalings=layerwise, **single)
     head = head_of(model)
     seen = {}
     head.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0], out=out))
@@ -332,3 +336,59 @@ def test_trainable_head_needs_a_sequence_classifier(tmp_path):
     _assert_refused("llama", bare, ValueError, match, task_type=None, trainable_head=True)
     with pytest.raises(ValueError, match=r"`trainable_head` must be True or False, got 'yes'"):
         XLoraConfig(adapters=bare, trainable_head="yes")
+
+
+# ---------------------------------------------------------------------------------------------- experts changed
+
+NEW_TARGETS = {"llama": ["k_proj"], "bert": ["key"]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_added_expert_brings_its_head(arch, experts, tmp_path):
+    from helpers.compose import same_as_built
+
+    model = xlora(arch, experts[arch])
+    batch = inputs(arch)
+    before = model(**batch).logits
+    new = save_expert(arch, tmp_path / "new", 2, NEW_TARGETS[arch])
+    model.add_expert("new", new)
+    torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)  # it starts changing nothing
+    reference = xlora(arch, {**experts[arch], "new": new})
+    same_as_built(model, reference, batch, tmp_path / "added", lambda: build(arch))
+    model.set_static_scalings({"new": 1.0})
+    alone = PeftModel.from_pretrained(build(arch), new).eval()
+    torch.testing.assert_close(model(**batch).logits, alone(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_removed_expert_takes_its_head(arch, experts, tmp_path):
+    # One expert left: the gate gives it weight 1, so the model is that expert's PEFT model with its head.
+    from helpers.compose import same_as_built
+
+    model = xlora(arch, experts[arch])
+    batch = inputs(arch)
+    model.remove_expert("e0")
+    alone = PeftModel.from_pretrained(build(arch), experts[arch]["e1"]).eval()
+    torch.testing.assert_close(model(**batch).logits, alone(**batch).logits, rtol=1e-5, atol=1e-6)
+    same_as_built(model, xlora(arch, {"e1": experts[arch]["e1"]}), batch, tmp_path / "removed", lambda: build(arch))
+
+
+def test_added_expert_without_a_head_is_refused(experts, tmp_path):
+    from helpers.compose import assert_unchanged, snapshot
+
+    model = xlora("llama", experts["llama"])
+    batch = inputs("llama")
+    before = snapshot(model, batch)
+    bare = save_expert("llama", tmp_path / "bare", 3, ["k_proj"], task_type=None)
+    with pytest.raises(ExpertError, match=r"carry their classification head .* but \['bare'\] do not"):
+        model.add_expert("bare", bare)
+    assert_unchanged(model, before, batch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_mask_is_the_model_built_without(arch, experts):
+    # One expert left active: the gate gives it weight 1, its head alone is mixed: that expert's PEFT model.
+    model = xlora(arch, experts[arch])
+    model.set_active_experts(["e1"])
+    alone = PeftModel.from_pretrained(build(arch), experts[arch]["e1"]).eval()
+    torch.testing.assert_close(model(**inputs(arch)).logits, alone(**inputs(arch)).logits, rtol=1e-5, atol=1e-6)

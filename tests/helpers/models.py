@@ -87,3 +87,35 @@ def build_xlora(arch: str, expert_dirs: dict, **overrides):
 def input_ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def tiny_bart(seed: int = 0):
+    """A 1+1-layer random BART (d_model 16): the encoder-decoder model of the combination tests."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config).eval()
+
+
+def make_seq2seq_expert(targets: list[str], seed: int, path: str, r: int = 2) -> str:
+    """A distinct random SEQ_2_SEQ_LM LoRA over `tiny_bart`, saved to `path`."""
+    base = tiny_bart()
+    torch.manual_seed(2000 + seed)
+    cfg = LoraConfig(task_type="SEQ_2_SEQ_LM", r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(path)
+    return path
+
+
+def seq2seq_inputs(batch: int = 2, src: int = 7, tgt: int = 5, seed: int = 0) -> dict:
+    """Source ids, its attention mask and decoder ids of different lengths, for `tiny_bart`."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(3, VOCAB, (batch, src), generator=g),
+        "attention_mask": torch.ones(batch, src, dtype=torch.long),
+        "decoder_input_ids": torch.randint(3, VOCAB, (batch, tgt), generator=g),
+    }

@@ -78,6 +78,13 @@ ARCHS = [
          (["q_proj", "embed_tokens"], ["v_proj", "down_proj"]), embed_scale="model.embed_tokens"),
     Arch("gemma3", tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**DECODER, "head_dim": 8, "sliding_window": 4},
          (["q_proj", "embed_tokens"], ["o_proj", "up_proj"]), embed_scale="model.embed_tokens"),
+    Arch("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, {**DECODER, "head_dim": 8},
+         (["q_proj", "k_proj"], ["gate_proj", "o_proj", "embed_tokens"])),
+    # Gemma 2 multiplies the embeddings by sqrt(hidden) in the model's forward (no `embed_scale` module attribute),
+    # soft-caps attention and final logits, and alternates sliding-window and full attention.
+    Arch("gemma2", tf.Gemma2Config, tf.Gemma2ForCausalLM,
+         {**DECODER, "head_dim": 8, "sliding_window": 4, "num_hidden_layers": 2},
+         (["q_proj", "embed_tokens"], ["v_proj", "down_proj", "up_proj"])),
     Arch("phi3", tf.Phi3Config, tf.Phi3ForCausalLM, {**DECODER, "num_key_value_heads": 2},
          (["qkv_proj"], ["gate_up_proj", "o_proj", "embed_tokens"])),
     Arch("gpt2", tf.GPT2Config, tf.GPT2LMHeadModel,
@@ -387,3 +394,96 @@ def test_embed_scale_applies_to_the_expert_update(arch, tmp_path):
     merged = PeftModel.from_pretrained(arch.build(), paths[name]).merge_and_unload().eval()
     ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- single pass
+
+
+def _single_pass_reference(arch: Arch, paths: dict[str, str], model, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Single-pass X-LoRA written out on a fresh base model with forward hooks, for any decoder architecture.
+
+    Every adapted module adds sum_e w_e * scale_e * B_e A_e x (times the module's own `embed_scale`, which PEFT and
+    peft-xlora apply to an embedding's update). The modules before decoder layer k+1 (layers 1..k and the input
+    embedding) weigh the experts with softmax(static logits); a first pass gives the output of layer k, which the
+    classifier (linear layers, ReLU between) and the gate turn into per-token weights for the later modules.
+    """
+    import re
+
+    from helpers.reference import gate_reference, lora_factors_reference
+
+    tuner = model.base_model
+    config = tuner.xlora_config
+    loras = [lora_factors_reference(path) for path in paths.values()]
+    names = tuner.mixture_layer_names
+    layer_of = {n: int(m.group(1)) if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", n)) else -1 for n in names}
+    early = [n for n in names if layer_of[n] < k]
+    static = torch.softmax(tuner.xlora_classifier.single_pass_static.logits.detach().float(), -1)  # (n_early, E)
+    weights: dict[str, torch.Tensor] = {n: static[early.index(n)] for n in early}
+    base = arch.build()
+
+    def hook(name: str):
+        def add(module, args, output):
+            w = weights[name]  # (n_experts,) or (batch, seq, n_experts)
+            for e, lora in enumerate(loras):
+                if name in lora:
+                    a, b, scale, embedding = lora[name]
+                    down = torch.nn.functional.embedding(args[0], a.T) if embedding else args[0] @ a.T
+                    update = w[..., e : e + 1] * scale * (down @ b.T)
+                    if embedding and getattr(module, "embed_scale", None) is not None:
+                        update = update * module.embed_scale
+                    output = output + update
+            return output
+
+        return add
+
+    handles = [base.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            weights.update({n: torch.zeros(len(loras)) for n in names if n not in early})  # unused before layer k
+            hidden = base.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[k]
+            logits = hidden.float()
+            linears = [m for m in tuner.xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
+            for i, linear in enumerate(linears):
+                logits = logits @ linear.weight.T + linear.bias
+                logits = torch.relu(logits) if i < len(linears) - 1 else logits
+            logits = logits.unflatten(-1, (-1, len(loras)))  # (batch, seq, n_layers, n_experts)
+            late = gate_reference(
+                logits, config.softmax_temperature, config.enable_softmax, config.top_k_lora,
+                config.enable_softmax_topk, config.global_scaling_weight,
+            )  # fmt: skip
+            weights.update({n: late[:, :, names.index(n)] for n in names if n not in early})
+            return base(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# The Llama-like decoders (those the vLLM plugin serves, and Gemma): layers under `model.layers`, one token per row.
+DECODERS = [
+    a for a in SUPPORTED if a.name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+]
+
+
+@pytest.mark.parametrize("arch", DECODERS, ids=lambda a: a.name)
+def test_single_pass_architecture(arch, tmp_path):
+    # Two decoder layers, the gate on the first one's output: static weights up to it, per-token scalings after. The
+    # same logits as the single pass written out, and the same greedy tokens with the KV cache as without.
+    arch = Arch(arch.name, arch.config_cls, arch.model_cls, {**arch.config, "num_hidden_layers": 2}, arch.targets)
+    paths = save_experts(arch, tmp_path)
+    config = XLoraConfig(
+        task_type="CAUSAL_LM", adapters=paths, routing="single_pass", scaling_pass_layers=1, layerwise_scalings=True,
+        top_k_lora=1, xlora_depth=2, xlora_size=8, xlora_dropout_p=0.0, classifier_init="random",
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = get_peft_model(arch.build(), config).eval()
+    static = model.base_model.xlora_classifier.single_pass_static
+    with torch.no_grad():
+        static.logits.copy_(torch.randn(static.logits.shape))  # trained static weights are not uniform
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, _single_pass_reference(arch, paths, model, ids, k=1), rtol=1e-5, atol=1e-5)
+    with model.disable_adapter(), torch.no_grad():
+        assert not torch.allclose(ours, model(input_ids=ids).logits, atol=1e-4)
+    kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))

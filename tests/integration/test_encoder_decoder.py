@@ -327,10 +327,8 @@ def test_refused_options_and_inputs(experts):
         model(encoder_outputs=plain, decoder_input_ids=batch["decoder_input_ids"])
     with pytest.raises(ValueError, match="scalings_mode='prompt' is not supported"):
         model.generate(input_ids=batch["input_ids"], max_new_tokens=2, scalings_mode="prompt")
-    model.base_model.update_config(scalings_mode="prompt")
     with pytest.raises(ValueError, match="scalings_mode='prompt' is not supported"):
-        model(**batch)
-    model.base_model.update_config(scalings_mode="token")
+        model.base_model.update_config(scalings_mode="prompt")  # refused before it changes anything
     filled = tf.EncoderDecoderCache(tf.DynamicCache(), tf.DynamicCache())
     with model.disable_adapter():  # filled without the scaling pass, whose own cache is then missing
         model(**batch, cache=filled, use_cache=True)
@@ -357,3 +355,106 @@ def test_seq2seq_trainer_trains_the_gate_and_its_checkpoint_reloads(experts, tmp
     loaded = PeftModel.from_pretrained(build(arch), tmp_path / "out" / "checkpoint-2").eval()
     batch = inputs()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ combined with others
+
+NEW_TARGETS = {"bart": ["k_proj", "fc2"], "t5": ["k", "wo"]}
+
+
+@pytest.fixture(scope="module")
+def new_expert(experts, tmp_path_factory):
+    """A third expert on the cross-attention keys and a feed-forward layer no other expert adapts."""
+    arch, _ = experts
+    torch.manual_seed(300)
+    lora = get_peft_model(
+        build(arch),
+        LoraConfig(
+            task_type="SEQ_2_SEQ_LM", r=3, lora_alpha=5, target_modules=NEW_TARGETS[arch], init_lora_weights=False
+        ),
+    )
+    path = tmp_path_factory.mktemp(f"{arch}-expert2")
+    lora.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["shared", "layerwise"])
+def test_added_expert_equals_a_model_built_with_it(experts, new_expert, tmp_path, layerwise):
+    from helpers.compose import same_as_built
+
+    arch, paths = experts
+    model = xlora(arch, paths, layerwise_scalings=layerwise)
+    batch = inputs()
+    before = model(**batch).logits
+    model.add_expert("expert2", new_expert)
+    torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)  # it starts changing nothing
+    reference = xlora(arch, {**paths, "expert2": new_expert}, layerwise_scalings=layerwise)
+    same_as_built(model, reference, batch, tmp_path / "added", lambda: build(arch))
+    model.set_static_scalings({"expert2": 1.0})
+    reference = PeftModel.from_pretrained(build(arch), new_expert).eval()
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_removed_expert_equals_a_model_built_without_it(experts, tmp_path):
+    # One expert left: the gate gives it weight 1 in both stacks, so the model is that expert's PEFT model.
+    from helpers.compose import same_as_built
+
+    arch, paths = experts
+    model = xlora(arch, paths)
+    batch = inputs()
+    model.remove_expert("expert0")
+    reference = PeftModel.from_pretrained(build(arch), paths["expert1"]).eval()
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+    same_as_built(model, xlora(arch, {"expert1": paths["expert1"]}), batch, tmp_path / "removed", lambda: build(arch))
+
+
+def test_per_row_pins_score_each_expert_in_one_batch(experts):
+    arch, paths = experts
+    model = xlora(arch, paths)
+    batch = inputs()
+    rows = batch["input_ids"].shape[0]
+    doubled = {key: value.repeat(2, 1) for key, value in batch.items()}
+    model.set_static_scalings(torch.eye(2).repeat_interleave(rows, dim=0), per_row=True)
+    out = model(**doubled).logits
+    for e, path in enumerate(paths.values()):
+        reference = PeftModel.from_pretrained(build(arch), path).eval()
+        torch.testing.assert_close(out[e * rows : (e + 1) * rows], reference(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_cannot_be_turned_on_later(experts):
+    from helpers.compose import assert_unchanged, snapshot
+
+    arch, paths = experts
+    model = xlora(arch, paths)
+    batch = inputs()
+    before = snapshot(model, batch)
+    with pytest.raises(ValueError, match="`router_distillation_coef` is not supported for encoder-decoder"):
+        model.base_model.update_config(router_distillation_coef=0.5)
+    with pytest.raises(ValueError, match="scalings_mode='prompt' is not supported for encoder-decoder"):
+        model.base_model.update_config(scalings_mode="prompt")
+    with pytest.raises(ValueError, match="`scaling_pass_layers` is not supported for encoder-decoder"):
+        model.base_model.update_config(scaling_pass_layers=1)
+    assert_unchanged(model, before, batch)
+
+
+def test_mask_equals_a_model_built_without(experts):
+    # One expert left active: the gate gives it weight 1 in both stacks (and the scaling passes leave the other out).
+    arch, paths = experts
+    model = xlora(arch, paths, scaling_pass_value=0.5)
+    model.set_active_experts(["expert1"])
+    batch = inputs()
+    reference = PeftModel.from_pretrained(build(arch), paths["expert1"]).eval()
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_lora_export_equals_the_pinned_model(experts, tmp_path):
+    from peft_xlora import export_lora
+
+    arch, paths = experts
+    model = xlora(arch, paths)
+    weights = {"expert0": 0.3, "expert1": 0.7}
+    model.set_static_scalings(weights)
+    export_lora(model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(build(arch), tmp_path / "lora").eval()
+    batch = inputs()
+    torch.testing.assert_close(lora(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -1,11 +1,15 @@
 """Checkpoints: exact save/load round trips, self-contained folders, expert swapping, strict errors, atomic saves."""
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 import safetensors.torch
@@ -685,3 +689,145 @@ def test_odd_expert_names_round_trip(tmp_path, expert_dirs):
     assert loaded.base_model.expert_names == names
     assert_state_dicts_equal(model, loaded)
     torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- saves touch only what they own
+
+
+def bare_model(model, folder):
+    """The same X-LoRA model as a bare transformers model, saved by peft_xlora and loaded by transformers."""
+    save_pretrained(model, folder)
+    bare = tiny_llama()
+    bare.load_adapter(str(folder))
+    return bare.eval()
+
+
+# The two saves above, and transformers' own `save_pretrained` of a model `load_adapter` built X-LoRA into.
+EVERY_SAVE = {**SAVES, "transformers": lambda model, path, **kwargs: model.save_pretrained(path, **kwargs)}
+
+
+def _model_for(save, expert_dirs, tmp_path, request):
+    """A trained X-LoRA model in the form `save` takes (bare for transformers' save) and its logits."""
+    model = trained_llama(expert_dirs)
+    ref = logits(model)
+    if save == "transformers":
+        request.getfixturevalue("open_peft_gate")  # transformers' adapter save asks for PEFT >= 0.22
+        model = bare_model(model, tmp_path / "source")
+    return model, ref
+
+
+def _special_files(folder):
+    """A named pipe and a Unix socket in `folder`: opening the pipe to read it blocks until someone writes to it."""
+    os.mkfifo(folder / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock"))
+    return sock
+
+
+def _run_with_deadline(call, seconds, release):
+    """Runs `call` in a thread; fails the test if it has not returned after `seconds` (then `release` unblocks it)."""
+    errors = []
+
+    def target():
+        try:
+            call()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        release()
+        thread.join(30)
+        pytest.fail(f"the save was still blocked after {seconds} s")
+    if errors:
+        raise errors[0]
+
+
+def _open_pipe_for_writing(path):
+    # A reader blocked in open() of the pipe returns once a writer opens it; closing at once gives it end-of-file.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("save", EVERY_SAVE)
+def test_special_files_in_the_folder_are_kept_and_never_opened(tmp_path, expert_dirs, save, request):
+    # Before: the save hung forever, reading the named pipe to flush it to disk.
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    sock = _special_files(target)
+    (target / "logs").mkdir()
+    os.mkfifo(target / "logs" / "pipe")
+    os.mkfifo(target / "README.md")  # not a card we wrote: kept, and no card is written
+    model, ref = _model_for(save, expert_dirs, tmp_path, request)
+    release = lambda: _open_pipe_for_writing(target / "pipe")  # noqa: E731
+    try:
+        for _ in range(2):  # into a folder without a checkpoint, then over the checkpoint
+            _run_with_deadline(lambda: EVERY_SAVE[save](model, target), 60, release)
+    finally:
+        sock.close()
+    kinds = {name: stat.S_IFMT(os.lstat(target / name).st_mode) for name in ("pipe", "logs/pipe", "sock", "README.md")}
+    assert kinds == {"pipe": stat.S_IFIFO, "logs/pipe": stat.S_IFIFO, "sock": stat.S_IFSOCK, "README.md": stat.S_IFIFO}
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", *(["source"] if save == "transformers" else [])])
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), ref)
+
+
+@pytest.mark.parametrize("save", EVERY_SAVE)
+@pytest.mark.parametrize("where", ["target", "inside"], ids=["cwd-is-the-folder", "cwd-inside-the-folder"])
+def test_save_into_the_working_directory_keeps_it_valid(tmp_path, expert_dirs, monkeypatch, save, where, request):
+    # Before: `save_pretrained(".")` swapped a new folder in and deleted the old one, the process's working directory:
+    # the files were there, but os.getcwd() raised FileNotFoundError and every relative path after it failed.
+    target = tmp_path / "ckpt"
+    (target / "logs").mkdir(parents=True)
+    cwd = target if where == "target" else target / "logs"
+    model, ref = _model_for(save, expert_dirs, tmp_path, request)
+    monkeypatch.chdir(cwd)
+    for _ in range(2):
+        EVERY_SAVE[save](model, "." if where == "target" else target)
+        assert os.getcwd() == os.path.realpath(cwd)
+    with open("written-after.txt", "w") as f:  # a relative write, as Trainer's next one
+        f.write("fine")
+    assert (cwd / "written-after.txt").read_text() == "fine"
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", *(["source"] if save == "transformers" else [])])
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), ref)
+
+
+@pytest.mark.parametrize(
+    "exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"]
+)
+def test_transformers_save_of_a_bare_model_is_atomic(tmp_path, expert_dirs, monkeypatch, open_peft_gate, exc):
+    # Before: transformers wrote adapter_model.safetensors in place, so a full disk or an interrupt left a truncated
+    # file in the checkpoint. Now its save runs into a staging folder that is checked and swapped in, as PEFT's does.
+    old = bare_model(trained_llama(expert_dirs), tmp_path / "old-source")
+    ref = logits(old)
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target)
+    (target / "tokenizer.json").write_text("{}")  # the user's file in the folder
+    before = {name: (target / name).read_bytes() for name in os.listdir(target)}
+    assert {"adapter_config.json", WEIGHTS_NAME} <= set(before)
+
+    new_model = trained_llama(expert_dirs)
+    perturb_trainable(new_model, seed=3)
+    new = bare_model(new_model, tmp_path / "new-source")
+    import transformers.modeling_utils
+
+    with monkeypatch.context() as patch, pytest.raises(type(exc)):
+        patch.setattr(transformers.modeling_utils, "safe_save_file", _failing_writer(100, exc))
+        new.save_pretrained(target)
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "new-source", "old-source"]  # no staging folder left behind
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), target).eval()), ref, rtol=0, atol=0)
+
+    new.save_pretrained(target)  # succeeds: replaces the checkpoint, keeps the user's file
+    assert (target / "tokenizer.json").read_text() == "{}"
+    loaded = PeftModel.from_pretrained(tiny_llama(), target).eval()
+    torch.testing.assert_close(logits(loaded), logits(new_model), rtol=0, atol=0)
+
+
+def test_transformers_save_of_other_models_is_untouched(tmp_path):
+    # A plain model (no adapter) is saved by transformers in place, as before: no staging folder, no check.
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "plain")
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "plain"))
+    assert sorted(os.listdir(tmp_path)) == ["plain"]

@@ -229,3 +229,16 @@ def test_export_never_displaces_a_file_or_a_foreign_folder(tmp_path, expert_dirs
     run(tmp_path / "empty")
     run(tmp_path / "empty")
     assert EXPORT_MARK in os.listdir(tmp_path / "empty")
+
+
+def test_export_into_the_working_directory_keeps_it_valid(tmp_path, expert_dirs, monkeypatch):
+    # An export swaps a new folder in like a save does; the process's working directory must follow it (it was left
+    # in the deleted old folder: os.getcwd() then raised FileNotFoundError).
+    model = build_xlora("llama", expert_dirs).eval()
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    for _ in range(2):  # into the empty folder, then over its own export
+        export_lora(model, ".", {"math": 1.0})
+        assert os.getcwd() == str((tmp_path / "out").resolve())
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -8,6 +8,7 @@ import safetensors.torch
 import torch
 from peft import PeftModel
 
+from helpers.allocations import no_large_allocation
 from helpers.models import EXPERT_SPECS, build_xlora, input_ids, make_expert, tiny_llama
 from peft_xlora import CheckpointError, ExpertError
 from peft_xlora.core.checkpoint import WEIGHTS_NAME, check_safetensors_file
@@ -133,4 +134,70 @@ def test_a_malformed_safetensors_header_names_the_file(checkpoint, header):
     with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME} is not a valid safetensors file"):
         check_safetensors_file(str(folder / WEIGHTS_NAME))
     with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME} is not a valid safetensors file"):
+        PeftModel.from_pretrained(tiny_llama(), folder)
+
+
+# ------------------------------------------------------------------------------------------------- sizes
+
+
+def _set_rank(config):
+    config["experts"]["code"]["r"] = 10**9
+
+
+def _set_rank_pattern(config):
+    config["experts"]["math"]["rank_pattern"] = {"q_proj": 10**7}
+
+
+HOSTILE_SIZES = {
+    "depth": (lambda c: c.update(xlora_depth=10**9), r"`xlora_depth` is 1000000000: .* at most 32"),
+    "width": (lambda c: c.update(xlora_size=10**12), r"`xlora_size` is 1000000000000: .* at most 4096 wide"),
+    "width-hidden-unknown": (
+        lambda c: c.update(xlora_size=2**20, hidden_size=None),
+        r"`xlora_size` is 1048576: .* at most 4096 wide \(16x the hidden size 32, or 4096\)",
+    ),
+    "hidden": (lambda c: c.update(hidden_size=10**9), r"`hidden_size` is 1000000000; at most 65536"),
+    "rank": (_set_rank, r"The LoRA rank of expert 'code', r is 1000000000; at most 4096"),
+    "rank-pattern": (_set_rank_pattern, r"The LoRA rank of expert 'math', rank_pattern\['q_proj'\] is 10000000"),
+    "temperature": (lambda c: c.update(softmax_temperature=1e-30), r"`softmax_temperature` must be >= 0.001"),
+}
+
+
+@pytest.mark.parametrize("load", ["peft", "transformers"])
+@pytest.mark.parametrize("case", HOSTILE_SIZES)
+def test_hostile_sizes_in_the_config_fail_before_any_allocation(checkpoint, case, load):
+    # Before: xlora_depth=10**9 (or a rank of 10**9) allocated until the machine ran out of memory. The guard turns
+    # any allocation past a few MiB into a MemoryError, so the refusal must come first, from the config alone.
+    folder, _ = checkpoint
+    edit, message = HOSTILE_SIZES[case]
+    edit_config(folder, edit)
+    base = tiny_llama()
+    with no_large_allocation(), pytest.raises(ValueError, match=message):
+        if load == "peft":
+            PeftModel.from_pretrained(base, folder)
+        else:
+            base.load_adapter(str(folder))
+    assert not hasattr(base, "peft_config")
+
+
+# ------------------------------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "what"),
+    [
+        ("experts", ["math", "code", "poetry"], "an object of expert name -> LoRA config object"),
+        ("experts", {"math": 1, "code": {}, "poetry": {}}, "an object of expert name -> LoRA config object"),
+        ("expert_order", "math", "a list of expert names"),
+        ("expert_order", ["math", 2, "poetry"], "a list of expert names"),
+        ("adapters", ["math", "code", "poetry"], "an object of expert name -> source"),
+    ],
+    ids=["experts-list", "expert-not-object", "order-string", "order-non-string", "adapters-list"],
+)
+def test_config_fields_of_the_wrong_json_type_are_named(checkpoint, field, value, what):
+    # Before: a TypeError or AttributeError from inside XLoraConfig that named neither the file nor the field.
+    folder, _ = checkpoint
+    edit_config(folder, lambda c: c.update({field: value}))
+    with pytest.raises(
+        CheckpointError, match=rf"adapter_config.json: `{field}` is .*, not {what}; the file was edited"
+    ):
         PeftModel.from_pretrained(tiny_llama(), folder)

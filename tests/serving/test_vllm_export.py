@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 from xlora_vllm_cases import EXPERT_SPECS, build_case, make_experts, save_base
 
+from peft_xlora import CheckpointError
+from peft_xlora.core.classifier import gate
 from peft_xlora.serving.vllm import SPEC_KEY, ServingSpec, XLoraServingError, export_vllm, scaling_pass_constant
 from peft_xlora.serving.vllm import export as export_module
-from peft_xlora.serving.vllm.ops import Segment, StackedLora, classify, gate
+from peft_xlora.serving.vllm.ops import Block, Partition, StackedLora, XLoraRouter, classify
 from peft_xlora.serving.vllm.spec import WEIGHTS_FILE
 
 
@@ -78,6 +80,31 @@ def test_experts_are_distinct(tmp_path):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert not torch.allclose(weights["math"][key][:2], weights["code"][key])
     assert len({frozenset(w) for w in weights.values()}) == len(weights)  # each adapts other modules
+
+
+def test_every_config_field_is_written_refused_or_irrelevant_for_vllm():
+    # A new XLoraConfig field must be placed in one of the three tables of serving/vllm/export.py, or this fails.
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    from peft_xlora import XLoraConfig
+
+    ours = {f.name for f in dataclasses.fields(XLoraConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    placed = [*export_module.VLLM_WRITTEN, *export_module.VLLM_IRRELEVANT, *export_module.VLLM_REFUSED]
+    assert sorted(placed) == sorted(ours)
+
+
+@pytest.mark.parametrize("field", sorted(export_module.VLLM_REFUSED))
+def test_every_refused_field_is_refused_by_name(saved_case, tmp_path, field):
+    # Each refused option, set in an otherwise servable checkpoint, stops the export with its name and reason.
+    other = {"scalings_mode": "prompt", "trainable_head": True}[field]
+    assert other != export_module.VLLM_REFUSED[field][0]
+    path = _broken_copy(saved_case, tmp_path, "refused")
+    _write_config(path, lambda config: config.update({field: other}))
+    with pytest.raises(XLoraServingError, match=f"{field}={other!r} is not served by the vLLM plugin"):
+        export_vllm(path, tmp_path / "out", base_model=saved_case.base)
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_refuses_prompt_mode(tmp_path):
@@ -201,88 +228,129 @@ def test_classifier_is_linear_relu_linear():
     torch.testing.assert_close(classify(hidden, w, b), expected)
 
 
-def _fused_case(n_tokens=6, n_in=8, outs=(10, 4), n_experts=3, n_slots=2):
-    """Random factors of a fused projection with two sub-projections; experts differ in rank and presence."""
-    ranks = {(0, 0): 2, (0, 2): 3, (1, 1): 4, (1, 2): 1}  # (sub-projection, expert) -> rank; expert 1 not on sub 0
-    ranks = {k: r for k, r in ranks.items() if k[0] < len(outs)}
-    factors = {k: (torch.randn(r, n_in), torch.randn(outs[k[0]], r), 0.5 + k[1]) for k, r in ranks.items()}
-    x = torch.randn(n_tokens, n_in)
-    scalings = torch.rand(n_tokens, n_slots * n_experts)
-    slot_of_sub = {0: 0, 1: 1}  # layerwise: each sub-projection reads its own scaling slot
-    return x, scalings, factors, outs, n_experts, slot_of_sub
+# A projection with two output partitions (e.g. gate and up of gate_up_proj, sizes 10 and 4) and input width 8; three
+# experts. Blocks: (module, expert) -> (rank, parts covered). "fused" covers both partitions with one A (Phi-3's own
+# gate_up_proj); the others one partition each, expert 1 absent from the first.
+_OUTS = (10, 4)
+_N_IN, _N_EXPERTS = 8, 3
+_BLOCKS = {
+    ("gate", 0): (2, [0]),
+    ("gate", 2): (3, [0]),
+    ("up", 1): (4, [1]),
+    ("up", 2): (1, [1]),
+    ("fused", 1): (2, [0, 1]),
+}
+_SLOT = {"gate": 0, "up": 1, "fused": 2}  # layerwise: each module reads its own scaling slot
 
 
-def _loop_reference(x, scalings, factors, outs, n_experts, slot_of_sub, weight=None):
-    """sum_e s_e * scale_e * B_e A_e x per sub-projection, one expert at a time."""
-    out = torch.zeros(x.shape[0], sum(outs))
-    offsets = [0, outs[0]]
-    for (sub, e), (a, b, scale) in factors.items():
-        index = slot_of_sub[sub] * n_experts + e
-        s = weight if weight is not None else scalings[:, index : index + 1]
-        out[:, offsets[sub] : offsets[sub] + outs[sub]] += s * scale * (x @ a.T @ b.T)
+def _factors(seed=0, row_parallel=False):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for (module, e), (rank, parts) in _BLOCKS.items():
+        rows = sum(_OUTS) if row_parallel else sum(_OUTS[p] for p in parts)
+        out[(module, e)] = (torch.randn(rank, _N_IN, generator=g), torch.randn(rows, rank, generator=g), 0.5 + e)
     return out
 
 
-def _stack(factors, outs, n_experts, slot_of_sub, *, in_features, a_cols, b_rows_of, out_sizes, weight=0.0):
-    segments, start = [], 0
-    for sub, size in enumerate(out_sizes):
-        seg = Segment(start, start + size, b_rows_of(sub))
-        for (s, e), (a, _, scale) in sorted(factors.items(), key=lambda kv: kv[0][1]):
-            if s == sub:
-                seg.experts.append((f"{sub}.{e}", a.shape[0], slot_of_sub[sub] * n_experts + e, scale))
-        segments.append(seg)
-        start += size
-    stack = StackedLora(in_features, a_cols, segments, weight, torch.float32)
-    for (sub, e), (a, b, _) in factors.items():
-        stack.load(f"{sub}.{e}", a, b)
+def _loop_reference(x, factors, weight_of):
+    """sum over blocks of weight * scale * B A x, one block at a time, B's rows split over the partitions it covers."""
+    out = torch.zeros(x.shape[0], sum(_OUTS))
+    offsets = [0, _OUTS[0]]
+    for (module, e), (a, b, scale) in factors.items():
+        full = x @ a.T @ b.T  # (tokens, rows of the covered partitions)
+        row = 0
+        for p in _BLOCKS[(module, e)][1]:
+            out[:, offsets[p] : offsets[p] + _OUTS[p]] += weight_of(module, e) * scale * full[:, row : row + _OUTS[p]]
+            row += _OUTS[p]
+    return out
+
+
+def _stack(factors, *, shards=1, rank=0, row_parallel=False):
+    """The StackedLora of one tensor-parallel shard (column-parallel by default, like gate_up_proj)."""
+    if row_parallel:
+        width = _N_IN // shards
+        partitions = [Partition(0, sum(_OUTS), (0, sum(_OUTS)))]
+        a_cols, in_features, parts_of = (rank * width, (rank + 1) * width), width, lambda parts: [0]
+    else:
+        partitions, start = [], 0
+        for size in _OUTS:
+            local = size // shards
+            partitions.append(Partition(start, start + local, (rank * local, (rank + 1) * local)))
+            start += local
+        a_cols, in_features, parts_of = (0, _N_IN), _N_IN, lambda parts: parts
+    blocks = []
+    for (module, e), (r, parts) in _BLOCKS.items():
+        parts = parts_of(parts)
+        sizes = [sum(_OUTS)] if row_parallel else [_OUTS[p] for p in parts]
+        blocks.append(
+            Block(f"{module}.{e}", module, e, r, factors[(module, e)][2], _SLOT[module] * _N_EXPERTS + e, parts, sizes)
+        )
+    stack = StackedLora(in_features, a_cols, partitions, blocks, torch.float32)
+    for (module, e), (a, b, _) in factors.items():
+        stack.load(f"{module}.{e}", a, b)
+    stack.fold_scales()
     return stack
 
 
+def _per_token_weights(stack, scalings):
+    return scalings.index_select(1, stack.scaling_index)  # what MixedProjection hands the stack
+
+
 def test_stacked_update_equals_the_per_expert_loop():
-    x, scalings, factors, outs, n, slots = _fused_case()
-    stack = _stack(
-        factors, outs, n, slots, in_features=x.shape[1], a_cols=(0, x.shape[1]), b_rows_of=lambda s: (0, outs[s]),
-        out_sizes=outs, weight=0.85,
-    )  # fmt: skip
-    base = torch.randn(x.shape[0], sum(outs))
-    expected = base + _loop_reference(x, scalings, factors, outs, n, slots)
-    torch.testing.assert_close(stack(base.clone(), x, scalings), expected)
-    # The scaling pass: every expert at the constant weight.
-    expected = base + _loop_reference(x, scalings, factors, outs, n, slots, weight=0.85)
-    torch.testing.assert_close(stack(base.clone(), x, None), expected)
+    factors = _factors()
+    x = torch.randn(6, _N_IN)
+    scalings = torch.rand(6, 3 * _N_EXPERTS)  # (tokens, n_slots * n_experts)
+    stack = _stack(factors)
+    base = torch.randn(6, sum(_OUTS))
+
+    def weight_of(module, e):
+        index = _SLOT[module] * _N_EXPERTS + e
+        return scalings[:, index : index + 1]
+
+    expected = base + _loop_reference(x, factors, weight_of)
+    ours = stack.add_update(base.clone(), x, _per_token_weights(stack, scalings), stack.own_B())
+    torch.testing.assert_close(ours, expected)
+    # Constant weights folded into B (static weights, the scaling pass): each (module, expert) at its own value.
+    constant = {key: 0.1 + 0.2 * i for i, key in enumerate(_BLOCKS)}
+    weights = stack.rank_weights(lambda module, e: constant[(module, e)])
+    expected = base + _loop_reference(x, factors, lambda module, e: constant[(module, e)])
+    torch.testing.assert_close(stack.add_update(base.clone(), x, None, stack.weighted_B(weights)), expected)
 
 
 def test_column_parallel_shards_hold_their_output_rows():
-    # Two tensor-parallel ranks of a column-parallel projection: each holds half of every sub-projection's output
-    # columns (B's rows) and the full A; side by side they give the unsharded update.
-    x, scalings, factors, outs, n, slots = _fused_case()
-    full = _loop_reference(x, scalings, factors, outs, n, slots)
-    halves = [o // 2 for o in outs]
+    # Two tensor-parallel ranks of a column-parallel projection: each holds half of every partition's rows (B's rows)
+    # and the full A; side by side, partition by partition, they give the unsharded update.
+    factors = _factors(1)
+    x = torch.randn(5, _N_IN)
+    scalings = torch.rand(5, 3 * _N_EXPERTS)
+    full = _stack(factors).add_update(torch.zeros(5, sum(_OUTS)), x, None, _stack(factors).own_B())
+    halves = [o // 2 for o in _OUTS]
     parts = []
     for rank in range(2):
-        stack = _stack(
-            factors, outs, n, slots, in_features=x.shape[1], a_cols=(0, x.shape[1]),
-            b_rows_of=lambda s, rank=rank: (rank * halves[s], (rank + 1) * halves[s]), out_sizes=halves,
-        )  # fmt: skip
-        parts.append(stack(torch.zeros(x.shape[0], sum(halves)), x, scalings))
-    # Reassemble: rank 0 has [sub0 first half, sub1 first half], rank 1 the second halves.
-    sub0 = torch.cat([parts[0][:, : halves[0]], parts[1][:, : halves[0]]], -1)
-    sub1 = torch.cat([parts[0][:, halves[0] :], parts[1][:, halves[0] :]], -1)
-    torch.testing.assert_close(torch.cat([sub0, sub1], -1), full)
+        stack = _stack(factors, shards=2, rank=rank)
+        parts.append(
+            stack.add_update(torch.zeros(5, sum(halves)), x, _per_token_weights(stack, scalings), stack.own_B())
+        )
+    whole = _stack(factors)
+    full = whole.add_update(torch.zeros(5, sum(_OUTS)), x, _per_token_weights(whole, scalings), whole.own_B())
+    first = torch.cat([parts[0][:, : halves[0]], parts[1][:, : halves[0]]], -1)
+    second = torch.cat([parts[0][:, halves[0] :], parts[1][:, halves[0] :]], -1)
+    torch.testing.assert_close(torch.cat([first, second], -1), full)
 
 
 def test_row_parallel_shards_sum_to_the_update():
-    # Row-parallel: each rank sees half of the input columns (and A's), the full B; the all-reduce sums them.
-    x, scalings, factors, outs, n, slots = _fused_case(outs=(10,))
-    full = _loop_reference(x, scalings, factors, outs, n, slots)
-    half = x.shape[1] // 2
+    # Row-parallel: each rank sees half of the input columns (and A's) and the full B; the all-reduce sums them.
+    factors = _factors(2, row_parallel=True)
+    x = torch.randn(4, _N_IN)
+    scalings = torch.rand(4, 3 * _N_EXPERTS)
+    whole = _stack(factors, row_parallel=True)
+    full = whole.add_update(torch.zeros(4, sum(_OUTS)), x, _per_token_weights(whole, scalings), whole.own_B())
     total = torch.zeros_like(full)
+    half = _N_IN // 2
     for rank in range(2):
-        stack = _stack(
-            factors, outs, n, slots, in_features=half, a_cols=(rank * half, (rank + 1) * half),
-            b_rows_of=lambda s: (0, outs[s]), out_sizes=outs,
-        )  # fmt: skip
-        total += stack(torch.zeros_like(full), x[:, rank * half : (rank + 1) * half], scalings)
+        stack = _stack(factors, shards=2, rank=rank, row_parallel=True)
+        shard_x = x[:, rank * half : (rank + 1) * half]
+        total += stack.add_update(torch.zeros_like(full), shard_x, _per_token_weights(stack, scalings), stack.own_B())
     torch.testing.assert_close(total, full)
 
 
@@ -291,12 +359,30 @@ def test_embedding_update_is_a_row_lookup():
     a, b = torch.randn(r, vocab), torch.randn(dim, r)
     ids = torch.tensor([0, 4, 10, 4])
     scalings = torch.rand(4, 2)
-    seg = Segment(0, dim, (0, dim), [("emb.1", r, 1, 0.5)])
-    stack = StackedLora(vocab, (0, vocab), [seg], 0.0, torch.float32, embedding=True)
+    block = Block("emb.1", "emb", 1, r, 0.5, 1, [0], [dim])
+    stack = StackedLora(vocab, (0, vocab), [Partition(0, dim, (0, dim))], [block], torch.float32, embedding=True)
     stack.load("emb.1", a, b)
+    stack.fold_scales()
     expected = scalings[:, 1:2] * 0.5 * (torch.nn.functional.one_hot(ids, vocab).float() @ a.T @ b.T)
-    torch.testing.assert_close(stack(torch.zeros(4, dim), ids, scalings), expected)
-    assert stack(torch.zeros(4, dim), ids, None).abs().max() == 0  # scaling-pass weight 0: no update there
+    ours = stack.add_update(torch.zeros(4, dim), ids, _per_token_weights(stack, scalings), stack.own_B())
+    torch.testing.assert_close(ours, expected)
+
+
+def test_router_writes_the_gated_scalings_of_each_token(tmp_path):
+    # The router's buffer holds, for this forward's tokens, peft-xlora's gate of the classifier's logits.
+    case = build_case(str(tmp_path), layerwise_scalings=True, top_k_lora=2, xlora_depth=2, xlora_size=16)
+    _, spec = _read_served(case.served)
+    router = XLoraRouter(spec, max_tokens=32)
+    classifier = case.model.base_model.xlora_classifier
+    linears = [m for m in classifier.layers if isinstance(m, torch.nn.Linear)]
+    for j, linear in enumerate(linears):
+        getattr(router, f"weight{j}").copy_(linear.weight.detach())
+        getattr(router, f"bias{j}").copy_(linear.bias.detach())
+    hidden = torch.randn(7, spec.hidden_size)
+    router.route(hidden)
+    expected = case.model.base_model.router.gate(hidden[None])[1][0]  # (tokens, n_layers, n_experts)
+    torch.testing.assert_close(router.scalings[:7], expected.flatten(1))
+    assert router.scalings[7:].abs().max() == 0  # rows past this forward's tokens untouched
 
 
 def test_spec_refuses_other_formats_and_unknown_entries(tmp_path):
@@ -304,7 +390,109 @@ def test_spec_refuses_other_formats_and_unknown_entries(tmp_path):
     _, spec = _read_served(case.served)
     data = spec.to_dict()
     assert ServingSpec.from_dict(data) == spec
-    with pytest.raises(XLoraServingError, match="spec format"):
-        ServingSpec.from_dict({**data, "format": 99})
+    for other in (1, 99):  # 1: the first plugin's exports (dual pass only), which lack the routing
+        with pytest.raises(XLoraServingError, match="Export the checkpoint again"):
+            ServingSpec.from_dict({**data, "format": other})
     with pytest.raises(XLoraServingError, match="newer peft-xlora"):
         ServingSpec.from_dict({**data, "future_option": 1})
+
+
+@pytest.fixture(scope="module")
+def saved_case(tmp_path_factory):
+    """One exported tiny model shared by the broken-input tests (each breaks a copy of its checkpoint)."""
+    return build_case(str(tmp_path_factory.mktemp("saved")), top_k_lora=2)
+
+
+def _broken_copy(case, tmp_path, name: str) -> str:
+    import shutil
+
+    path = str(tmp_path / name)
+    shutil.copytree(case.checkpoint, path)
+    return path
+
+
+def _truncate(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+
+
+def _write_config(path: str, edit) -> None:
+    config_path = os.path.join(path, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    edit(config)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "error", "match"),
+    [
+        ("no-folder", CheckpointError, "adapter_config.json does not exist"),
+        ("no-config", CheckpointError, "adapter_config.json does not exist"),
+        ("no-weights", CheckpointError, "adapter_model.safetensors does not exist"),
+        ("truncated-weights", CheckpointError, "is truncated"),
+        ("config-not-json", CheckpointError, "not valid JSON"),
+        ("config-bad-value", ValueError, "top_k_lora"),
+    ],
+)
+def test_export_checks_the_checkpoint_before_reading_it(saved_case, tmp_path, breakage, error, match):
+    path = _broken_copy(saved_case, tmp_path, "broken")
+    if breakage == "no-folder":
+        path = str(tmp_path / "missing")
+    elif breakage == "no-config":
+        os.remove(os.path.join(path, "adapter_config.json"))
+    elif breakage == "no-weights":
+        os.remove(os.path.join(path, "adapter_model.safetensors"))
+    elif breakage == "truncated-weights":
+        _truncate(os.path.join(path, "adapter_model.safetensors"))
+    elif breakage == "config-not-json":
+        with open(os.path.join(path, "adapter_config.json"), "a", encoding="utf-8") as f:
+            f.write("{")
+    elif breakage == "config-bad-value":
+        _write_config(path, lambda config: config.update(top_k_lora=99))
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        export_vllm(path, out, base_model=saved_case.base)
+    assert not out.exists()  # nothing written
+
+
+def test_export_refuses_embedding_experts_on_gemma2(tmp_path):
+    # vLLM's Gemma 2 computes its logits with the embedding module itself: the plugin cannot wrap it.
+    experts = make_experts(
+        "gemma2", str(tmp_path), {"emb": {"r": 2, "lora_alpha": 2, "target_modules": ["embed_tokens"]}}
+    )
+    with pytest.raises(XLoraServingError, match="computes its logits with the input embedding module"):
+        build_case(str(tmp_path), arch="gemma2", experts=experts)
+    assert not (tmp_path / "served").exists()
+
+
+@pytest.mark.parametrize("static", ["learned", "uniform"])
+def test_single_pass_export_writes_its_routing_and_static_logits(tmp_path, static):
+    case = build_case(str(tmp_path), routing="single_pass", scaling_pass_layers=2, single_pass_static=static)
+    _, spec = _read_served(case.served)
+    tuner = case.model.base_model
+    assert (spec.routing, spec.single_pass_static, spec.scaling_pass_layers) == ("single_pass", static, 2)
+    # The mixture layers the spec calls late are peft-xlora's late layers.
+    late = {tuner.mixture_layer_names[i] for i in tuner.router.late_layers}
+    assert {m for m in spec.mixture_layers if spec.is_late(m)} == late
+    weights = load_file(os.path.join(case.served, WEIGHTS_FILE))
+    if static == "learned":
+        logits = tuner.xlora_classifier.single_pass_static.logits.detach()
+        torch.testing.assert_close(weights["xlora.single_pass_static.logits"], logits)
+        assert not torch.allclose(logits, torch.zeros_like(logits))  # the cases' static logits are not uniform
+    else:
+        assert "xlora.single_pass_static.logits" not in weights
+
+
+def test_spec_refuses_classifier_sizes_past_the_bounds(tmp_path):
+    # A hostile config.json must not make the model class allocate without limit.
+    case = build_case(str(tmp_path))
+    _, spec = _read_served(case.served)
+    data = spec.to_dict()
+    # The bounds are core's (`core.config.check_sizes`), the same as every XLoraConfig's.
+    with pytest.raises(XLoraServingError, match="at most 32 linear layers"):
+        ServingSpec.from_dict({**data, "classifier_depth": 10**9})
+    with pytest.raises(XLoraServingError, match="at most 4096 wide"):
+        ServingSpec.from_dict({**data, "classifier_depth": 2, "classifier_width": 10**6})

@@ -15,30 +15,43 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import gc
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# vLLM on these 2-core machines: engine in this process, no thread pinning, 1 GiB of KV cache, never the Hub.
+# vLLM on these 2-core machines: engine in this process, no thread pinning, 1 GiB of KV cache, never the Hub. The CI
+# flag keeps vLLM's CPU default of tracing the model once with torch.compile (guards dropped), but runs the traced
+# graph eagerly instead of compiling it with inductor (minutes per engine on 2 cores): every test runs the model as
+# vLLM traces it, which is where a design that picks its attention by a Python flag goes wrong.
+# On a GPU (PEFT_XLORA_VLLM_DEVICE=cuda, scripts/vllm_gpu.sh: untested) vLLM's own defaults apply: compiled, with
+# CUDA graphs.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PEFT_XLORA_VLLM_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import peft_xlora
@@ -58,10 +71,22 @@ _COMMON = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+# Gemma 2 and 3 alternate sliding-window and full attention, with a window shorter than the longest prompts; Gemma 2
+# soft-caps its attention logits and its final logits; Qwen 3 normalises q and k per head; Phi-3 has fused qkv_proj
+# and gate_up_proj in transformers too.
+_WINDOW = {"sliding_window": 16, "head_dim": 32}
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True, "use_sliding_window": False}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32, "use_sliding_window": False}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**_WINDOW, "query_pre_attn_scalar": 32}),
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {**_WINDOW, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    ),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {}),
 }
 
 # Distinct experts: different ranks, alphas, rsLoRA, rank/alpha patterns and target modules (the embedding too).
@@ -76,6 +101,26 @@ EXPERT_SPECS = {
         "alpha_pattern": {"k_proj": 5},
     },
 }
+
+
+def expert_specs(arch: str) -> dict:
+    """The experts of an architecture: `EXPERT_SPECS`, with Phi-3's fused module names, and none on the embedding for
+    Gemma 2 (vLLM's Gemma 2 uses its embedding module as the LM head, so the plugin refuses experts there)."""
+    if arch == "phi3":
+        return {
+            "math": {**EXPERT_SPECS["math"], "target_modules": ["qkv_proj", "down_proj"]},
+            "code": {**EXPERT_SPECS["code"], "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"]},
+            "poetry": {
+                "r": 8,
+                "lora_alpha": 4,
+                "target_modules": ["gate_up_proj", "embed_tokens", "down_proj"],
+                "rank_pattern": {"gate_up_proj": 3},
+            },
+        }
+    if arch == "gemma2":
+        poetry = dict(EXPERT_SPECS["poetry"], target_modules=["k_proj", "gate_proj", "down_proj"])
+        return {**EXPERT_SPECS, "poetry": poetry}
+    return EXPERT_SPECS
 
 
 def tiny_base(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
@@ -103,7 +148,7 @@ def save_base(arch: str, path: str, **overrides) -> str:
 def make_experts(arch: str, root: str, specs: dict | None = None, **overrides) -> dict[str, str]:
     """Saves one random LoRA per spec (A and B both random, a distinct seed each); returns name -> folder."""
     paths = {}
-    for seed, (name, spec) in enumerate((specs or EXPERT_SPECS).items()):
+    for seed, (name, spec) in enumerate((specs or expert_specs(arch)).items()):
         torch.manual_seed(1000 + seed)
         model = get_peft_model(
             tiny_base(arch, **overrides), LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **spec)
@@ -133,7 +178,7 @@ def build_case(root: str, arch: str = "llama", experts: dict[str, str] | None = 
 
     Args:
         root: A folder for the base, checkpoint and export.
-        arch: "llama", "mistral" or "qwen2".
+        arch: A key of `ARCHS`.
         experts: Name -> LoRA folder; default: fresh ones from `EXPERT_SPECS`.
         base_overrides: Config overrides of the tiny base model.
         **options: XLoraConfig options.
@@ -143,6 +188,10 @@ def build_case(root: str, arch: str = "llama", experts: dict[str, str] | None = 
     kwargs = {"task_type": "CAUSAL_LM", "adapters": experts, "classifier_init": "random", **options}
     torch.manual_seed(7)
     model = get_peft_model(tiny_base(arch, **base_overrides), peft_xlora.XLoraConfig(**kwargs)).eval()
+    static = getattr(model.base_model.xlora_classifier, "single_pass_static", None)
+    if static is not None and static.learned:
+        with torch.no_grad():  # trained static weights are far from the uniform start
+            static.logits.copy_(torch.randn(static.logits.shape) * 1.5)
     base = save_base(arch, os.path.join(root, "base"), **base_overrides)
     checkpoint = os.path.join(root, "checkpoint")
     peft_xlora.save_pretrained(model, checkpoint)
@@ -178,54 +227,23 @@ def reference_generate(model, prompt: list[int], max_new_tokens: int) -> tuple[l
     return tokens, logprobs
 
 
-@functools.cache
-def scales_scaling_pass_by_global_weight() -> bool:
-    """Whether the installed peft-xlora's scaling pass uses `scaling_pass_value * global_scaling_weight`.
-
-    The plugin does (`peft_xlora.serving.vllm.scaling_pass_constant`, issue #15). peft-xlora before that change
-    used `scaling_pass_value` alone there. Probed through the public API: with the global weight g, the scalings of
-    a model whose scaling pass runs at the value v equal g times those of the same model at (v * g, weight 1) exactly
-    when the scaling pass is scaled by g.
-    """
-    value, weight = 0.5, 1.7
-    with tempfile.TemporaryDirectory() as root:
-        experts = make_experts("llama", root, {"a": EXPERT_SPECS["math"], "b": EXPERT_SPECS["code"]})
-        models = []
-        for v, g in ((value, weight), (value * weight, 1.0)):
-            torch.manual_seed(7)
-            config = peft_xlora.XLoraConfig(
-                task_type="CAUSAL_LM",
-                adapters=experts,
-                classifier_init="random",
-                scaling_pass_value=v,
-                global_scaling_weight=g,
-            )
-            models.append(get_peft_model(tiny_base("llama"), config).eval())
-        scalings = []
-        for model in models:
-            with torch.no_grad():
-                model(input_ids=torch.tensor([[5, 6, 7, 8]]))
-            scalings.append(model.base_model.get_latest_scalings())
-    return torch.allclose(scalings[0], weight * scalings[1], atol=1e-6)
-
-
-def match_scaling_pass(model, checkpoint_config) -> None:
-    """Makes the reference model's scaling pass run at `scaling_pass_constant` of the checkpoint's config.
-
-    With a peft-xlora that already scales the scaling pass by the global weight this changes nothing; with an older
-    one it sets the reference's `scaling_pass_value` to value * weight, so both sides compute the same model.
-    """
-    if not scales_scaling_pass_by_global_weight():
-        constant = checkpoint_config.scaling_pass_value * checkpoint_config.global_scaling_weight
-        model.base_model.set_scaling_pass_value(constant)
-
-
 # ---------------------------------------------------------------------------------------------------- vLLM
+
+
+#: Engine options of the exactness tests: traced (see the top of this file), a token budget of 32 per step so that
+#: longer prompts are prefilled in chunks beside other requests' decodes, and prefix caching with 32-token blocks.
+TRACED = {
+    "enforce_eager": False,
+    "enable_chunked_prefill": True,
+    "max_num_batched_tokens": 32,
+    "enable_prefix_caching": True,
+    "block_size": 32,
+}
 
 
 @contextlib.contextmanager
 def vllm_engine(served: str, **kwargs) -> Iterator:
-    """An in-process `vllm.LLM` on the export, float32, eager; shut down and freed on exit.
+    """An in-process `vllm.LLM` on the export, float32, eager unless told; shut down and freed on exit.
 
     Args:
         served: The exported folder.

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from peft import get_peft_model
 
-from ..core.config import XLoraConfig
-from .common import UserError, adapter, folder, load_base, non_negative_int
+from ..core.config import MAX_CLASSIFIER_DEPTH, MAX_WIDTH, XLoraConfig
+from .common import UserError, adapter, check_out_folder, folder, load_base, non_negative_int, whole_up_to
+from .places import check_command, read_json, situation
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +31,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a LoRA expert; repeat for each expert (names are kept as given)",
     )
     p.add_argument("--out", required=True, type=folder, help="folder to write the X-LoRA checkpoint to")
-    p.add_argument("--depth", type=int, default=1, help="linear layers in the gating classifier (default 1)")
-    p.add_argument("--size", type=int, default=2048, help="hidden width of the classifier (default 2048)")
+    p.add_argument(
+        "--depth",
+        type=whole_up_to(MAX_CLASSIFIER_DEPTH),
+        default=1,
+        help=f"linear layers in the gating classifier, 1 to {MAX_CLASSIFIER_DEPTH} (default 1)",
+    )
+    p.add_argument(
+        "--size",
+        type=whole_up_to(MAX_WIDTH),
+        default=2048,
+        help="hidden width of the classifier (default 2048; at most 16x the base model's hidden size, or 4096)",
+    )
     p.add_argument("--dropout", type=float, default=0.2, help="classifier dropout (default 0.2)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k largest scalings per token")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
@@ -44,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora build`: an X-LoRA checkpoint over the given LoRA experts."""
     adapters = dict(args.adapter)
+    check_out_folder(args.out, "the X-LoRA checkpoint")
     if len(adapters) != len(args.adapter):
         raise UserError("Two --adapter arguments have the same name; expert names must be unique.")
     for name, path in adapters.items():
@@ -61,6 +73,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             layerwise_scalings=args.layerwise,
             scaling_pass_value=args.scaling_pass_value,
         )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    # The table of what combines, from the files alone: experts with heads, an encoder-decoder base model.
+    experts = {name: read_json(Path(path) / "adapter_config.json") or {} for name, path in adapters.items()}
+    base = args.base if Path(args.base).is_dir() else None
+    try:
+        check_command(situation(config, "build", base, loads_model=True, expert_configs=experts))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     torch.manual_seed(args.seed)

@@ -12,8 +12,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..core.checkpoint import check_safetensors_file
+from ..core.checkpoint import check_config_structure, check_safetensors_file
+from ..core.config import XLoraConfig
 from ..io.plotting import plot_scalings
+from .places import check_command, situation
 
 
 class UserError(Exception):
@@ -28,14 +30,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _whole(text: str, minimum: int) -> int:
+def _whole(text: str, minimum: int, maximum: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = minimum - 1
+    if maximum is not None and not minimum <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"expected a whole number from {minimum} to {maximum}, got {text!r}")
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def whole_up_to(maximum: int) -> Any:
+    """An argument type: a whole number from 1 to `maximum` (a size with a bound, e.g. the classifier's depth)."""
+
+    def parse(text: str) -> int:
+        return _whole(text, 1, maximum)
+
+    parse.__name__ = f"whole number from 1 to {maximum}"
+    return parse
 
 
 def positive_int(text: str) -> int:
@@ -82,7 +96,12 @@ def load_base(path: str | Path) -> Any:
     """The base model in folder `path`, in float32 and eval mode."""
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{path} is not a base model folder (no config.json); give a folder written by transformers.")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as exc:  # no weights, a damaged config.json, an unknown model type
+        raise UserError(
+            f"Cannot load the base model in {path}: {exc} Give a folder written by transformers' save_pretrained."
+        ) from exc
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -109,7 +128,88 @@ def checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is damaged: it holds a JSON {type(config).__name__}, not an object.")
     if config.get("peft_type") != "PEFT_XLORA":
         raise UserError(f"{checkpoint} holds a {config.get('peft_type')} adapter, not an X-LoRA (PEFT_XLORA) one.")
+    try:
+        check_config_structure(str(path), config)
+    except ValueError as exc:  # CheckpointError
+        raise UserError(str(exc)) from exc
     return config
+
+
+def check_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """Runs every check a checkpoint gets before it is loaded, without loading it; returns its config as a dict.
+
+    The files (`adapter_config.json` readable and well formed, the weights complete) and the config's values
+    (`XLoraConfig`: ranges, bounds on sizes, expert order), as `PeftModel.from_pretrained` would check them.
+    """
+    config = checkpoint_config(checkpoint)
+    load_config(checkpoint)
+    return config
+
+
+def load_config(checkpoint: str | Path) -> XLoraConfig:
+    """The checkpoint's `XLoraConfig`, after the checks of `check_checkpoint` (files, structure, values)."""
+    checkpoint_config(checkpoint)
+    try:
+        return XLoraConfig.from_pretrained(str(checkpoint))  # check_checkpoint_dir, then the config's own validation
+    except ValueError as exc:  # CheckpointError: missing or truncated weights; ValueError: a refused value
+        raise UserError(str(exc)) from exc
+
+
+def local_base(checkpoint: str | Path, base: str | None) -> str | None:
+    """The base model folder a command would load, when it is a local one: `--base`, else the recorded one."""
+    path = base or checkpoint_config(checkpoint).get("base_model_name_or_path")
+    return str(path) if path and Path(path).is_dir() else None
+
+
+def require_supported(
+    checkpoint: str | Path,
+    command: str,
+    base: str | None,
+    loads_model: bool = True,
+    exporter: str | None = None,
+    **facts: Any,
+) -> XLoraConfig:
+    """Refuses what the table of what combines refuses for `command` on this checkpoint, before anything loads.
+
+    The checkpoint's files are checked first (`load_config`); then the ``cli`` column, and the exporter's column
+    for an export, in the situation the files describe (`places.situation`). Returns the checkpoint's config.
+    """
+    config = load_config(checkpoint)
+    found = situation(config, command, local_base(checkpoint, base), loads_model, **facts)
+    try:
+        check_command(found, exporter)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    return config
+
+
+def check_base_config(path: str | Path) -> None:
+    """Refuses a local base model folder whose config.json is missing, damaged or not a JSON object, naming it."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{path} is not a base model folder (no config.json); give a folder written by transformers.")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config} is damaged: not valid JSON ({exc}). Save the base model again.") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is damaged: it holds a JSON {type(data).__name__}, not an object.")
+
+
+def check_out_folder(out: Path, what: str) -> None:
+    """Refuses an --out folder that holds another kind of PEFT adapter, whose files the X-LoRA save would replace."""
+    path = out / "adapter_config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        held = f"a {config.get('peft_type')} adapter"
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        config, held = None, "an adapter_config.json that is not a JSON object"
+    if not isinstance(config, dict) or config.get("peft_type") != "PEFT_XLORA":
+        raise UserError(
+            f"--out {out} holds {held}, whose files saving {what} there would replace; give another folder."
+        )
 
 
 def base_of(checkpoint: str | Path, base: str | None) -> str:

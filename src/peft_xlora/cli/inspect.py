@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .common import UserError, check_weights_file, checkpoint_config, load_xlora, plot_gate
+from .common import UserError, check_weights_file, checkpoint_config, load_xlora, plot_gate, require_supported
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,9 +90,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = describe(args.checkpoint)
     if args.plot and not args.text:
         raise UserError("--plot needs --text: the text whose gate is plotted.")
+    if args.text is not None and not args.text.strip():
+        raise UserError("--text is empty (or only spaces): give a text to route.")
     if args.text:
+        require_supported(args.checkpoint, "inspect", args.base)
         model, tokenizer, _ = load_xlora(args.checkpoint, args.base)
         ids = tokenizer(args.text, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise UserError(f"--text {args.text!r} is empty after tokenization: give a text to route.")
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
         mean = model.get_latest_scalings()[0].float().mean(dim=(0, 1))  # (n_experts,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,9 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        result: Any = args.func(args)
+        with warnings.catch_warnings():
+            # transformers' notice to PEFT, not to the user (PEFT reads the deprecated attribute on every load): it
+            # would print two lines above every error of a command that loads a model.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            result: Any = args.func(args)
     except UserError as exc:
-        print(f"peft-xlora {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message of the error it wraps
+        print(f"peft-xlora {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)

@@ -11,7 +11,17 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .common import UserError, folder, fraction, load_xlora, non_negative_int, positive_float, positive_int
+from .common import (
+    UserError,
+    check_out_folder,
+    folder,
+    fraction,
+    load_xlora,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    require_supported,
+)
 from .demo.data import chunks, token_stream
 
 
@@ -98,23 +108,41 @@ class _Windows(torch.utils.data.Dataset):
         return {"input_ids": self.windows[i], "labels": self.windows[i]}
 
 
+def _last_checkpoint(checkpoints: Path) -> str:
+    """The Trainer checkpoint `--resume` continues from: the `checkpoint-<step>` folder of the highest step."""
+    found = sorted(
+        (p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()),
+        key=lambda p: int(p.name.split("-", 1)[1]),
+    )  # other names (a `checkpoint-best` copy) are not Trainer's step checkpoints
+    if not found:
+        raise UserError(f"--resume: no checkpoint-<step> folder in {checkpoints}; train once with --save-steps first.")
+    if not (found[-1] / "trainer_state.json").is_file():
+        raise UserError(
+            f"--resume: {found[-1]} has no trainer_state.json, so it is not a complete Trainer checkpoint (an "
+            "interrupted save?). Delete it to resume from the one before, or train without --resume."
+        )
+    return str(found[-1])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora train`: trains the gate with transformers' Trainer and saves the result to OUT."""
     set_seed(args.seed)
+    check_out_folder(args.out, "the trained checkpoint")
+    require_supported(args.checkpoint, "train", args.base)
+    checkpoints = args.out / "checkpoints"
+    resume = _last_checkpoint(checkpoints) if args.resume else None
     model, tokenizer, base_dir = load_xlora(args.checkpoint, args.base, trainable=True)
     windows = _windows(tokenizer, read_texts(args.data, args.text_field), args.seq_len)
     order = list(range(windows.shape[0]))
     random.Random(args.seed).shuffle(order)
     n_eval = max(1, round(args.eval_fraction * len(order))) if args.eval_fraction > 0 else 0
+    if n_eval >= len(order):
+        raise UserError(
+            f"--eval-fraction {args.eval_fraction} holds out all {len(order)} windows of {args.seq_len} tokens, "
+            "leaving none to train on; lower it, give more text or a smaller --seq-len."
+        )
     eval_set = _Windows(windows[order[:n_eval]]) if n_eval else None
     train_set = _Windows(windows[order[n_eval:]])
-    checkpoints = args.out / "checkpoints"
-    resume = None
-    if args.resume:
-        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not found:
-            raise UserError(f"--resume: no checkpoint in {checkpoints}; train once with --save-steps first.")
-        resume = str(found[-1])
     targs = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=args.steps,

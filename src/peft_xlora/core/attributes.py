@@ -1,7 +1,12 @@
-"""The attributes `XLoraModel` holds, declared once for the mixins that read them (type hints only, no values)."""
+"""The attributes `XLoraModel` holds, declared once for the mixins and the router that read them (type hints only).
+
+The mixins (`GatingMixin`, `ElasticMixin`, `ScalingsLogMixin`) and the routers (`core/routers/`) call only what is
+declared here; none of them overrides another's methods.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -11,10 +16,11 @@ if TYPE_CHECKING:
     from .classifier import XLoraClassifier
     from .config import XLoraConfig
     from .layer import XLoraLayer
+    from .routers.base import Router
 
 
 class TunerAttributes:
-    """What `XLoraModel` (with PEFT's `BaseTuner`) sets up; `ForwardMixin`, `GatingMixin` and the others read it."""
+    """What `XLoraModel` (with PEFT's `BaseTuner`) sets up; the mixins and the router read it."""
 
     model: nn.Module
     expert_names: list[str]
@@ -23,8 +29,15 @@ class TunerAttributes:
     active_adapter: str
     xlora_config: XLoraConfig
     xlora_classifier: XLoraClassifier
+    router: Router
     _layers: list[XLoraLayer]
     _enabled: bool
     _experts_pending: bool
+    #: `set_static_scalings`: (n_layers|1, n_experts), or (batch, n_layers|1, n_experts) per row; None: the gate.
     _static_scalings: torch.Tensor | None
-    _latest_scalings: torch.Tensor | None
+    #: `set_active_experts`: (n_experts,) bool; None: every expert is active.
+    _active_experts: torch.Tensor | None
+    # Methods of `XLoraModel` and `ScalingsLogMixin` the others call.
+    mixture_layers: Callable[[], list[XLoraLayer]]
+    _log_scalings: Callable[[torch.Tensor], None]
+    _logs_scalings: Callable[[], bool]

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .classifier import XLoraClassifier
-from .config import XLoraConfig
+from .config import XLoraConfig, check_bounds
 from .devices import execution_device, last_module_with_weights
 from .experts import Expert, ExpertError, expert_from_config, load_expert
 from .layer import XLoraLayer
@@ -74,7 +74,10 @@ def scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
 
 
 def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
-    """Fills in `config.hidden_size` from the model (the width the LM head reads), or checks the given value."""
+    """Fills in `config.hidden_size` from the model (the width the LM head reads), or checks the given value.
+
+    Then checks the config's sizes against it (`check_bounds`), before anything is built.
+    """
     model_config = getattr(model, "config", None)
     if model_config is not None and hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
@@ -96,6 +99,7 @@ def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
             f"XLoraConfig.hidden_size={config.hidden_size} does not match the model's hidden size {actual}. "
             "Leave hidden_size=None to infer it."
         )
+    check_bounds(config)  # the classifier's size against the hidden size, now known, before anything is built
 
 
 def load_experts(config: XLoraConfig, shapes: dict[str, tuple[str, int, int]]) -> list[Expert]:

@@ -98,6 +98,47 @@ def _tensor_offsets(path: str, header: Any) -> list[tuple[int, int]]:
     return offsets
 
 
+def check_config_structure(path: str, config: Any) -> None:
+    """Checks that an X-LoRA `adapter_config.json` has the JSON types its fields need, before any field is read.
+
+    The values are checked by `XLoraConfig`; this catches a file whose structure was edited or damaged (`experts` a
+    list, `expert_order` a string), which would otherwise fail inside the config with a `TypeError` that names
+    neither the file nor the field.
+
+    Args:
+        path: The file, named in the message.
+        config: Its parsed JSON.
+
+    Raises:
+        CheckpointError: The file is not a JSON object, or `adapters`, `experts` or `expert_order` has the wrong type.
+    """
+
+    def kind(value: Any) -> str:
+        return {dict: "an object", list: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
+
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds {kind(config)}, not a JSON object; the file is damaged. Save it again.")
+    wanted = {
+        "adapters": ("an object of expert name -> source", lambda v: isinstance(v, dict)),
+        "experts": (
+            "an object of expert name -> LoRA config object",
+            lambda v: isinstance(v, dict) and all(isinstance(e, dict) for e in v.values()),
+        ),
+        "expert_order": (
+            "a list of expert names",
+            lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
+        ),
+    }
+    for name, (what, fits) in wanted.items():
+        value = config.get(name)
+        if value is not None and not fits(value):
+            shown = json.dumps(value)[:80]
+            raise CheckpointError(
+                f"{path}: `{name}` is {shown}, not {what}; the file was edited or damaged. Save the checkpoint again "
+                "(or restore the field as `save_pretrained` wrote it)."
+            )
+
+
 def check_checkpoint_dir(path: str, allow_pickle: bool = False) -> None:
     """Checks a local X-LoRA checkpoint folder before PEFT reads it.
 
@@ -107,17 +148,18 @@ def check_checkpoint_dir(path: str, allow_pickle: bool = False) -> None:
             safetensors file.
 
     Raises:
-        CheckpointError: A file is missing, truncated or unreadable, or only a pickle file is present and
-            `allow_pickle` is False.
+        CheckpointError: A file is missing, truncated or unreadable (a config field of the wrong JSON type
+            included), or only a pickle file is present and `allow_pickle` is False.
     """
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{config_path} does not exist: {path} is not a saved X-LoRA checkpoint.")
     try:
         with open(config_path, encoding="utf-8") as f:
-            json.load(f)
+            config = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path} is not valid JSON ({exc}); the file is damaged or truncated.") from exc
+    check_config_structure(config_path, config)
     weights = os.path.join(path, WEIGHTS_NAME)
     if os.path.exists(weights):
         check_safetensors_file(weights)
@@ -138,7 +180,8 @@ def check_checkpoint(
 ) -> None:
     """Checks a checkpoint folder or Hub repo before PEFT reads it (see `check_checkpoint_dir`).
 
-    For a Hub repo the weights file is downloaded into the Hub cache (where PEFT then finds it) and checked there.
+    For a Hub repo `adapter_config.json` and the weights file are downloaded into the Hub cache (where PEFT then finds
+    them) and checked there: the config's structure, as for a folder, and the weights' header.
 
     Args:
         model_id: Local folder or Hub id.
@@ -155,6 +198,7 @@ def check_checkpoint(
 
     names = inspect.signature(hf_hub_download).parameters
     kwargs = {k: v for k, v in hub_kwargs.items() if k in names and k not in ("repo_id", "filename", "subfolder")}
+    _check_hub_config(model_id, subfolder, hf_hub_download, kwargs)
     try:
         path = hf_hub_download(model_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
     except EntryNotFoundError:
@@ -165,3 +209,24 @@ def check_checkpoint(
             ) from None
         return
     check_safetensors_file(path)
+
+
+def _check_hub_config(model_id: str, subfolder: str | None, download: Any, kwargs: dict[str, Any]) -> None:
+    """Downloads a Hub checkpoint's `adapter_config.json` and checks its structure (`check_config_structure`).
+
+    A missing file is left to PEFT, whose own error names it; a file that is not JSON, or whose fields have the
+    wrong JSON types, is named here (as `<repo>/<subfolder>/adapter_config.json`) before any field is read.
+    """
+    from huggingface_hub.errors import EntryNotFoundError
+
+    shown = "/".join(part for part in (model_id, subfolder, CONFIG_NAME) if part)
+    try:
+        path = download(model_id, CONFIG_NAME, subfolder=subfolder, **kwargs)
+    except EntryNotFoundError:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{shown} is not valid JSON ({exc}); the file is damaged or truncated.") from exc
+    check_config_structure(shown, config)

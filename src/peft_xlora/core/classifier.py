@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .changes import ExpertChange, take
 from .config import XLoraConfig
+from .routing import Chosen
 
 
 class XLoraClassifier(nn.Module):
@@ -62,6 +64,58 @@ class XLoraClassifier(nn.Module):
         logits = self.layers(hidden.to(device=weight.device, dtype=weight.dtype))  # (batch, seq, L*E or E)
         return logits.unflatten(-1, (-1, self.n_experts))
 
+    def set_dropout(self, p: float) -> None:
+        """Sets the dropout between the layers, adding or removing the `nn.Dropout` modules a build with `p` has.
+
+        A classifier built with p = 0 has no dropout modules (so its `layers.<i>` indices, and checkpoint keys, are
+        those of a model built with p = 0); the linear layers are kept as they are.
+        """
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        layers: list[nn.Module] = []
+        for linear in linears[:-1]:
+            layers += [linear, nn.ReLU()]
+            if p > 0:
+                layers.append(nn.Dropout(p))
+        layers.append(linears[-1])
+        fresh = nn.Sequential(*layers)
+        fresh.train(self.layers.training)
+        self.layers = fresh
+
+    @torch.no_grad()
+    def remap_outputs(self, change: ExpertChange, new_offset: float | None) -> None:
+        """Gives the last layer one output per expert and layer slot after `change` (see `core.changes`).
+
+        Kept experts keep their rows; a new layer's slot (layerwise scalings) starts as a copy of slot 0; a new
+        expert's row is the mean of the other experts' rows of its slot minus `new_offset` (in logits), or zero
+        when `new_offset` is None, so that its scaling starts where it changes nothing (see `core.elastic`).
+
+        Args:
+            change: The experts and mixture layers, new to old.
+            new_offset: Distance below the mean logit for new experts; None for zero rows.
+        """
+        old = self.layers[-1]
+        n_old = self.n_experts
+        weight = old.weight.detach().unflatten(0, (-1, n_old))  # (old_slots, E_old, in)
+        bias = old.bias.detach().unflatten(0, (-1, n_old))  # (old_slots, E_old)
+        if self.layerwise:  # new layers' slots start from slot 0's outputs
+            slots = tuple(0 if i is None else i for i in change.layers)
+            weight, bias = take(weight, slots, 0, 0.0), take(bias, slots, 0, 0.0)
+        if new_offset is None:
+            new_w, new_b = 0.0, 0.0
+        else:
+            new_w = weight.mean(dim=1, keepdim=True)  # (slots, 1, in)
+            new_b = bias.mean(dim=1, keepdim=True) - new_offset  # (slots, 1)
+        weight = take(weight, change.experts, 1, new_w).flatten(0, 1)  # (slots * E_new, in)
+        bias = take(bias, change.experts, 1, new_b).flatten(0, 1)
+        new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+        new.requires_grad_(old.weight.requires_grad)
+        new.train(old.training)
+        self.layers[-1] = new
+        self.n_experts = len(change.experts)
+        self.n_layers = len(change.layers)
+
 
 def gate(
     logits: torch.Tensor,
@@ -88,6 +142,26 @@ def gate(
     Returns:
         (..., n_experts) float32 scalings.
     """
+    options = {"temperature": temperature, "enable_softmax": enable_softmax, "top_k": top_k}
+    return gate_and_choose(logits, **options, softmax_topk=softmax_topk, global_weight=global_weight, active=active)[0]
+
+
+def gate_and_choose(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    enable_softmax: bool = True,
+    top_k: int | None = None,
+    softmax_topk: bool = False,
+    global_weight: float = 1.0,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Chosen | None]:
+    """`gate`, and the experts each row kept under top-k with their scalings (`routing.Chosen`).
+
+    Returns:
+        (..., n_experts) float32 scalings, and (indices, weights), each (..., k), when `top_k` is below the number
+        of experts; None otherwise (every expert may have a scaling). The weights are the scalings at the indices.
+    """
     z = logits.float()
     if active is not None:  # a masked expert's logit is -inf: it is never in the top k and a softmax skips it
         z = z.masked_fill(~active.to(z.device), float("-inf"))
@@ -96,6 +170,7 @@ def gate(
     scalings = torch.softmax(z, dim=-1) if enable_softmax else z
     if active is not None and not enable_softmax:
         scalings = scalings.masked_fill(~active.to(z.device), 0.0)
+    kept = None
     if top_k is not None and top_k < scalings.shape[-1]:
         kept = torch.topk(z, top_k, dim=-1).indices  # softmax keeps the order, so rank by logits
         mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, kept, True)
@@ -103,4 +178,5 @@ def gate(
         scalings = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1) if softmax_topk else scalings * mask
     elif softmax_topk:
         scalings = torch.softmax(z, dim=-1)
-    return scalings * global_weight
+    scalings = scalings * global_weight
+    return scalings, (None if kept is None else (kept, scalings.gather(-1, kept)))

@@ -11,8 +11,11 @@ from peft.config import PeftConfig
 
 from .._version import __version__
 from .checkpoint import CheckpointError, check_checkpoint
+from .combinations import Situation, check
 from .experts import load_expert
+from .places import CONFIG
 from .registration import PEFT_XLORA
+from .sparse import TopKCompute
 
 ScalingsMode = Literal["token", "prompt"]
 ClassifierInit = Literal["uniform", "random"]
@@ -36,6 +39,13 @@ class XLoraConfig(PeftConfig):
         layerwise_scalings: One scaling per adapted layer and expert instead of one per expert, broadcast to all
             layers.
         top_k_lora: Keep only the k largest scalings per token (and layer); None keeps all experts.
+        topk_compute: With `top_k_lora`, how the mixture layers compute the kept experts: ``"sparse"`` computes only
+            each token's k chosen experts (cost flat in the number of experts), ``"dense"`` multiplies by every
+            expert and weighs the unchosen ones by 0 (faster for few experts), ``"auto"`` picks sparse in layers with
+            at least a measured number of experts per kept expert (`peft_xlora.core.sparse.SPARSE_FROM`; on CPUs 8
+            when prefilling or training and 16 when decoding, so 16 and 32 experts at top-2). Both paths
+            compute the same sum: switching moves outputs and gradients within float tolerance. No effect without
+            `top_k_lora`. See docs/performance.md.
         xlora_depth: Number of linear layers in the classifier (1 = a single linear map).
         xlora_size: Hidden width of the classifier; unused when `xlora_depth` is 1.
         xlora_dropout_p: Dropout between the classifier's layers while training.
@@ -96,6 +106,10 @@ class XLoraConfig(PeftConfig):
     softmax_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
     layerwise_scalings: bool = field(default=False, metadata={"help": "One scaling per adapted layer and expert."})
     top_k_lora: int | None = field(default=None, metadata={"help": "Keep the k largest scalings per token."})
+    topk_compute: TopKCompute = field(
+        default="auto",
+        metadata={"help": "With top_k_lora: 'sparse' computes only the chosen experts, 'dense' all, 'auto' picks."},
+    )
     xlora_depth: int = field(default=1, metadata={"help": "Number of linear layers in the classifier."})
     xlora_size: int = field(default=2048, metadata={"help": "Hidden width of the classifier."})
     xlora_dropout_p: float = field(default=0.2, metadata={"help": "Dropout inside the classifier."})
@@ -261,8 +275,11 @@ class XLoraConfig(PeftConfig):
                 f"`top_k_lora` must be None (dense) or an int between 1 and the number of experts ({n}), "
                 f"got {self.top_k_lora!r}."
             )
-        if self.enable_softmax_topk and self.top_k_lora is None:
-            raise ValueError("`enable_softmax_topk=True` needs `top_k_lora` to be set (the k experts to renormalise).")
+        if self.topk_compute not in ("auto", "dense", "sparse"):
+            raise ValueError(
+                f"`topk_compute` must be 'auto', 'dense' or 'sparse', got {self.topk_compute!r}. It only chooses how "
+                "a top_k_lora mixture is computed; both paths give the same outputs."
+            )
         for name in ("scaling_pass_value", "global_scaling_weight"):
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -285,6 +302,7 @@ class XLoraConfig(PeftConfig):
         if self.classifier_init not in ("uniform", "random"):
             raise ValueError(f"`classifier_init` must be 'uniform' or 'random', got {self.classifier_init!r}.")
         _check_routing(self)
+        check_bounds(self)
 
 
 def _is_int(value: Any) -> bool:
@@ -334,27 +352,129 @@ def replace_experts(config: XLoraConfig, sources: dict[str, str]) -> None:
 
 
 def _check_routing(config: XLoraConfig) -> None:
-    """`routing` and `single_pass_static` take one of their values; the single pass needs its layer k."""
+    """Checks `routing` and the fields that combine within a config (the table of what combines, "config" place).
+
+    `routing` and `single_pass_static` take one of their values, and the single pass needs its layer k.
+    """
     if config.routing not in ("dual_pass", "single_pass"):
         raise ValueError(f"`routing` must be 'dual_pass' or 'single_pass', got {config.routing!r}.")
     if config.single_pass_static not in ("learned", "uniform"):
         raise ValueError(f"`single_pass_static` must be 'learned' or 'uniform', got {config.single_pass_static!r}.")
-    if config.routing != "single_pass":
-        return
-    if config.scaling_pass_layers is None:
+    if config.routing == "single_pass" and config.scaling_pass_layers is None:
         raise ValueError(
             "`routing='single_pass'` needs `scaling_pass_layers=k`: the decoder layer whose output feeds the "
             "classifier (layers 1..k use static weights, the later ones the per-token scalings), e.g. half the "
             "model's layers."
         )
-    if config.scalings_mode != "token":
-        raise ValueError(
-            "`routing='single_pass'` routes every token from the pass that computes it, so there is no scaling pass "
-            "for `scalings_mode='prompt'` to skip: use scalings_mode='token'."
+    check(CONFIG.name, Situation(config, routing=config.routing))
+
+
+# ------------------------------------------------------------------------------------------------ bounds on sizes
+# A config (or a checkpoint's adapter_config.json, or the spec of a vLLM export) decides how much the model built from
+# it allocates. These bounds sit far above what published models and X-LoRA setups use, and are checked before
+# anything is allocated, so that a mistyped or hostile value fails in milliseconds with a message instead of taking
+# the machine's memory. docs/api.md lists them.
+
+#: Widest hidden state accepted: released decoders go up to 16384 (4x headroom).
+MAX_HIDDEN_SIZE = 65536
+#: Deepest gating classifier: the paper and PEFT's examples use 1 to 8 linear layers.
+MAX_CLASSIFIER_DEPTH = 32
+#: The classifier's width, and an expert's LoRA rank, may be this many times the hidden size...
+MAX_WIDTH_PER_HIDDEN = 16
+#: ...or this much, whichever is larger (the default width, 2048, fits every model, small ones included).
+WIDTH_ALWAYS_ALLOWED = 4096
+#: Widest classifier or highest rank while the hidden size is not known yet (inferred when the model is built).
+MAX_WIDTH = MAX_WIDTH_PER_HIDDEN * MAX_HIDDEN_SIZE
+#: The classifier's weights may number this many times hidden_size**2 (a Llama decoder layer has about 12)...
+MAX_CLASSIFIER_WEIGHTS_PER_HIDDEN_SQUARED = 64
+#: ...or this many, whichever is larger (512 MiB in float32: depth 32 at the default width, 2048, on any model).
+CLASSIFIER_WEIGHTS_ALWAYS_ALLOWED = 2**27
+#: Lowest softmax or distillation temperature: below it the softmax is an argmax whose logits overflow.
+MIN_TEMPERATURE = 1e-3
+
+
+def check_bounds(config: XLoraConfig) -> None:
+    """Checks the sizes and temperatures of a config against the bounds above (again once `hidden_size` is known).
+
+    Raises:
+        ValueError: A size or temperature is out of bounds; the message names the field, its bound and the fix.
+    """
+    hints = {
+        "softmax_temperature": "for a gate that picks fewer experts, use top_k_lora",
+        "router_distillation_temperature": f"{MIN_TEMPERATURE} nats already targets each token's best expert",
+    }
+    for name, hint in hints.items():
+        if getattr(config, name) < MIN_TEMPERATURE:
+            raise ValueError(
+                f"`{name}` must be >= {MIN_TEMPERATURE}, got {getattr(config, name)!r}: below that the softmax is a "
+                f"hard argmax whose inputs overflow; {hint}."
+            )
+    ranks = {}
+    for expert, lora in (config.experts or {}).items():
+        if not isinstance(lora, dict):
+            continue  # not a LoRA config: refused when the expert is read
+        pattern = lora.get("rank_pattern") if isinstance(lora.get("rank_pattern"), dict) else {}
+        for where, rank in [("r", lora.get("r")), *((f"rank_pattern[{k!r}]", v) for k, v in pattern.items())]:
+            ranks[f"expert {expert!r}, {where}"] = rank
+    check_sizes(config.xlora_depth, config.xlora_size, config.hidden_size, ranks)
+
+
+def check_sizes(
+    depth: int,
+    width: int,
+    hidden: int | None,
+    ranks: dict[str, Any] | None = None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Checks the sizes an X-LoRA model allocates from: the classifier's depth and width, the hidden size, LoRA ranks.
+
+    The one place that holds these bounds: `XLoraConfig` (every config, checkpoint and `update_config`), the build
+    (once the hidden size is known), the CLI and the vLLM plugin's spec loader call it.
+
+    Args:
+        depth: Linear layers of the classifier.
+        width: Width of its hidden layers (unused, but still bounded, when depth is 1).
+        hidden: The base model's hidden size; None while unknown (absolute bounds only).
+        ranks: Where -> LoRA rank (e.g. ``{"expert 'math', r": 8}``); non-int values are left to their own checks.
+        error: The exception type to raise (the vLLM plugin raises its `XLoraServingError`).
+
+    Raises:
+        error: A size is out of bounds; the message names it, the bound and what to do.
+    """
+    if _is_int(hidden) and hidden > MAX_HIDDEN_SIZE:
+        raise error(f"`hidden_size` is {hidden}; at most {MAX_HIDDEN_SIZE} is supported. Leave it None to infer it.")
+    if _is_int(depth) and depth > MAX_CLASSIFIER_DEPTH:
+        raise error(
+            f"`xlora_depth` is {depth}: the classifier may have at most {MAX_CLASSIFIER_DEPTH} linear layers "
+            "(1 or 2 are usual). Was the config or checkpoint edited by hand?"
         )
-    if config.router_distillation_coef:
-        raise ValueError(
-            "`router_distillation_coef` is not supported with `routing='single_pass'`: scoring every expert alone "
-            "would run nested forwards inside the one pass. Train the gate with routing='dual_pass', or set "
-            "router_distillation_coef=0."
+    limit, because = _width_bound(hidden if depth != 1 else None)  # depth 1: the width is unused, any hidden size
+    if _is_int(width) and width > limit:
+        raise error(
+            f"`xlora_size` is {width}: the classifier may be at most {limit} wide ({because}). "
+            "Was the config or checkpoint edited by hand?"
         )
+    limit, because = _width_bound(hidden)
+    for where, rank in (ranks or {}).items():
+        if _is_int(rank) and rank > limit:
+            raise error(
+                f"The LoRA rank of {where} is {rank}; at most {limit} is supported ({because}). "
+                "Was the config or checkpoint edited by hand?"
+            )
+    if _is_int(hidden) and _is_int(depth) and _is_int(width) and depth > 1:
+        weights = hidden * width + (depth - 2) * width * width  # the hidden layers; the last one is n_experts wide
+        most = max(MAX_CLASSIFIER_WEIGHTS_PER_HIDDEN_SQUARED * hidden * hidden, CLASSIFIER_WEIGHTS_ALWAYS_ALLOWED)
+        if weights > most:
+            raise error(
+                f"A classifier of depth {depth} and width {width} over hidden size {hidden} has {weights:,} weights; "
+                f"at most {most:,} are supported ({MAX_CLASSIFIER_WEIGHTS_PER_HIDDEN_SQUARED}x hidden_size**2, or "
+                f"{CLASSIFIER_WEIGHTS_ALWAYS_ALLOWED:,}). Use a smaller xlora_depth or xlora_size."
+            )
+
+
+def _width_bound(hidden: int | None) -> tuple[int, str]:
+    """The largest classifier width or LoRA rank for a hidden size (None: not known), and the reason in words."""
+    if not _is_int(hidden):
+        return MAX_WIDTH, f"{MAX_WIDTH_PER_HIDDEN}x the largest supported hidden size, {MAX_HIDDEN_SIZE}"
+    limit = max(MAX_WIDTH_PER_HIDDEN * hidden, WIDTH_ALWAYS_ALLOWED)
+    return limit, f"{MAX_WIDTH_PER_HIDDEN}x the hidden size {hidden}, or {WIDTH_ALWAYS_ALLOWED}"

@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .attributes import TunerAttributes
 from .building import check_experts_fit, check_shapes
+from .changes import ExpertChange, take
+from .combinations import check
 from .experts import ModuleLora, compact_targets, load_expert
+from .heads import added_expert_head, head_mixtures
 from .layer import XLoraLayer, module_kind
-from .routing import install_carriers
-
-if TYPE_CHECKING:
-    pass
+from .places import situation_of
+from .sparse import configure_topk
 
 #: Default distance (in logits, before the temperature) of a new expert's logit below the mean of the others.
 LOGIT_OFFSET = 16.0
@@ -53,6 +53,8 @@ class ElasticMixin(TunerAttributes):
     def set_active_experts(self, names: list[str] | None) -> None:
         """Lets the gate choose only among `names`; the others get scaling 0, and a softmax renormalises over the rest.
 
+        The masked experts also sit out the scaling pass (`scaling_pass_value`) and, in single-pass mode, the static
+        weights of layers 1..k renormalise over the rest: the model is then the one built without the masked experts.
         Not saved with the checkpoint (runtime state, like `set_static_scalings`, which it does not affect).
 
         Args:
@@ -70,12 +72,13 @@ class ElasticMixin(TunerAttributes):
             raise ValueError(f"Unknown experts {unknown}; this model has {self.expert_names}.")
         if not names:
             raise ValueError("`set_active_experts` needs at least one expert; pass None to make all active again.")
+        check("set_active_experts", situation_of(self, features={"masks"}))
         mask = torch.tensor([name in names for name in self.expert_names])
         self._active_experts = None if bool(mask.all()) else mask.to(self._classifier_device())
 
     def get_active_experts(self) -> list[str]:
         """The experts the gate may choose (all unless `set_active_experts` masked some)."""
-        mask = getattr(self, "_active_experts", None)
+        mask = self._active_experts
         return [n for i, n in enumerate(self.expert_names) if mask is None or bool(mask[i])]
 
     # ------------------------------------------------------------------ adding
@@ -87,13 +90,16 @@ class ElasticMixin(TunerAttributes):
 
         Args:
             name: The new expert's name (not one the model has).
-            source: Folder or Hub id of a PEFT LoRA adapter trained on this base model.
+            source: Folder or Hub id of a PEFT LoRA adapter trained on this base model (for a classification model,
+                a `SEQ_CLS` adapter with its head when the other experts bring theirs).
             logit_offset: How far (in logits) below the mean of the other experts' logits the new one starts, under a
-                softmax or top-k: its initial share is below exp(-logit_offset), and its gradient is proportional to
-                that share. Unused without softmax and top-k, where the new scaling starts at exactly 0.
+                softmax or top-k (and in single-pass mode among the static logits): its initial share is below
+                exp(-logit_offset), and its gradient is proportional to that share. Unused without softmax and
+                top-k, where the new scaling starts at exactly 0.
 
         Raises:
-            ValueError: The name is taken or empty, or `logit_offset` is not a number >= 0.
+            ValueError: The name is taken or empty, `logit_offset` is not a number >= 0, or the table of what
+                combines refuses the change (docs/combinations.md); nothing changed.
             peft_xlora.ExpertError: The adapter cannot be read, is not a plain LoRA, or does not fit this model.
         """
         if not isinstance(name, str) or not name.strip():
@@ -108,10 +114,28 @@ class ElasticMixin(TunerAttributes):
         check_experts_fit(self.model, [expert], shapes)
         for module in expert.modules:
             check_shapes(module, shapes[module], [(0, expert.modules[module])], [expert], self._base_of(module))
+        head = added_expert_head(self.model, expert, self.xlora_config.task_type)
+        has_heads = any(h.xlora_head_weight is not None for _, h in head_mixtures(self.model))
+        names_after = [m for m in shapes if m in expert.modules or m in self.mixture_layer_names]
+        facts = {
+            "head_mismatch": bool(expert.saved_modules) != has_heads,
+            "with_head": list(self.expert_names) if has_heads else [name],
+            "without_head": [name] if has_heads else list(self.expert_names),
+        }
+        late = self.router.late_layer_count(names_after)
+        check("add_expert", situation_of(self, late_layers=late, facts=facts, features={"elastic_changes"}))
         self._warn_if_scaling_pass_changes("adding")
+        if self.router.mode == "single_pass" and self.xlora_config.single_pass_static == "uniform":
+            warnings.warn(
+                "single_pass_static='uniform': decoder layers 1..k mix every expert at 1 / n_experts, so adding an "
+                "expert changes them (and every later token). Build with single_pass_static='learned' to add experts "
+                "that start changing nothing.",
+                ExpertChangeWarning,
+                stacklevel=2,
+            )
 
         index = len(self.expert_names)
-        slots_before = list(self.mixture_layer_names)
+        layers_before = list(self.mixture_layer_names)
         for module, lora in expert.modules.items():
             current = self.model.get_submodule(module)
             if isinstance(current, XLoraLayer):
@@ -126,12 +150,9 @@ class ElasticMixin(TunerAttributes):
         config.expert_order = list(config.adapters)
         self.expert_names.append(name)
         self._refresh_layers()
-        self._grow_classifier(slots_before, float(logit_offset))
-        if self._static_scalings is not None:  # pinned weights: the new expert is pinned at 0
-            self._static_scalings = _pad_static(self._static_scalings, slots_before, self.mixture_layer_names)
-        if getattr(self, "_active_experts", None) is not None:
-            self._active_experts = torch.cat([self._active_experts, self._active_experts.new_ones(1)])
-        self._latest_scalings = None
+        layers = tuple(layers_before.index(n) if n in layers_before else None for n in self.mixture_layer_names)
+        change = ExpertChange((*range(index), None), layers, float(logit_offset))
+        self._follow(change, [head] if head is not None else [])
 
     # ------------------------------------------------------------------ removing
 
@@ -142,27 +163,32 @@ class ElasticMixin(TunerAttributes):
         `set_active_experts` without it). Build a new optimizer afterwards.
 
         Raises:
-            ValueError: The name is unknown, it is the only expert, or `top_k_lora` would exceed the experts left.
+            ValueError: The name is unknown, it is the only expert, `top_k_lora` would exceed the experts left, it is
+                the only active expert, or (single pass) no layer after k would be left to read the gate.
         """
         if name not in self.expert_names:
             raise ValueError(f"Unknown expert {name!r}; this model has {self.expert_names}.")
-        if len(self.expert_names) == 1:
-            raise ValueError(f"{name!r} is the only expert; X-LoRA needs at least one. Use `unload()` instead.")
         config = self.xlora_config
-        if config.top_k_lora is not None and config.top_k_lora > len(self.expert_names) - 1:
-            raise ValueError(
-                f"`top_k_lora={config.top_k_lora}` would exceed the {len(self.expert_names) - 1} experts left; lower "
-                "it first with `set_topk_lora`."
-            )
         index = self.expert_names.index(name)
-        mask = getattr(self, "_active_experts", None)
-        if mask is not None and not bool(torch.cat([mask[:index], mask[index + 1 :]]).any()):
-            raise ValueError(
-                f"{name!r} is the only active expert (`set_active_experts`); call `set_active_experts(None)` first."
-            )
+        left = len(self.expert_names) - 1
+        mask = self._active_experts
+        names_after = [
+            n
+            for n, layer in zip(self.mixture_layer_names, self._layers)
+            if any(i != index for i in layer.expert_indices)
+        ]
+        facts = {
+            "expert": name,
+            "experts_left": left,
+            "last_expert": left == 0,
+            "top_k_exceeds": config.top_k_lora is not None and config.top_k_lora > left,
+            "only_active": mask is not None and not bool(torch.cat([mask[:index], mask[index + 1 :]]).any()),
+        }
+        late = self.router.late_layer_count(names_after)
+        check("remove_expert", situation_of(self, late_layers=late, facts=facts, features={"elastic_changes"}))
         self._warn_if_scaling_pass_changes("removing")
-        slots_before = list(self.mixture_layer_names)
-        for module in slots_before:
+        layers_before = list(self.mixture_layer_names)
+        for module in layers_before:
             layer = self.model.get_submodule(module)
             if max(layer.expert_indices) < index:
                 continue  # neither this expert nor one whose index shifts
@@ -173,18 +199,28 @@ class ElasticMixin(TunerAttributes):
         config.experts = {n: c for n, c in (config.experts or {}).items() if n != name}
         config.expert_order = list(config.adapters)
         self._refresh_layers()
-        self._shrink_classifier(index, slots_before)
-        if self._static_scalings is not None:
-            kept_slots = [slots_before.index(n) for n in self.mixture_layer_names]
-            static = self._static_scalings
-            static = static[kept_slots] if static.shape[0] > 1 else static
-            self._static_scalings = torch.cat([static[:, :index], static[:, index + 1 :]], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask[:index], mask[index + 1 :]])
-            self._active_experts = None if bool(mask.all()) else mask
-        self._latest_scalings = None
+        experts = tuple(i for i in range(left + 1) if i != index)
+        self._follow(ExpertChange(experts, tuple(layers_before.index(n) for n in self.mixture_layer_names)), [])
 
     # ------------------------------------------------------------------ helpers
+
+    def _follow(self, change: ExpertChange, added_heads: list[dict[str, torch.Tensor]]) -> None:
+        """Every part that holds something per expert or mixture layer follows `change` (see `core.changes`)."""
+        config = self.xlora_config
+        uses_softmax = config.enable_softmax or config.enable_softmax_topk or config.top_k_lora is not None
+        scale = config.softmax_temperature if (config.enable_softmax or config.enable_softmax_topk) else 1.0
+        self.xlora_classifier.remap_outputs(change, change.logit_offset * scale if uses_softmax else None)
+        for _, head in head_mixtures(self.model):
+            head.follow(change, added_heads)
+        pins = self._static_scalings
+        if pins is not None:  # (n_layers|1, E) or (batch, n_layers|1, E): a new expert (or layer) pinned at 0
+            if pins.shape[-2] > 1:
+                pins = take(pins, change.layers, -2, 0.0)
+            self._static_scalings = take(pins, change.experts, -1, 0.0)
+        if self._active_experts is not None:  # a new expert is active
+            mask = take(self._active_experts, change.experts, 0, True)
+            self._active_experts = None if bool(mask.all()) else mask
+        self.router.rebuild(change)
 
     def _classifier_device(self) -> torch.device:
         return self.xlora_classifier.layers[-1].weight.device
@@ -259,63 +295,5 @@ class ElasticMixin(TunerAttributes):
             self.model.get_submodule(name).layer_index = position
         self.mixture_layer_names = names
         self._layers = [self.model.get_submodule(n) for n in names]
+        configure_topk(self._layers, self.xlora_config)
         self.targeted_module_names[:] = names
-        install_carriers(self.model, set(names))
-
-    def _grow_classifier(self, slots_before: list[str], logit_offset: float) -> None:
-        """One more output per layer slot (the new expert's, last); new layers' slots copy slot 0's outputs."""
-        config = self.xlora_config
-        last = self.xlora_classifier.layers[-1]
-        n_old = len(self.expert_names) - 1
-        old_slots = len(slots_before) if config.layerwise_scalings else 1
-        weight = last.weight.detach().unflatten(0, (old_slots, n_old))  # (old_slots, E, in)
-        bias = last.bias.detach().unflatten(0, (old_slots, n_old))  # (old_slots, E)
-        if config.layerwise_scalings:
-            sources = [slots_before.index(n) if n in slots_before else 0 for n in self.mixture_layer_names]
-            weight, bias = weight[sources], bias[sources]  # (new_slots, E, in), (new_slots, E)
-        uses_softmax = config.enable_softmax or config.enable_softmax_topk or config.top_k_lora is not None
-        if uses_softmax:
-            scale = config.softmax_temperature if (config.enable_softmax or config.enable_softmax_topk) else 1.0
-            new_w = weight.mean(dim=1, keepdim=True)  # (new_slots, 1, in)
-            new_b = bias.mean(dim=1, keepdim=True) - logit_offset * scale  # (new_slots, 1)
-        else:
-            new_w, new_b = torch.zeros_like(weight[:, :1]), torch.zeros_like(bias[:, :1])
-        weight = torch.cat([weight, new_w], dim=1).flatten(0, 1)  # (new_slots * (E + 1), in)
-        bias = torch.cat([bias, new_b], dim=1).flatten(0, 1)
-        self._set_last_layer(weight, bias, n_old + 1)
-
-    def _shrink_classifier(self, index: int, slots_before: list[str]) -> None:
-        config = self.xlora_config
-        last = self.xlora_classifier.layers[-1]
-        n_old = len(self.expert_names) + 1
-        old_slots = len(slots_before) if config.layerwise_scalings else 1
-        weight = last.weight.detach().unflatten(0, (old_slots, n_old))  # (old_slots, E, in)
-        bias = last.bias.detach().unflatten(0, (old_slots, n_old))
-        keep = [e for e in range(n_old) if e != index]
-        weight, bias = weight[:, keep], bias[:, keep]
-        if config.layerwise_scalings:
-            kept_slots = [slots_before.index(n) for n in self.mixture_layer_names]
-            weight, bias = weight[kept_slots], bias[kept_slots]
-        self._set_last_layer(weight.flatten(0, 1), bias.flatten(0, 1), n_old - 1)
-
-    def _set_last_layer(self, weight: torch.Tensor, bias: torch.Tensor, n_experts: int) -> None:
-        """Replaces the classifier's last layer by one with these (n_slots * n_experts, in) weights."""
-        classifier = self.xlora_classifier
-        old = classifier.layers[-1]
-        new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            new.bias.copy_(bias)
-        new.requires_grad_(old.weight.requires_grad)
-        new.train(old.training)
-        classifier.layers[-1] = new
-        classifier.n_experts = n_experts
-        classifier.n_layers = len(self.mixture_layer_names)
-
-
-def _pad_static(static: torch.Tensor, slots_before: list[str], slots_after: list[str]) -> torch.Tensor:
-    """Pinned scalings (n_layers|1, E) -> (n_layers'|1, E + 1): the new expert at 0, new layers' rows at 0."""
-    if static.shape[0] > 1:
-        zeros = static.new_zeros(static.shape[1])
-        static = torch.stack([static[slots_before.index(n)] if n in slots_before else zeros for n in slots_after])
-    return torch.cat([static, static.new_zeros(static.shape[0], 1)], dim=1)

@@ -2,64 +2,96 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .attributes import TunerAttributes
+from .combinations import check
 from .heads import head_mixtures
-from .routing import Routing
-
-if TYPE_CHECKING:
-    from .layer import XLoraLayer
+from .places import situation_of, with_changes
+from .sparse import configure_topk
 
 
 class GatingMixin(TunerAttributes):
     """Getters and setters of the gating options; every setter validates and never leaves a refused value behind."""
 
-    def mixture_layers(self) -> list[XLoraLayer]:
-        """The mixture layers (implemented by `XLoraModel`)."""
-        raise NotImplementedError
-
     def update_config(self, **changes: Any) -> None:
-        """Changes config fields together, validated as a whole; on a refused value every field keeps its old value.
+        """Changes config fields together, validated as a whole; a refused change leaves everything as it was.
+
+        Fields the gate reads at every forward take effect at the next one; `scaling_pass_layers` (dual pass) and
+        `xlora_dropout_p` rebuild what they shape, exactly as a model built with the new value;
+        `use_trainable_adapters` makes the experts trainable or frozen. Fields that decide the model's parameters
+        (`xlora_depth`, `layerwise_scalings`, the experts, ...) are refused: see docs/combinations.md.
 
         Args:
             **changes: Field name -> new value (e.g. ``global_scaling_weight=0.5``). Saved with the config.
 
         Raises:
-            ValueError: A value is invalid (the config is unchanged).
+            ValueError: A field is unknown, a value is invalid, or a field cannot change on this model (the config
+                and the model are unchanged).
         """
         config = self.xlora_config
         unknown = [name for name in changes if not hasattr(config, name)]
         if unknown:
             raise ValueError(f"XLoraConfig has no field(s) {unknown}.")
-        built = [
-            name
-            for name in ("routing", "single_pass_static")
-            if name in changes and changes[name] != getattr(config, name)
-        ]
-        if built:
-            raise ValueError(
-                f"{built} cannot change on a built model: they decide which parameters and hooks it has. Build a "
-                "new model with the new values (the experts and base model can be reused)."
-            )
+        changed = {name: value for name, value in changes.items() if _differs(getattr(config, name), value)}
+        new = with_changes(config, changed)
+        check("update_config", situation_of(self, config=new, changes=changed))
+        new._check_numbers()  # the values, and the fields that combine within a config (the table's "config" place)
+        if "scaling_pass_layers" in changed:
+            self.router.check_config(new)
         old = {name: getattr(config, name) for name in changes}
         for name, value in changes.items():
             setattr(config, name, value)
         try:
-            config._check_numbers()
+            self._apply_config_changes(changed, changes)
         except BaseException:
             for name, value in old.items():
                 setattr(config, name, value)
+            self._apply_config_changes({n: old[n] for n in changed}, {n: old[n] for n in changes})
             raise
+        configure_topk(self._layers, config)  # top_k_lora / topk_compute reach the mixture layers
+
+    def _apply_config_changes(self, changed: dict[str, Any], given: dict[str, Any]) -> None:
+        """Rebuilds what the changed fields shape (the config already holds their new values)."""
+        if "scaling_pass_layers" in changed:
+            self.router.rebuild()
+        if "xlora_dropout_p" in changed:
+            self.xlora_classifier.set_dropout(self.xlora_config.xlora_dropout_p)
+        if "use_trainable_adapters" in given:
+            self._set_experts_trainable(bool(self.xlora_config.use_trainable_adapters))
+
+    def _set_experts_trainable(self, trainable: bool) -> None:
+        for layer in self.mixture_layers():
+            for name in layer.adapter_layer_names:
+                getattr(layer, name).requires_grad_(trainable)
+        for _, head in head_mixtures(self.model):  # the experts' classification heads train with them
+            for param in head.expert_parameters():
+                param.requires_grad_(trainable)
 
     def get_latest_scalings(self) -> torch.Tensor | None:
-        """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward."""
-        s = self._latest_scalings
-        if s is None:
-            return None
-        return s.expand(-1, -1, len(self.mixture_layer_names), -1)
+        """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward.
+
+        In single-pass mode the rows of the layers up to k hold their static weights (the same for every token), the
+        others the per-token scalings the gate gave from layer k's output.
+        """
+        return self.router.latest_scalings()
+
+    def get_latest_encoder_scalings(self) -> torch.Tensor | None:
+        """Encoder-decoder models: the source tokens' scalings of the last forward, (batch, src, n_layers, n_experts).
+
+        `get_latest_scalings()` gives the target (decoder) tokens'. None before any forward, or for other models.
+        """
+        return self.router.latest_encoder_scalings()
+
+    def get_latest_router_losses(self) -> dict[str, torch.Tensor] | None:
+        """The router regularisers of the last forward (unweighted, detached), for logging; None when they are off.
+
+        The weighted sum is added to the model output's `loss` (when labels are given) and returned as its
+        `router_loss` entry.
+        """
+        return self.router.latest_router_losses()
 
     def set_scaling_pass_value(self, value: float | None) -> None:
         """Sets the experts' weight in the scaling pass; None means 1 / n_experts. Saved with the config."""
@@ -76,16 +108,10 @@ class GatingMixin(TunerAttributes):
     def set_use_trainable_adapters(self, use_trainable_adapters: bool) -> None:
         """Makes the experts' stacked LoRA factors trainable or frozen. Saved with the config.
 
-        Only the declared factors (`XLoraLayer.adapter_layer_names`) change; the classifier and base model keep their
-        `requires_grad`.
+        Only the declared factors (`XLoraLayer.adapter_layer_names`) change, and the experts' classification heads
+        where they bring them; the classifier and base model keep their `requires_grad`.
         """
         self.update_config(use_trainable_adapters=bool(use_trainable_adapters))
-        for layer in self.mixture_layers():
-            for name in layer.adapter_layer_names:
-                getattr(layer, name).requires_grad_(bool(use_trainable_adapters))
-        for _, head in head_mixtures(self.model):  # the experts' classification heads train with them
-            for param in head.expert_parameters():
-                param.requires_grad_(bool(use_trainable_adapters))
 
     def get_use_trainable_adapters(self) -> bool:
         """Whether the experts' LoRA factors are trained (the config's `use_trainable_adapters`)."""
@@ -113,6 +139,7 @@ class GatingMixin(TunerAttributes):
         if weights is None:
             self._static_scalings = None
             return
+        check("set_static_scalings", situation_of(self, features={"per_row_pins" if per_row else "pins"}))
         n, n_layers = len(self.expert_names), len(self.mixture_layer_names)
         if isinstance(weights, dict):
             if per_row:
@@ -142,22 +169,12 @@ class GatingMixin(TunerAttributes):
         # (n_layers|1, n_experts), or (batch, n_layers|1, n_experts) per row
         self._static_scalings = weights.to(self.xlora_classifier.layers[0].weight.device)
 
-    def _static_routing(self, args: tuple, kwargs: dict) -> Routing:
-        """The routing of a forward while the gate is pinned: (batch|1, 1, n_layers|1, n_experts) scalings."""
-        static = self._static_scalings
-        if static.dim() == 2:
-            return Routing(static[None, None])
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        rows = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
-        if rows is not None and rows != static.shape[0]:
-            raise ValueError(
-                f"The gate is pinned to {static.shape[0]} per-row weight vectors (set_static_scalings(..., "
-                f"per_row=True)) but this batch has {rows} rows: pass exactly one row per weight vector, or pin "
-                "shared weights."
-            )
-        return Routing(static[:, None])
+
+def _differs(old: Any, new: Any) -> bool:
+    # A dict's order is meaningful here (`adapters` is the gate's order), and 1 is not True.
+    if isinstance(old, dict) and isinstance(new, dict):
+        return list(old.items()) != list(new.items())
+    return type(old) is not type(new) or old != new
 
 
 def _number(value: Any) -> Any:

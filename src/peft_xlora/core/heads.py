@@ -11,7 +11,8 @@ token's scalings s (the same scalings the mixture layers use at that token, glob
   gate of the token the head reads.
 - BERT-style: ``classifier`` maps the pooled state, (batch, hidden), which the pooler computes from the first token:
   the first token's scalings are used.
-- With layerwise scalings the head uses the slot of the last mixture layer, the one nearest the head.
+- With layerwise scalings the head uses the slot of the last mixture layer, the one nearest the head; in single-pass
+  mode it uses that layer's scalings too: the per-token gate of layer k's output, not the static weights.
 
 With `XLoraConfig.trainable_head` a head shared by all experts trains with the gate, as PEFT's `modules_to_save` trains
 a `SEQ_CLS` head: a copy of the model's head when the experts bring none, a zero-initialised head added to the mixture
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .changes import ExpertChange
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from .devices import execution_device
 from .experts import Expert, ExpertError
@@ -106,6 +108,25 @@ class XLoraHead(nn.Module):
             if self.xlora_head_bias is not None and head.get("bias") is not None:
                 self.xlora_head_bias[e].copy_(head["bias"])
 
+    @torch.no_grad()
+    def follow(self, change: ExpertChange, added: list[dict[str, torch.Tensor]]) -> None:
+        """Follows added and removed experts: kept experts keep their heads, added ones bring `added` (in order)."""
+        self.slot = max(len(change.layers) - 1, 0)  # the last mixture layer's, nearest the head
+        if self.xlora_head_weight is None:
+            return
+        new = iter(added)
+        weights, biases = [], []
+        for old in change.experts:
+            head = next(new) if old is None else None
+            w = self.xlora_head_weight[old] if head is None else head["weight"].to(self.xlora_head_weight)
+            weights.append(w)  # (labels, hidden)
+            if self.xlora_head_bias is not None:
+                biases.append(self.xlora_head_bias[old] if head is None else head["bias"].to(self.xlora_head_bias))
+        self.xlora_head_weight = nn.Parameter(torch.stack(weights), self.xlora_head_weight.requires_grad)
+        if self.xlora_head_bias is not None:
+            self.xlora_head_bias = nn.Parameter(torch.stack(biases), self.xlora_head_bias.requires_grad)
+        self.n_experts = len(change.experts)
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """The experts' stacked heads: trainable only with `use_trainable_adapters`."""
         return [p for p in (self.xlora_head_weight, self.xlora_head_bias) if p is not None]
@@ -136,13 +157,15 @@ class XLoraHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The experts' heads mixed by the current routing's scalings; the base head when the experts are off."""
         routing = current_routing()
-        if routing is None or routing.scalings is None:
+        # The last mixture layer's scalings: in single-pass mode the head, after layer k, reads the per-token gate.
+        scalings = routing.scalings_for(self.slot) if routing is not None else None
+        if scalings is None:
             return self.base_layer(hidden)
         out = None
         if self.xlora_head_weight is not None:
             weight, bias = self.xlora_head_weight, self.xlora_head_bias
             x = hidden.to(weight.dtype)
-            s = self.token_scalings(routing.scalings, hidden).to(weight.dtype)  # (*lead|1, E)
+            s = self.token_scalings(scalings, hidden).to(weight.dtype)  # (*lead|1, E)
             # One small matmul per expert, each the very call the expert's own head makes (a stacked matmul differs
             # from it in the last bit): a gate pinned to one expert gives exactly that expert's logits.
             for e in range(self.n_experts):
@@ -192,33 +215,10 @@ def check_heads(model: nn.Module, experts: list[Expert], task_type: Any, trainab
     task = getattr(task_type, "value", task_type)
     with_head = [e for e in experts if e.saved_modules]
     for expert in with_head:
-        modules = sorted(expert.saved_modules)
-        if len(modules) > 1:
-            raise ExpertError(
-                f"Expert {expert.name!r} fully trains several modules (modules_to_save): {modules}. X-LoRA mixes one "
-                f"classification head per expert ({' or '.join(HEAD_NAMES)}); merge the others (e.g. a pooler) into "
-                "the base model, or train the expert without them."
-            )
-        if modules[0].rpartition(".")[2] not in HEAD_NAMES:
-            raise ExpertError(
-                f"Expert {expert.name!r} fully trains {modules[0]!r} (modules_to_save), which is not a "
-                f"sequence-classification head: X-LoRA mixes only the head PEFT saves for task_type='SEQ_CLS' "
-                f"({' or '.join(repr(n) for n in HEAD_NAMES)}). Merge that module into the base model, or train the "
-                "expert without modules_to_save."
-            )
-        if task != "SEQ_CLS":
-            raise ExpertError(
-                f"Expert {expert.name!r} carries a classification head {modules[0]!r} (modules_to_save), but this "
-                f"X-LoRA model has task_type={task!r}: the experts' heads are mixed only for sequence classification. "
-                "Build it with XLoraConfig(task_type='SEQ_CLS', ...) on a *ForSequenceClassification model."
-            )
+        _check_head_module(expert, task)
     if with_head and len(with_head) < len(experts):
         without = [e.name for e in experts if not e.saved_modules]
-        raise ExpertError(
-            f"Experts {[e.name for e in with_head]} carry their classification head (modules_to_save) but {without} "
-            "do not: X-LoRA mixes one head per expert, so either every expert brings its head or none does. Use "
-            "experts trained the same way (all with task_type='SEQ_CLS', or all without a head)."
-        )
+        raise ExpertError(heads_all_or_none([e.name for e in with_head], without))
     if not with_head:
         if not trainable_head:
             return None
@@ -254,29 +254,103 @@ def check_heads(model: nn.Module, experts: list[Expert], task_type: Any, trainab
     expected = {rel: tuple(p.shape) for rel, p in head.named_parameters()}
     shapes = {}
     for expert in with_head:
-        params = expert.saved_modules[name]
-        if not params or all(v is None for v in params.values()):  # built from a saved config: weights to come
-            expert.saved_modules[name] = dict.fromkeys(expected)
-            continue
-        if set(params) != set(expected):
-            raise ExpertError(
-                f"Expert {expert.name!r}'s head {name!r} has parameters {sorted(params)}, but the model's head has "
-                f"{sorted(expected)}; it was trained on another model."
-            )
-        shapes[expert.name] = tuple(params["weight"].shape)
+        shape = _check_head_params(expert, name, expected)
+        if shape is not None:
+            shapes[expert.name] = shape
     if len(set(shapes.values())) > 1:
         raise ExpertError(
             f"The experts' heads {name!r} have different shapes (labels, hidden): {shapes}. X-LoRA mixes heads with "
             "the same labels; use experts trained for the same classes."
         )
     for expert_name, shape in shapes.items():
-        if shape != expected["weight"]:
-            raise ExpertError(
-                f"Expert {expert_name!r}'s head {name!r} is {shape} (labels, hidden), but the model's is "
-                f"{expected['weight']}. Load the base model with the experts' number of labels (e.g. "
-                f"`from_pretrained(..., num_labels={shape[0]})`)."
-            )
+        _check_head_shape(expert_name, name, shape, expected["weight"])
     return name
+
+
+def heads_all_or_none(with_head: list[str], without: list[str]) -> str:
+    """The message for experts of which some bring a classification head and some do not."""
+    return (
+        f"Experts {with_head} carry their classification head (modules_to_save) but {without} do not: X-LoRA mixes "
+        "one head per expert, so either every expert brings its head or none does. Use experts trained the same way "
+        "(all with task_type='SEQ_CLS', or all without a head)."
+    )
+
+
+def _check_head_module(expert: Expert, task: Any) -> None:
+    """An expert with `modules_to_save` trains exactly one sequence-classification head, on a SEQ_CLS model."""
+    modules = sorted(expert.saved_modules)
+    if len(modules) > 1:
+        raise ExpertError(
+            f"Expert {expert.name!r} fully trains several modules (modules_to_save): {modules}. X-LoRA mixes one "
+            f"classification head per expert ({' or '.join(HEAD_NAMES)}); merge the others (e.g. a pooler) into "
+            "the base model, or train the expert without them."
+        )
+    if modules[0].rpartition(".")[2] not in HEAD_NAMES:
+        raise ExpertError(
+            f"Expert {expert.name!r} fully trains {modules[0]!r} (modules_to_save), which is not a "
+            f"sequence-classification head: X-LoRA mixes only the head PEFT saves for task_type='SEQ_CLS' "
+            f"({' or '.join(repr(n) for n in HEAD_NAMES)}). Merge that module into the base model, or train the "
+            "expert without modules_to_save."
+        )
+    if task != "SEQ_CLS":
+        raise ExpertError(
+            f"Expert {expert.name!r} carries a classification head {modules[0]!r} (modules_to_save), but this "
+            f"X-LoRA model has task_type={task!r}: the experts' heads are mixed only for sequence classification. "
+            "Build it with XLoraConfig(task_type='SEQ_CLS', ...) on a *ForSequenceClassification model."
+        )
+
+
+def _check_head_params(expert: Expert, name: str, expected: dict[str, tuple]) -> tuple | None:
+    """Checks one expert's head parameters against the model's head; returns its weight's shape (None: to come)."""
+    params = expert.saved_modules[name]
+    if not params or all(v is None for v in params.values()):  # built from a saved config: weights to come
+        expert.saved_modules[name] = dict.fromkeys(expected)
+        return None
+    if set(params) != set(expected):
+        raise ExpertError(
+            f"Expert {expert.name!r}'s head {name!r} has parameters {sorted(params)}, but the model's head has "
+            f"{sorted(expected)}; it was trained on another model."
+        )
+    return tuple(params["weight"].shape)
+
+
+def _check_head_shape(expert: str, name: str, shape: tuple, expected: tuple) -> None:
+    if shape != expected:
+        raise ExpertError(
+            f"Expert {expert!r}'s head {name!r} is {shape} (labels, hidden), but the model's is {expected}. Load the "
+            f"base model with the experts' number of labels (e.g. `from_pretrained(..., num_labels={shape[0]})`)."
+        )
+
+
+def added_expert_head(model: nn.Module, expert: Expert, task_type: Any) -> dict[str, torch.Tensor] | None:
+    """Checks the head an expert added to a built model brings against the heads the model mixes; returns it.
+
+    Whether it brings one exactly when the model's experts do is the table's refusal (`add_expert`'s `heads` cell);
+    here the head itself is checked: one sequence-classification head, the same module and shape as the others'.
+
+    Returns:
+        The head's parameters ({"weight": (labels, hidden), "bias": (labels,)}), or None when it brings none.
+
+    Raises:
+        ExpertError: The head cannot join the mixed heads.
+    """
+    if not expert.saved_modules:
+        return None
+    _check_head_module(expert, getattr(task_type, "value", task_type))
+    name, head = next(((n, h) for n, h in head_mixtures(model) if h.xlora_head_weight is not None), (None, None))
+    if head is None:  # the table refuses a head on a model whose experts bring none
+        return None
+    module = next(iter(expert.saved_modules))
+    if module != name:
+        raise ExpertError(
+            f"Expert {expert.name!r} carries a head {module!r}, but the other experts' heads are {name!r}; they "
+            "must all train the same head."
+        )
+    expected = {rel: tuple(p.shape) for rel, p in head.base_layer.named_parameters()}
+    shape = _check_head_params(expert, name, expected)
+    if shape is not None:
+        _check_head_shape(expert.name, name, shape, expected["weight"])
+    return expert.saved_modules[name]
 
 
 def swap_in_head(

@@ -1,4 +1,4 @@
-"""`XLoraModel`: the PEFT tuner. Glue between PEFT and the parts in `building`, `forward` and `gating`."""
+"""`XLoraModel`: the PEFT tuner. Glue between PEFT and the parts in `building`, `routers` and `gating`."""
 
 from __future__ import annotations
 
@@ -13,19 +13,17 @@ from .building import (
     CLASSIFIER_NAME,
     add_classifier,
     check_experts_fit,
-    check_model_supported,
     infer_hidden_size,
     load_experts,
-    scaling_pass_exit_layer,
     swap_in_mixture_layers,
 )
 from .classifier import XLoraClassifier
+from .combinations import Situation, check
 from .config import XLoraConfig
 from .elastic import ElasticMixin
 from .experts import compact_targets
-from .forward import ForwardMixin
 from .gating import GatingMixin
-from .generation import generation_scope, input_length
+from .generation import generation_scope, input_length, requested_scalings_mode
 from .heads import (
     check_heads,
     head_entries,
@@ -37,15 +35,15 @@ from .heads import (
     unswap_heads,
 )
 from .layer import XLoraLayer, module_kind
+from .places import situation_of
 from .registration import PREFIX
-from .routing import install_carriers, remove_carriers
+from .routers import ROUTERS, Router, routing_mode
 from .scalings_log import ScalingsLogMixin
-from .seq2seq import Seq2SeqMixin, check_seq2seq_supported, is_encoder_decoder
-from .single_pass import SinglePassMixin
+from .sparse import configure_topk
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
 
 
-class XLoraModel(Seq2SeqMixin, ForwardMixin, SinglePassMixin, GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
+class XLoraModel(GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
     """X-LoRA: a learned per-token gate over frozen LoRA experts (Buehler & Buehler 2024, arXiv 2402.07148).
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
@@ -100,16 +98,22 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, SinglePassMixin, GatingMixin, Elast
             )
         self._enabled = True
         self._static_scalings: torch.Tensor | None = None
-        self._latest_scalings: torch.Tensor | None = None
         self._active_experts: torch.Tensor | None = None  # `set_active_experts`: (n_experts,) bool, None = all
-        check_model_supported(model, config)
-        if is_encoder_decoder(model):
-            check_seq2seq_supported(model, config)
+        mode = routing_mode(model, config)
         infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
         experts = load_experts(config, shapes)
         check_experts_fit(model, experts, shapes)
+        names = [name for name in shapes if any(name in e.modules for e in experts)]
+        router = ROUTERS[mode](self)  # `self.model` is `model` (PEFT sets it first), which the router reads
+        router.check_config(config)
+        features = frozenset({"encoder_decoder"} if mode == "encoder_decoder" else ())
+        late = router.late_layer_count(names)  # single pass: the layers that would read the gate
+        situation = Situation(
+            config, routing=mode, features=features, model_name=type(model).__name__, late_layers=late
+        )
+        check("build", situation)  # before any module of the model changes
         head_name = check_heads(model, experts, config.task_type, config.trainable_head)
         self.expert_names = list(config.adapters)
         # Built from a saved config: the checkpoint's weights fill the experts in `load_adapter`.
@@ -121,27 +125,14 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, SinglePassMixin, GatingMixin, Elast
         swap_in_head(model, head_name, experts, len(self.mixture_layer_names), config.trainable_head, trainable)
         # A plain list: the model, not the tuner, owns the layers.
         self._layers: list[XLoraLayer] = [model.get_submodule(n) for n in self.mixture_layer_names]
+        configure_topk(self._layers, config)  # top_k_lora / topk_compute: the sparse path (sparse.py)
         for expert in experts:
             compact_targets(expert, list(shapes))
         config.experts = {e.name: e.config_dict() for e in experts}
-
-        install_carriers(model, set(self.mixture_layer_names))
-        self._early_exit_hook = self._single_pass_hook = None
-        exit_layer = None
-        if config.scaling_pass_layers is not None:
-            exit_layer = scaling_pass_exit_layer(model, config.scaling_pass_layers)
-            if config.routing == "dual_pass":
-                self._early_exit_hook = exit_layer.register_forward_hook(self._exit_scaling_pass)
         add_classifier(model, config, n_layers=len(self.mixture_layer_names), n_experts=len(experts))
-        if config.routing == "single_pass":
-            self._install_single_pass(model, exit_layer, model.get_submodule(CLASSIFIER_NAME))
+        self.router: Router = router
+        router.install()  # its hooks, its carriers, and its own parameters (the single pass's static weights)
         self._mark_only_adapters_as_trainable(model)
-        if is_encoder_decoder(model):
-            self._install_seq2seq(model)  # each stack gated by its own tokens (seq2seq.py)
-        self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward, always_call=True),
-        ]
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         """Freezes the base model; the classifier trains, and the experts when `use_trainable_adapters`."""
@@ -194,6 +185,8 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, SinglePassMixin, GatingMixin, Elast
             **kwargs: Passed to the transformers model's `generate`; `use_cache=False` generates without a cache.
         """
         with generation_scope(scalings_mode, input_length(args, kwargs)):
+            mode = requested_scalings_mode() or self.xlora_config.scalings_mode
+            check("generate", situation_of(self, features={"generate_modes"}, facts={"scalings_mode": mode}))
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ enabling / unloading
@@ -220,21 +213,14 @@ class XLoraModel(Seq2SeqMixin, ForwardMixin, SinglePassMixin, GatingMixin, Elast
         )
 
     def unload(self) -> nn.Module:
-        """Removes the mixture layers, carriers and hooks; returns the base model as it was."""
+        """Removes the mixture layers, the router's hooks and carriers, and the classifier; returns the base model."""
         for name in self.mixture_layer_names:
             parent_name, _, child_name = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
             setattr(parent, child_name, getattr(parent, child_name).base_layer)
         self._layers = []
         unswap_heads(self.model)
-        remove_carriers(self.model)
-        for hook in (self._early_exit_hook, self._single_pass_hook):
-            if hook is not None:
-                hook.remove()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        self._remove_seq2seq()
+        self.router.remove()
         if CLASSIFIER_NAME in self.model._modules:
             del self.model._modules[CLASSIFIER_NAME]
         return self.model
@@ -305,6 +291,7 @@ def find_tuners(model: nn.Module) -> list[XLoraModel]:
     if not found:
         for hook in model._forward_pre_hooks.values():
             owner = getattr(hook, "__self__", None)
+            owner = owner.tuner if isinstance(owner, Router) else owner
             if isinstance(owner, XLoraModel) and owner not in found:
                 found.append(owner)
     return found

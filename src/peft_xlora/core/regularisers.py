@@ -10,6 +10,10 @@ per layer slot with layerwise scalings), in float32, over the tokens the attenti
   gradient, so the gradient lowers the probability of over-used experts.
 * **Entropy**: the mean per-token entropy ``-sum_e p_e log p_e`` (nats). Adding it to the loss (coefficient > 0)
   makes each token's routing more decisive.
+
+Under gradient accumulation in transformers' `Trainer`, each micro-batch's weighted terms count by that micro-batch's
+share of the step's label tokens (`for_accumulated_batch`), as the language-model loss does, so their strength does
+not depend on how a batch is split into micro-batches.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ def router_loss_applied_by_trainer() -> Iterator[None]:
         yield
     finally:
         _APPLIED_BY_TRAINER.reset(token)
+
+
+def router_loss_left_to_trainer() -> bool:
+    """Whether the running forward's trainer adds `output.router_loss` to its loss itself (`RouterLossMixin`)."""
+    return _APPLIED_BY_TRAINER.get()
 
 
 def warn_if_loss_ignores_router(output: Mapping[str, Any]) -> None:
@@ -90,3 +99,41 @@ def router_losses(
     load_balancing = n_experts * (fraction * mean_prob).sum()
     entropy = -(probs * torch.log_softmax(z, dim=-1)).sum(dim=-1, keepdim=True)  # (batch, seq, slots, 1)
     return {"load_balancing": load_balancing, "entropy": (entropy * weight).sum() / total}
+
+
+def for_accumulated_batch(router_loss: torch.Tensor | None, kwargs: Mapping[str, Any], model: Any) -> Any:
+    """A micro-batch's router loss, weighted by its share of the label tokens of the whole accumulated batch.
+
+    transformers' `Trainer` gives a model whose forward takes `**kwargs` the number of label tokens of every
+    micro-batch of the optimizer step (`num_items_in_batch`, on every process), and then does not divide the loss by
+    the accumulation steps: the model's loss is this micro-batch's token sum over that count, so the micro-batches add
+    up to the mean of the whole batch. The regularisers are means over this micro-batch's tokens; weighted by the
+    micro-batch's share of the label tokens (counted as `Trainer` counts them) they add up the same way, and one
+    batch of 4 or 4 accumulated micro-batches of 1 train the gate alike. Without `num_items_in_batch` (a plain
+    forward, evaluation, a trainer that divides the loss itself) the loss is returned unchanged.
+
+    Args:
+        router_loss: The weighted regularisers of this forward (None when they are off).
+        kwargs: The keyword arguments of the model's forward.
+        model: The transformers model (its loss type says whether `Trainer` counted the labels shifted).
+    """
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")  # a padding-free collator's labels, counted as they are
+    if labels is None:
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and _loss_shifts_labels(model):
+            labels = labels[..., 1:]  # a causal LM predicts label i+1 at position i: the first label is no target
+    if router_loss is None or total is None or not isinstance(labels, torch.Tensor):
+        return router_loss
+    count = (labels != -100).sum().to(router_loss.device, torch.float32)
+    total = torch.as_tensor(total, device=router_loss.device, dtype=torch.float32).reshape(-1)[0]
+    return router_loss * (count / total.clamp_min(1.0))
+
+
+def _loss_shifts_labels(model: Any) -> bool:
+    """Whether `Trainer` counts this model's labels from the second on: a causal-LM loss, not an encoder-decoder."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    config = getattr(model, "config", None)
+    causal = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+    return causal and not getattr(config, "is_encoder_decoder", False)

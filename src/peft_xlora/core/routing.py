@@ -31,6 +31,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 _ROUTING_KWARG = "_xlora_routing"
 
 
+#: A token's choice under top-k: (indices, weights), each (batch|1, seq|1, n_slots|1, k); the indices long, the
+#: weights the scalings of those experts (float32, global weight applied). Zeros stand where a mask left fewer than k.
+Chosen = tuple[torch.Tensor, torch.Tensor]
+
+# The tensors a carrier passes positionally, in this order: single tensors, then (indices, weights) pairs.
+_TENSORS = ("scalings", "source_scalings", "late_scalings")
+_CHOICES = ("chosen", "source_chosen", "late_chosen")
+
+
 @dataclass(frozen=True)
 class Routing:
     """The gating of one forward.
@@ -47,6 +56,12 @@ class Routing:
             per-token scalings once layer k has run); `scalings` are then the static weights of the early layers.
         late_scalings: The late layers' scalings as a carrier saw them when its layer was called (a snapshot of
             `single_pass.late`), so that a checkpointed layer's recomputation reuses the same tensor.
+        chosen: With `top_k_lora` below the number of experts: the experts each token chose, computed once by the
+            gate, for `scalings` (see `Chosen`); None when the scalings are dense (no top-k, a pinned gate, held
+            prompt scalings). A layer that computes only the chosen experts reads it with `chosen_for`; the dense
+            mixture ignores it.
+        source_chosen: The same for `source_scalings`.
+        late_chosen: The same for `late_scalings` (a snapshot of `single_pass.late_chosen`).
     """
 
     scalings: torch.Tensor | None
@@ -55,6 +70,9 @@ class Routing:
     source_scalings: torch.Tensor | None = None
     single_pass: Any = None
     late_scalings: torch.Tensor | None = None
+    chosen: Chosen | None = None
+    source_chosen: Chosen | None = None
+    late_chosen: Chosen | None = None
 
     def scalings_for(self, layer_index: int) -> torch.Tensor | None:
         """The scalings mixture layer `layer_index` applies in this forward."""
@@ -70,15 +88,30 @@ class Routing:
             )
         return late
 
+    def chosen_for(self, layer_index: int) -> Chosen | None:
+        """The experts each token chose for mixture layer `layer_index` (see `chosen`), or None: dense scalings."""
+        state = self.single_pass
+        if state is None or layer_index not in state.late_layers:
+            return self.chosen
+        return self.late_chosen if self.late_chosen is not None else state.late_chosen
+
+    def for_source(self) -> Routing:
+        """The routing of a layer that reads the source tokens: their scalings and choice (encoder-decoder models)."""
+        if self.source_scalings is None:
+            return self
+        return replace(self, scalings=self.source_scalings, chosen=self.source_chosen)
+
     def snapshot(self) -> Routing:
         """This routing with the single pass's late scalings known so far fixed in `late_scalings`."""
         if self.single_pass is None or self.single_pass.late is None or self.late_scalings is not None:
             return self
-        return replace(self, late_scalings=self.single_pass.late)
+        return replace(self, late_scalings=self.single_pass.late, late_chosen=self.single_pass.late_chosen)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The scalings tensors a carrier passes positionally (so reentrant checkpointing differentiates them)."""
-        return tuple(t for t in (self.scalings, self.source_scalings, self.late_scalings) if t is not None)
+        """The tensors a carrier passes positionally (so reentrant checkpointing differentiates them)."""
+        singles = [getattr(self, name) for name in _TENSORS]
+        pairs = [t for name in _CHOICES if (pair := getattr(self, name)) is not None for t in pair]
+        return (*(t for t in singles if t is not None), *pairs)
 
     def with_tensors(self, tensors: tuple[torch.Tensor, ...]) -> Routing:
         """The same routing holding `tensors` (those `tensors()` gave, possibly a recomputation's) instead.
@@ -86,10 +119,12 @@ class Routing:
         The router loss stays behind: the layer does not need it, and a recomputation must not hold the graph.
         """
         it = iter(tensors)
-        scalings = next(it) if self.scalings is not None else None
-        source = next(it) if self.source_scalings is not None else None
-        late = next(it) if self.late_scalings is not None else None
-        return replace(self, scalings=scalings, source_scalings=source, late_scalings=late, router_loss=None)
+        fields: dict[str, Any] = {"router_loss": None}
+        for name in _TENSORS:
+            fields[name] = next(it) if getattr(self, name) is not None else None
+        for name in _CHOICES:
+            fields[name] = (next(it), next(it)) if getattr(self, name) is not None else None
+        return replace(self, **fields)
 
 
 # A stack, so nested forwards restore what was current before them. Tuples, never mutated: a copied context (a new

@@ -1,7 +1,7 @@
 """The scalings log: every gate prediction an X-LoRA model makes, kept on CPU, bucketed, written and read back.
 
 `ScalingsLogMixin` gives `XLoraModel` (and, through PEFT's attribute forwarding, the `PeftModel` around it) the
-logging methods of the original xlora package and of PEFT's built-in X-LoRA. `XLoraModel._route` calls
+logging methods of the original xlora package and of PEFT's built-in X-LoRA. The model's router (core/routers/) calls
 `_log_scalings` with the scalings of each forward that predicted them: a whole sequence without a KV cache, only the
 new tokens of each cached generation step.
 

@@ -20,18 +20,13 @@ all hold ``.xlora_experts.``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attributes import TunerAttributes
-from .generation import requested_scalings_mode
-from .routing import Routing, current_routing
-
-if TYPE_CHECKING:
-    from .classifier import XLoraClassifier
+from .changes import ExpertChange, take
+from .routing import Chosen
 
 #: Name of the static weights' module inside the classifier.
 STATIC_NAME = "single_pass_static"
@@ -52,21 +47,55 @@ class StaticWeights(nn.Module):
         self, n_layers: int, early: list[int], n_experts: int, learned: bool, device: torch.device | None = None
     ) -> None:
         super().__init__()
-        self.n_layers, self.n_experts, self.learned = n_layers, n_experts, learned
+        self.n_experts, self.learned = n_experts, learned
         if learned:
             # Zeros: every expert the same logit, so training starts from the uniform mixture.
             self.logits = nn.Parameter(torch.zeros(len(early), n_experts, device=device, dtype=torch.float32))
+        self._set_layers(n_layers, early, device)
+
+    def _set_layers(self, n_layers: int, early: list[int], device: torch.device | None) -> None:
+        self.n_layers, self.early = n_layers, list(early)
         row = torch.zeros(n_layers, dtype=torch.long)
         row[early] = torch.arange(len(early))
         self.register_buffer("row_of_layer", row.to(device), persistent=False)
 
-    def forward(self) -> torch.Tensor:
-        """Scalings (1, 1, n_layers|1, n_experts) in float32 (one row when uniform); late layers' rows go unused."""
+    def forward(self, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalings (1, 1, n_layers|1, n_experts) in float32 (one row when uniform); late layers' rows go unused.
+
+        Args:
+            active: (n_experts,) bool, the experts `set_active_experts` kept; the others get 0 and the weights
+                renormalise over the rest (a softmax over their logits, or 1 / n_active). None: all.
+        """
         device = self.row_of_layer.device
         if not self.learned:
-            return torch.full((1, 1, 1, self.n_experts), 1.0 / self.n_experts, device=device)
-        weights = torch.softmax(self.logits.float(), dim=-1)  # (n_early, n_experts)
+            weights = torch.full((1, self.n_experts), 1.0, device=device)
+            if active is not None:
+                weights = weights * active.to(device)
+            return (weights / weights.sum(-1, keepdim=True))[None, None]
+        logits = self.logits.float()
+        if active is not None:
+            logits = logits.masked_fill(~active.to(logits.device), float("-inf"))
+        weights = torch.softmax(logits, dim=-1)  # (n_early, n_experts)
         return weights.index_select(0, self.row_of_layer)[None, None]
+
+    @torch.no_grad()
+    def follow(self, change: ExpertChange, early: list[int]) -> None:
+        """Follows added or removed experts and mixture layers (`change`); `early` are the early layers after it.
+
+        A kept early layer keeps its row and a kept expert its column. A new expert's logit starts
+        `change.logit_offset` below the mean of its row (its share is below exp(-logit_offset): it changes nothing
+        yet); a new early layer's row starts at zero logits for the others (uniform).
+        """
+        device = self.row_of_layer.device
+        if self.learned:
+            old_early = {layer: row for row, layer in enumerate(self.early)}
+            rows = tuple(old_early.get(change.layers[layer]) for layer in early)  # old row, or None for a new layer
+            logits = take(self.logits.detach(), rows, 0, 0.0)  # (n_early, E_old)
+            new_column = logits.mean(dim=1, keepdim=True) - change.logit_offset  # (n_early, 1)
+            logits = take(logits, change.experts, 1, new_column)  # (n_early, E_new)
+            self.logits = nn.Parameter(logits.contiguous(), requires_grad=self.logits.requires_grad)
+        self.n_experts = len(change.experts)
+        self._set_layers(len(change.layers), early, device)
 
 
 @dataclass
@@ -75,14 +104,17 @@ class SinglePassState:
 
     Attributes:
         late_layers: Indices of the mixture layers that apply the per-token scalings.
-        kwargs: What the router losses read of the forward's keyword arguments (its attention mask).
+        kwargs: What the router losses read of the forward's keyword arguments (the attention mask, and the labels
+            and `num_items_in_batch` that weigh a micro-batch under gradient accumulation).
         late: Per-token scalings (batch, seq, n_layers|1, n_experts), set once layer k has run.
+        late_chosen: The experts each token chose under top-k (`routing.Chosen`), set with `late`; None when dense.
         router_loss: The weighted router regularisers, set with `late` (None when they are off).
     """
 
     late_layers: frozenset[int]
     kwargs: dict = field(repr=False)
     late: torch.Tensor | None = None
+    late_chosen: Chosen | None = None
     router_loss: torch.Tensor | None = None
 
 
@@ -102,84 +134,3 @@ def late_layer_indices(model: nn.Module, mixture_layer_names: list[str], k: int)
         if (inside is not None and inside >= k) or (inside is None and order[layer_name] > stack_end):
             late.add(index)
     return frozenset(late)
-
-
-class SinglePassMixin(TunerAttributes):
-    """The single-pass forward of `XLoraModel`: static weights up to layer k, the gate on layer k's output."""
-
-    _log_scalings: Any
-    _logs_scalings: Any
-
-    def _install_single_pass(self, model: nn.Module, exit_layer: nn.Module, classifier: XLoraClassifier) -> None:
-        """Adds the static weights to the classifier and the hook on decoder layer k (called by `inject_adapter`)."""
-        config = self.xlora_config
-        n_layers = len(self.mixture_layer_names)
-        self._late_layers = late_layer_indices(model, self.mixture_layer_names, config.scaling_pass_layers)
-        early = [i for i in range(n_layers) if i not in self._late_layers]
-        device = classifier.layers[0].weight.device
-        static = StaticWeights(
-            n_layers, early, classifier.n_experts, learned=config.single_pass_static == "learned", device=device
-        )
-        classifier.add_module(STATIC_NAME, static)
-        self._single_pass_hook = exit_layer.register_forward_hook(self._after_layer_k)
-
-    def _route_single_pass(self, kwargs: dict) -> Routing:
-        """The routing of a single-pass forward: the static weights now, the per-token scalings at layer k."""
-        if requested_scalings_mode() == "prompt":
-            raise ValueError(
-                "scalings_mode='prompt' does not apply to routing='single_pass': every token is routed from the pass "
-                "that computes it, with no scaling pass to skip. Generate without `scalings_mode` (or 'token')."
-            )
-        static = self.xlora_classifier.get_submodule(STATIC_NAME)()  # (1, 1, n_layers|1, n_experts), float32
-        state = SinglePassState(self._late_layers, {"attention_mask": kwargs.get("attention_mask")})
-        return Routing(static, single_pass=state)
-
-    def _after_layer_k(self, module: nn.Module, args: tuple, output: Any) -> None:
-        # Forward hook on decoder layer k. transformers checkpoints a layer's `forward`, not its hooks, so this runs
-        # once per forward, outside any recomputation, on the output that carries the graph.
-        routing = current_routing()
-        state = routing.single_pass if routing is not None else None
-        if state is None or state.late is not None:
-            return
-        hidden = output if isinstance(output, torch.Tensor) else output[0]  # (batch, seq, hidden)
-        logits, scalings = self._gate(hidden)  # (batch, seq, n_layers|1, n_experts) each
-        self._check_finite(scalings, hidden)
-        state.late = scalings
-        state.router_loss = self._router_loss(logits, (), state.kwargs)
-        # Kept apart and combined on request: the full (batch, seq, n_layers, n_experts) tensor is only built for
-        # `get_latest_scalings` and the scalings log.
-        latest, static = scalings.detach(), routing.scalings.detach()  # logged from these: threads share the tuner
-        self._latest_scalings, self._latest_static = latest, static
-        if self._logs_scalings():
-            self._log_scalings(self._reported_scalings(static, latest))
-
-    def get_latest_scalings(self) -> torch.Tensor | None:
-        """Scalings of the last forward, (batch, seq, n_layers, n_experts), detached; None before any forward.
-
-        In single-pass mode the rows of the layers up to k hold their static weights (the same for every token), the
-        others the per-token scalings the gate gave from layer k's output.
-        """
-        static = getattr(self, "_latest_static", None)
-        if self.xlora_config.routing != "single_pass" or static is None or self._latest_scalings is None:
-            return super().get_latest_scalings()
-        return self._reported_scalings(static, self._latest_scalings)
-
-    def _reported_scalings(self, static: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
-        """What `get_latest_scalings` reports: the late layers' per-token scalings, the early layers' static weights.
-
-        Args:
-            static: (1, 1, n_layers|1, n_experts).
-            late: (batch, seq, n_layers|1, n_experts).
-
-        Returns:
-            (batch, seq, n_layers, n_experts), detached.
-        """
-        batch, seq, _, n = late.shape
-        n_layers = len(self.mixture_layer_names)
-        out = late.detach().expand(batch, seq, n_layers, n).clone()
-        early = [i for i in range(n_layers) if i not in self._late_layers]
-        if early:
-            index = torch.tensor(early, device=out.device)
-            rows = static.detach().to(out.device).expand(batch, seq, n_layers, n).index_select(2, index)
-            out.index_copy_(2, index, rows.to(out.dtype))
-        return out

@@ -25,8 +25,21 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.combinations import (
+    SET,
+    Condition,
+    Place,
+    check,
+    fact,
+    irrelevant,
+    refuse,
+    refused,
+    register_place,
+    supported,
+)
 from ..core.heads import head_mixtures
 from ..core.model import XLoraModel, find_tuner
+from ..core.places import situation_of
 from ..core.state_dict import rank_bounds
 from .files import write_folder
 
@@ -37,9 +50,11 @@ def _layers_by_name(tuner) -> list[tuple[str, Any]]:
     return [(name, tuner.model.get_submodule(name)) for name in tuner.mixture_layer_names]
 
 
-# Every `XLoraConfig` field, by what `export_mistralrs` does with it (tests/io/test_export.py checks that none is
-# left out, so a new field must be placed here). Written: `xlora_config.json` carries it and mistral.rs and the
-# original package compute it as peft-xlora does.
+# What `export_mistralrs` does with every `XLoraConfig` field: written (`xlora_config.json` carries it and mistral.rs
+# and the original package compute it as peft-xlora does), irrelevant (no effect on the exported model's outputs), or
+# refused unless at its default (the layout has no way to say it, so the exported model would compute other outputs).
+# With the named features, these make the mistral.rs column of the table of what combines (`MISTRALRS_PLACE` below,
+# registered in `core.combinations`; tests/contract/test_combination_table.py checks that nothing is left unplaced).
 MISTRALRS_WRITTEN = (
     "adapters",
     "expert_order",
@@ -55,18 +70,19 @@ MISTRALRS_WRITTEN = (
     "global_scaling_weight",
     "use_trainable_adapters",
 )
-# No effect on the exported model's outputs: training-only, initialisation, or bookkeeping.
-MISTRALRS_IRRELEVANT = (
-    "single_pass_static",  # single-pass routing only, which is refused
-    "xlora_dropout_p",  # written as 0: mistral.rs applies the classifier's dropout at inference too
-    "classifier_init",
-    "router_load_balancing_coef",
-    "router_entropy_coef",
-    "router_distillation_coef",
-    "router_distillation_temperature",
-    "peft_xlora_version",
-)
-# Refused unless at this value: the layout has no way to say it, so the exported model would compute other outputs.
+_MISTRALRS_IRRELEVANT = {
+    "single_pass_static": "single-pass routing only, which is refused",
+    "xlora_dropout_p": "written as 0: mistral.rs applies the classifier's dropout at inference too",
+    "classifier_init": "only the untrained classifier",
+    "topk_compute": "how top_k_lora is computed (dense or sparse): the same outputs within float tolerance",
+    "router_load_balancing_coef": "a training term",
+    "router_entropy_coef": "a training term",
+    "router_distillation_coef": "a training term",
+    "router_distillation_temperature": "a training term",
+    "peft_xlora_version": "bookkeeping",
+}
+MISTRALRS_IRRELEVANT = tuple(_MISTRALRS_IRRELEVANT)
+# Refused unless at this value.
 MISTRALRS_REFUSED = {
     "scaling_pass_layers": (
         None,
@@ -94,26 +110,117 @@ MISTRALRS_REFUSED = {
 }
 
 
-def _check_mistralrs_options(tuner: XLoraModel) -> None:
-    """Refuses a model the mistral.rs / original layout cannot represent, naming every such option."""
-    config = tuner.xlora_config
-    problems = [
-        f"`{name}={getattr(config, name)!r}`: {why}"
-        for name, (default, why) in MISTRALRS_REFUSED.items()
-        if getattr(config, name) != default
-    ]
-    if tuner._static_scalings is not None:
-        problems.append(
-            "the gate is pinned (`set_static_scalings`): the layout holds the learned classifier, not fixed weights"
-        )
-    if problems:
-        raise ValueError(
-            "export_mistralrs cannot write this model in the mistral.rs / original X-LoRA layout: "
-            + "; ".join(problems)
-            + ". To serve it elsewhere, export a plain LoRA equal to the mixture at fixed weights with "
-            "`peft_xlora.export_lora(model, folder, weights={...})` (`peft-xlora export --format lora`), or build "
-            "(and train) the model without these options."
-        )
+def _not_default(default: Any) -> Condition:
+    return Condition(f"other than {default!r}", lambda s, row: s.value(row) != default)
+
+
+_PINNED = "the gate is pinned (`set_static_scalings`): the layout holds the learned classifier, not fixed weights"
+_BOOKKEEPING = ("peft_type", "auto_mapping", "peft_version", "revision", "inference_mode")
+
+MISTRALRS_PLACE = Place(
+    "export_mistralrs",
+    "`export_mistralrs`: the mistral.rs / original X-LoRA layout",
+    {
+        **dict.fromkeys(MISTRALRS_WRITTEN, supported("written to xlora_config.json")),
+        **{name: irrelevant(why) for name, why in _MISTRALRS_IRRELEVANT.items()},
+        **{
+            name: refused(refuse(f"`{name}={{value!r}}`: {why}", _not_default(default)), note=f"{default!r} only")
+            for name, (default, why) in MISTRALRS_REFUSED.items()
+        },
+        "task_type": irrelevant("the heads and encoder-decoder rows refuse what is not a causal LM"),
+        "base_model_name_or_path": supported("the base model id mistral.rs checks, unless `base_model_id` is given"),
+        **dict.fromkeys(_BOOKKEEPING, irrelevant("bookkeeping")),
+        "pins": refused(refuse(_PINNED, SET)),
+        "per_row_pins": refused(refuse(_PINNED, SET)),
+        "masks": irrelevant("runtime state: the export gates every expert"),
+        "heads": refused(
+            refuse(
+                "export_mistralrs writes the X-LoRA layout mistral.rs serves, which has no classification heads; "
+                "this model mixes its experts' heads (or trains a shared one): keep it as a peft-xlora checkpoint "
+                "(`save_pretrained`), or pin the gate and write one plain LoRA with its head (`export_lora`)",
+                SET,
+            )
+        ),
+        "encoder_decoder": refused(
+            refuse(
+                "mistral.rs serves X-LoRA for decoder-only causal language models, and this is an encoder-decoder "
+                "model ({name})",
+                SET,
+            )
+        ),
+        "distillation": irrelevant("a training term"),
+        "elastic_changes": supported("the experts the model has now are written"),
+        "generate_modes": irrelevant("mistral.rs routes every token (see scalings_mode)"),
+    },
+    prefix="export_mistralrs cannot write this model in the mistral.rs / original X-LoRA layout: ",
+    suffix=(
+        ". To serve it elsewhere, export a plain LoRA equal to the mixture at fixed weights with "
+        "`peft_xlora.export_lora(model, folder, weights={...})` (`peft-xlora export --format lora`), or build "
+        "(and train) the model without these options."
+    ),
+    layer="io",
+)
+
+_GATE_REPLACED = irrelevant("the fixed weights replace the gate")
+LORA_PLACE = Place(
+    "export_lora",
+    "`export_lora`: one plain PEFT LoRA at fixed weights",
+    {
+        **dict.fromkeys((*_BOOKKEEPING, "peft_xlora_version"), irrelevant("bookkeeping")),
+        "task_type": supported("the exported LoRA's task type"),
+        "base_model_name_or_path": supported("recorded in the exported LoRA"),
+        "adapters": supported("a dict of weights names experts; missing ones get 0"),
+        "experts": supported("each expert's factors, times its weight and scale"),
+        "expert_order": supported("the order of a weights tensor"),
+        "hidden_size": irrelevant("no classifier in a plain LoRA"),
+        **dict.fromkeys(
+            (
+                "enable_softmax",
+                "enable_softmax_topk",
+                "softmax_temperature",
+                "top_k_lora",
+                "xlora_depth",
+                "xlora_size",
+                "xlora_dropout_p",
+                "classifier_init",
+                "scaling_pass_value",
+                "scaling_pass_layers",
+                "scalings_mode",
+                "global_scaling_weight",
+                "router_load_balancing_coef",
+                "router_entropy_coef",
+                "router_distillation_coef",
+                "router_distillation_temperature",
+                "single_pass_static",
+                "topk_compute",
+            ),
+            _GATE_REPLACED,
+        ),
+        "layerwise_scalings": supported("weights may be per mixture layer, (n_layers, n_experts)"),
+        "use_trainable_adapters": supported("the experts' factors as trained"),
+        "trainable_head": supported("the shared head is added to the mixed head"),
+        "routing": supported("single pass: every layer at the fixed weights, as a pinned single-pass model"),
+        "pins": supported("without `weights`, the weights the model is pinned to"),
+        "per_row_pins": refused(
+            refuse(
+                "The model is pinned to per-row weights (set_static_scalings(..., per_row=True)); one LoRA holds one "
+                "mixture: pass `weights` (expert name -> weight) or pin shared weights first.",
+                SET & fact("no_weights", "without `weights`"),
+            ),
+            note="with explicit `weights`",
+        ),
+        "masks": irrelevant("the fixed weights are used as given"),
+        "heads": supported("one head in modules_to_save: sum_e w_e * head_e (the last mixture layer's weights)"),
+        "encoder_decoder": supported("both stacks at the fixed weights, as a pinned encoder-decoder model"),
+        "distillation": irrelevant("a training term"),
+        "elastic_changes": supported("the experts the model has now"),
+        "generate_modes": irrelevant("a plain LoRA has one mixture for every token"),
+    },
+    layer="io",
+)
+
+register_place(MISTRALRS_PLACE)
+register_place(LORA_PLACE)
 
 
 def _check_folder_names(names: list[str]) -> None:
@@ -166,20 +273,15 @@ def export_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_
 
     Raises:
         ValueError: The layout cannot represent the model (`scaling_pass_layers`, `scalings_mode="prompt"`,
-            `enable_softmax_topk`, single-pass routing, a pinned gate: the message names each and says what to do
-            instead), an expert name cannot be a folder name, or the base model id is unknown.
+            `enable_softmax_topk`, single-pass routing, a pinned gate, classification heads, an encoder-decoder
+            model: the message names each and says what to do instead; see docs/combinations.md), an expert name
+            cannot be a folder name, or the base model id is unknown.
     """
     tuner = find_tuner(model)
     config = tuner.xlora_config
-    _check_mistralrs_options(tuner)
+    check(MISTRALRS_PLACE.name, situation_of(tuner))
     names = list(tuner.expert_names)
     _check_folder_names(names)
-    if any(True for _ in head_mixtures(tuner.model)):
-        raise ValueError(
-            "export_mistralrs writes the X-LoRA layout mistral.rs serves, which has no classification heads; this "
-            "model mixes its experts' heads (or trains a shared one). Keep it as a peft-xlora checkpoint "
-            "(`save_pretrained`), or pin the gate and write one plain LoRA with its head (`export_lora`)."
-        )
     base_model_id = base_model_id or config.base_model_name_or_path
     if not base_model_id:
         raise ValueError("mistral.rs needs the base model's id: pass `base_model_id` (e.g. 'mistralai/Mistral-7B').")
@@ -250,6 +352,7 @@ def export_lora(
         ValueError: No weights are given and the model is not pinned.
     """
     tuner = find_tuner(model)
+    check(LORA_PLACE.name, situation_of(tuner, facts={"no_weights": weights is None}))
     pinned = tuner._static_scalings
     if weights is not None:
         tuner.set_static_scalings(weights)
@@ -259,12 +362,7 @@ def export_lora(
         raise ValueError("Pass `weights` (expert name -> weight), or pin the model first with set_static_scalings.")
     else:
         static = pinned
-    if static.dim() == 3:
-        raise ValueError(
-            "The model is pinned to per-row weights (set_static_scalings(..., per_row=True)); one LoRA holds one "
-            "mixture: pass `weights` (expert name -> weight) or pin shared weights first."
-        )
-    static = static.detach().cpu().float()  # (n_layers|1, n_experts)
+    static = static.detach().cpu().float()  # (n_layers|1, n_experts): the table refused per-row pins above
     layers = _layers_by_name(tuner)
     # One rank for every module, so that engines without per-module ranks can serve it: modules with fewer experts
     # are padded with zero rows of A and zero columns of B, which add nothing.

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Callable, Iterable
@@ -43,13 +44,17 @@ def staging_dir(target: str) -> str:
 
 
 def fsync_tree(path: str) -> None:
-    """Flushes every file under `path` to disk: the swap must not reach the disk before the data it points to."""
+    """Flushes every regular file under `path` to disk: the swap must not reach the disk before the data it points to.
+
+    Links and special files (named pipes, sockets, devices: the user's, carried over by `link_others`) are never
+    opened: opening a named pipe blocks until someone writes to it, and they hold no data of ours to flush.
+    """
     for dirpath, _, files in os.walk(path):
         for name in files:
             full = os.path.join(dirpath, name)
-            if os.path.islink(full):
+            if not stat.S_ISREG(os.lstat(full).st_mode):
                 continue
-            fd = os.open(full, os.O_RDONLY)
+            fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)
             try:
                 os.fsync(fd)
             finally:
@@ -81,7 +86,9 @@ def replace_dir(new: str, target: str, swap: Callable[[str, str], bool] | None =
     """Puts folder `new` at `target` atomically; the old `target` is deleted once the new one is in place.
 
     With an exchange (see the module docstring) `target` always holds the old or the new folder. Without one, a kill
-    between the two renames leaves the old folder complete in ``<target>.xlora-old-*``.
+    between the two renames leaves the old folder complete in ``<target>.xlora-old-*``. A working directory at or
+    inside `target` follows the swap to the same path in the new folder, so the process never sits in the deleted
+    old one.
 
     Args:
         new: The complete new folder, beside `target`.
@@ -93,7 +100,9 @@ def replace_dir(new: str, target: str, swap: Callable[[str, str], bool] | None =
         os.rename(new, target)
         return
     shutil.copymode(target, new)
+    cwd = _working_directory_under(target)
     if swap(new, target):
+        _return_to(cwd, target)
         shutil.rmtree(new, ignore_errors=True)  # `new` now names the old folder
         return
     backup = f"{target}.xlora-old-{uuid.uuid4().hex[:8]}"
@@ -103,7 +112,32 @@ def replace_dir(new: str, target: str, swap: Callable[[str, str], bool] | None =
     except BaseException:
         os.rename(backup, target)
         raise
+    _return_to(cwd, target)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _working_directory_under(target: str) -> str | None:
+    """The process's working directory if it is `target` or inside it (the swap moves it away), else None."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # already gone: nothing to keep
+        return None
+    inside = os.path.commonpath([cwd, os.path.realpath(target)]) == os.path.realpath(target)
+    return cwd if inside else None
+
+
+def _return_to(cwd: str | None, target: str) -> None:
+    """After a swap, moves the working directory from the old folder (about to be deleted) to the same path in the new.
+
+    Without this, `save_pretrained(".")` would leave the process in a deleted folder: `os.getcwd()` fails and every
+    relative path after it (Trainer's next write) breaks. Where the new folder lacks that path, `target` itself.
+    """
+    if cwd is None:
+        return
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir(target)
 
 
 def link_others(target: str, new: str, skip: Iterable[str] = ()) -> bool:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from peft import PeftModel
@@ -55,19 +56,48 @@ def save_pretrained(
     if not kwargs.get("is_main_process", True):
         return
     kwargs.setdefault("save_embedding_layers", False)  # experts never change base weights (checked at build)
+
+    def write(tmp: str, target: str) -> None:
+        _peft_save(model)(model, tmp, **kwargs)
+        user_card = os.path.join(target, CARD_NAME)
+        # Any README.md but a regular file we wrote is the user's (a pipe or socket included: never opened).
+        if os.path.lexists(user_card) and not (os.path.isfile(user_card) and is_our_card(user_card)):
+            os.remove(os.path.join(tmp, CARD_NAME))  # PEFT's card: the user's README.md stays instead
+        else:
+            write_model_card(model, tmp, repo_id=card_repo_id)
+
+    names = kwargs.get("selected_adapters") or list(getattr(model, "peft_config", {"default": None}))
+    write_checkpoint(save_directory, write, [name if name != "default" else "" for name in names])
+
+
+def write_checkpoint(
+    save_directory: str | os.PathLike, write: Callable[[str, str], None], checkpoints: list[str] | None = None
+) -> None:
+    """Writes a checkpoint folder atomically: `write` fills a staging folder, which is checked and swapped into place.
+
+    The machinery of every X-LoRA save (PEFT's `model.save_pretrained`, transformers' `save_pretrained` of a model
+    that `load_adapter` built X-LoRA into): the folder holds the complete old or the complete new checkpoint at every
+    instant, and the user's other files in it are kept (see `save_pretrained`).
+
+    Args:
+        save_directory: The checkpoint folder (a link to a folder: the folder is replaced, the link kept).
+        write: ``write(staging, target)`` writes the checkpoint's files into `staging`; `target` is the real path of
+            `save_directory`, to look at what it holds.
+        checkpoints: Subfolders of the staging folder that must each hold a complete checkpoint once written
+            (``""`` for the folder itself, the default).
+
+    Raises:
+        ValueError: `save_directory` is a file.
+        peft_xlora.CheckpointError: What `write` wrote is not a complete checkpoint (nothing is replaced then).
+    """
     target = os.path.realpath(os.fspath(save_directory))  # a link to a folder: replace the folder, keep the link
     if os.path.isfile(target):
         raise ValueError(f"{target} is a file; give a folder to save the checkpoint in.")
     tmp = staging_dir(target)
     try:
-        _peft_save(model)(model, tmp, **kwargs)
-        user_card = os.path.join(target, CARD_NAME)
-        if os.path.isfile(user_card) and not is_our_card(user_card):
-            os.remove(os.path.join(tmp, CARD_NAME))  # PEFT's card: the user's README.md stays instead
-        else:
-            write_model_card(model, tmp, repo_id=card_repo_id)
-        for name in kwargs.get("selected_adapters") or list(getattr(model, "peft_config", {"default": None})):
-            check_checkpoint_dir(tmp if name == "default" else os.path.join(tmp, name))  # PEFT's subfolder per name
+        write(tmp, target)
+        for sub in [""] if checkpoints is None else checkpoints:
+            check_checkpoint_dir(os.path.join(tmp, sub) if sub else tmp)
         if os.path.isdir(target) and not link_others(target, tmp, skip=OWN_FILES - {CARD_NAME}):
             # No hard links here (another device, a file system without them): replace the checkpoint's files one
             # by one, weights first and config last; an interruption can leave new weights beside the old config.

@@ -8,6 +8,10 @@ core/state_dict.py): no such renaming can build the stacks. So `import peft_xlor
 PEFT's `set_peft_model_state_dict`, the path `PeftModel.from_pretrained` takes: the same file checks run, the same
 errors are raised, and the logits are the same. Every other adapter goes to transformers' loader, untouched.
 `AutoModelForCausalLM.from_pretrained(<X-LoRA folder>)` calls `load_adapter`, so it loads X-LoRA checkpoints too.
+
+`import peft_xlora` also wraps `PreTrainedModel.save_pretrained`: a model that `load_adapter` built X-LoRA into saves
+its adapter atomically, with the machinery of PEFT's `model.save_pretrained` (`io/save.py`); every other model and
+adapter is saved by transformers exactly as before.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from typing import Any
 
 from peft import PeftConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
@@ -24,6 +29,7 @@ from torch import nn
 from ..core.config import XLoraConfig
 from ..core.model import find_tuners
 from ..core.registration import PEFT_XLORA
+from .save import write_checkpoint
 
 #: Download options that locate an adapter's files (transformers' `DownloadKwargs`, as PEFT's loaders accept them).
 _HUB_KEYS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -31,11 +37,12 @@ _MARK = "__peft_xlora_wrapped__"
 
 
 def install() -> None:
-    """Wraps transformers' `load_adapter` once; X-LoRA checkpoints then load through PEFT. Idempotent."""
+    """Wraps transformers' `load_adapter` and `save_pretrained` once (see the module docstring). Idempotent."""
     try:
         from transformers.integrations.peft import PeftAdapterMixin
     except ImportError:  # transformers without its PEFT integration: nothing to extend
         return
+    _install_save()
     original = PeftAdapterMixin.load_adapter
     if getattr(original, _MARK, False):
         return
@@ -67,6 +74,59 @@ def install() -> None:
 
     setattr(load_adapter, _MARK, True)
     PeftAdapterMixin.load_adapter = load_adapter
+
+
+def _install_save() -> None:
+    """Wraps `PreTrainedModel.save_pretrained` once: a model with X-LoRA from `load_adapter` saves atomically."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+    if getattr(original, _MARK, False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        if not (
+            getattr(self, "_hf_peft_config_loaded", False)
+            and find_tuners(self)
+            and _writes_here(self, call["is_main_process"])
+            and not call.get("distributed_checkpoint")
+        ):
+            return original(self, *args, **kwargs)  # other adapters, plain models, ranks that do not write: as before
+        return save_bare_model(self, original, *args, **kwargs)
+
+    setattr(save_pretrained, _MARK, True)
+    PreTrainedModel.save_pretrained = save_pretrained
+
+
+def _writes_here(model: nn.Module, is_main_process: bool) -> bool:
+    """Whether transformers' save writes files in this process (the main one; with tensor parallelism, rank 0)."""
+    should = getattr(model, "should_save_on_this_rank", None)  # knows tensor parallelism
+    return bool(should(is_main_process)) if should is not None else bool(is_main_process)
+
+
+def save_bare_model(model: nn.Module, save: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """Saves a model with X-LoRA from `load_adapter` by transformers' `save_pretrained`, atomically like PEFT's save.
+
+    transformers writes the adapter's files (adapter_config.json, adapter_model.safetensors, generation_config.json)
+    in place; here it writes them into a staging folder that `write_checkpoint` checks and swaps into place, so the
+    folder holds the complete old or the complete new checkpoint at every instant and keeps the user's other files.
+
+    Args:
+        model: The transformers model.
+        save: transformers' own `save_pretrained` (unbound).
+        save_directory: The checkpoint folder.
+        *args: Its other arguments.
+        **kwargs: Its other keyword arguments. With `push_to_hub`, the files are uploaded from the staging folder
+            before the swap, to the repo named after `save_directory` unless `repo_id` is given.
+    """
+    if kwargs.get("push_to_hub"):  # transformers names the repo after the folder it writes: the staging one here
+        kwargs.setdefault("repo_id", os.path.basename(os.path.realpath(os.fspath(save_directory))))
+    write_checkpoint(save_directory, lambda tmp, target: save(model, tmp, *args, **kwargs))
 
 
 def _hub_kwargs(load_config: Any, call: dict, extra: dict) -> dict[str, Any]:

@@ -108,10 +108,23 @@ def tiny_base(cache_dir: Path, seed: int = 0) -> Path:
 
 
 def load_base(path: Path) -> Any:
-    """A saved base model, in float32 and eval mode, with the KV cache on."""
+    """A saved base model, in float32 and eval mode, with the KV cache on.
+
+    Raises:
+        DemoSetupError: The cached folder is damaged (no weights, a config.json that is not JSON); the message says
+            to delete it, after which the demo rebuilds it.
+    """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise DemoSetupError(damaged_cache(path, exc)) from exc
+
+
+def damaged_cache(path: Path, exc: BaseException) -> str:
+    """The message for a cached artefact that cannot be read: what failed, and that deleting it rebuilds it."""
+    return f"The demo's cached {path} cannot be read ({exc}). Delete it and run again: the demo rebuilds it."
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -178,11 +179,14 @@ class Bootstrap:
         data: The held-out set.
         n_boot: Replicates.
         seed: Seed of the draws.
+        columns: (losses, data) -> column -> per-document (loss sums, token counts), like `doc_sums` (the default);
+            columns other than the pure domains are columns of the mixed documents and share their draw.
     """
 
-    def __init__(self, data: EvalSet, n_boot: int = 2000, seed: int = 0) -> None:
+    def __init__(self, data: EvalSet, n_boot: int = 2000, seed: int = 0, columns: Callable | None = None) -> None:
         g = torch.Generator().manual_seed(seed)
         self.data = data
+        self.columns = columns or doc_sums
         self.index = {
             d: torch.randint(ids.shape[0], (n_boot, ids.shape[0]), generator=g) for d, ids in data.pure.items()
         }
@@ -192,8 +196,8 @@ class Bootstrap:
     def replicates(self, losses: Losses) -> dict[str, torch.Tensor]:
         """Column -> (n_boot,) resampled means, columns as in `summarise`."""
         out = {}
-        for col, (sums, counts) in doc_sums(losses, self.data).items():
-            idx = self.index[col]  # (n_boot, n_docs)
+        for col, (sums, counts) in self.columns(losses, self.data).items():
+            idx = self.index.get(col, self.index["mixed"])  # (n_boot, n_docs); other columns: the mixed documents
             out[col] = sums[idx].sum(1) / counts[idx].sum(1).clamp_min(1.0)
         domains = list(self.data.pure)
         out["pure mean"] = torch.stack([out[d] for d in domains]).mean(0)
@@ -208,13 +212,20 @@ class Bootstrap:
     ) -> dict[str, dict[str, list[float]]]:
         """Rival -> column -> [mean difference, low, high] of ours minus the rival (negative: ours is better)."""
         mine = self.replicates(results[ours])
-        table = summarise({ours: results[ours], **{r: results[r] for r in rivals}}, self.data)
+        means = {name: _means(self.columns(results[name], self.data), self.data) for name in [ours, *rivals]}
         out = {}
         for rival in rivals:
             theirs = self.replicates(results[rival])
             bounds = _percentiles({col: mine[col] - theirs[col] for col in mine}, level)
-            out[rival] = {col: [table[ours][col] - table[rival][col], *bounds[col]] for col in bounds}
+            out[rival] = {col: [means[ours][col] - means[rival][col], *bounds[col]] for col in bounds}
         return out
+
+
+def _means(sums: dict[str, tuple[torch.Tensor, torch.Tensor]], data: EvalSet) -> dict[str, float]:
+    """Column -> token-weighted mean, plus "pure mean" (the mean over the pure domains), as `replicates` gives."""
+    out = {col: (s.sum() / c.sum().clamp_min(1.0)).item() for col, (s, c) in sums.items()}
+    out["pure mean"] = sum(out[d] for d in data.pure) / len(data.pure)
+    return out
 
 
 def _percentiles(replicates: dict[str, torch.Tensor], level: float) -> dict[str, list[float]]:

@@ -130,7 +130,10 @@ class Demo:
             self.base_dir = base_models.tiny_base(self.cache_dir, self.s.seed)
         else:
             self.base_dir = base_models.smollm_base(self.cache_dir, self.log)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        except (OSError, ValueError, KeyError) as exc:  # a damaged cache folder
+            raise base_models.DemoSetupError(base_models.damaged_cache(self.base_dir, exc)) from exc
         self.model_id = self.base_dir.name
 
     def new_base(self) -> torch.nn.Module:
@@ -140,7 +143,7 @@ class Demo:
     def prepare_data(self) -> None:
         """Tokenizes train and held-out text per domain and builds the mixed documents."""
         s = self.s
-        split = demo_data.tiny_domains(s.seed) if s.tiny else demo_data.real_domains(s.max_chars)
+        split = self.read_domains()
         rng = random.Random(s.seed)
         n_train = (s.expert_steps + s.router_steps) * s.batch_size * s.seq_len
         n_eval = (s.eval_pure + s.eval_mixed) * s.eval_seq_len
@@ -157,11 +160,20 @@ class Demo:
         self.domains = list(split)
         g = torch.Generator().manual_seed(s.seed + 1)
         # Mixed held-out documents are cut from held-out windows not used for the pure evaluation.
+        self.held = held  # domain -> (n, eval_seq_len) held-out windows
         mixed_source = {d: held[d][s.eval_pure :] for d in self.domains}
         mixed = demo_data.mixed_documents(mixed_source, s.eval_mixed, s.eval_seq_len, s.eval_segments, g)
         self.eval_set = EvalSet({d: held[d][: s.eval_pure] for d in self.domains}, mixed)
         counts = ", ".join(f"{d} {c.shape[0]}x{s.seq_len}" for d, c in self.train_chunks.items())
         self.log(f"   train windows: {counts}; held out: {s.eval_pure} pure per domain, {s.eval_mixed} mixed")
+
+    def read_domains(self) -> demo_data.Split:
+        """The domains' train and held-out documents (another benchmark overrides this and `source_of`)."""
+        return demo_data.tiny_domains(self.s.seed) if self.s.tiny else demo_data.real_domains(self.s.max_chars)
+
+    def source_of(self, domain: str) -> str | None:
+        """Where a domain's text comes from, in words: part of its expert's cache key (None for `--tiny`)."""
+        return None if self.s.tiny else demo_data.SOURCES[domain]
 
     def _recipe(self, **extra: Any) -> str:
         shared = self.s.recipe("tiny", "seed", "seq_len", "batch_size", "max_chars", "precision")
@@ -178,7 +190,7 @@ class Demo:
         s = self.s
         if not hasattr(self, "expert_dirs"):
             self.expert_dirs: dict[str, str] = {}
-        source = None if s.tiny else demo_data.SOURCES[domain]
+        source = self.source_of(domain)
         key = self._recipe(domain=domain, source=source, steps=s.expert_steps, lr=s.expert_lr, lora=s.lora)
         path = self.cache_dir / "experts" / f"{domain}-{key}"
         self.expert_dirs[domain] = str(path)
@@ -245,18 +257,7 @@ class Demo:
         self.cache_hits[label] = path.is_dir()
         if path.is_dir():
             return
-        config = XLoraConfig(
-            task_type="CAUSAL_LM",
-            adapters={d: self.expert_dirs[d] for d in self.domains},  # gate order = domain order
-            xlora_depth=s.router_depth,
-            xlora_size=s.router_size,
-            xlora_dropout_p=0.0,
-            layerwise_scalings=s.router_layerwise,
-            scaling_pass_layers=s.scaling_pass_layers,
-            router_distillation_coef=s.router_distillation_coef,
-            router_distillation_temperature=s.router_distillation_temperature,
-            **options,
-        )
+        config = XLoraConfig(task_type="CAUSAL_LM", **self.gate_config(options))
         torch.manual_seed(s.seed + 20)
         model = get_peft_model(self.new_base(), config)
         if s.router_pretrain_steps:
@@ -276,6 +277,21 @@ class Demo:
         )
         self.log(f"   {label} gate: loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
         model.save_pretrained(path)
+
+    def gate_config(self, options: dict[str, Any]) -> dict[str, Any]:
+        """`XLoraConfig` arguments of one of our gates: the demo's gate settings, then `options` on top."""
+        s = self.s
+        return {
+            "adapters": {d: self.expert_dirs[d] for d in self.domains},  # gate order = domain order
+            "xlora_depth": s.router_depth,
+            "xlora_size": s.router_size,
+            "xlora_dropout_p": 0.0,
+            "layerwise_scalings": s.router_layerwise,
+            "scaling_pass_layers": s.scaling_pass_layers,
+            "router_distillation_coef": s.router_distillation_coef,
+            "router_distillation_temperature": s.router_distillation_temperature,
+            **options,
+        }
 
     def _builtin_model(self) -> torch.nn.Module:
         from peft import XLoraConfig as BuiltinXLoraConfig
@@ -325,12 +341,13 @@ class Demo:
         """One of our trained X-LoRA models, reloaded from its checkpoint."""
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(self.new_base(), self.xlora_dirs[label]).eval()
+        try:
+            return PeftModel.from_pretrained(self.new_base(), self.xlora_dirs[label]).eval()
+        except ValueError as exc:  # CheckpointError: a damaged cached checkpoint
+            raise base_models.DemoSetupError(base_models.damaged_cache(self.xlora_dirs[label], exc)) from exc
 
     def evaluate_all(self) -> dict[str, Losses]:
         """Per-token held-out losses of every variant, plus the oracles."""
-        from peft import ArrowConfig, create_arrow_model
-
         s = self.s
         self.eval_times: dict[str, float] = {}
 
@@ -359,16 +376,7 @@ class Demo:
         results.update(pinned)
         experts = {d: pinned[f"expert: {d}"] for d in self.domains}
         for k, name in zip((1, 2), ARROW):
-            torch.manual_seed(s.seed)
-            arrow = create_arrow_model(
-                self.new_base(), [self.expert_dirs[d] for d in self.domains], ArrowConfig(top_k=k, rng_seed=s.seed)
-            ).eval()
-            if s.precision == "bf16":
-                # PEFT's Arrow fails under autocast (it scatters bf16 scores into a float32 tensor) unless its LoRA
-                # weights are bf16 already; autocast would run those matmuls in bf16 anyway.
-                for pname, param in arrow.named_parameters():
-                    if "lora_" in pname:
-                        param.data = param.data.to(torch.bfloat16)
+            arrow = self.arrow_model(k)
             results[name] = ev(arrow, name)
             del arrow
         builtin = self._builtin_model()
@@ -379,6 +387,23 @@ class Demo:
             results[label] = ev(model if label == OURS else self.load_xlora(label), label)
         results[ORACLE], results[TOKEN_ORACLE] = oracles(experts, self.eval_set)
         return results
+
+    def arrow_model(self, top_k: int) -> torch.nn.Module:
+        """PEFT's training-free Arrow routing over the experts (top-k), in eval mode."""
+        from peft import ArrowConfig, create_arrow_model
+
+        s = self.s
+        torch.manual_seed(s.seed)
+        arrow = create_arrow_model(
+            self.new_base(), [self.expert_dirs[d] for d in self.domains], ArrowConfig(top_k=top_k, rng_seed=s.seed)
+        ).eval()
+        if s.precision == "bf16":
+            # PEFT's Arrow fails under autocast (it scatters bf16 scores into a float32 tensor) unless its LoRA
+            # weights are bf16 already; autocast would run those matmuls in bf16 anyway.
+            for pname, param in arrow.named_parameters():
+                if "lora_" in pname:
+                    param.data = param.data.to(torch.bfloat16)
+        return arrow
 
     def heatmap(self) -> Path:
         """Gating heatmap (tokens x experts) of our X-LoRA on the first held-out mixed document."""

@@ -7,6 +7,8 @@ The folder written is the base model's folder (weights, tokenizer, generation co
     xlora.safetensors    xlora.classifier.<j>.{weight,bias}             the classifier's j-th linear layer
                          xlora.experts.<module>.<expert index>.lora_A    (r, in) an expert's factors on one module
                          xlora.experts.<module>.<expert index>.lora_B    (out, r)
+                         xlora.single_pass_static.logits                 (n_early, n_experts) a learned single
+                                                                         pass's static weights, before the softmax
 
 It reads the checkpoint from its files (``adapter_config.json`` and ``adapter_model.safetensors``, the stable saved
 layout), not through peft-xlora's tuner, and works out what the tuner would: the mixture layers are the base model's
@@ -26,10 +28,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ...core.checkpoint import check_checkpoint_dir
+from ...core.config import XLoraConfig
 from ...io.files import write_folder
 from .spec import (
     ARCHITECTURES,
+    EMBEDDING,
+    EMBEDDING_IS_LM_HEAD,
     SPEC_KEY,
+    STATIC_LOGITS,
     WEIGHT_PREFIX,
     WEIGHTS_FILE,
     ExpertOnModule,
@@ -39,6 +46,10 @@ from .spec import (
 
 _CHECKPOINT_CONFIG = "adapter_config.json"
 _CHECKPOINT_WEIGHTS = "adapter_model.safetensors"
+_STATIC_KEYS = (
+    "base_model.xlora_classifier.single_pass_static.logits",
+    "base_model.model.xlora_classifier.single_pass_static.logits",
+)
 _CLASSIFIER_PREFIXES = ("base_model.xlora_classifier.layers.", "base_model.model.xlora_classifier.layers.")
 _EXPERT_KEY = "base_model.model.{module}.xlora_experts.{expert}.lora_{part}"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -68,17 +79,26 @@ def export_vllm(
     Raises:
         XLoraServingError: The checkpoint uses an option the vLLM plugin cannot serve, or does not fit the base model.
         FileExistsError: `out_dir` is a file, or a non-empty folder that is not an earlier export.
-        FileNotFoundError: The checkpoint or the base model's files are missing.
+        peft_xlora.CheckpointError: A checkpoint file is missing, truncated or unreadable.
+        FileNotFoundError: The base model's files are missing.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
-    config = _read_json(os.path.join(checkpoint_dir, _CHECKPOINT_CONFIG), "the X-LoRA checkpoint's config")
-    _check_xlora_config(config)
-    base_dir = _resolve_base(base_model or config.get("base_model_name_or_path"))
+    # The checks every load path runs: a missing, truncated or unreadable file is named before anything is read.
+    check_checkpoint_dir(checkpoint_dir)
+    config = _read_config(checkpoint_dir)
+    _check_options(config)
+    base_dir = _resolve_base(base_model or config.base_model_name_or_path)
     base_config = _read_json(os.path.join(base_dir, "config.json"), "the base model's config")
     arch = _architecture(base_config)
     tensors = _read_checkpoint_tensors(checkpoint_dir)
     modules = _mixable_modules(base_dir)
     spec, weights = _build_spec(config, base_config, modules, tensors)
+    if arch in EMBEDDING_IS_LM_HEAD and EMBEDDING in spec.modules:
+        raise XLoraServingError(
+            f"Experts adapt {EMBEDDING}, but vLLM's {arch} computes its logits with the input embedding module "
+            "itself, which the plugin cannot wrap without changing the LM head. Use experts that do not target "
+            "embed_tokens on this architecture."
+        )
 
     target = os.path.abspath(os.fspath(out_dir))
 
@@ -106,31 +126,89 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _check_xlora_config(config: dict[str, Any]) -> None:
-    """Refuses checkpoints that are not peft-xlora's, and options the vLLM plugin cannot serve."""
-    if config.get("peft_type") != "PEFT_XLORA":
+def _read_config(checkpoint_dir: str) -> XLoraConfig:
+    """The checkpoint's config, validated as `XLoraConfig` (every load path's checks), after refusing other kinds."""
+    raw = _read_json(os.path.join(checkpoint_dir, _CHECKPOINT_CONFIG), "the X-LoRA checkpoint's config")
+    if not isinstance(raw, dict) or raw.get("peft_type") != "PEFT_XLORA":
+        peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
         hint = (
             "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate(base_model, checkpoint)` and "
             "save the result with `save_pretrained`."
-            if config.get("peft_type") == "XLORA"
+            if peft_type == "XLORA"
             else "Export a checkpoint saved by peft-xlora."
         )
-        raise XLoraServingError(f"Not a peft-xlora checkpoint (peft_type {config.get('peft_type')!r}). {hint}")
-    if not config.get("experts") or not config.get("expert_order"):
+        raise XLoraServingError(f"Not a peft-xlora checkpoint (peft_type {peft_type!r}). {hint}")
+    if not raw.get("experts") or not raw.get("expert_order"):
         raise XLoraServingError(
             "The checkpoint's adapter_config.json lacks `experts` or `expert_order` (it was not saved from a built "
             "model). Build the X-LoRA model, then save it with `peft_xlora.save_pretrained`."
         )
-    if config.get("scalings_mode", "token") != "token":
-        raise XLoraServingError(
-            f"scalings_mode={config['scalings_mode']!r} holds each request's prompt scalings for its generated "
-            "tokens, which needs per-request state the vLLM plugin does not keep. Set the config's "
-            "scalings_mode='token' (every token routed) before exporting, or serve with transformers' generate."
-        )
-    for name, expert in config["experts"].items():
-        for option in _EXPERT_OPTIONS:
-            if expert.get(option):
-                raise XLoraServingError(f"Expert {name!r} uses `{option}`, which the vLLM plugin cannot serve.")
+    return XLoraConfig.from_pretrained(checkpoint_dir)
+
+
+# Every `XLoraConfig` field, by what `export_vllm` does with it (tests/serving/test_vllm_export.py checks that none is
+# left out, so a new field must be placed here). Written: the serving spec carries it (or the tensors it decides), and
+# the plugin computes it as peft-xlora does.
+VLLM_WRITTEN = (
+    "expert_order",  # the gate's order: `ServingSpec.experts`
+    "experts",  # each expert's rank, alpha, rsLoRA, patterns and targets, resolved into (expert, rank, scale) entries
+    "hidden_size",  # checked against the base model's
+    "enable_softmax",
+    "enable_softmax_topk",
+    "softmax_temperature",
+    "layerwise_scalings",
+    "top_k_lora",
+    "xlora_depth",
+    "xlora_size",  # the classifier's width, when xlora_depth > 1
+    "scaling_pass_value",
+    "global_scaling_weight",
+    "scaling_pass_layers",
+    "routing",  # single pass: the static weights' logits (learned) go into the weights file
+    "single_pass_static",
+    "peft_xlora_version",
+)
+# No effect on what the exported model computes: training-only, initialisation, sources, or bookkeeping.
+VLLM_IRRELEVANT = (
+    "adapters",  # where the experts came from; the checkpoint holds their weights
+    "xlora_dropout_p",  # training only: the classifier runs without dropout at inference
+    "classifier_init",  # overwritten by the trained classifier
+    "topk_compute",  # how top_k_lora is computed: the plugin's mixture is dense today (the same outputs)
+    "use_trainable_adapters",  # the checkpoint holds the experts as trained
+    "router_load_balancing_coef",
+    "router_entropy_coef",
+    "router_distillation_coef",
+    "router_distillation_temperature",
+)
+# Refused unless at this value (with the reason the plugin cannot serve another).
+VLLM_REFUSED = {
+    "scalings_mode": (
+        "token",
+        "it holds each request's prompt scalings for its generated tokens, which needs per-request state the vLLM "
+        "plugin does not keep. Set the config's scalings_mode='token' (every token routed) before exporting, or "
+        "serve with transformers' generate",
+    ),
+    "trainable_head": (
+        False,
+        "the vLLM plugin serves causal language models, which have no classification heads",
+    ),
+}
+
+
+def _check_options(config: XLoraConfig) -> None:
+    """Refuses options the vLLM plugin cannot serve (`VLLM_REFUSED`, the experts' LoRA variants), naming each."""
+    problems = [
+        f"{name}={getattr(config, name)!r} is not served by the vLLM plugin: {why}"
+        for name, (default, why) in VLLM_REFUSED.items()
+        if getattr(config, name) != default
+    ]
+    for name, expert in config.experts.items():
+        problems += [
+            f"expert {name!r} uses `{option}`, which the vLLM plugin cannot serve"
+            for option in _EXPERT_OPTIONS
+            if expert.get(option)
+        ]
+    if problems:
+        raise XLoraServingError("; ".join(problems) + ".")
 
 
 def _resolve_base(base: str | os.PathLike | None) -> str:
@@ -213,13 +291,18 @@ def _expert_scale(expert: dict[str, Any], module: str, rank: int, name: str) -> 
 
 
 def _build_spec(
-    config: dict[str, Any],
+    config: XLoraConfig,
     base_config: dict[str, Any],
     modules: dict[str, tuple[int, int]],
     tensors: dict[str, torch.Tensor],
 ) -> tuple[ServingSpec, dict[str, torch.Tensor]]:
     """The serving spec and the export's X-LoRA tensors, after checking every tensor against the base model."""
-    names = list(config["expert_order"])
+    if config.hidden_size is not None and config.hidden_size != base_config.get("hidden_size"):
+        raise XLoraServingError(
+            f"The checkpoint was built for hidden size {config.hidden_size}, but the base model's is "
+            f"{base_config.get('hidden_size')}: the checkpoint was trained on another base model."
+        )
+    names = list(config.expert_order)
     used: set[str] = set()
     weights: dict[str, torch.Tensor] = {}
     entries: dict[str, list[ExpertOnModule]] = {}
@@ -240,18 +323,19 @@ def _build_spec(
                 )
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise XLoraServingError(f"Expert {name!r} has NaN or infinite factors on {module!r}.")
-            scale = _expert_scale(config["experts"][name], module, rank, name)
+            scale = _expert_scale(config.experts[name], module, rank, name)
             entries.setdefault(module, []).append(ExpertOnModule(e, rank, scale))
             weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_A"] = a.contiguous()
             weights[f"{WEIGHT_PREFIX}experts.{module}.{e}.lora_B"] = b.contiguous()
             used.update((key_a, key_b))
 
+    static_logits = _static_logits(tensors, used)
     classifier = _classifier_tensors(tensors, used)
     depth = len(classifier)
-    if depth != config.get("xlora_depth", 1):
+    if depth != config.xlora_depth:
         raise XLoraServingError(
             f"The checkpoint's classifier has {depth} linear layers but its config says xlora_depth="
-            f"{config.get('xlora_depth')}."
+            f"{config.xlora_depth}."
         )
     for j, (weight, bias) in enumerate(classifier):
         weights[f"{WEIGHT_PREFIX}classifier.{j}.weight"] = weight.contiguous()
@@ -268,19 +352,22 @@ def _build_spec(
         mixture_layers=mixture_layers,
         modules=entries,
         classifier_depth=depth,
-        classifier_width=int(config.get("xlora_size", 0)) if depth > 1 else 0,
+        classifier_width=int(config.xlora_size) if depth > 1 else 0,
         hidden_size=int(base_config["hidden_size"]),
-        layerwise_scalings=bool(config.get("layerwise_scalings", False)),
-        enable_softmax=bool(config.get("enable_softmax", True)),
-        softmax_temperature=float(config.get("softmax_temperature", 1.0)),
-        top_k_lora=config.get("top_k_lora"),
-        enable_softmax_topk=bool(config.get("enable_softmax_topk", False)),
-        scaling_pass_value=float(config.get("scaling_pass_value", 0.0)),
-        global_scaling_weight=float(config.get("global_scaling_weight", 1.0)),
-        scaling_pass_layers=config.get("scaling_pass_layers"),
-        peft_xlora_version=config.get("peft_xlora_version"),
+        layerwise_scalings=bool(config.layerwise_scalings),
+        enable_softmax=bool(config.enable_softmax),
+        softmax_temperature=float(config.softmax_temperature),
+        top_k_lora=config.top_k_lora,
+        enable_softmax_topk=bool(config.enable_softmax_topk),
+        scaling_pass_value=float(config.scaling_pass_value),
+        global_scaling_weight=float(config.global_scaling_weight),
+        scaling_pass_layers=config.scaling_pass_layers,
+        routing=config.routing,
+        single_pass_static=config.single_pass_static,
+        peft_xlora_version=config.peft_xlora_version,
     )
     spec.check()  # refuses modules the plugin cannot mix, e.g. lm_head
+    _check_static_logits(spec, static_logits, weights)
     first_in, last_out = classifier[0][0].shape[1], classifier[-1][0].shape[0]
     if first_in != spec.hidden_size or last_out != spec.n_slots * spec.n_experts:
         raise XLoraServingError(
@@ -289,6 +376,39 @@ def _build_spec(
             f"{spec.n_experts} experts): the checkpoint does not belong to this base model."
         )
     return spec, weights
+
+
+def _static_logits(tensors: dict[str, torch.Tensor], used: set[str]) -> torch.Tensor | None:
+    """Single pass: the learned static weights' logits (a row per early mixture layer), if the checkpoint has them."""
+    found = [key for key in _STATIC_KEYS if key in tensors]
+    if not found:
+        return None
+    used.update(found)
+    return tensors[found[0]]
+
+
+def _check_static_logits(spec: ServingSpec, logits: torch.Tensor | None, weights: dict[str, torch.Tensor]) -> None:
+    """Puts a learned single pass's static logits into the export's tensors, after checking them against the spec."""
+    learned = spec.routing == "single_pass" and spec.single_pass_static == "learned"
+    if not learned:
+        if logits is not None:
+            raise XLoraServingError(
+                "The checkpoint holds single-pass static weights, but its config does not use them "
+                f"(routing={spec.routing!r}, single_pass_static={spec.single_pass_static!r}): the config and weights "
+                "disagree. Save the checkpoint again."
+            )
+        return
+    shape = (len(spec.early_layers), spec.n_experts)
+    if logits is None or tuple(logits.shape) != shape:
+        found = None if logits is None else tuple(logits.shape)
+        raise XLoraServingError(
+            f"A learned single pass needs its static logits of shape {shape} (one row per mixture layer up to layer "
+            f"k={spec.scaling_pass_layers}, one column per expert), but the checkpoint holds {found}. Save the "
+            "checkpoint again."
+        )
+    if not torch.isfinite(logits).all():
+        raise XLoraServingError("The checkpoint's single-pass static logits hold NaN or infinite values.")
+    weights[f"{WEIGHT_PREFIX}{STATIC_LOGITS}"] = logits.float().contiguous()
 
 
 def _classifier_tensors(tensors: dict[str, torch.Tensor], used: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,52 +1,73 @@
-"""X-LoRA as vLLM model classes for the Llama family (Llama, Mistral, Qwen2): both passes inside one vLLM forward.
+"""X-LoRA as vLLM model classes: each architecture's own vLLM class, with the experts added to its projections.
 
-Each vLLM forward gets the tokens of every scheduled request flattened, with their positions. The X-LoRA forward on
-them is (paper, section 3; peft-xlora's `XLoraModel`):
+Each vLLM forward gets the tokens of every scheduled request flattened, with their positions. The class is vLLM's own
+CausalLM class for the architecture (its decoder layers, its final norm, its LM head and logits processing: Gemma 2's
+final soft-capping included), with, after the weights are loaded:
 
-1. **Scaling pass**: the decoder with every expert at one constant weight (`scaling_pass_constant`), over the first
-   `scaling_pass_layers` layers (all by default). It has its own paged KV cache: one extra weightless `Attention`
-   per layer it runs, registered under its own layer index, so vLLM allocates, pages, prefix-caches and frees its
-   blocks with the main pass's.
-2. **Classifier and gate** on each token's scaling-pass hidden state (after the final norm, or the residual stream
-   after layer k with `scaling_pass_layers=k`): (num_tokens, n_slots, n_experts) float32 scalings.
-3. **Main pass**: the decoder again, every fused projection (qkv, o, gate_up, down; and the input embedding) adding
-   its experts' gated LoRA update with the token's scalings (`ops.StackedLora`).
+- every projection an expert adapts (qkv_proj, o_proj, gate_up_proj, down_proj, the input embedding) wrapped by a
+  module that adds the experts' stacked update (`projections.py`), so the layers' own forward runs;
+- the X-LoRA router (`ops.XLoraRouter`): the classifier, peft-xlora's gate, and a `scalings` buffer that the router
+  writes in place and the mixed projections read. vLLM traces the forward once with its guards dropped, so the
+  projections cannot be told which pass they are in by a Python flag; a buffer is data the trace keeps.
 
-Every step of that is per token and causal, so continuous batching, chunked prefill and prefix caching stay exact.
-The decoder layers are vLLM's own (weights, norms, rotary embedding, attention); only their composition is ours, so
-that each pass can use its own attention modules and the updates are added to the fused projections' outputs.
+**Single pass** (`routing="single_pass"`, one KV cache): the projections of decoder layers 1..k and the embedding
+carry static weights folded into their factors; decoder layer k is wrapped so that its output (the residual stream)
+goes through the classifier and gate into the buffer; the projections after it read the buffer.
+
+**Dual pass**: before the model's own forward, its own decoder stack runs once more as the scaling pass, over a
+shallow copy of the first k layers that shares every weight but owns its attention modules: `Attention` modules
+built with all the original's constructor arguments under new layer indices, so vLLM gives the scaling pass its own
+paged KV cache (allocated, prefix-cached and freed with the main pass's blocks). Its projections are the bare vLLM
+ones (or fixed at `scaling_pass_value * global_scaling_weight` when that is not 0). The router reads its output; the
+main pass's projections read the buffer.
+
+Every step is per token and causal, so continuous batching, chunked prefill and prefix caching stay exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import islice
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
-from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralModel
-from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2Model
-from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.model_executor.layers.linear import QKVParallelLinear
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.phi3 import Phi3ForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from .ops import Segment, StackedLora, classify, gate
-from .spec import EMBEDDING, SPEC_KEY, WEIGHT_PREFIX, ServingSpec, XLoraServingError, fused_target
-
-# transformers module names of each fused projection's sub-projections, in vLLM's output order.
-_SUBMODULES = {
-    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_proj": ("self_attn.o_proj",),
-    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_proj": ("mlp.down_proj",),
-}
-_ROW_PARALLEL = ("o_proj", "down_proj")
+from .ops import Block, Partition, StackedLora, XLoraRouter
+from .projections import (
+    COLUMN_PARALLEL,
+    EMBEDDING,
+    ROW_PARALLEL,
+    FixedProjection,
+    MixedProjection,
+    ResidualStream,
+    RouteAfterLayer,
+    check_projection,
+)
+from .spec import (
+    ARCHITECTURES,
+    EMBEDDING_IS_LM_HEAD,
+    SPEC_KEY,
+    STATIC_LOGITS,
+    WEIGHT_PREFIX,
+    ServingSpec,
+    XLoraServingError,
+    decoder_layer,
+)
 
 
 def read_spec(vllm_config: VllmConfig) -> ServingSpec:
@@ -66,13 +87,12 @@ def read_spec(vllm_config: VllmConfig) -> ServingSpec:
     if vllm_config.lora_config is not None:
         raise XLoraServingError(
             "vLLM's own LoRA (--enable-lora) cannot be combined with an X-LoRA model: its layers would replace the "
-            "fused projections the mixture adds to. Serve the X-LoRA export without --enable-lora."
+            "projections the mixture adds to. Serve the X-LoRA export without --enable-lora."
         )
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise XLoraServingError(
-            "Pipeline parallelism is not supported by the X-LoRA plugin (the classifier needs the scaling pass's "
-            "last hidden state on the stage that starts the main pass). Use tensor parallelism "
-            "(--tensor-parallel-size) instead."
+            "Pipeline parallelism is not supported by the X-LoRA plugin (the gate's hidden state must reach every "
+            "later layer on the same stage). Use tensor parallelism (--tensor-parallel-size) instead."
         )
     if vllm_config.quant_config is not None:
         raise XLoraServingError(
@@ -91,153 +111,226 @@ def read_spec(vllm_config: VllmConfig) -> ServingSpec:
     return spec
 
 
-class XLoraDualPass(nn.Module):
-    """The X-LoRA parts of a vLLM Llama-family decoder stack and its dual-pass forward; mixed into vLLM's model.
+# ---------------------------------------------------------------------------------------------------- module copies
 
-    The class it is mixed into (vLLM's `LlamaModel`, `MistralModel`, `Qwen2Model`) provides `embed_tokens`,
-    `layers` and `norm`; this class adds the scaling pass's attention modules, the classifier and the stacked
-    expert factors, all as buffers filled by `load_xlora_weight` (vLLM checks that every *parameter* is loaded
-    from the checkpoint, and these come from the X-LoRA weights file instead).
+
+@contextlib.contextmanager
+def _recorded_attention_arguments() -> Iterator[dict[str, inspect.BoundArguments]]:
+    """Records the arguments of every `Attention` built inside the block, by layer name.
+
+    vLLM's `Attention` hands some of its arguments (the soft cap, sliding window, sinks, ...) to a backend-specific
+    implementation object and keeps no public copy, so the only exact way to build a twin of one is to call the
+    constructor with the same arguments. The recording wraps the constructor for the duration of the model's own
+    `__init__` only.
+    """
+    records: dict[str, inspect.BoundArguments] = {}
+    original = Attention.__init__
+    signature = inspect.signature(original)
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if type(self) is Attention:
+            records[self.layer_name] = signature.bind(self, *args, **kwargs)
+
+    Attention.__init__ = recording_init
+    try:
+        yield records
+    finally:
+        Attention.__init__ = original
+
+
+def _twin_attention(arguments: inspect.BoundArguments, prefix: str) -> Attention:
+    """A new `Attention` with the recorded arguments, under another layer name (so with a KV cache of its own)."""
+    args = dict(arguments.arguments)
+    args.pop("self")
+    extra = args.pop("extra_impl_args", {})
+    args["prefix"] = prefix
+    return Attention(**args, **extra)
+
+
+def _shallow_copy(module: nn.Module, replace: dict[str, nn.Module]) -> nn.Module:
+    """A copy of `module` that shares everything but the modules at the dotted paths of `replace`.
+
+    The copy holds the replacements instead; the modules on the way to them are copied the same way, so the original
+    is untouched.
+    """
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)  # its own table of children; everything else is shared
+    children: dict[str, dict[str, nn.Module]] = {}
+    for path, new in replace.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            children.setdefault(head, {})[rest] = new
+        else:
+            clone._modules[head] = new
+    for head, deeper in children.items():
+        clone._modules[head] = _shallow_copy(module._modules[head], deeper)
+    return clone
+
+
+def _only_attention(layer: nn.Module, index: int) -> tuple[str, Attention]:
+    found = [(name, m) for name, m in layer.named_modules() if isinstance(m, Attention)]
+    if len(found) != 1 or type(found[0][1]) is not Attention:
+        kinds = [type(m).__name__ for _, m in found]
+        raise XLoraServingError(
+            f"Decoder layer {index} has attention modules {kinds}; the dual pass needs exactly one vLLM `Attention` "
+            "to give the scaling pass a KV cache of its own. Serve this model with routing='single_pass'."
+        )
+    return found[0]
+
+
+# ---------------------------------------------------------------------------------------------------- the mixin
+
+
+class XLoraCausalLM(nn.Module):
+    """The X-LoRA part of the plugin's model classes; mixed in before vLLM's own CausalLM class (see the module doc).
+
+    Args:
+        vllm_config: vLLM's config of this model; its hf_config carries the X-LoRA spec.
+        prefix: Name prefix of this model's modules.
     """
 
-    def _init_xlora(self, vllm_config: VllmConfig, prefix: str) -> None:
+    packed_modules_mapping: dict[str, list[str]]
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         spec = read_spec(vllm_config)
+        with _recorded_attention_arguments() as attention_arguments:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
-        self._check_layers(config)
+        embedding_experts = any(decoder_layer(m) is None for m in spec.modules)
+        if embedding_experts and type(self).__name__.removeprefix("XLora") in EMBEDDING_IS_LM_HEAD:
+            raise XLoraServingError(
+                "Experts adapt the input embedding, but this architecture's vLLM class uses the embedding module as "
+                "its LM head; export experts that do not target embed_tokens."
+            )
         self.xlora_spec = spec
         self.xlora_dtype = vllm_config.model_config.dtype
+        self._xlora_sizes = (config.vocab_size, config.hidden_size, config.num_hidden_layers)
         n_layers = config.num_hidden_layers
-        # The scaling pass stops after layer k; the classifier then reads the residual stream there (no norm).
-        self.xlora_scaling_layers = spec.scaling_pass_layers or n_layers
-        self.xlora_route_after_norm = spec.scaling_pass_layers is None
-
-        # One weightless Attention per scaling-pass layer, like the layer's own but named with index
-        # n_layers + i: vLLM keys KV caches by layer index, so the scaling pass gets caches of its own.
-        attns = {}
-        for i in range(self.xlora_scaling_layers):
-            main = self.layers[i].self_attn.attn
-            index = str(n_layers + i)
-            attns[index] = Attention(
-                main.num_heads,
-                main.head_size,
-                self.layers[i].self_attn.scaling,
-                num_kv_heads=main.num_kv_heads,
-                cache_config=vllm_config.cache_config,
-                quant_config=vllm_config.quant_config,
-                per_layer_sliding_window=main.sliding_window,
-                attn_type=main.attn_type,
-                prefix=f"{prefix}.xlora_scaling_attn.{index}",
-            )
-        self.xlora_scaling_attn = nn.ModuleDict(attns)
-        self._xlora_scaling_attn_list = [attns[str(n_layers + i)] for i in range(self.xlora_scaling_layers)]
-
-        # Classifier: float32 whatever the model's dtype, so routing decisions are not quantised.
-        sizes = [spec.hidden_size] + [spec.classifier_width] * (spec.classifier_depth - 1)
-        sizes.append(spec.n_slots * spec.n_experts)
-        for j in range(spec.classifier_depth):
-            # dtype given: vLLM builds the model under the serving dtype as torch's default (bfloat16 on GPUs).
-            weight = torch.zeros(sizes[j + 1], sizes[j], dtype=torch.float32)
-            self.register_buffer(f"xlora_classifier_w{j}", weight, persistent=False)
-            self.register_buffer(
-                f"xlora_classifier_b{j}", torch.zeros(sizes[j + 1], dtype=torch.float32), persistent=False
-            )
-        self._xlora_classifier_loaded: set[str] = set()
-
-        weight = spec.scaling_pass_weight()
+        self.xlora = XLoraRouter(spec, vllm_config.scheduler_config.max_num_batched_tokens)
         self.xlora_stacks = nn.ModuleDict()
-        self._xlora_stack_of: dict[tuple[int, str], StackedLora] = {}  # (layer, fused projection) -> its stack
-        for i in range(n_layers):
-            for fused in _SUBMODULES:
-                stack = self._build_stack(i, fused, spec, weight)
-                if stack is not None:
-                    self.xlora_stacks[f"{i}_{fused}"] = stack
-                    self._xlora_stack_of[(i, fused)] = stack
-        self.xlora_embedding = self._build_embedding_stack(config, spec, weight)
-
-    def _check_layers(self, config) -> None:
-        """Refuses the Llama-family variants whose layers compute more than this forward composes."""
-        for option in ("llama_4_scaling", "ada_rms_norm_t_cond", "qk_norm", "dual_chunk_attention_config"):
-            if getattr(config, option, None):
-                raise XLoraServingError(
-                    f"The base model's config sets `{option}`, which the X-LoRA plugin's decoder forward does not "
-                    "implement. Supported: plain Llama, Mistral and Qwen2 decoder layers."
+        self._xlora_paths: dict[str, str] = {}  # stack key -> vLLM module path
+        for path, blocks in self._blocks_by_projection(spec).items():
+            key = path.replace(".", "__")
+            self.xlora_stacks[key] = self._build_stack(path, blocks)
+            self._xlora_paths[key] = path
+        if spec.routing == "single_pass" and spec.single_pass_static == "learned":
+            logits = torch.zeros(len(spec.early_layers), spec.n_experts, dtype=torch.float32)
+            self.register_buffer("xlora_static_logits", logits, persistent=False)
+        self._xlora_scaling_model: tuple[nn.Module, ...] = ()
+        self._xlora_installed = False
+        if spec.routing == "dual_pass":
+            # The scaling pass's attention modules: twins of layers 1..k's, named with index n_layers + i (vLLM keys
+            # KV caches by layer index). Built here, with the model: vLLM sizes the KV cache from the attention
+            # modules that exist when the model is built.
+            model_prefix = maybe_prefix(prefix, "model")
+            twins = {}
+            for i in range(spec.scaling_pass_layers or n_layers):
+                _, attention = _only_attention(self.model.layers[i], i)
+                index = str(n_layers + i)
+                twins[index] = _twin_attention(
+                    attention_arguments[attention.layer_name], f"{model_prefix}.xlora_scaling_attn.{index}"
                 )
-        if not getattr(config, "is_causal", True):
-            raise XLoraServingError("The X-LoRA plugin serves causal decoders only (config.is_causal is False).")
+            self.xlora_scaling_attn = nn.ModuleDict(twins)
 
-    def _build_stack(self, i: int, fused: str, spec: ServingSpec, weight: float) -> StackedLora | None:
-        layer = self.layers[i]
-        owner = layer.self_attn if fused in ("qkv_proj", "o_proj") else layer.mlp
-        linear = getattr(owner, fused)
-        modules = [f"model.layers.{i}.{sub}" for sub in _SUBMODULES[fused]]
-        if not any(m in spec.modules for m in modules):
-            return None
-        tp_rank = linear.tp_rank
-        segments = []
-        if fused in _ROW_PARALLEL:
-            # Row-parallel: this shard sees input columns [rank * in_shard, ...) and produces a partial sum.
-            width = linear.input_size_per_partition
-            a_cols = (tp_rank * width, (tp_rank + 1) * width)
-            segments.append(Segment(0, linear.output_size, (0, linear.output_size)))
-            in_features = width
-        else:
-            # Column-parallel: this shard sees the full input and produces its columns of each sub-projection.
-            a_cols = (0, linear.input_size)
-            in_features = linear.input_size
-            start = 0
-            for sub, local in enumerate(linear.output_partition_sizes):
-                shard = tp_rank
-                if fused == "qkv_proj" and sub > 0:
-                    shard = tp_rank // linear.num_kv_head_replicas  # replicated KV heads: ranks share a shard
-                segments.append(Segment(start, start + local, (shard * local, (shard + 1) * local)))
-                start += local
-        for seg, module in zip(segments, modules):
-            for entry in spec.modules.get(module, []):
+    # ------------------------------------------------------------------ building
+
+    def _target(self, module: str) -> tuple[str, list[int] | None]:
+        """Where a transformers module lands: (vLLM module path, its output partitions, or None for all)."""
+        parent, _, leaf = module.rpartition(".")
+        for fused, parts in getattr(self, "packed_modules_mapping", {}).items():
+            if leaf in parts and parts != [fused]:
+                return f"{parent}.{fused}", [parts.index(leaf)]
+        return module, None
+
+    def _blocks_by_projection(self, spec: ServingSpec) -> dict[str, list[tuple[str, int, int, float, list | None]]]:
+        out: dict[str, list] = {}
+        for module in spec.mixture_layers:
+            path, parts = self._target(module)
+            try:
+                self.get_submodule(path)
+            except AttributeError as exc:
+                raise XLoraServingError(
+                    f"Experts adapt {module!r}, which this vLLM model has no module for ({path!r}). Use experts that "
+                    "do not target it."
+                ) from exc
+            for entry in spec.modules[module]:
                 index = spec.slot(module) * spec.n_experts + entry.expert
-                seg.experts.append((f"{module}.{entry.expert}", entry.rank, index, entry.scale))
-        return StackedLora(in_features, a_cols, segments, weight, self.xlora_dtype)
+                out.setdefault(path, []).append((module, entry.expert, entry.rank, entry.scale, index, parts))
+        return out
 
-    def _build_embedding_stack(self, config, spec: ServingSpec, weight: float) -> StackedLora | None:
-        if EMBEDDING not in spec.modules:
-            return None
-        dim = config.hidden_size
-        seg = Segment(0, dim, (0, dim))
-        for entry in spec.modules[EMBEDDING]:
-            index = spec.slot(EMBEDDING) * spec.n_experts + entry.expert
-            seg.experts.append((f"{EMBEDDING}.{entry.expert}", entry.rank, index, entry.scale))
-        # The embedding's output is replicated across tensor-parallel ranks, so its update is too: full factors.
-        return StackedLora(config.vocab_size, (0, config.vocab_size), [seg], weight, self.xlora_dtype, embedding=True)
+    def _build_stack(self, path: str, entries: list) -> StackedLora:
+        base = self.get_submodule(path)
+        check_projection(path, base)
+        kind = type(base)
+        if kind in EMBEDDING:
+            # The embedding's output is replicated across tensor-parallel ranks, so its update is too: full factors.
+            vocab, dim, _ = self._xlora_sizes
+            partitions, full, in_features, a_cols = [Partition(0, dim, (0, dim))], [dim], vocab, (0, vocab)
+        elif kind in ROW_PARALLEL:
+            width = base.input_size_per_partition
+            a_cols = (base.tp_rank * width, (base.tp_rank + 1) * width)
+            partitions, full, in_features = (
+                [Partition(0, base.output_size, (0, base.output_size))],
+                [base.output_size],
+                width,
+            )
+        else:
+            assert kind in COLUMN_PARALLEL
+            a_cols, in_features = (0, base.input_size), base.input_size
+            partitions, full, start = [], [], 0
+            for p, local in enumerate(base.output_partition_sizes):
+                replicas = base.num_kv_head_replicas if (kind is QKVParallelLinear and p > 0) else 1
+                shard, n_shards = base.tp_rank // replicas, base.tp_size // replicas
+                partitions.append(Partition(start, start + local, (shard * local, (shard + 1) * local)))
+                full.append(local * n_shards)
+                start += local
+        blocks = []
+        for module, expert, rank, scale, index, parts in entries:
+            parts = list(range(len(partitions))) if parts is None else parts
+            blocks.append(
+                Block(f"{module}.{expert}", module, expert, rank, scale, index, parts, [full[p] for p in parts])
+            )
+        return StackedLora(in_features, a_cols, partitions, blocks, self.xlora_dtype, embedding=kind in EMBEDDING)
 
     # ------------------------------------------------------------------ weights
 
-    def _stacks(self) -> list[StackedLora]:
-        stacks = list(self.xlora_stacks.values())
-        return [*stacks, self.xlora_embedding] if self.xlora_embedding is not None else stacks
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The base weights through the architecture's own loader, then the ``xlora.*`` tensors; then the wrapping."""
+        xlora: dict[str, torch.Tensor] = {}
 
-    def load_xlora_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Fills the classifier and the stacked factors from the export's X-LoRA tensors, then checks completeness.
+        def base_weights():
+            for name, tensor in weights:
+                if name.startswith(WEIGHT_PREFIX):
+                    xlora[name.removeprefix(WEIGHT_PREFIX)] = tensor
+                else:
+                    yield name, tensor
 
-        Args:
-            weights: Name (without the ``xlora.`` prefix) -> tensor: ``classifier.<j>.{weight,bias}`` and
-                ``experts.<module>.<expert index>.lora_{A,B}``.
+        loaded = super().load_weights(base_weights())
+        self._load_xlora(xlora)
+        if self._xlora_installed:
+            return loaded
+        name_of = {id(p): name for name, p in self.named_parameters()}
+        self._install()
+        # The wrappers renamed the parameters they hold (``...qkv_proj.base_layer.weight``); vLLM checks the loaded
+        # names against `named_parameters()` after this returns.
+        return loaded | {name for name, p in self.named_parameters() if name_of.get(id(p)) in loaded}
 
-        Raises:
-            XLoraServingError: A tensor is missing, unexpected, or of the wrong shape.
-        """
+    @torch.no_grad()
+    def _load_xlora(self, weights: dict[str, torch.Tensor]) -> None:
         spec = self.xlora_spec
-        owner = {key: stack for stack in self._stacks() for key in stack.keys}
+        owner = {key: stack for stack in self.xlora_stacks.values() for key in stack.keys}
+        expected = {f"classifier.{j}.{p}" for j in range(spec.classifier_depth) for p in ("weight", "bias")}
+        if hasattr(self, "xlora_static_logits"):
+            expected.add(STATIC_LOGITS)
+        found: set[str] = set()
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in weights.items():
             if name.startswith("classifier."):
                 _, j, part = name.split(".")
-                target = getattr(self, f"xlora_classifier_{'w' if part == 'weight' else 'b'}{j}", None)
-                if target is None or target.shape != tensor.shape:
-                    raise XLoraServingError(
-                        f"X-LoRA tensor {name!r} of shape {tuple(tensor.shape)} does not fit the classifier the spec "
-                        "describes; the export is damaged. Export again."
-                    )
-                target.copy_(tensor.to(target.dtype))
-                self._xlora_classifier_loaded.add(name)
+                target = getattr(self.xlora, f"{'weight' if part == 'weight' else 'bias'}{j}", None)
+            elif name == STATIC_LOGITS:
+                target = getattr(self, "xlora_static_logits", None)
             elif name.startswith("experts."):
                 key, part = name.removeprefix("experts.").rsplit(".", 1)
                 if key not in owner or part not in ("lora_A", "lora_B"):
@@ -245,91 +338,106 @@ class XLoraDualPass(nn.Module):
                         f"X-LoRA tensor {name!r} belongs to no (module, expert) of the spec; the export is damaged."
                     )
                 pairs.setdefault(key, {})[part] = tensor
+                continue
             else:
                 raise XLoraServingError(f"Unexpected X-LoRA tensor {WEIGHT_PREFIX}{name!r} in the export.")
+            if target is None or target.shape != tensor.shape:
+                raise XLoraServingError(
+                    f"X-LoRA tensor {name!r} of shape {tuple(tensor.shape)} does not fit the model the spec "
+                    "describes; the export is damaged. Export again."
+                )
+            target.copy_(tensor.to(target.dtype))
+            found.add(name)
         for key, parts in pairs.items():
             if set(parts) != {"lora_A", "lora_B"}:
                 raise XLoraServingError(f"X-LoRA factor {key!r} has only {sorted(parts)} in the export.")
             owner[key].load(key, parts["lora_A"], parts["lora_B"])
-        missing = sorted(k for stack in self._stacks() for k in stack.keys - stack.loaded)
-        expected = {f"classifier.{j}.{p}" for j in range(spec.classifier_depth) for p in ("weight", "bias")}
-        missing += sorted(expected - self._xlora_classifier_loaded)
+        missing = sorted(k for stack in self.xlora_stacks.values() for k in stack.keys - stack.loaded)
+        missing += sorted(expected - found)
         if missing:
             raise XLoraServingError(
                 f"The export lacks X-LoRA tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}: it is "
                 "incomplete. Export the checkpoint again."
             )
 
+    # ------------------------------------------------------------------ wrapping
+
+    def _static_weight(self) -> Callable[[str, int], float]:
+        """Single pass: (module, expert) -> the static weight of an early mixture layer, as peft-xlora computes it."""
+        spec = self.xlora_spec
+        if spec.single_pass_static == "uniform":
+            return lambda module, expert: 1.0 / spec.n_experts
+        weights = torch.softmax(self.xlora_static_logits.float(), dim=-1).cpu()  # (n_early, n_experts)
+        rows = {m: i for i, m in enumerate(spec.early_layers)}
+        return lambda module, expert: float(weights[rows[module], expert])
+
+    def _install(self) -> None:
+        spec = self.xlora_spec
+        wrapped: dict[str, nn.Module] = {}  # vLLM path -> the bare projection
+        static = self._static_weight() if spec.routing == "single_pass" else None
+        for key, stack in self.xlora_stacks.items():
+            stack.fold_scales()
+            path = self._xlora_paths[key]
+            base = self.get_submodule(path)
+            modules = {b.module for b in stack.blocks}
+            if static is not None and not any(spec.is_late(m) for m in modules):
+                wrapper = FixedProjection(base, stack, stack.rank_weights(static))
+            else:
+                wrapper = MixedProjection(base, stack, self.xlora)
+            parent, _, leaf = path.rpartition(".")
+            setattr(self.get_submodule(parent), leaf, wrapper)
+            wrapped[path] = base
+        if spec.routing == "single_pass":
+            k = spec.scaling_pass_layers
+            if any(spec.is_late(m) for m in spec.mixture_layers):
+                self.model.layers[k - 1] = RouteAfterLayer(self.model.layers[k - 1], self.xlora)
+        else:
+            self._xlora_scaling_model = (self._scaling_model(wrapped),)
+        self._xlora_installed = True
+
+    def _scaling_model(self, wrapped: dict[str, nn.Module]) -> nn.Module:
+        """The scaling pass: a shallow copy of the decoder stack over its first k layers (see the module doc)."""
+        spec = self.xlora_spec
+        n_layers = self._xlora_sizes[2]
+        k = spec.scaling_pass_layers or n_layers
+        weight = spec.scaling_pass_weight()
+        stacks = {self._xlora_paths[key]: stack for key, stack in self.xlora_stacks.items()}
+
+        def projection(path: str) -> nn.Module:
+            if weight == 0.0:
+                return wrapped[path]  # the plain base model
+            stack = stacks[path]
+            return FixedProjection(wrapped[path], stack, stack.rank_weights(lambda module, expert: weight))
+
+        layers = []
+        for i in range(k):
+            layer_path = f"model.layers.{i}"
+            layer = self.model.layers[i]
+            name, _ = _only_attention(layer, i)
+            replace = {name: self.xlora_scaling_attn[str(n_layers + i)]}
+            for path in wrapped:
+                if path.startswith(f"{layer_path}."):
+                    replace[path.removeprefix(f"{layer_path}.")] = projection(path)
+            layers.append(_shallow_copy(layer, replace))
+        replace_top = {"layers": nn.ModuleList(layers)}
+        embedding = next((p for p in wrapped if decoder_layer(p) is None), None)
+        if embedding is not None:
+            replace_top[embedding.removeprefix("model.")] = projection(embedding)
+        if spec.scaling_pass_layers is not None:
+            replace_top["norm"] = ResidualStream()  # the classifier reads the residual stream after layer k
+        scaling = _shallow_copy(self.model, replace_top)
+        scaling.start_layer, scaling.end_layer = 0, k
+        return scaling
+
     # ------------------------------------------------------------------ forward
 
-    def _proj(self, i: int, fused: str, linear: nn.Module, x: torch.Tensor, scalings: torch.Tensor | None):
-        """A fused projection's output plus its experts' update: (num_tokens, in_shard) -> (num_tokens, out)."""
-        stack = self._xlora_stack_of.get((i, fused))
-        if stack is None or (scalings is None and not stack.scaling_pass_active):
-            return linear(x)[0]
-        if fused not in _ROW_PARALLEL:
-            return stack(linear(x)[0], x, scalings)
-        # Row-parallel: add this shard's partial update before the all-reduce sums the shards (as vLLM's own
-        # RowParallelLinear.forward does for its output), so the update costs no extra communication.
-        bias = None if (linear.tp_rank > 0 or linear.skip_bias_add) else linear.bias
-        out = stack(linear.quant_method.apply(linear, x, bias), x, scalings)
-        if linear.reduce_results and linear.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
-
-    def _layer(self, i, positions, hidden, residual, attn, scalings):
-        """Decoder layer i with attention module `attn`; the same arithmetic as vLLM's Llama/Qwen2 layer forward."""
-        layer = self.layers[i]
-        if residual is None:
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-        else:
-            hidden, residual = layer.input_layernorm(hidden, residual)  # fused add + norm, may run in place
-        sa = layer.self_attn
-        qkv = self._proj(i, "qkv_proj", sa.qkv_proj, hidden, scalings)  # (T, q + 2 kv) this shard's heads
-        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
-        q, k = sa.rotary_emb(positions, q, k)
-        hidden = self._proj(i, "o_proj", sa.o_proj, attn(q, k, v), scalings)  # (T, hidden)
-        hidden, residual = layer.post_attention_layernorm(hidden, residual)
-        mlp = layer.mlp
-        gate_up = self._proj(i, "gate_up_proj", mlp.gate_up_proj, hidden, scalings)  # (T, 2 * intermediate shard)
-        hidden = self._proj(i, "down_proj", mlp.down_proj, mlp.act_fn(gate_up), scalings)  # (T, hidden)
-        return hidden, residual
-
-    def _embed(self, input_ids, inputs_embeds, scalings):
-        if inputs_embeds is not None:
-            if self.xlora_embedding is not None:
-                raise XLoraServingError(
-                    "This X-LoRA model adapts the input embeddings, so it needs token ids, not prompt embeddings."
-                )
-            return inputs_embeds.clone()  # each pass gets its own copy: fused norms may write into their input
-        hidden = self.embed_tokens(input_ids)  # (T, hidden), fresh per pass for the same reason
-        if self.xlora_embedding is not None:
-            hidden = self.xlora_embedding(hidden, input_ids, scalings)
-        return hidden
-
-    def xlora_scalings(self, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
-        """Runs the scaling pass, the classifier and the gate: (num_tokens, n_slots * n_experts) float32 scalings."""
-        spec = self.xlora_spec
-        hidden, residual = self._embed(input_ids, inputs_embeds, None), None
-        for i, attn in enumerate(self._xlora_scaling_attn_list):
-            hidden, residual = self._layer(i, positions, hidden, residual, attn, None)
-        if self.xlora_route_after_norm:
-            route_in, _ = self.norm(hidden, residual)  # transformers' last_hidden_state
-        else:
-            route_in = hidden + residual  # the residual stream leaving layer k, before any norm
-        weights = [getattr(self, f"xlora_classifier_w{j}") for j in range(spec.classifier_depth)]
-        biases = [getattr(self, f"xlora_classifier_b{j}") for j in range(spec.classifier_depth)]
-        logits = classify(route_in, weights, biases)  # (T, n_slots * n_experts)
-        scalings = gate(
-            logits.unflatten(-1, (spec.n_slots, spec.n_experts)),
-            temperature=spec.softmax_temperature,
-            enable_softmax=spec.enable_softmax,
-            top_k=spec.top_k_lora,
-            softmax_topk=spec.enable_softmax_topk,
-            global_weight=spec.global_scaling_weight,
-        )  # (T, n_slots, n_experts) float32
-        return scalings.flatten(1)
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings; refused when experts adapt them (their update needs the forward's scalings)."""
+        if any(decoder_layer(m) is None for m in self.xlora_spec.modules):
+            raise XLoraServingError(
+                "This X-LoRA model adapts the input embeddings, so it needs token ids, not prompt embeddings."
+            )
+        return super().embed_input_ids(input_ids)
 
     def forward(
         self,
@@ -337,14 +445,16 @@ class XLoraDualPass(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Both passes over this step's tokens: (num_tokens,) ids -> (num_tokens, hidden) final hidden states."""
-        scalings = self.xlora_scalings(input_ids, positions, inputs_embeds)  # (T, n_slots * n_experts)
-        hidden, residual = self._embed(input_ids, inputs_embeds, scalings), None
-        for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer)):
-            hidden, residual = self._layer(i, positions, hidden, residual, layer.self_attn.attn, scalings)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        """The model's own forward; in the dual pass, the scaling pass and the gate first. -> (num_tokens, hidden)."""
+        if self._xlora_scaling_model:
+            scaling_model = self._xlora_scaling_model[0]
+            # The stack's fused norms may write into their input: the scaling pass gets its own copy of the embeds.
+            embeds = None if inputs_embeds is None else inputs_embeds.clone()
+            hidden = scaling_model.forward(input_ids, positions, None, embeds)  # (num_tokens, hidden)
+            self.xlora.route(hidden)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
 
 _DYNAMIC_DIMS = {
@@ -355,115 +465,35 @@ _DYNAMIC_DIMS = {
 }
 
 
-@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
-class XLoraLlamaModel(XLoraDualPass, LlamaModel):
-    """vLLM's `LlamaModel` with the X-LoRA dual-pass forward."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        LlamaModel.__init__(self, vllm_config=vllm_config, prefix=prefix, layer_type=LlamaDecoderLayer)
-        self._init_xlora(vllm_config, prefix)
-
-
-@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
-class XLoraMistralModel(XLoraDualPass, MistralModel):
-    """vLLM's `MistralModel` with the X-LoRA dual-pass forward."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        MistralModel.__init__(self, vllm_config=vllm_config, prefix=prefix, layer_type=MistralDecoderLayer)
-        self._init_xlora(vllm_config, prefix)
-
-
-@support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)
-class XLoraQwen2Model(XLoraDualPass, Qwen2Model):
-    """vLLM's `Qwen2Model` with the X-LoRA dual-pass forward."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        Qwen2Model.__init__(self, vllm_config=vllm_config, prefix=prefix, decoder_layer_type=Qwen2DecoderLayer)
-        self._init_xlora(vllm_config, prefix)
-
-
-class XLoraForCausalLM(nn.Module):
-    """An X-LoRA causal LM for vLLM: the dual-pass decoder stack, vLLM's LM head and logits processor.
-
-    Subclasses name the decoder stack (`model_cls`). Not a `SupportsLoRA` model: vLLM's own LoRA would wrap the
-    fused projections that the mixture adds to.
-
-    Args:
-        vllm_config: vLLM's config of this model; its hf_config carries the X-LoRA spec.
-        prefix: Name prefix of this model's modules.
-    """
-
-    model_cls: type[XLoraDualPass]
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.model = self.model_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
-        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The base model's input embeddings (without the experts' embedding update, which needs the scalings)."""
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final hidden states of the main pass, (num_tokens, hidden)."""
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Logits of the selected tokens' hidden states, (num_selected, vocab)."""
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads the base weights through vLLM's loader and the ``xlora.*`` tensors into the X-LoRA buffers."""
-        xlora: dict[str, torch.Tensor] = {}
-
-        def base_weights():
-            for name, tensor in weights:
-                if name.startswith(WEIGHT_PREFIX):
-                    xlora[name.removeprefix(WEIGHT_PREFIX)] = tensor
-                else:
-                    yield name, tensor
-
-        loaded = AutoWeightsLoader(self).load_weights(base_weights())
-        self.model.load_xlora_weights(xlora)
-        return loaded
-
-
-class XLoraLlamaForCausalLM(XLoraForCausalLM):
-    """X-LoRA over vLLM's Llama."""
-
-    model_cls = XLoraLlamaModel
-
-
-class XLoraMistralForCausalLM(XLoraForCausalLM):
-    """X-LoRA over vLLM's Mistral (Llama layers; transformers-format weights)."""
-
-    model_cls = XLoraMistralModel
-
-
-class XLoraQwen2ForCausalLM(XLoraForCausalLM):
-    """X-LoRA over vLLM's Qwen2 (biased qkv projection)."""
-
-    model_cls = XLoraQwen2Model
+def _xlora_class(base: type[nn.Module]) -> type[nn.Module]:
+    """Our class for one of vLLM's CausalLM classes: the X-LoRA mixin before it, traced as one forward."""
+    name = ARCHITECTURES[base.__name__]
+    cls = type(
+        name,
+        (XLoraCausalLM, base),
+        {
+            "__doc__": f"X-LoRA over vLLM's `{base.__name__}` (see `peft_xlora.serving.vllm.model`).",
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )
+    # Traced as one graph, so the scaling pass, the router and the model's own forward are captured together (vLLM
+    # traces the inner decoder stack inline when it is called during this trace).
+    return support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)(cls)
 
 
 #: Our vLLM architecture name -> class, for the plugin.
-MODEL_CLASSES = {cls.__name__: cls for cls in (XLoraLlamaForCausalLM, XLoraMistralForCausalLM, XLoraQwen2ForCausalLM)}
+MODEL_CLASSES = {
+    ARCHITECTURES[base.__name__]: _xlora_class(base)
+    for base in (
+        LlamaForCausalLM,
+        MistralForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Phi3ForCausalLM,
+    )
+}
 
-__all__ = ["MODEL_CLASSES", "XLoraDualPass", "XLoraForCausalLM", "fused_target", "read_spec"]
+__all__ = ["MODEL_CLASSES", "XLoraCausalLM", "read_spec"]

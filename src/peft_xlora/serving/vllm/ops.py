@@ -1,61 +1,30 @@
-"""The X-LoRA arithmetic of the vLLM plugin as plain torch: gate, classifier, and the stacked gated LoRA update.
+"""The X-LoRA arithmetic of the vLLM plugin as plain torch: the classifier and router, and the stacked LoRA update.
 
-Nothing here imports vLLM, so the main environment's tests check these functions against peft-xlora itself. Every
-function is free of `.item()`, `nonzero` and Python branches on tensor values: the forward can be captured by CUDA
-graphs and traced by torch.compile.
+Nothing here imports vLLM, so the main environment's tests check these against plain per-expert loops and against
+peft-xlora itself. The gate is peft-xlora's own (`peft_xlora.core.classifier.gate`: one implementation in the
+project). Every function is free of `.item()`, `nonzero` and Python branches on tensor values, so vLLM can trace the
+forward once (torch.compile with its guards dropped) and capture it in CUDA graphs.
 
 Tokens arrive flattened, as vLLM runs them: (num_tokens, features), all requests of a step concatenated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def gate(
-    logits: torch.Tensor,
-    *,
-    temperature: float,
-    enable_softmax: bool,
-    top_k: int | None,
-    softmax_topk: bool,
-    global_weight: float,
-) -> torch.Tensor:
-    """Classifier logits -> expert scalings, in float32, exactly as peft-xlora's gate.
-
-    Args:
-        logits: (..., n_experts).
-        temperature: Divides the logits before any softmax.
-        enable_softmax: Softmax over all experts; otherwise the (unscaled) logits are the scalings.
-        top_k: Keep the k largest per row (ranked by logit) and zero the rest; None keeps all.
-        softmax_topk: With `top_k`, the kept experts get a softmax over their own logits (they sum to 1).
-        global_weight: Multiplies the result.
-
-    Returns:
-        (..., n_experts) float32 scalings.
-    """
-    z = logits.float()
-    if enable_softmax or softmax_topk:
-        z = z / temperature
-    scalings = torch.softmax(z, dim=-1) if enable_softmax else z
-    if top_k is not None and top_k < scalings.shape[-1]:
-        kept = torch.topk(z, top_k, dim=-1).indices  # softmax keeps the order, so ranking by logit is the same
-        mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, kept, True)
-        scalings = torch.softmax(z.masked_fill(~mask, float("-inf")), dim=-1) if softmax_topk else scalings * mask
-    elif softmax_topk:
-        scalings = torch.softmax(z, dim=-1)
-    return scalings * global_weight
+from ...core.classifier import gate
+from .spec import ServingSpec
 
 
 def classify(hidden: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """The classifier MLP (linear layers, ReLU between them; no dropout at inference), in the weights' dtype.
 
     Args:
-        hidden: (num_tokens, hidden_size) hidden state of the scaling pass.
+        hidden: (num_tokens, hidden_size) hidden state the gate reads.
         weights: Per linear layer, (out, in).
         biases: Per linear layer, (out,).
 
@@ -70,52 +39,125 @@ def classify(hidden: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
     return x
 
 
+class XLoraRouter(nn.Module):
+    """The classifier, the gate, and the buffer that hands each token's scalings to the mixed projections.
+
+    The projections run inside vLLM's decoder layers, which pass them nothing but their input, and vLLM traces the
+    forward once: a Python attribute set per pass would be frozen into the trace. So `route` writes the scalings in
+    place into the `scalings` buffer, and every `MixedProjection` reads its rows of it: an ordinary data dependency
+    that tracing, torch.compile and CUDA graphs keep.
+
+    Args:
+        spec: The served model's spec.
+        max_tokens: The most tokens one forward carries (vLLM's `max_num_batched_tokens`).
+    """
+
+    def __init__(self, spec: ServingSpec, max_tokens: int) -> None:
+        super().__init__()
+        self.spec = spec
+        sizes = [spec.hidden_size] + [spec.classifier_width] * (spec.classifier_depth - 1)
+        sizes.append(spec.n_slots * spec.n_experts)
+        # float32 whatever the serving dtype, so routing decisions are not quantised; buffers, not parameters: vLLM
+        # checks that every parameter comes from the base checkpoint, and these come from the X-LoRA weights file.
+        for j in range(spec.classifier_depth):
+            self.register_buffer(f"weight{j}", torch.zeros(sizes[j + 1], sizes[j], dtype=torch.float32), False)
+            self.register_buffer(f"bias{j}", torch.zeros(sizes[j + 1], dtype=torch.float32), False)
+        # (max_tokens, n_slots * n_experts): row t holds token t's scalings of the current forward.
+        self.register_buffer("scalings", torch.zeros(max_tokens, sizes[-1], dtype=torch.float32), False)
+
+    def route(self, hidden: torch.Tensor) -> None:
+        """Classifier and gate on the hidden state the gate reads; writes the tokens' scalings into `scalings`.
+
+        Args:
+            hidden: (num_tokens, hidden_size).
+        """
+        spec = self.spec
+        depth = spec.classifier_depth
+        logits = classify(
+            hidden,
+            [getattr(self, f"weight{j}") for j in range(depth)],
+            [getattr(self, f"bias{j}") for j in range(depth)],
+        )  # (T, n_slots * n_experts)
+        scalings = gate(
+            logits.unflatten(-1, (spec.n_slots, spec.n_experts)),
+            temperature=spec.softmax_temperature,
+            enable_softmax=spec.enable_softmax,
+            top_k=spec.top_k_lora,
+            softmax_topk=spec.enable_softmax_topk,
+            global_weight=spec.global_scaling_weight,
+        )  # (T, n_slots, n_experts) float32
+        self.scalings[: hidden.shape[0]].copy_(scalings.flatten(1))
+
+    def extra_repr(self) -> str:
+        """One line for `print(model)`: every mixed projection holds the router."""
+        return f"experts={self.spec.n_experts}, slots={self.spec.n_slots}, max_tokens={self.scalings.shape[0]}"
+
+
 @dataclass
-class Segment:
-    """One sub-projection of a fused projection (e.g. the q part of qkv_proj) and the experts on it.
+class Partition:
+    """One output partition of a vLLM projection (e.g. the k part of qkv_proj), as one tensor-parallel shard holds it.
 
     Attributes:
-        out_start: First output column of the sub-projection in this shard's output of the fused projection.
-        out_stop: One past its last output column.
-        b_rows: (start, stop) rows of each expert's full B factor that this shard holds (column parallelism
-            splits the output rows across tensor-parallel ranks; without it, all rows).
-        experts: Per expert on this sub-projection: (load key, rank, scaling index, scale), in gate order. The
-            scaling index points into the flattened (n_slots * n_experts) scalings of a token.
+        out_start: First column of the partition in this shard's output of the projection.
+        out_stop: One past its last column.
+        rows: (start, stop) rows of the partition, within the partition, that this shard computes (column
+            parallelism splits them across ranks; otherwise all of them).
     """
 
     out_start: int
     out_stop: int
-    b_rows: tuple[int, int]
-    experts: list[tuple[str, int, int, float]] = field(default_factory=list)
+    rows: tuple[int, int]
 
-    @property
-    def rank(self) -> int:
-        """Sum of the ranks of the experts on this sub-projection."""
-        return sum(rank for _, rank, _, _ in self.experts)
+
+@dataclass
+class Block:
+    """One expert's LoRA on one transformers module, as it lands in a vLLM projection.
+
+    Attributes:
+        key: Load key, ``<module>.<expert index>``.
+        module: The transformers module (a mixture layer).
+        expert: The expert's index in the gate order.
+        rank: Its rank on this module.
+        scale: Its alpha / r (alpha / sqrt(r) with rsLoRA).
+        scaling_index: Index of its scaling in a token's flattened (n_slots * n_experts) scalings.
+        parts: The projection's output partitions the module covers, in order (one for q_proj in qkv_proj; all of
+            them for Phi-3's own fused qkv_proj). Its full B factor stacks the partitions' full rows in this order.
+        part_sizes: Full rows of each covered partition, in the same order.
+    """
+
+    key: str
+    module: str
+    expert: int
+    rank: int
+    scale: float
+    scaling_index: int
+    parts: list[int]
+    part_sizes: list[int]
 
 
 class StackedLora(nn.Module):
-    """All experts' LoRA factors on one fused projection, stacked, and the gated update they add.
+    """All experts' LoRA factors on one vLLM projection, stacked, and the weighted update they add to its output.
 
-    For the input x of the projection and per-token, per-rank weights w (the scaling of the rank's expert, in the
-    rank's scaling slot, times the expert's alpha / r), the update of sub-projection j is
+    For the projection's input x and per-rank weights w (per token: the scaling of the rank's expert in the rank's
+    scaling slot; or one constant vector), the update of output partition p is
 
-        z = x @ A_cat.T                   # (num_tokens, R): every expert's down-projection at once
-        out[:, cols_j] += (z * w)[:, ranks_j] @ B_j.T
+        z = x @ A_cat.T                       # (num_tokens, R): every expert's down-projection at once
+        out[:, cols_p] += (z * w)[:, ranks_p] @ B_p.T
 
-    so the cost is two matmuls whatever the number of experts. A_cat stacks the A factors of every expert on every
-    sub-projection; each B_j stacks the B factors of the experts on sub-projection j (a fused qkv update never
-    multiplies by the zero blocks a block-diagonal B would hold).
+    where A_cat stacks the A factors of every block and B_p the B rows of partition p of the blocks that cover it,
+    each expert's alpha / r folded in. The cost is two matmuls per partition whatever the number of experts, and a
+    fused qkv update never multiplies the zero blocks a block-diagonal B would hold.
 
-    Tensor parallelism follows vLLM's sharding of the base projection: for a column-parallel one (qkv, gate_up)
-    the shard holds the B rows of its output columns and the full A; for a row-parallel one (o, down) it holds the
-    A columns of its input shard and the full B, and its partial update is summed by the projection's all-reduce.
+    Tensor parallelism follows vLLM's sharding of the base projection: a column-parallel shard holds the B rows of its
+    output columns and the full A; a row-parallel shard the A columns of its input and the full B (its partial update
+    is summed by the projection's all-reduce); the embedding (replicated output) holds everything.
 
     Args:
-        in_features: Width of the input this shard sees (the input shard for row-parallel projections).
+        in_features: Width of the input this shard sees (the input shard for row-parallel projections; the vocabulary
+            for the embedding).
         a_cols: (start, stop) columns of each full A factor this shard holds.
-        segments: The sub-projections, in output order.
-        scaling_pass_weight: The constant expert weight of the scaling pass (0 skips the update there).
+        partitions: The projection's output partitions in this shard, in output order.
+        blocks: The (module, expert) LoRA factors on it.
         dtype: Dtype of the factors (the model's).
         embedding: Whether this is the input embedding: x holds token ids, and A is stored transposed.
     """
@@ -124,95 +166,137 @@ class StackedLora(nn.Module):
         self,
         in_features: int,
         a_cols: tuple[int, int],
-        segments: list[Segment],
-        scaling_pass_weight: float,
+        partitions: list[Partition],
+        blocks: list[Block],
         dtype: torch.dtype,
         embedding: bool = False,
     ) -> None:
         super().__init__()
-        self.segments = [s for s in segments if s.experts]
+        # Blocks ordered by their first partition: the blocks covering each partition are then contiguous in A_cat
+        # (always so for separate q, k, v modules and for Phi-3's fused ones), and a slice picks their ranks.
+        self.blocks = sorted(blocks, key=lambda b: b.parts[0])
+        self.partitions = partitions
         self.a_cols = a_cols
         self.embedding = embedding
-        self.scaling_pass_active = scaling_pass_weight != 0.0
-        total = sum(s.rank for s in self.segments)
-        # (vocab, R) for the embedding (a row lookup per token id), else (R, in).
-        shape = (in_features, total) if embedding else (total, in_features)
+        starts = [sum(b.rank for b in self.blocks[:i]) for i in range(len(self.blocks))]
+        self._start = {b.key: s for b, s in zip(self.blocks, starts)}
+        total = sum(b.rank for b in self.blocks)
+        shape = (in_features, total) if embedding else (total, in_features)  # (vocab, R) or (R, in)
         self.register_buffer("A", torch.zeros(shape, dtype=dtype), persistent=False)
-        # Where each expert's factors go: load key -> (segment index, first rank row in the stack, rank).
-        self._slots: dict[str, tuple[int, int, int]] = {}
-        self._rank_spans: list[tuple[int, int]] = []
-        scaling_index, scale = [], []
-        start = 0
-        for j, seg in enumerate(self.segments):
-            seg_start = start
-            for key, rank, index, expert_scale in seg.experts:
-                self._slots[key] = (j, start, rank)
-                scaling_index += [index] * rank
-                scale += [expert_scale] * rank
-                start += rank
-            self._rank_spans.append((seg_start, start))
-            self.register_buffer(
-                f"B{j}", torch.zeros(seg.out_stop - seg.out_start, seg.rank, dtype=dtype), persistent=False
-            )
-        # Per rank row: its index in a token's flattened scalings, and its expert's alpha / r.
-        self.register_buffer("scaling_index", torch.tensor(scaling_index, dtype=torch.long), persistent=False)
+        # Per partition: the ranks of the blocks that cover it, and their B rows (local rows, ranks).
+        self._ranks: list[slice | str] = []
+        self._rank_lists: list[list[int]] = []
+        self._used_parts: list[int] = []
+        for p, part in enumerate(partitions):
+            ranks = [i for b, s in zip(self.blocks, starts) if p in b.parts for i in range(s, s + b.rank)]
+            if not ranks:
+                continue
+            if ranks == list(range(ranks[0], ranks[-1] + 1)):
+                self._ranks.append(slice(ranks[0], ranks[-1] + 1))
+            else:
+                self.register_buffer(f"ranks{p}", torch.tensor(ranks, dtype=torch.long), persistent=False)
+                self._ranks.append(f"ranks{p}")
+            self._rank_lists.append(ranks)
+            self._used_parts.append(p)
+            rows = part.out_stop - part.out_start
+            self.register_buffer(f"B{p}", torch.zeros(rows, len(ranks), dtype=dtype), persistent=False)
+        index = [b.scaling_index for b in self.blocks for _ in range(b.rank)]
+        scale = [b.scale for b in self.blocks for _ in range(b.rank)]
+        self.register_buffer("scaling_index", torch.tensor(index, dtype=torch.long), persistent=False)
         self.register_buffer("rank_scale", torch.tensor(scale, dtype=torch.float32), persistent=False)
-        # The scaling pass weighs every rank by the same constant times its scale: one (R,) vector.
-        pass_weight = torch.tensor(scale, dtype=torch.float32) * scaling_pass_weight
-        self.register_buffer("scaling_pass_rank_weight", pass_weight, persistent=False)
         self.loaded: set[str] = set()
+        self._folded = False
 
     @property
     def keys(self) -> set[str]:
         """The load keys of every (module, expert) factor pair this stack expects."""
-        return set(self._slots)
+        return {b.key for b in self.blocks}
+
+    def rank_weights(self, weight_of) -> torch.Tensor:
+        """(R,) float32 constant weights per rank, from `weight_of(module, expert)` (static weights, scaling pass)."""
+        values = [float(weight_of(b.module, b.expert)) for b in self.blocks for _ in range(b.rank)]
+        return torch.tensor(values, dtype=torch.float32, device=self.rank_scale.device)
 
     @torch.no_grad()
     def load(self, key: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copies one expert's full factors on one sub-projection into this shard's stack.
+        """Copies one expert's full factors on one transformers module into this shard's stack.
 
         Args:
-            key: The load key given in the segment's `experts`.
+            key: The block's load key.
             a: (r, in_full) the full A factor.
-            b: (out_full, r) the full B factor.
+            b: (out_full, r) the full B factor: the covered partitions' full rows, stacked in partition order.
         """
-        j, start, rank = self._slots[key]
-        seg = self.segments[j]
-        if a.shape[0] != rank or b.shape[1] != rank:
-            raise ValueError(f"X-LoRA factor {key!r} has rank {a.shape[0]}/{b.shape[1]}, the spec says {rank}.")
+        block = next(bl for bl in self.blocks if bl.key == key)
+        start, rank = self._start[key], block.rank
+        if a.shape[0] != rank or b.shape[1] != rank or b.shape[0] != sum(block.part_sizes):
+            raise ValueError(
+                f"X-LoRA factor {key!r} has shapes A{tuple(a.shape)} B{tuple(b.shape)}; the spec and the projection "
+                f"need rank {rank} and {sum(block.part_sizes)} output rows."
+            )
         a_part = a[:, self.a_cols[0] : self.a_cols[1]]  # (r, in_shard)
         if self.embedding:
             self.A[:, start : start + rank].copy_(a_part.T)
         else:
             self.A[start : start + rank].copy_(a_part)
-        b_part = b[seg.b_rows[0] : seg.b_rows[1]]  # (out_shard, r)
-        seg_start = self._rank_spans[j][0]
-        getattr(self, f"B{j}")[:, start - seg_start : start - seg_start + rank].copy_(b_part)
+        offset = 0
+        for p, size in zip(block.parts, block.part_sizes):
+            part = self.partitions[p]
+            col = self._rank_lists[self._used_parts.index(p)].index(start)  # the block's first column in B_p
+            rows = b[offset + part.rows[0] : offset + part.rows[1]]  # (local rows, r)
+            getattr(self, f"B{p}")[:, col : col + rank].copy_(rows)
+            offset += size
         self.loaded.add(key)
 
-    def forward(self, out: torch.Tensor, x: torch.Tensor, scalings: torch.Tensor | None) -> torch.Tensor:
-        """Adds the gated update to the projection's output, in place.
+    def _ranks_of(self, j: int) -> slice | torch.Tensor:
+        """The ranks of A_cat that used partition j reads: a slice, or an index buffer when they are scattered."""
+        ranks = self._ranks[j]
+        return ranks if isinstance(ranks, slice) else getattr(self, ranks)
+
+    @torch.no_grad()
+    def fold_scales(self) -> None:
+        """Multiplies each rank's alpha / r into its B column (once, after loading): one multiply less per token."""
+        if self._folded:
+            return
+        for j, p in enumerate(self._used_parts):
+            b = getattr(self, f"B{p}")
+            b.copy_((b.float() * self.rank_scale[self._ranks_of(j)]).to(b.dtype))
+        self._folded = True
+
+    def weighted_B(self, rank_weights: torch.Tensor) -> list[torch.Tensor]:
+        """The partitions' B factors with constant per-rank weights (R,) folded in (for a fixed-weight projection)."""
+        out = []
+        for j, p in enumerate(self._used_parts):
+            b = getattr(self, f"B{p}")
+            out.append((b.float() * rank_weights[self._ranks_of(j)]).to(b.dtype))
+        return out
+
+    def own_B(self) -> list[torch.Tensor]:
+        """The partitions' B factors (scales folded in), in partition order."""
+        return [getattr(self, f"B{p}") for p in self._used_parts]
+
+    def add_update(
+        self, out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None, b_factors: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Adds the weighted update to the projection's output, in place.
 
         Args:
             out: (num_tokens, out_shard) the base projection's output (before any all-reduce).
             x: (num_tokens, in_shard) its input, or (num_tokens,) token ids for the embedding.
-            scalings: (num_tokens, n_slots * n_experts) float32 scalings of the main pass, or None for the
-                scaling pass (every expert at the constant scaling-pass weight).
+            weights: (num_tokens, R) per-token rank weights, or None when they are folded into `b_factors`.
+            b_factors: Per used partition, (rows, R_p): `own_B()` or `weighted_B(...)`.
 
         Returns:
             `out`, updated.
         """
-        if scalings is None and not self.scaling_pass_active:
-            return out
         # (num_tokens, R): a row lookup for token ids, a matmul for activations
         z = F.embedding(x, self.A) if self.embedding else x.to(self.A.dtype) @ self.A.T
-        if scalings is None:
-            w = self.scaling_pass_rank_weight  # (R,)
-        else:
-            w = scalings.index_select(-1, self.scaling_index) * self.rank_scale  # (num_tokens, R)
-        z = z * w.to(z.dtype)
-        for j, seg in enumerate(self.segments):
-            r0, r1 = self._rank_spans[j]
-            update = z[:, r0:r1] @ getattr(self, f"B{j}").T  # (num_tokens, out_j)
-            out[:, seg.out_start : seg.out_stop] += update.to(out.dtype)
+        if weights is not None:
+            z = z * weights.to(z.dtype)
+        for j, p in enumerate(self._used_parts):
+            part = self.partitions[p]
+            update = z[:, self._ranks_of(j)] @ b_factors[j].T  # (num_tokens, rows_p)
+            if part.out_start == 0 and part.out_stop == out.shape[-1]:
+                out += update.to(out.dtype)
+            else:
+                out[:, part.out_start : part.out_stop] += update.to(out.dtype)
         return out

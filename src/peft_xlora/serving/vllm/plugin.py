@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 def register() -> None:
-    """Registers `XLoraLlamaForCausalLM`, `XLoraMistralForCausalLM` and `XLoraQwen2ForCausalLM`; safe to repeat."""
+    """Registers the plugin's model classes (`XLoraLlamaForCausalLM`, ...; `spec.ARCHITECTURES`); safe to repeat."""
     from vllm import ModelRegistry
 
     from .model import MODEL_CLASSES

@@ -16,38 +16,46 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...core.config import check_sizes
+
 #: Key of the spec in the exported config.json.
 SPEC_KEY = "xlora"
-#: Version of the spec's layout; the model class refuses others.
-SPEC_FORMAT = 1
+#: Version of the spec's layout; the model class refuses others (1: dual pass only, before routing was written).
+SPEC_FORMAT = 2
 #: File of the exported folder that holds the classifier and the experts' factors.
 WEIGHTS_FILE = "xlora.safetensors"
 #: Prefix of every X-LoRA tensor name in that file (and in vLLM's weight iterator).
 WEIGHT_PREFIX = "xlora."
+#: Name (after the prefix) of a learned single pass's static logits, (n_early, n_experts).
+STATIC_LOGITS = "single_pass_static.logits"
 
-#: transformers architecture -> name of our vLLM class for it.
+#: transformers architecture -> name of our vLLM class for it (each is vLLM's own class for that architecture with
+#: the X-LoRA projections added; see `model.py`).
 ARCHITECTURES = {
     "LlamaForCausalLM": "XLoraLlamaForCausalLM",
     "MistralForCausalLM": "XLoraMistralForCausalLM",
     "Qwen2ForCausalLM": "XLoraQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "XLoraQwen3ForCausalLM",
+    "Gemma2ForCausalLM": "XLoraGemma2ForCausalLM",
+    "Gemma3ForCausalLM": "XLoraGemma3ForCausalLM",
+    "Phi3ForCausalLM": "XLoraPhi3ForCausalLM",
 }
+#: Architectures whose vLLM class uses the input embedding module itself as its LM head (in `compute_logits`), so
+#: the plugin cannot wrap it: experts on `embed_tokens` are refused there.
+EMBEDDING_IS_LM_HEAD = ("Gemma2ForCausalLM",)
 
-# Modules the plugin can mix, by their transformers names (relative to the CausalLM), and where each lands in vLLM's
-# fused projections: (decoder layer index, fused projection, sub-projection index).
-_LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj$")
-FUSED = {
-    "q": ("qkv_proj", 0),
-    "k": ("qkv_proj", 1),
-    "v": ("qkv_proj", 2),
-    "o": ("o_proj", 0),
-    "gate": ("gate_up_proj", 0),
-    "up": ("gate_up_proj", 1),
-    "down": ("down_proj", 0),
-}
+# Modules the plugin can mix, by their transformers names (relative to the CausalLM). vLLM fuses some of them (q, k, v
+# into qkv_proj; gate and up into gate_up_proj); the model class finds where each lands from its own
+# `packed_modules_mapping`. Phi-3's transformers model has the fused qkv_proj and gate_up_proj itself.
+_LAYER_MODULE = re.compile(
+    r"^model\.layers\.(\d+)\.(?:self_attn\.(?:q|k|v|o|qkv)_proj|mlp\.(?:gate|up|down|gate_up)_proj)$"
+)
 EMBEDDING = "model.embed_tokens"
 SUPPORTED_MODULES = (
-    "model.embed_tokens and every decoder layer's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj"
+    "model.embed_tokens and every decoder layer's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj "
+    "(Phi-3: qkv_proj and gate_up_proj)"
 )
+ROUTINGS = ("dual_pass", "single_pass")
 
 
 class XLoraServingError(ValueError):
@@ -68,16 +76,10 @@ def scaling_pass_constant(scaling_pass_value: float, global_scaling_weight: floa
     return float(scaling_pass_value) * float(global_scaling_weight)
 
 
-def fused_target(module: str) -> tuple[int, str, int] | None:
-    """Where a transformers module lands in vLLM: (layer, fused projection, sub-projection), or None.
-
-    Returns None for the input embeddings (handled apart) and for modules the plugin cannot mix.
-    """
+def decoder_layer(module: str) -> int | None:
+    """The decoder layer a mixable module belongs to, or None for the input embedding and modules outside layers."""
     match = _LAYER_MODULE.match(module)
-    if match is None:
-        return None
-    fused, sub = FUSED[match.group(3)]
-    return int(match.group(1)), fused, sub
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -108,7 +110,13 @@ class ServingSpec:
         enable_softmax_topk: With top_k_lora, renormalise the kept experts by a softmax over their logits.
         scaling_pass_value: Expert weight in the scaling pass, before the global weight.
         global_scaling_weight: Multiplies every scaling.
-        scaling_pass_layers: Decoder layers the scaling pass runs (None: all, classifier after the final norm).
+        scaling_pass_layers: k. Dual pass: decoder layers the scaling pass runs (None: all, classifier after the final
+            norm). Single pass: the decoder layer whose output (the residual stream) feeds the classifier.
+        routing: "dual_pass" (a scaling pass, then the main pass with the per-token scalings) or "single_pass"
+            (one pass: static weights in the mixture layers of decoder layers 1..k and the input embedding, the
+            gate on layer k's output for the layers after it).
+        single_pass_static: Single pass: "learned" (a softmax over the exported logits, one row per early mixture
+            layer) or "uniform" (1 / n_experts).
         peft_xlora_version: Version that exported the model.
         format: Layout version of this spec.
     """
@@ -127,6 +135,8 @@ class ServingSpec:
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
     scaling_pass_layers: int | None = None
+    routing: str = "dual_pass"
+    single_pass_static: str = "learned"
     peft_xlora_version: str | None = None
     format: int = field(default=SPEC_FORMAT)
 
@@ -143,6 +153,20 @@ class ServingSpec:
     def slot(self, module: str) -> int:
         """The scaling set a module reads (its mixture-layer index when layerwise, else 0)."""
         return self.mixture_layers.index(module) if self.layerwise_scalings else 0
+
+    def is_late(self, module: str) -> bool:
+        """Single pass: whether a mixture layer runs after decoder layer k (it then applies the per-token scalings).
+
+        As peft-xlora decides it (`core.single_pass.late_layer_indices`): the modules of decoder layers k+1..L are
+        late; the input embedding, registered before the decoder stack, is early.
+        """
+        layer = decoder_layer(module)
+        return self.routing == "single_pass" and layer is not None and layer >= self.scaling_pass_layers
+
+    @property
+    def early_layers(self) -> list[str]:
+        """Single pass: the mixture layers with static weights, in mixture-layer order (the rows of the logits)."""
+        return [m for m in self.mixture_layers if not self.is_late(m)]
 
     def scaling_pass_weight(self) -> float:
         """The constant expert weight of the scaling pass (see `scaling_pass_constant`)."""
@@ -196,7 +220,7 @@ class ServingSpec:
         if sorted(self.modules) != sorted(self.mixture_layers):
             raise XLoraServingError("The X-LoRA spec's `modules` and `mixture_layers` name different modules.")
         for module, entries in self.modules.items():
-            if module != EMBEDDING and fused_target(module) is None:
+            if module != EMBEDDING and decoder_layer(module) is None:
                 raise XLoraServingError(
                     f"Module {module!r} is adapted by an expert, but the vLLM plugin can only mix {SUPPORTED_MODULES} "
                     "(lm_head is not supported: vLLM computes logits for selected tokens only). Use experts that "
@@ -220,3 +244,14 @@ class ServingSpec:
             raise XLoraServingError(f"`classifier_depth` must be >= 1, got {self.classifier_depth!r}.")
         if self.scaling_pass_layers is not None and self.scaling_pass_layers < 1:
             raise XLoraServingError(f"`scaling_pass_layers` must be None or >= 1, got {self.scaling_pass_layers!r}.")
+        # The bounds every X-LoRA config has (core/config.py), before the plugin allocates the classifier and factors.
+        ranks = {f"{module!r} expert {e.expert}": e.rank for module, entries in self.modules.items() for e in entries}
+        check_sizes(self.classifier_depth, self.classifier_width, self.hidden_size, ranks, error=XLoraServingError)
+        if self.routing not in ROUTINGS:
+            raise XLoraServingError(f"`routing` must be one of {ROUTINGS}, got {self.routing!r}.")
+        if self.routing == "single_pass" and self.scaling_pass_layers is None:
+            raise XLoraServingError("`routing='single_pass'` needs `scaling_pass_layers` (the layer k of the gate).")
+        if self.single_pass_static not in ("learned", "uniform"):
+            raise XLoraServingError(
+                f"`single_pass_static` must be 'learned' or 'uniform', got {self.single_pass_static!r}."
+            )

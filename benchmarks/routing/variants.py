@@ -1,0 +1,146 @@
+"""The gates the routing benchmark trains: peft-xlora's defaults, the demo's recipe, its ablation, and new ideas.
+
+A variant is an `XLoraConfig` (options on top of `DEFAULTS`, the config's own defaults as a new user gets them) plus
+how it is trained (steps, learning rate, distillation from the experts' per-token losses) and, for prototypes the
+library does not have yet, the extra decoder layers whose output the classifier reads beside its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One gate of the benchmark.
+
+    Attributes:
+        label: Row name in the tables.
+        options: `XLoraConfig` arguments (besides the experts).
+        steps: Optimiser steps of the gate.
+        lr: Peak learning rate.
+        distillation: Weight of the distillation term from the experts' own per-token losses (0: off). The
+            benchmark adds it from cached expert losses, which is the library's `router_distillation_coef` term
+            computed once per training batch for all variants (`tests/contract/test_routing_bench.py` checks that
+            the two agree).
+        temperature: Temperature (nats) of the distillation target softmax(-loss / T); small: the per-token oracle.
+        extra_layers: Decoder layers (1-based) whose output the classifier reads beside the hidden state of
+            `scaling_pass_layers` (concatenated): the multi-layer prototype (`features.py`). Empty: the library's gate.
+    """
+
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 100
+    lr: float = 1e-3
+    distillation: float = 0.0
+    temperature: float = 1.0
+    extra_layers: tuple[int, ...] = ()
+
+    def recipe(self) -> dict[str, Any]:
+        """What makes this gate, for its cache key (not the label)."""
+        return {
+            "options": self.options,
+            "steps": self.steps,
+            "lr": self.lr,
+            "distillation": self.distillation,
+            "temperature": self.temperature,
+            "extra_layers": list(self.extra_layers),
+        }
+
+
+DEFAULTS_LABEL = "peft-xlora defaults"
+RECIPE_LABEL = "demo recipe"
+
+# The issue's "as a new user would": the config's defaults, 100 steps at lr 1e-3.
+DEFAULTS = Variant(DEFAULTS_LABEL)
+
+# The demo's choices (docs/demo.md), each one switch of the ablation. `None` in options means "the default".
+RECIPE_CHOICES: dict[str, dict[str, Any]] = {
+    "distillation": {"distillation": 1.0},
+    "gate layer 20": {"options": {"scaling_pass_layers": 20}},
+    "layerwise": {"options": {"layerwise_scalings": True}},
+    "depth 2, width 64": {"options": {"xlora_depth": 2, "xlora_size": 64}},
+    "dropout 0": {"options": {"xlora_dropout_p": 0.0}},
+    "30 steps": {"steps": 30},
+    "lr 5e-3": {"lr": 5e-3},
+}
+# The initialisation is the one choice where the demo and the defaults agree (uniform): its switch is "random".
+INIT_SWITCH = {"options": {"classifier_init": "random"}}
+
+
+def _merge(base: Variant, label: str, change: dict[str, Any]) -> Variant:
+    options = {**base.options, **change.get("options", {})}
+    rest = {k: v for k, v in change.items() if k != "options"}
+    return Variant(
+        label=label,
+        options=options,
+        **{k: rest.get(k, getattr(base, k)) for k in ("steps", "lr", "distillation", "temperature", "extra_layers")},
+    )
+
+
+def _recipe() -> Variant:
+    out = DEFAULTS
+    for change in RECIPE_CHOICES.values():
+        out = _merge(out, RECIPE_LABEL, change)
+    return out
+
+
+RECIPE = _recipe()
+
+
+def _without(choice: str) -> dict[str, Any]:
+    """The change that undoes one recipe choice (back to the default)."""
+    change = RECIPE_CHOICES[choice]
+    undo: dict[str, Any] = {}
+    for key, value in change.items():
+        if key == "options":
+            undo["options"] = {k: getattr(_CONFIG_DEFAULTS, k) for k in value}
+        else:
+            undo[key] = getattr(DEFAULTS, key)
+    return undo
+
+
+class _ConfigDefaults:
+    # XLoraConfig's defaults for the fields the recipe changes (read from the dataclass, not restated).
+    def __getattr__(self, name: str) -> Any:
+        from peft_xlora.core.config import XLoraConfig
+
+        return XLoraConfig.__dataclass_fields__[name].default
+
+
+_CONFIG_DEFAULTS = _ConfigDefaults()
+
+
+def ablation() -> list[Variant]:
+    """Each recipe choice switched on alone over the defaults, and off alone from the recipe; plus the init switch."""
+    out = []
+    for choice, change in RECIPE_CHOICES.items():
+        out.append(_merge(DEFAULTS, f"defaults + {choice}", change))
+    out.append(_merge(DEFAULTS, "defaults + random init", INIT_SWITCH))
+    for choice in RECIPE_CHOICES:
+        out.append(_merge(RECIPE, f"recipe - {choice}", _without(choice)))
+    out.append(_merge(RECIPE, "recipe + random init", INIT_SWITCH))
+    return out
+
+
+def ideas() -> list[Variant]:
+    """Routing after switches: an earlier layer, two layers, per-token-oracle targets (all within the cost budget)."""
+    return [
+        _merge(RECIPE, "recipe, gate layer 8", {"options": {"scaling_pass_layers": 8}}),
+        _merge(RECIPE, "recipe, layers 8 + 20", {"extra_layers": (8,)}),
+        _merge(RECIPE, "recipe, oracle targets (T 0.1)", {"temperature": 0.1}),
+    ]
+
+
+def by_label(variants: list[Variant]) -> dict[str, Variant]:
+    """Variants by label; labels must be unique."""
+    out = {v.label: v for v in variants}
+    if len(out) != len(variants):
+        raise ValueError("Variant labels must be unique.")
+    return out
+
+
+def all_variants() -> dict[str, Variant]:
+    """Every variant the full benchmark knows, by label."""
+    return by_label([DEFAULTS, RECIPE, *ablation(), *ideas()])

@@ -1,0 +1,147 @@
+"""The routing benchmark (benchmarks/routing, issue 25): its parts against plain references, and a tiny smoke run."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.models import build_xlora, input_ids, tiny_llama
+from helpers.reference import distillation_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # `benchmarks` lives beside `src`, not inside the installed package
+    sys.path.insert(0, ROOT)
+
+from benchmarks import corpora  # noqa: E402
+from benchmarks.provenance import check_result  # noqa: E402
+from benchmarks.routing import features  # noqa: E402
+from benchmarks.routing import variants as V  # noqa: E402
+from benchmarks.routing.__main__ import main  # noqa: E402
+from benchmarks.routing.bench import distillation  # noqa: E402
+from benchmarks.routing.metrics import switch_distance  # noqa: E402
+
+from peft_xlora.cli.demo.evaluate import pinned_token_losses  # noqa: E402
+from peft_xlora.core.classifier import gate  # noqa: E402
+from peft_xlora.core.model import find_tuner  # noqa: E402
+
+
+def test_switch_distance_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    domains = torch.randint(0, 3, (4, 30), generator=g)
+    got = switch_distance(domains)
+    for row in range(domains.shape[0]):
+        last = None
+        for t in range(domains.shape[1] - 1):  # position t predicts token t + 1
+            if domains[row, t + 1] != domains[row, t]:
+                last = t
+            if last is None:
+                assert got[row, t] > 64
+            else:
+                assert got[row, t] == t - last + 1
+
+
+def test_distillation_from_cached_expert_losses_equals_the_library_term(expert_dirs):
+    # The benchmark computes every expert's loss once per gate batch and adds the term itself: it must be the term
+    # the library adds with router_distillation_coef (checked against the plain reference of separate forwards).
+    model = build_xlora("llama", expert_dirs, layerwise_scalings=True).eval()  # no classifier dropout
+    ids = input_ids(batch=2, seq=9)
+    n = len(find_tuner(model).expert_names)
+    captured = {}
+    find_tuner(model).xlora_classifier.register_forward_hook(lambda m, a, out: captured.__setitem__("logits", out))
+    with torch.no_grad():
+        expert_losses = pinned_token_losses(model, ids, torch.eye(n), ids.shape[0]).permute(1, 2, 0)
+        model(input_ids=ids)
+        got = distillation(captured["logits"], expert_losses, temperature=0.7, softmax_temperature=1.0)
+    want = distillation_reference(model, ids, ids, temperature=0.7)
+    torch.testing.assert_close(got.item(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_layer_gate_reads_the_concatenated_layer_outputs(expert_dirs):
+    model = build_xlora("llama", expert_dirs, scaling_pass_layers=2, layerwise_scalings=True).eval()
+    classifier = features.install(model, (1,))
+    tuner = find_tuner(model)
+    ids = input_ids(batch=2, seq=6)
+    with torch.no_grad():
+        model(input_ids=ids)
+        got = tuner.get_latest_scalings()
+        # Reference: the plain base model's decoder-layer outputs (scaling_pass_value 0: the scaling pass is the base).
+        base = tiny_llama()
+        outputs = {}
+        for i, layer in enumerate(base.model.layers):
+            layer.register_forward_hook(
+                lambda m, a, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+            )
+        base(input_ids=ids)
+        logits = classifier.inner(torch.cat([outputs[0], outputs[1]], dim=-1))
+    torch.testing.assert_close(got, gate(logits))
+    assert classifier.inner.layers[0].in_features == 2 * tuner.xlora_config.hidden_size
+
+
+def test_each_ablation_variant_changes_one_choice():
+    by_label = V.all_variants()
+    fields = ("steps", "lr", "distillation", "temperature", "extra_layers")
+
+    def changed(a, b):
+        keys = {k for k in fields if getattr(a, k) != getattr(b, k)}
+        opts = set(a.options) | set(b.options)
+        # An option left at the config's default is the same choice as that option absent.
+        default = V._CONFIG_DEFAULTS
+        return keys | {
+            k for k in opts if a.options.get(k, getattr(default, k)) != b.options.get(k, getattr(default, k))
+        }
+
+    for choice, change in V.RECIPE_CHOICES.items():
+        expected = {k for k in change if k != "options"} | set(change.get("options", {}))
+        assert changed(by_label[f"defaults + {choice}"], V.DEFAULTS) == expected
+        assert changed(by_label[f"recipe - {choice}"], V.RECIPE) == expected
+    assert changed(V.DEFAULTS, V.RECIPE) == set().union(
+        *({k for k in c if k != "options"} | set(c.get("options", {})) for c in V.RECIPE_CHOICES.values())
+    )
+
+
+def test_corpus_has_sixteen_documented_domains_and_a_stable_split():
+    assert len(corpora.DOMAINS) >= 16
+    assert set(corpora.ROUTING_SUBSET) <= set(corpora.DOMAINS) and len(corpora.ROUTING_SUBSET) >= 6
+    for domain in corpora.DOMAINS.values():
+        assert domain.source and domain.package and domain.licence
+    names = [(f"doc{i}", f"text {i}") for i in range(200)]
+    train, held = corpora.split(names)
+    assert len(train) + len(held) == 200 and not set(train) & set(held)
+    assert 20 < len(held) < 60  # about one in five
+    assert corpora.split(names) == (train, held)
+
+
+@pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="needs Debian's base-files")
+def test_corpus_reads_a_domain_deterministically():
+    first = corpora.read_domains(["licences"], max_chars=500, max_docs=20)
+    assert first == corpora.read_domains(["licences"], max_chars=500, max_docs=20)
+    train, held = first["licences"]
+    assert train and held and all(len(t) <= 500 for t in train + held)
+    with pytest.raises(corpora.DataError, match="Unknown domain"):
+        corpora.read_domains(["shakespeare"])
+
+
+@pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="needs Debian's text files")
+def test_tiny_run_writes_a_result_file(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "routing-smoke.json"
+    domains = ["licences", "locales", "cmake"]
+    try:
+        payload = main(
+            ["--tiny", "--variants", V.DEFAULTS_LABEL, "--seeds", "0", "1", "--domains", *domains, "--cache-dir",
+             str(tmp_path / "cache"), "--out", str(out)]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert check_result(data) == []
+    for rep in [*data["per_seed"].values(), data["pooled"]]:
+        table = rep["table"]
+        assert {"base model", "segment oracle", "Arrow top-1", "PEFT built-in X-LoRA", V.DEFAULTS_LABEL} <= set(table)
+        assert set(rep["columns"]) == set(table[V.DEFAULTS_LABEL])
+        assert all(abs(g) < 1e-9 for g in rep["gaps"]["segment oracle"].values())
+        assert all(line.startswith(("PASS ", "FAIL ")) for line in rep["targets"][V.DEFAULTS_LABEL])
+    assert payload["seeds"] == [0, 1]
