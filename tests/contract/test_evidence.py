@@ -196,6 +196,12 @@ def test_tables_are_rewritten_between_their_markers(monkeypatch):
         doc_tables.render("<!-- table: nothing-like-it -->\n<!-- /table -->")
 
 
+@pytest.mark.parametrize("name", sorted(doc_tables.TABLES))
+def test_every_table_generator_runs(name):
+    """Also those no page uses yet (a page that adopts one must not find it broken)."""
+    assert doc_tables.TABLES[name]().strip()
+
+
 def test_routing_table_blocks_are_checked_too():
     text = (DOCS / "routing.md").read_text("utf-8")
     start = next(m for m in re.finditer(r"^<!-- routing-table: .*$", text, re.M))
