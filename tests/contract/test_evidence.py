@@ -76,7 +76,7 @@ def test_every_quoted_file_exists_and_has_provenance():
 # Measurements in prose: a ratio (`1.5x`), a duration, a size, a rate, a loss. Settings and tolerances (`rank 16`,
 # `1e-5`) are not matched. A match needs a source marker right after it (up to a short unit).
 _MEASUREMENT = re.compile(
-    r"(?<![\w.`])\d+(?:\.\d+)?(?:x(?![\w])| ?(?:s|ms|min|GiB|MiB|nats|tokens/s|tok/s)\b)(?!\s*(?:=|`))"
+    r"(?<![\w.`])(?<!e-)\d+(?:\.\d+)?(?:x(?![\w])| ?(?:s|ms|min|GiB|MiB|nats|tokens/s|tok/s)\b)(?!\s*(?:=|`))"
 )
 
 
@@ -157,6 +157,7 @@ def test_measurement_lint_sees_what_it_should():
         "```\n9.9x inside code\n```\n"
         "<!-- table: t -->\n7.7 GiB in a generated table\n<!-- /table -->\n"
         "Z is 4.6% better, 5%<!-- src: a.json#y --> smaller, within 2% of W, at least 10% below V, 95% bootstrap.\n"
+        "A tolerance in e-notation: within 1e-3 nats.\n"
     )
     assert [f.split(":")[0] for f in unbacked_measurements(text)] == ["line 1", "line 1", "line 9"]
 
