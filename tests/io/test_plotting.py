@@ -89,5 +89,5 @@ def test_errors_say_what_is_wrong(model_and_ids, expert_dirs, tmp_path):
 
 def test_missing_matplotlib_names_the_extra(monkeypatch, model_and_ids):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now fails as if not installed
-    with pytest.raises(ImportError, match=r"peft-xlora\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib \(peft-xlora.s `plot` extra\)"):
         plot_scalings(model_and_ids[0].get_latest_scalings())
