@@ -33,7 +33,7 @@ from xlora_vllm_cases import (
     vllm_generate,
 )
 
-from peft_xlora.serving.vllm import XLoraServingError
+from peft_xlora.serving.vllm import XLoraServingError, export_vllm
 
 SINGLE = {"routing": "single_pass"}
 # Every gating option that changes outputs, for both routings, on Llama; each other architecture once per routing.
@@ -147,6 +147,42 @@ def test_scalings_match_peft_xlora_token_by_token(tmp_path, routing):
         late = sorted(tuner.router.late_layers)
         assert late and len(late) < len(tuner.mixture_layer_names)
     torch.testing.assert_close(ours[:, late], reference[:, late].float(), atol=1e-5, rtol=1e-5)
+
+
+# Pinned mixtures (`export_vllm(..., pin=...)`): one pass with no gate, what peft-xlora's model computes after
+# `set_static_scalings` of the same weights (used as given: no softmax, no global weight). "llama-single-uniform" is
+# a single-pass checkpoint served at 1 / n on every mixture layer, the embedding included: what a single pass over
+# every layer computed before peft-xlora refused to build one whose gate is never used.
+PINNED = {
+    "llama-dual-per-layer": ("llama", {"layerwise_scalings": True, "top_k_lora": 2}, "per-layer"),
+    "llama-single-uniform": ("llama", {**SINGLE, "scaling_pass_layers": 2, "global_scaling_weight": 1.3}, "uniform"),
+    "phi3-shared": ("phi3", {"softmax_temperature": 0.5}, {"math": 0.7, "poetry": 1.2}),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_vllm_serves_a_pinned_mixture_as_set_static_scalings(tmp_path, name):
+    arch, options, pin = PINNED[name]
+    case = build_case(str(tmp_path), arch=arch, **options)
+    tuner = case.model.base_model
+    names = tuner.expert_names
+    if isinstance(pin, str) and pin == "per-layer":  # one row per mixture layer, not summing to 1
+        pin = torch.rand(len(tuner.mixture_layer_names), len(names), generator=torch.Generator().manual_seed(3)) * 1.5
+    served = export_vllm(case.checkpoint, os.path.join(str(tmp_path), "pinned"), base_model=case.base, pin=pin)
+    tuner.set_static_scalings({n: 1 / len(names) for n in names} if isinstance(pin, str) else pin)
+    new_tokens = NEW_TOKENS + [6] * len(SECOND_WAVE)
+    prompts = FIRST_WAVE + SECOND_WAVE
+    references = [reference_generate(case.model, p, n) for p, n in zip(prompts, new_tokens)]
+    _assert_not_base_model(case, prompts[2:4], references[2:4])
+    with vllm_engine(served, **TRACED) as llm:
+        first = vllm_generate(llm, FIRST_WAVE, NEW_TOKENS)
+        cached: list[int] = []
+        second = vllm_generate(llm, SECOND_WAVE, new_tokens[len(FIRST_WAVE) :], cached_tokens=cached)
+        found = llm.apply_model(lambda model: (model.compiled, model.xlora is None, len(model.xlora_stacks)))
+    assert found[0][:2] == (True, True), found  # traced; no router: every projection at fixed weights
+    assert min(cached) >= 64, f"the shared prefix was not served from the cache: {cached} cached tokens"
+    for mine, reference in zip(first + second, references):
+        assert_same_generation(mine, reference)
 
 
 def test_eager_and_traced_engines_agree(tmp_path):

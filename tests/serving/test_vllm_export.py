@@ -640,3 +640,58 @@ def test_cli_exports_a_pinned_mixture(saved_case, tmp_path, capsys):
     lora = ["export", saved_case.checkpoint, "--format", "lora", "--out", str(tmp_path / "l"), "--weights", "math=1"]
     assert main([*lora, "--pin", "uniform"]) == 2
     assert "--pin applies to --format vllm only" in capsys.readouterr().err
+
+
+def test_export_after_elastic_changes_is_the_export_of_a_model_built_with_those_experts(tmp_path):
+    # remove_expert then add_expert, saved: the export describes the model built directly with the experts it now
+    # has (the same spec, the same factors), and carries the changed model's classifier.
+    import peft_xlora
+
+    root = str(tmp_path)
+    experts = make_experts("llama", root)
+    case = build_case(root, experts=experts, layerwise_scalings=True, top_k_lora=2)
+    tuner = case.model.base_model
+    tuner.remove_expert("code")
+    tuner.add_expert("coda", experts["code"])
+    changed = os.path.join(root, "changed")
+    peft_xlora.save_pretrained(case.model, changed)
+    served = export_vllm(changed, tmp_path / "served-changed", base_model=case.base)
+    direct_experts = {"math": experts["math"], "poetry": experts["poetry"], "coda": experts["code"]}
+    direct = build_case(str(tmp_path / "direct"), experts=direct_experts, layerwise_scalings=True, top_k_lora=2)
+    (_, ours), (_, theirs) = _read_served(served), _read_served(direct.served)
+    assert ours.experts == theirs.experts == ["math", "poetry", "coda"]
+    assert (ours.mixture_layers, ours.modules, ours.shapes) == (theirs.mixture_layers, theirs.modules, theirs.shapes)
+    weights, built = (load_file(os.path.join(path, WEIGHTS_FILE)) for path in (served, direct.served))
+    factors = sorted(key for key in built if key.startswith("xlora.experts."))
+    assert factors and sorted(key for key in weights if key.startswith("xlora.experts.")) == factors
+    for key in factors:
+        torch.testing.assert_close(weights[key], built[key], rtol=0, atol=0)
+    linears = [m for m in tuner.xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
+    for j, linear in enumerate(linears):
+        torch.testing.assert_close(weights[f"xlora.classifier.{j}.weight"], linear.weight.detach(), rtol=0, atol=0)
+
+
+def test_export_resolves_the_recorded_base_model(saved_case, tmp_path, monkeypatch):
+    # Without `base_model`, the base model the checkpoint records: a local folder as it is, a Hub id at the recorded
+    # revision (resolved through huggingface_hub; here a stand-in that records the call, since nothing may download).
+    import filecmp
+
+    import huggingface_hub
+
+    local = _broken_copy(saved_case, tmp_path, "local")
+    _write_config(local, lambda config: config.update(base_model_name_or_path=saved_case.base, revision=None))
+    served = export_vllm(local, tmp_path / "out-local")
+    assert filecmp.cmp(os.path.join(served, "model.safetensors"), os.path.join(saved_case.base, "model.safetensors"))
+    hub = _broken_copy(saved_case, tmp_path, "hub")
+    _write_config(hub, lambda config: config.update(base_model_name_or_path="org/tiny-base", revision="0123abc"))
+    calls = []
+
+    def snapshot_download(repo_id, revision=None):
+        calls.append((repo_id, revision))
+        return saved_case.base
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    export_vllm(hub, tmp_path / "out-hub")
+    assert calls == [("org/tiny-base", "0123abc")]
+    export_vllm(hub, tmp_path / "out-given", base_model="org/other-base")  # a base model given: its newest files
+    assert calls[-1] == ("org/other-base", None)

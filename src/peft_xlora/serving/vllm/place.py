@@ -59,6 +59,7 @@ VLLM_IRRELEVANT: dict[str, str] = {
     "adapters": "where the experts came from; the checkpoint holds their weights",
     "xlora_dropout_p": "training only: the classifier runs without dropout at inference",
     "classifier_init": "overwritten by the trained classifier",
+    "topk_compute": "how top_k_lora is computed: the plugin's mixture is dense (the same outputs)",
     "use_trainable_adapters": "the checkpoint holds the experts as trained",
     "router_load_balancing_coef": "a training term",
     "router_entropy_coef": "a training term",
