@@ -226,3 +226,40 @@ def test_engine_refuses_vllms_own_lora_and_damaged_exports(tmp_path):
     save_file(weights, path)
     with pytest.raises(XLoraServingError, match="only \\['lora_A'\\]"), vllm_engine(case.served):
         pass
+
+
+def test_engine_refuses_an_export_for_another_base_model_before_allocating(tmp_path, monkeypatch):
+    # A spec whose sizes are within the bounds but not this base model's: a hidden size (the classifier's input) or
+    # an adapted module's shape that differs is refused before the classifier or any factor is allocated.
+    import json
+    import shutil
+
+    from peft_xlora.serving.vllm import model as plugin_model
+
+    case = build_case(str(tmp_path), top_k_lora=2)
+    allocated = []
+    for name in ("StackedLora", "XLoraRouter"):
+        real = getattr(plugin_model, name)
+        monkeypatch.setattr(plugin_model, name, lambda *a, _real=real, **k: allocated.append(_real) or _real(*a, **k))
+
+    def edited(label, edit):
+        path = str(tmp_path / label)
+        shutil.copytree(case.served, path)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        edit(config)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        return path
+
+    wide = edited("wide-spec", lambda config: config["xlora"].update(hidden_size=4096))
+    narrow_mlp = edited("narrow-mlp", lambda config: config.update(intermediate_size=96))
+    refusals = {
+        wide: "reads hidden states of width 4096 but the base model's hidden size is 64",
+        narrow_mlp: r"adapts 'model\.layers\.0\.mlp\.\w+_proj' as a (64 -> 128|128 -> 64) module, but in this base "
+        r"model it maps (64 -> 96|96 -> 64): the export was made for another base model",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(XLoraServingError, match=message), vllm_engine(path):
+            pass
+    assert allocated == []

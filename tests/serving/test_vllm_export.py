@@ -695,3 +695,34 @@ def test_export_resolves_the_recorded_base_model(saved_case, tmp_path, monkeypat
     assert calls == [("org/tiny-base", "0123abc")]
     export_vllm(hub, tmp_path / "out-given", base_model="org/other-base")  # a base model given: its newest files
     assert calls[-1] == ("org/other-base", None)
+
+
+def test_spec_refuses_malformed_pins_and_shapes(saved_case):
+    # A damaged (or hand-written) spec's pinned weights and module shapes are checked when the spec is read.
+    _, spec = _read_served(saved_case.served)
+    data = spec.to_dict()
+    n_layers = len(spec.mixture_layers)
+    pinned = {**data, "routing": "pinned", "classifier_depth": 0, "classifier_width": 0}
+    assert ServingSpec.from_dict({**pinned, "pinned_weights": [[0.2, 0.3, 0.5]]}).routing == "pinned"
+    assert ServingSpec.from_dict({**pinned, "pinned_weights": [[0.2, 0.3, 0.5]] * n_layers}).routing == "pinned"
+    damaged = "The export is damaged: export the checkpoint again"
+    for rows in (None, [[0.5, 0.5]], [[0.2, 0.3, 0.5]] * 2, "uniform"):
+        with pytest.raises(XLoraServingError, match=damaged):
+            ServingSpec.from_dict({**pinned, "pinned_weights": rows})
+    with pytest.raises(XLoraServingError, match="finite numbers"):
+        ServingSpec.from_dict({**pinned, "pinned_weights": [[0.2, float("inf"), 0.5]]})
+    with pytest.raises(XLoraServingError, match="no classifier"):
+        ServingSpec.from_dict({**pinned, "classifier_depth": 1, "pinned_weights": [[0.2, 0.3, 0.5]]})
+    with pytest.raises(XLoraServingError, match="`pinned_weights` unset with routing='dual_pass'"):
+        ServingSpec.from_dict({**data, "pinned_weights": [[0.2, 0.3, 0.5]]})
+    shapes = data["shapes"]
+    first = spec.mixture_layers[0]
+    for broken in (
+        {k: v for k, v in shapes.items() if k != first},  # a mixture layer missing
+        {**shapes, "lm_head": [64, 97]},  # another module
+        {**shapes, first: [97, 0]},
+        {**shapes, first: [97]},
+    ):
+        with pytest.raises(XLoraServingError, match="`shapes` must give"):
+            ServingSpec.from_dict({**data, "shapes": broken})
+    assert ServingSpec.from_dict({**data, "shapes": None}).shapes is None  # an export from before shapes were kept
