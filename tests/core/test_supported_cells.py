@@ -451,6 +451,7 @@ VLLM_EXPORT = "tests/serving/test_vllm_export.py"
 SERVED = "tests/serving/test_vllm_exactness.py::test_vllm_serves_what_peft_xlora_computes"
 PIN_SERVED = "tests/serving/test_vllm_exactness.py::test_vllm_serves_a_pinned_mixture_as_set_static_scalings"
 DESCRIBED = f"{VLLM_EXPORT}::test_export_describes_the_model_peft_xlora_built"
+VLLM_DEFAULTS = "tests/serving/test_vllm_exactness.py::test_eager_engine_serves_the_default_xlora"
 VLLM_GATING = f"{SERVED}[llama-dual-gating]"
 VLLM_SCALING_PASS = f"{SERVED}[llama-dual-scaling-pass-no-softmax-top-1]"
 VLLM_SINGLE = ", ".join(
@@ -552,7 +553,7 @@ COVERED: dict[tuple[str, str], str] = {
     ("cli", "heads"): CLI_HEADS,
     ("cli", "trainable_head"): CLI_HEADS,
     # export_vllm: each option served by a traced engine equal to peft-xlora's model; refusals by their tests
-    **{("export_vllm", row): f"{DESCRIBED}, {SERVED}[llama-dual-dense]" for row in ("experts", "expert_order")},
+    **{("export_vllm", row): f"{DESCRIBED}, {VLLM_DEFAULTS}" for row in ("experts", "expert_order")},
     ("export_vllm", "hidden_size"): f"{DESCRIBED}, {VLLM_EXPORT}::test_export_refuses_a_base_model_of_other_shapes",
     **dict.fromkeys(
         (("export_vllm", r) for r in ("base_model_name_or_path", "revision")),
@@ -572,13 +573,13 @@ COVERED: dict[tuple[str, str], str] = {
         VLLM_SCALING_PASS,
     ),
     ("export_vllm", "scaling_pass_layers"): f"{VLLM_SCALING_PASS}, {VLLM_SINGLE}",
-    ("export_vllm", "routing"): f"{SERVED}[llama-dual-dense], {VLLM_SINGLE}",
+    ("export_vllm", "routing"): f"{VLLM_DEFAULTS}, {VLLM_SINGLE}",
     ("export_vllm", "single_pass_static"): VLLM_SINGLE,
     ("export_vllm", "scalings_mode"): (
         f"{VLLM_REFUSED_FIELD}[scalings_mode], {VLLM_EXPORT}::test_a_pin_serves_what_the_gate_cannot"
     ),
-    ("export_vllm", "trainable_head"): f"{VLLM_REFUSED_FIELD}[trainable_head], {SERVED}[llama-dual-dense]",
-    ("export_vllm", "task_type"): f"{VLLM_REFUSED_FIELD}[task_type], {SERVED}[llama-dual-dense]",
+    ("export_vllm", "trainable_head"): f"{VLLM_REFUSED_FIELD}[trainable_head], {VLLM_DEFAULTS}",
+    ("export_vllm", "task_type"): f"{VLLM_REFUSED_FIELD}[task_type], {VLLM_DEFAULTS}",
     ("export_vllm", "pins"): (
         f"{PIN_SERVED}, {VLLM_EXPORT}::test_pinned_export_holds_what_set_static_scalings_holds, "
         f"{VLLM_EXPORT}::test_cli_exports_a_pinned_mixture"
