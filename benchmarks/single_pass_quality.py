@@ -17,7 +17,6 @@ lower is better, and the last column is the single pass's loss minus the dual pa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from peft_xlora.cli.demo.evaluate import Losses, evaluate
 from peft_xlora.cli.demo.run import Demo
 from peft_xlora.cli.demo.settings import preset
 from peft_xlora.cli.demo.train import train_steps
+
+from .provenance import module_command, provenance, write_result
 
 DEFAULT_CACHE = Path(os.environ.get("PEFT_XLORA_CACHE", Path.home() / ".cache" / "peft-xlora"))
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    block = provenance(module_command("benchmarks.single_pass_quality", argv))
     settings = preset(args.tiny)
     ks = args.k or ([1] if args.tiny else [10, 20, 25])  # tiny has 2 layers: k=2 would leave no routed layer
     demo = Demo(settings, args.cache_dir, args.out, quiet=args.quiet)
@@ -132,10 +134,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['pure']:.4f} | {r['mixed']:.4f} | {r['d_pure']:+.4f} | {r['d_mixed']:+.4f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"tiny": args.tiny, "k": ks, "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
-    with open(args.out / f"single-pass-quality-{'tiny' if args.tiny else 'smollm2'}.json", "w") as f:
-        json.dump(report, f, indent=1)
+    report = {
+        "tiny": args.tiny,
+        "k": ks,
+        "settings": settings.recipe(),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_result(str(args.out / f"single-pass-quality-{'tiny' if args.tiny else 'smollm2'}.json"), report, block)
     return report
 
 
