@@ -559,7 +559,7 @@ def test_a_malformed_pin_is_refused_before_anything_is_written(saved_case, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_a_pin_serves_what_the_gate_cannot(saved_case, tmp_path):
+def test_a_pin_serves_what_the_gate_cannot(saved_case, tmp_path, capsys):
     # A single pass over every layer (the gate never used; peft-xlora no longer builds one) and prompt mode are refused
     # by the export, each saying what to do; pinned, both serve a fixed mixture (the gate's options are then moot).
     every_layer = _broken_copy(saved_case, tmp_path, "every-layer")
@@ -583,6 +583,16 @@ def test_a_pin_serves_what_the_gate_cannot(saved_case, tmp_path):
         assert not out.exists()
         served = export_vllm(path, out, base_model=saved_case.base, pin="uniform")
         assert _read_served(served)[1].routing == "pinned"
+    # The command line checks the table with --pin as a pin: refused without it, exported with it.
+    from peft_xlora.cli.parser import main
+
+    args = ["export", prompt, "--format", "vllm", "--out", str(tmp_path / "cli"), "--base", saved_case.base]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "scalings_mode='prompt' is not served by the vLLM plugin" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+    assert main([*args, "--pin", "uniform"]) == 0
+    assert _read_served(str(tmp_path / "cli"))[1].routing == "pinned"
 
 
 def _copy_base_with(case, tmp_path, **changes) -> str:
