@@ -652,6 +652,80 @@ def sparse_methods() -> str:
     return _md(header, rows, "|---|---:|---:|---|---:|" + "---:|" * len(methods)) + "\n\n" + caption(SPARSE_KERNEL)
 
 
+SERVING = "benchmarks/results/vllm-serving-cpu.json"
+
+
+def _serving_labels(workload: dict[str, Any]) -> dict[str, str]:
+    k = workload.get("single_pass_layers")
+    total_rank = workload["experts"] * (workload.get("rank") or workload.get("r"))
+    return {
+        "vllm_base": "vLLM, base model",
+        "vllm_pinned": "plugin, pinned gate (single pass, k = all layers, uniform)",
+        "vllm_single": f"plugin, single pass (k = {k})",
+        "vllm_dual": "plugin, dual pass",
+        "vllm_lora": f"vLLM's own LoRA, one LoRA of rank {total_rank}",
+        "hf_generate": "peft-xlora HF `generate` (dual pass), one batch",
+    }
+
+
+def _serving_table(name: str) -> str:
+    """One workload of the serving benchmark: CPU and wall medians and tokens per second of every method."""
+    data = load(SERVING)
+    part = data["workloads"][name]
+    labels = _serving_labels(part["workload"])
+    rows = [
+        [labels[m], f"{r['cpu_median_s']:.2f}", f"{r['tokens_per_cpu_s']:.1f}", f"{r['median_s']:.2f}",
+         f"{r['tokens_per_s']:.1f}"]
+        for m, r in part["results"].items()
+    ]  # fmt: skip
+    header = ["method", "median CPU s", "tokens / CPU-s", "median wall s", "tokens / s"]
+    what = (
+        f"{data['requests']} concurrent greedy requests, prompt {data['prompt']} tokens, {data['new_tokens']} new "
+        f"tokens each, {data['dtype']}; medians of {data['repeats']} timed runs. "
+    )
+    return _md(header, rows, "| --- | ---: | ---: | ---: | ---: |") + "\n\n" + what + caption(SERVING)
+
+
+@table("serving-reference")
+def serving_reference() -> str:
+    """serving.md: the serving benchmark on the reference workload."""
+    return _serving_table("reference")
+
+
+@table("serving-smollm2")
+def serving_smollm2() -> str:
+    """serving.md: the serving benchmark on SmolLM2-135M with the demo's expert shape."""
+    return _serving_table("smollm2")
+
+
+SERVING_RATIOS = {
+    "single_over_pinned": "single pass / pinned gate",
+    "single_over_dual": "single pass / dual pass",
+    "dual_over_half_pinned": "dual pass / half the pinned gate",
+    "pinned_over_base": "pinned gate / base model",
+    "dual_over_base": "dual pass / base model",
+    "single_over_vllm_lora": "single pass / vLLM's own LoRA",
+    "dual_over_hf_generate": "dual pass / HF `generate`",
+}
+
+
+@table("serving-targets")
+def serving_targets() -> str:
+    """serving.md: the ratios of issue 23 (tokens per CPU-second) on both workloads, and whether each target is met."""
+    data = load(SERVING)
+    targets = data["targets"]
+    rows = []
+    for key, label in SERVING_RATIOS.items():
+        cells = []
+        for name in ("reference", "smollm2"):
+            value = data["workloads"][name]["summary"]["CPU time"][key]
+            verdict = "" if key not in targets else (" (met)" if value >= targets[key] else " (missed)")
+            cells.append(f"{value:.2f}{verdict}" if value < 10 else f"{value:.1f}{verdict}")
+        rows.append([label, f">= {targets[key]:g}" if key in targets else "", *cells])
+    header = ["ratio", "target", "reference", "SmolLM2"]
+    return _md(header, rows, "| --- | ---: | ---: | ---: |") + "\n\nIn tokens per CPU-second. " + caption(SERVING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Rewrites the generated tables (or, with --check, reports what is out of date); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

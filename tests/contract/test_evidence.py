@@ -76,7 +76,14 @@ def test_every_quoted_file_exists_and_has_provenance():
 # Measurements in prose: a ratio (`1.5x`), a duration, a size, a rate, a loss. Settings and tolerances (`rank 16`,
 # `1e-5`) are not matched. A match needs a source marker right after it (up to a short unit).
 _MEASUREMENT = re.compile(
-    r"(?<![\w.`])\d+(?:\.\d+)?(?:x(?![\w])| ?(?:s|ms|min|GiB|MiB|nats|tokens/s|tok/s)\b)(?!\s*(?:=|`))"
+    r"(?<![\w.`])(?<!e-)\d+(?:\.\d+)?(?:x(?![\w])| ?(?:s|ms|min|GiB|MiB|nats|tokens/s|tok/s)\b)(?!\s*(?:=|`))"
+)
+
+
+# A percentage is a measurement too, unless it states a tolerance, a bound or a target ("within 2%", "at least 10%")
+# or the level of an interval ("95% bootstrap interval").
+_PERCENT = re.compile(
+    r"(?<![\w.`+\-])(?<!within )(?<!at least )(?<!at most )\d+(?:\.\d+)? ?%(?! bootstrap| confidence| interval)"
 )
 
 
@@ -102,13 +109,14 @@ def _prose_lines(text: str):
             yield number, line
 
 
-def unbacked_measurements(text: str) -> list[str]:
+def unbacked_measurements(text: str, percentages: bool = True) -> list[str]:
     """Measurement-looking numbers in prose without a source marker after them."""
     found = []
+    patterns = [_MEASUREMENT, _PERCENT] if percentages else [_MEASUREMENT]
     for number, line in _prose_lines(text):
         # inline code (`--threads 1`, `2 x 256`) is not prose
         plain = re.sub(r"`[^`]*`", "``", line)
-        for m in _MEASUREMENT.finditer(plain):
+        for m in [m for pattern in patterns for m in pattern.finditer(plain)]:
             after = plain[m.end() : m.end() + 30]
             if not re.match(r"[^\d<]{0,12}<!-- src:", after):
                 found.append(f"line {number}: {m[0]!r} in {line.strip()[:100]!r}")
@@ -116,7 +124,14 @@ def unbacked_measurements(text: str) -> list[str]:
 
 
 # Pages another piece of work is rewriting, with the reason: their numbers are reconciled when it lands.
-NOT_YET_SOURCED = {"serving.md": "rewritten by the serving work (issue 24), which re-measures its numbers"}
+NOT_YET_SOURCED = {
+    "serving.md": "being rewritten by the serving work (serving2): its tables are to come from doc_tables' serving-* "
+    "generators and its prose numbers to get markers",
+}
+# Pages whose percentages in prose are not sourced yet (their other measurements are checked), with the reason.
+PERCENTAGES_NOT_YET_SOURCED = {
+    "routing.md": "being rewritten by the routing work (routing2): the percentages of its reading are to get markers",
+}
 # Pages that state limits, not measurements (a bound such as "16x the hidden size" inside an error message); their
 # source markers, if any, are still checked by test_every_page_holds.
 LIMITS_NOT_MEASUREMENTS = {"errors.md": "error messages and the bounds they state; no measurements"}
@@ -128,7 +143,7 @@ def test_no_measurement_without_a_source(page):
         pytest.skip(NOT_YET_SOURCED[page.name])
     if page.name in LIMITS_NOT_MEASUREMENTS:
         pytest.skip(LIMITS_NOT_MEASUREMENTS[page.name])
-    found = unbacked_measurements(page.read_text("utf-8"))
+    found = unbacked_measurements(page.read_text("utf-8"), page.name not in PERCENTAGES_NOT_YET_SOURCED)
     assert not found, (
         f"{page.name} quotes measurements without a result file (add <!-- src: FILE#KEY --> or a generated table, "
         "or drop the number):\n" + "\n".join(found)
@@ -141,8 +156,10 @@ def test_measurement_lint_sees_what_it_should():
         "Y took 0.8 s<!-- src: a.json#x -->, with `--threads 1` at rank 16, 1e-5 tolerance.\n"
         "```\n9.9x inside code\n```\n"
         "<!-- table: t -->\n7.7 GiB in a generated table\n<!-- /table -->\n"
+        "Z is 4.6% better, 5%<!-- src: a.json#y --> smaller, within 2% of W, at least 10% below V, 95% bootstrap.\n"
+        "A tolerance in e-notation: within 1e-3 nats.\n"
     )
-    assert [f.split(":")[0] for f in unbacked_measurements(text)] == ["line 1", "line 1"]
+    assert [f.split(":")[0] for f in unbacked_measurements(text)] == ["line 1", "line 1", "line 9"]
 
 
 # ---------------------------------------------------------------------------------------------- the machinery
@@ -194,6 +211,12 @@ def test_tables_are_rewritten_between_their_markers(monkeypatch):
     assert doc_tables.render(page) == expected
     with pytest.raises(doc_tables.EvidenceError, match="no table generator"):
         doc_tables.render("<!-- table: nothing-like-it -->\n<!-- /table -->")
+
+
+@pytest.mark.parametrize("name", sorted(doc_tables.TABLES))
+def test_every_table_generator_runs(name):
+    """Also those no page uses yet (a page that adopts one must not find it broken)."""
+    assert doc_tables.TABLES[name]().strip()
 
 
 def test_routing_table_blocks_are_checked_too():

@@ -116,7 +116,7 @@ def sft_trainer_class() -> type:
         from trl import SFTTrainer
     except ImportError as exc:
         raise ImportError(
-            "XLoraSFTTrainer needs TRL: `pip install 'trl>=1.16,<2'` (or `pip install peft-xlora[trl]`)."
+            "XLoraSFTTrainer needs TRL: `pip install 'trl>=1.16,<2'` (peft-xlora's `trl` extra)."
         ) from exc
 
     class XLoraSFTTrainer(RouterLossMixin, SFTTrainer):
