@@ -4,8 +4,10 @@ One run measures, on each workload, the same concurrent greedy requests (default
 tokens, 64 new tokens each), every method in the same process one after another:
 
 - ``vllm_base``: vLLM serving the base model.
-- ``vllm_pinned``: the plugin with a pinned gate: a single-pass export whose static weights cover every layer
-  (k = all layers, uniform): one pass with the full stacked update of all experts, the floor for any mixture.
+- ``vllm_pinned``: the plugin serving a pinned mixture: the dual-pass checkpoint exported with
+  ``pin="uniform"`` (every layer at 1 / N, no classifier): one pass with the full stacked update of all experts, the
+  floor for any mixture. (Recorded results before the pinned export measured a single-pass export whose static
+  weights covered every layer, k = all layers, uniform: the same computation, which peft-xlora no longer builds.)
 - ``vllm_single``: the plugin, single pass (static weights up to layer k, the gate on layer k's output after it).
 - ``vllm_dual``: the plugin, dual pass (X-LoRA as published: a full scaling pass, then the main pass).
 - ``vllm_lora``: vLLM's own LoRA serving one LoRA of the experts' total rank (N x r) on the same projections.
@@ -91,8 +93,8 @@ def _dtype(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def _xlora_checkpoints(base_factory, experts: dict[str, str], root: str, options: dict, k_single: int, n_layers: int):
-    """Saves the dual-pass, single-pass and pinned (single pass over every layer, uniform) checkpoints under `root`."""
+def _xlora_checkpoints(base_factory, experts: dict[str, str], root: str, options: dict, k_single: int):
+    """Saves the dual-pass and single-pass checkpoints under `root` (the pinned export is the dual one, pinned)."""
     import torch
     from peft import get_peft_model
 
@@ -101,7 +103,6 @@ def _xlora_checkpoints(base_factory, experts: dict[str, str], root: str, options
     variants = {
         "dual": {},
         "single": {"routing": "single_pass", "scaling_pass_layers": k_single},
-        "pinned": {"routing": "single_pass", "scaling_pass_layers": n_layers, "single_pass_static": "uniform"},
     }
     paths = {}
     for name, extra in variants.items():
@@ -144,7 +145,7 @@ def build_reference(args: argparse.Namespace, root: str) -> dict[str, Any]:
     options = {"xlora_depth": work.xlora_depth, "xlora_size": work.xlora_size}
     n_layers = work.num_hidden_layers
     k = work.single_pass_layers or n_layers // 2
-    checkpoints = _xlora_checkpoints(lambda: build_base(work), experts, root, options, k, n_layers)
+    checkpoints = _xlora_checkpoints(lambda: build_base(work), experts, root, options, k)
     lora = _one_big_lora(lambda: build_base(work), TARGETS, n_experts * work.rank, os.path.join(root, "lora-big"))
     info = {**work.to_dict(), "experts": n_experts, "single_pass_layers": k, "dual_scaling_pass_layers": None}
     return {"base": base, "lora": lora, "checkpoints": checkpoints, "vocab": work.vocab_size, "info": info}
@@ -179,7 +180,7 @@ def build_smollm2(args: argparse.Namespace, root: str) -> dict[str, Any]:
     n_layers = AutoConfig.from_pretrained(base).num_hidden_layers
     options = {"xlora_depth": REAL.router_depth, "xlora_size": REAL.router_size, "layerwise_scalings": True}
     k = REAL.scaling_pass_layers or n_layers // 2
-    checkpoints = _xlora_checkpoints(factory, experts, root, options, k, n_layers)
+    checkpoints = _xlora_checkpoints(factory, experts, root, options, k)
     big = _one_big_lora(factory, lora["target_modules"], 3 * lora["r"], os.path.join(root, "lora-big"))
     info = {"model": "SmolLM2-135M-Instruct", "experts": 3, **lora, **options, "single_pass_layers": k}
     return {"base": base, "lora": big, "checkpoints": checkpoints, "vocab": 49152, "info": info}
@@ -342,6 +343,10 @@ def run_workload(args: argparse.Namespace, workload: str, root: str) -> dict[str
         name: export_vllm(path, os.path.join(root, f"served-{name}"), base_model=built["base"])
         for name, path in built["checkpoints"].items()
     }
+    # The floor for any mixture: every layer at 1 / N in one pass, no classifier (`export_vllm(..., pin=...)`).
+    served["pinned"] = export_vllm(
+        built["checkpoints"]["dual"], os.path.join(root, "served-pinned"), base_model=built["base"], pin="uniform"
+    )
     build_s = time.perf_counter() - start
     prompts = _prompts(args, built["vocab"])
     measured = {

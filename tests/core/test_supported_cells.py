@@ -445,6 +445,20 @@ PINNED_GENERATION = ", ".join(
 LORA_HEADS = f"{IO}/test_export.py::test_plain_lora_carries_the_pinned_head"
 NO_CLI_RUN = f"{CLI}::test_inspect_without_text_describes_what_the_cli_cannot_run"
 CLI_HEADS = f"{CLI}::test_inspect_shows_classification_heads"
+# The vLLM export (tests/serving, run in the vLLM environment): the traced engine against peft-xlora's own model, and
+# the export against the model it was saved from.
+VLLM_EXPORT = "tests/serving/test_vllm_export.py"
+SERVED = "tests/serving/test_vllm_exactness.py::test_vllm_serves_what_peft_xlora_computes"
+PIN_SERVED = "tests/serving/test_vllm_exactness.py::test_vllm_serves_a_pinned_mixture_as_set_static_scalings"
+DESCRIBED = f"{VLLM_EXPORT}::test_export_describes_the_model_peft_xlora_built"
+VLLM_DEFAULTS = "tests/serving/test_vllm_exactness.py::test_eager_engine_serves_the_default_xlora"
+VLLM_GATING = f"{SERVED}[llama-dual-gating]"
+VLLM_SCALING_PASS = f"{SERVED}[llama-dual-scaling-pass-no-softmax-top-1]"
+VLLM_SINGLE = ", ".join(
+    f"{SERVED}[llama-single-{case}]" for case in ("learned-layerwise-top-k", "uniform-softmax-top-k-temperature")
+)
+VLLM_REFUSED_FIELD = f"{VLLM_EXPORT}::test_every_refused_field_is_refused_by_name"
+VLLM_TABLE = f"{VLLM_EXPORT}::test_the_table_refuses_heads_encoder_decoders_and_expert_variants"
 
 # Cells tried by an existing test (several: comma-separated), each checked to exist.
 COVERED: dict[tuple[str, str], str] = {
@@ -538,6 +552,46 @@ COVERED: dict[tuple[str, str], str] = {
     ),
     ("cli", "heads"): CLI_HEADS,
     ("cli", "trainable_head"): CLI_HEADS,
+    # export_vllm: each option served by a traced engine equal to peft-xlora's model; refusals by their tests
+    **{("export_vllm", row): f"{DESCRIBED}, {VLLM_DEFAULTS}" for row in ("experts", "expert_order")},
+    ("export_vllm", "hidden_size"): f"{DESCRIBED}, {VLLM_EXPORT}::test_export_refuses_a_base_model_of_other_shapes",
+    **dict.fromkeys(
+        (("export_vllm", r) for r in ("base_model_name_or_path", "revision")),
+        f"{VLLM_EXPORT}::test_export_resolves_the_recorded_base_model",
+    ),
+    ("export_vllm", "peft_xlora_version"): DESCRIBED,
+    **dict.fromkeys(
+        (
+            ("export_vllm", r)
+            for r in ("enable_softmax_topk", "softmax_temperature", "layerwise_scalings", "xlora_depth", "xlora_size")
+        ),
+        VLLM_GATING,
+    ),
+    ("export_vllm", "top_k_lora"): f"{VLLM_GATING}, {VLLM_SCALING_PASS}",
+    **dict.fromkeys(
+        (("export_vllm", r) for r in ("enable_softmax", "scaling_pass_value", "global_scaling_weight")),
+        VLLM_SCALING_PASS,
+    ),
+    ("export_vllm", "scaling_pass_layers"): f"{VLLM_SCALING_PASS}, {VLLM_SINGLE}",
+    ("export_vllm", "routing"): f"{VLLM_DEFAULTS}, {VLLM_SINGLE}",
+    ("export_vllm", "single_pass_static"): VLLM_SINGLE,
+    ("export_vllm", "scalings_mode"): (
+        f"{VLLM_REFUSED_FIELD}[scalings_mode], {VLLM_EXPORT}::test_a_pin_serves_what_the_gate_cannot"
+    ),
+    ("export_vllm", "trainable_head"): f"{VLLM_REFUSED_FIELD}[trainable_head], {VLLM_DEFAULTS}",
+    ("export_vllm", "task_type"): f"{VLLM_REFUSED_FIELD}[task_type], {VLLM_DEFAULTS}",
+    ("export_vllm", "pins"): (
+        f"{PIN_SERVED}, {VLLM_EXPORT}::test_pinned_export_holds_what_set_static_scalings_holds, "
+        f"{VLLM_EXPORT}::test_cli_exports_a_pinned_mixture"
+    ),
+    ("export_vllm", "per_row_pins"): (
+        f"{VLLM_EXPORT}::test_a_malformed_pin_is_refused_before_anything_is_written[per-row]"
+    ),
+    ("export_vllm", "heads"): VLLM_TABLE,
+    ("export_vllm", "encoder_decoder"): VLLM_TABLE,
+    ("export_vllm", "elastic_changes"): (
+        f"{VLLM_EXPORT}::test_export_after_elastic_changes_is_the_export_of_a_model_built_with_those_experts"
+    ),
 }
 
 

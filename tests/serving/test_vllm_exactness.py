@@ -33,12 +33,13 @@ from xlora_vllm_cases import (
     vllm_generate,
 )
 
-from peft_xlora.serving.vllm import XLoraServingError
+from peft_xlora.serving.vllm import XLoraServingError, export_vllm
 
 SINGLE = {"routing": "single_pass"}
-# Every gating option that changes outputs, for both routings, on Llama; each other architecture once per routing.
+# Every gating option that changes outputs, for both routings, on Llama (the defaults: the eager test below); each
+# other architecture traced once per routing, except where vLLM's class for it shares Llama's or Qwen2's decoder
+# stack (below).
 CASES = {
-    "llama-dual-dense": ("llama", {}),
     "llama-dual-gating": (
         "llama",
         {
@@ -91,7 +92,11 @@ _DUAL = {"layerwise_scalings": True, "top_k_lora": 2, "xlora_depth": 2, "xlora_s
 _SINGLE = {**SINGLE, "scaling_pass_layers": 2, "layerwise_scalings": True, "top_k_lora": 2}
 for _arch in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
     CASES[f"{_arch}-dual"] = (_arch, _DUAL)
-    CASES[f"{_arch}-single"] = (_arch, _SINGLE)
+    # The single pass wraps a decoder layer's output, whatever its attention: vLLM's Mistral layer and model are
+    # Llama's subclasses, and Qwen3's model is Qwen2's, so their single pass is Llama's and Qwen2's (traced above).
+    # Their dual pass, which copies each layer's attention (Qwen3's q/k norms), is traced for each.
+    if _arch not in ("mistral", "qwen3"):
+        CASES[f"{_arch}-single"] = (_arch, _SINGLE)
 
 NEW_TOKENS = [12, 5, 9, 12, 7]  # the requests finish at different steps
 FIRST_WAVE = prompts_of_lengths([1, 5, 17, 40, 70])
@@ -107,6 +112,12 @@ def _assert_not_base_model(case, prompts, references) -> None:
     assert max(gaps) > 1e-2, f"the X-LoRA model generates like its base model (log-prob gaps {gaps})"
 
 
+# Cases whose engine also shows the router's buffer after a one-step prefill: each prompt token's scalings, against
+# peft-xlora's scalings of the same token (the late layers' rows, in the single pass).
+SCALINGS_CHECKED = ("llama-dual-gating", "llama-single-learned-layerwise-top-k")
+SCALINGS_PROMPT = prompts_of_lengths([19], seed=5)[0]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
     arch, options = CASES[name]
@@ -116,6 +127,9 @@ def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
     references = [reference_generate(case.model, p, n) for p, n in zip(prompts, new_tokens)]
     _assert_not_base_model(case, prompts[2:4], references[2:4])
     with vllm_engine(case.served, **TRACED) as llm:
+        if name in SCALINGS_CHECKED:
+            vllm_generate(llm, [SCALINGS_PROMPT], 1)  # one forward: the prompt's prefill (no full block to cache)
+            (scalings,) = llm.apply_model(lambda model: model.xlora.scalings[: len(SCALINGS_PROMPT)].clone())
         first = vllm_generate(llm, FIRST_WAVE, NEW_TOKENS)
         cached: list[int] = []
         second = vllm_generate(llm, SECOND_WAVE, new_tokens[len(FIRST_WAVE) :], cached_tokens=cached)
@@ -123,35 +137,64 @@ def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
     assert min(cached) >= 64, f"the shared prefix was not served from the cache: {cached} cached tokens"
     for mine, reference in zip(first + second, references):
         assert_same_generation(mine, reference)
+    if name in SCALINGS_CHECKED:
+        _assert_same_scalings(case, scalings)
 
 
-@pytest.mark.parametrize("routing", ["dual_pass", "single_pass"])
-def test_scalings_match_peft_xlora_token_by_token(tmp_path, routing):
-    # A direct look at the routing: the router's buffer after a one-step prefill holds, for each prompt token,
-    # peft-xlora's scalings of the same token (the late layers' rows, in the single pass).
-    options = {"layerwise_scalings": True, "top_k_lora": 2, "xlora_depth": 2, "xlora_size": 16}
-    if routing == "single_pass":
-        options.update(routing="single_pass", scaling_pass_layers=2)
-    case = build_case(str(tmp_path), **options)
-    prompt = prompts_of_lengths([19], seed=5)[0]
+def _assert_same_scalings(case, ours: torch.Tensor) -> None:
+    """The router's buffer after the prefill of `SCALINGS_PROMPT` holds peft-xlora's scalings of each token."""
     with torch.no_grad():
-        case.model(input_ids=torch.tensor([prompt]))
-    reference = case.model.base_model.get_latest_scalings()[0]  # (seq, n_layers, n_experts)
-    with vllm_engine(case.served, **TRACED) as llm:
-        vllm_generate(llm, [prompt], 1)  # one forward: the prompt's prefill
-        (ours,) = llm.apply_model(lambda model: model.xlora.scalings[: len(prompt)].clone())
-    ours = ours.view(len(prompt), -1, reference.shape[-1])  # (seq, n_layers, n_experts)
+        case.model(input_ids=torch.tensor([SCALINGS_PROMPT]))
+    tuner = case.model.base_model
+    reference = tuner.get_latest_scalings()[0]  # (seq, n_layers, n_experts)
+    ours = ours.view(len(SCALINGS_PROMPT), -1, reference.shape[-1])  # (seq, n_layers, n_experts)
     late = slice(None)
-    if routing == "single_pass":
-        tuner = case.model.base_model
+    if getattr(tuner.router, "late_layers", None) is not None:  # single pass: the gate feeds the layers after k
         late = sorted(tuner.router.late_layers)
         assert late and len(late) < len(tuner.mixture_layer_names)
     torch.testing.assert_close(ours[:, late], reference[:, late].float(), atol=1e-5, rtol=1e-5)
 
 
-def test_eager_and_traced_engines_agree(tmp_path):
-    # The same dual-pass model, run eagerly by an engine that does not trace it: the same tokens and log-probs.
-    case = build_case(str(tmp_path), layerwise_scalings=True, scaling_pass_value=0.3, top_k_lora=2)
+# Pinned mixtures (`export_vllm(..., pin=...)`): one pass with no gate, what peft-xlora's model computes after
+# `set_static_scalings` of the same weights (used as given: no softmax, no global weight). "llama-single-uniform" is
+# a single-pass checkpoint served at 1 / n on every mixture layer, the embedding included: what a single pass over
+# every layer computed before peft-xlora refused to build one whose gate is never used.
+# A shared pin is one row used by every mixture layer (its export is checked in test_vllm_export.py).
+PINNED = {
+    "llama-dual-per-layer": ("llama", {"layerwise_scalings": True, "top_k_lora": 2}, "per-layer"),
+    "llama-single-uniform": ("llama", {**SINGLE, "scaling_pass_layers": 2, "global_scaling_weight": 1.3}, "uniform"),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_vllm_serves_a_pinned_mixture_as_set_static_scalings(tmp_path, name):
+    arch, options, pin = PINNED[name]
+    case = build_case(str(tmp_path), arch=arch, **options)
+    tuner = case.model.base_model
+    names = tuner.expert_names
+    if isinstance(pin, str) and pin == "per-layer":  # one row per mixture layer, not summing to 1
+        pin = torch.rand(len(tuner.mixture_layer_names), len(names), generator=torch.Generator().manual_seed(3)) * 1.5
+    served = export_vllm(case.checkpoint, os.path.join(str(tmp_path), "pinned"), base_model=case.base, pin=pin)
+    tuner.set_static_scalings({n: 1 / len(names) for n in names} if isinstance(pin, str) else pin)
+    new_tokens = NEW_TOKENS + [6] * len(SECOND_WAVE)
+    prompts = FIRST_WAVE + SECOND_WAVE
+    references = [reference_generate(case.model, p, n) for p, n in zip(prompts, new_tokens)]
+    _assert_not_base_model(case, prompts[2:4], references[2:4])
+    with vllm_engine(served, **TRACED) as llm:
+        first = vllm_generate(llm, FIRST_WAVE, NEW_TOKENS)
+        cached: list[int] = []
+        second = vllm_generate(llm, SECOND_WAVE, new_tokens[len(FIRST_WAVE) :], cached_tokens=cached)
+        found = llm.apply_model(lambda model: (model.compiled, model.xlora is None, len(model.xlora_stacks)))
+    assert found[0][:2] == (True, True), found  # traced; no router: every projection at fixed weights
+    assert min(cached) >= 64, f"the shared prefix was not served from the cache: {cached} cached tokens"
+    for mine, reference in zip(first + second, references):
+        assert_same_generation(mine, reference)
+
+
+def test_eager_engine_serves_the_default_xlora(tmp_path):
+    # X-LoRA as published (every option at its default: dual pass, one linear classifier, one softmax over the
+    # experts), run eagerly by an engine that does not trace it: the same tokens and log-probs.
+    case = build_case(str(tmp_path))
     references = [reference_generate(case.model, p, 8) for p in FIRST_WAVE[:4]]
     with vllm_engine(case.served, enforce_eager=True) as llm:
         ours = vllm_generate(llm, FIRST_WAVE[:4], 8)
@@ -190,3 +233,40 @@ def test_engine_refuses_vllms_own_lora_and_damaged_exports(tmp_path):
     save_file(weights, path)
     with pytest.raises(XLoraServingError, match="only \\['lora_A'\\]"), vllm_engine(case.served):
         pass
+
+
+def test_engine_refuses_an_export_for_another_base_model_before_allocating(tmp_path, monkeypatch):
+    # A spec whose sizes are within the bounds but not this base model's: a hidden size (the classifier's input) or
+    # an adapted module's shape that differs is refused before the classifier or any factor is allocated.
+    import json
+    import shutil
+
+    from peft_xlora.serving.vllm import model as plugin_model
+
+    case = build_case(str(tmp_path), top_k_lora=2)
+    allocated = []
+    for name in ("StackedLora", "XLoraRouter"):
+        real = getattr(plugin_model, name)
+        monkeypatch.setattr(plugin_model, name, lambda *a, _real=real, **k: allocated.append(_real) or _real(*a, **k))
+
+    def edited(label, edit):
+        path = str(tmp_path / label)
+        shutil.copytree(case.served, path)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        edit(config)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        return path
+
+    wide = edited("wide-spec", lambda config: config["xlora"].update(hidden_size=4096))
+    narrow_mlp = edited("narrow-mlp", lambda config: config.update(intermediate_size=96))
+    refusals = {
+        wide: "reads hidden states of width 4096 but the base model's hidden size is 64",
+        narrow_mlp: r"adapts 'model\.layers\.0\.mlp\.\w+_proj' as a (64 -> 128|128 -> 64) module, but in this base "
+        r"model it maps (64 -> 96|96 -> 64): the export was made for another base model",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(XLoraServingError, match=message), vllm_engine(path):
+            pass
+    assert allocated == []

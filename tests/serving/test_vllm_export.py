@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from xlora_vllm_cases import EXPERT_SPECS, build_case, make_experts, save_base
 
 from peft_xlora import CheckpointError
 from peft_xlora.core.classifier import gate
+from peft_xlora.core.combinations import Status, places
 from peft_xlora.serving.vllm import SPEC_KEY, ServingSpec, XLoraServingError, export_vllm, scaling_pass_constant
 from peft_xlora.serving.vllm import export as export_module
 from peft_xlora.serving.vllm.ops import Block, Partition, StackedLora, XLoraRouter, classify
@@ -83,23 +85,32 @@ def test_experts_are_distinct(tmp_path):
 
 
 def test_every_config_field_is_written_refused_or_irrelevant_for_vllm():
-    # A new XLoraConfig field must be placed in one of the three tables of serving/vllm/export.py, or this fails.
+    # Every config field (PEFT's included) is in exactly one of the three tables of serving/vllm/place.py, from which
+    # the exporter's column of the table of what combines is made (tests/contract holds that column to every row).
     import dataclasses
-
-    from peft.config import PeftConfig
 
     from peft_xlora import XLoraConfig
 
-    ours = {f.name for f in dataclasses.fields(XLoraConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    fields = sorted(f.name for f in dataclasses.fields(XLoraConfig))
     placed = [*export_module.VLLM_WRITTEN, *export_module.VLLM_IRRELEVANT, *export_module.VLLM_REFUSED]
-    assert sorted(placed) == sorted(ours)
+    assert sorted(placed) == fields
+    assert set(export_module.VLLM_REFUSED_WHEN) <= set(export_module.VLLM_WRITTEN)
+    cells = places()["export_vllm"].cells
+    for name in fields:
+        expected = Status.IRRELEVANT if name in export_module.VLLM_IRRELEVANT else Status.SUPPORTED
+        if name in export_module.VLLM_REFUSED or name in export_module.VLLM_REFUSED_WHEN:
+            expected = Status.REFUSED
+        assert cells[name].status is expected, name
+
+
+_OTHER_VALUE = {"scalings_mode": "prompt", "trainable_head": True, "task_type": "SEQ_CLS"}
 
 
 @pytest.mark.parametrize("field", sorted(export_module.VLLM_REFUSED))
 def test_every_refused_field_is_refused_by_name(saved_case, tmp_path, field):
     # Each refused option, set in an otherwise servable checkpoint, stops the export with its name and reason.
-    other = {"scalings_mode": "prompt", "trainable_head": True}[field]
-    assert other != export_module.VLLM_REFUSED[field][0]
+    other = _OTHER_VALUE[field]
+    assert other not in export_module.VLLM_REFUSED[field][0]
     path = _broken_copy(saved_case, tmp_path, "refused")
     _write_config(path, lambda config: config.update({field: other}))
     with pytest.raises(XLoraServingError, match=f"{field}={other!r} is not served by the vLLM plugin"):
@@ -496,3 +507,232 @@ def test_spec_refuses_classifier_sizes_past_the_bounds(tmp_path):
         ServingSpec.from_dict({**data, "classifier_depth": 10**9})
     with pytest.raises(XLoraServingError, match="at most 4096 wide"):
         ServingSpec.from_dict({**data, "classifier_depth": 2, "classifier_width": 10**6})
+
+
+# ---------------------------------------------------------------------------------------------------- pinned mixtures
+
+
+def test_pinned_export_holds_what_set_static_scalings_holds(saved_case, tmp_path):
+    # A pinned export's spec carries the weights peft-xlora's pinned model uses (float32, gate order), and the weights
+    # file holds the experts' factors only: no classifier, no static logits.
+    tuner = saved_case.model.base_model
+    pins = {
+        "dict": {"math": 0.7, "poetry": 1.2},
+        "uniform": "uniform",
+        "per-layer": torch.softmax(torch.randn(len(tuner.mixture_layer_names), 3), -1),
+    }
+    try:
+        for label, pin in pins.items():
+            served = export_vllm(saved_case.checkpoint, tmp_path / label, base_model=saved_case.base, pin=pin)
+            _, spec = _read_served(served)
+            tuner.set_static_scalings({n: 1 / 3 for n in tuner.expert_names} if pin == "uniform" else pin)
+            expected = tuner._static_scalings  # (1|n_layers, n_experts) float32
+            assert (spec.routing, spec.classifier_depth) == ("pinned", 0)
+            assert torch.equal(torch.tensor(spec.pinned_weights), expected), label
+            weights = load_file(os.path.join(served, WEIGHTS_FILE))
+            assert weights and all(key.startswith("xlora.experts.") for key in weights)
+    finally:
+        tuner.set_static_scalings(None)
+    # The spec records each adapted module's shape in the base model, for the plugin to check before it allocates.
+    assert spec.shapes["model.layers.0.self_attn.q_proj"] == [64, 64]
+    assert spec.shapes["model.layers.0.self_attn.k_proj"] == [64, 32]  # one KV head of 32
+    assert spec.shapes["model.embed_tokens"] == [97, 64]
+    assert sorted(spec.shapes) == sorted(spec.mixture_layers)
+
+
+@pytest.mark.parametrize(
+    ("pin", "match"),
+    [
+        ("softmax", "`pin` 'softmax' is not understood"),
+        ({"nobody": 1.0}, r"unknown experts \['nobody'\]"),
+        ({"math": "a lot"}, "weights must be numbers"),
+        ([0.5, 0.5], r"shape \(3,\) \(shared\) or \(\d+, 3\)"),
+        ([[0.2, 0.3, 0.5]] * 2, r"got \(2, 3\)"),
+        ([0.2, float("nan"), 0.5], "finite"),
+        (torch.ones(2, 1, 3), "per-row pins"),  # one weight vector per batch row: the table refuses it
+    ],
+    ids=["word", "unknown-expert", "not-a-number", "too-short", "wrong-rows", "nan", "per-row"],
+)
+def test_a_malformed_pin_is_refused_before_anything_is_written(saved_case, tmp_path, pin, match):
+    with pytest.raises(XLoraServingError, match=match):
+        export_vllm(saved_case.checkpoint, tmp_path / "out", base_model=saved_case.base, pin=pin)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pin_serves_what_the_gate_cannot(saved_case, tmp_path, capsys):
+    # A single pass over every layer (the gate never used; peft-xlora no longer builds one) and prompt mode are refused
+    # by the export, each saying what to do; pinned, both serve a fixed mixture (the gate's options are then moot).
+    every_layer = _broken_copy(saved_case, tmp_path, "every-layer")
+    _write_config(
+        every_layer,
+        lambda config: config.update(routing="single_pass", scaling_pass_layers=3, single_pass_static="uniform"),
+    )
+    prompt = _broken_copy(saved_case, tmp_path, "prompt")
+    _write_config(prompt, lambda config: config.update(scalings_mode="prompt"))
+    refusals = {
+        every_layer: "`scaling_pass_layers=3`: no mixture layer comes after decoder layer 3, so the gate would "
+        "never be used (peft-xlora no longer builds such a model). To serve a fixed mixture over every layer, export "
+        "it pinned: `export_vllm(..., pin='uniform')`",
+        prompt: "scalings_mode='prompt' is not served by the vLLM plugin",
+    }
+    for path, message in refusals.items():
+        out = tmp_path / f"out-{os.path.basename(path)}"
+        with pytest.raises(XLoraServingError) as refused:
+            export_vllm(path, out, base_model=saved_case.base)
+        assert message in str(refused.value)
+        assert not out.exists()
+        served = export_vllm(path, out, base_model=saved_case.base, pin="uniform")
+        assert _read_served(served)[1].routing == "pinned"
+    # The command line checks the table with --pin as a pin: refused without it, exported with it.
+    from peft_xlora.cli.parser import main
+
+    args = ["export", prompt, "--format", "vllm", "--out", str(tmp_path / "cli"), "--base", saved_case.base]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "scalings_mode='prompt' is not served by the vLLM plugin" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+    assert main([*args, "--pin", "uniform"]) == 0
+    assert _read_served(str(tmp_path / "cli"))[1].routing == "pinned"
+
+
+def _copy_base_with(case, tmp_path, **changes) -> str:
+    import shutil
+
+    base = str(tmp_path / "base-changed")
+    shutil.copytree(case.base, base)
+    path = os.path.join(base, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return base
+
+
+def test_the_table_refuses_heads_encoder_decoders_and_expert_variants(saved_case, tmp_path):
+    # The vLLM column's other refusals, each from what the files hold, before anything is written.
+    from safetensors.torch import save_file
+
+    heads = _broken_copy(saved_case, tmp_path, "heads")
+    weights_path = os.path.join(heads, "adapter_model.safetensors")
+    weights = load_file(weights_path)
+    weights["base_model.model.score.xlora_expert_heads.math.weight"] = torch.zeros(2, 64)
+    save_file(weights, weights_path)
+    variant = _broken_copy(saved_case, tmp_path, "dora")
+    _write_config(variant, lambda config: config["experts"]["math"].update(use_dora=True))
+    seq2seq = _copy_base_with(saved_case, tmp_path, is_encoder_decoder=True, architectures=["BartForCausalLM"])
+    cases = [
+        (heads, saved_case.base, "mixes its experts' classification heads"),
+        (variant, saved_case.base, r"expert 'math' \(`use_dora`\) uses a LoRA variant"),
+        (saved_case.checkpoint, seq2seq, r"the base model \(BartForCausalLM\) is an encoder-decoder model"),
+    ]
+    for checkpoint, base, match in cases:
+        with pytest.raises(XLoraServingError, match="export_vllm cannot serve this checkpoint") as refused:
+            export_vllm(checkpoint, tmp_path / "out", base_model=base)
+        assert re.search(match, str(refused.value)), str(refused.value)
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_exports_a_pinned_mixture(saved_case, tmp_path, capsys):
+    from peft_xlora.cli.parser import main
+
+    out = tmp_path / "served"
+    args = ["export", saved_case.checkpoint, "--format", "vllm", "--out", str(out), "--base", saved_case.base]
+    assert main([*args, "--pin", "math=0.25,code=0.75"]) == 0
+    _, spec = _read_served(str(out))
+    assert spec.pinned_weights == [[0.25, 0.75, 0.0]]
+    assert main([*args, "--pin", "uniform"]) == 0
+    assert spec.experts == ["math", "code", "poetry"]
+    assert _read_served(str(out))[1].pinned_weights == [[pytest.approx(1 / 3)] * 3]
+    capsys.readouterr()
+    assert main([*args, "--pin", "nobody=1"]) == 2
+    assert "unknown experts ['nobody']" in capsys.readouterr().err
+    lora = ["export", saved_case.checkpoint, "--format", "lora", "--out", str(tmp_path / "l"), "--weights", "math=1"]
+    assert main([*lora, "--pin", "uniform"]) == 2
+    assert "--pin applies to --format vllm only" in capsys.readouterr().err
+
+
+def test_export_after_elastic_changes_is_the_export_of_a_model_built_with_those_experts(tmp_path):
+    # remove_expert then add_expert, saved: the export describes the model built directly with the experts it now
+    # has (the same spec, the same factors), and carries the changed model's classifier.
+    import peft_xlora
+
+    root = str(tmp_path)
+    experts = make_experts("llama", root)
+    case = build_case(root, experts=experts, layerwise_scalings=True, top_k_lora=2)
+    tuner = case.model.base_model
+    tuner.remove_expert("code")
+    tuner.add_expert("coda", experts["code"])
+    changed = os.path.join(root, "changed")
+    peft_xlora.save_pretrained(case.model, changed)
+    served = export_vllm(changed, tmp_path / "served-changed", base_model=case.base)
+    direct_experts = {"math": experts["math"], "poetry": experts["poetry"], "coda": experts["code"]}
+    direct = build_case(str(tmp_path / "direct"), experts=direct_experts, layerwise_scalings=True, top_k_lora=2)
+    (_, ours), (_, theirs) = _read_served(served), _read_served(direct.served)
+    assert ours.experts == theirs.experts == ["math", "poetry", "coda"]
+    assert (ours.mixture_layers, ours.modules, ours.shapes) == (theirs.mixture_layers, theirs.modules, theirs.shapes)
+    weights, built = (load_file(os.path.join(path, WEIGHTS_FILE)) for path in (served, direct.served))
+    factors = sorted(key for key in built if key.startswith("xlora.experts."))
+    assert factors and sorted(key for key in weights if key.startswith("xlora.experts.")) == factors
+    for key in factors:
+        torch.testing.assert_close(weights[key], built[key], rtol=0, atol=0)
+    linears = [m for m in tuner.xlora_classifier.layers if isinstance(m, torch.nn.Linear)]
+    for j, linear in enumerate(linears):
+        torch.testing.assert_close(weights[f"xlora.classifier.{j}.weight"], linear.weight.detach(), rtol=0, atol=0)
+
+
+def test_export_resolves_the_recorded_base_model(saved_case, tmp_path, monkeypatch):
+    # Without `base_model`, the base model the checkpoint records: a local folder as it is, a Hub id at the recorded
+    # revision (resolved through huggingface_hub; here a stand-in that records the call, since nothing may download).
+    import filecmp
+
+    import huggingface_hub
+
+    local = _broken_copy(saved_case, tmp_path, "local")
+    _write_config(local, lambda config: config.update(base_model_name_or_path=saved_case.base, revision=None))
+    served = export_vllm(local, tmp_path / "out-local")
+    assert filecmp.cmp(os.path.join(served, "model.safetensors"), os.path.join(saved_case.base, "model.safetensors"))
+    hub = _broken_copy(saved_case, tmp_path, "hub")
+    _write_config(hub, lambda config: config.update(base_model_name_or_path="org/tiny-base", revision="0123abc"))
+    calls = []
+
+    def snapshot_download(repo_id, revision=None):
+        calls.append((repo_id, revision))
+        return saved_case.base
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    export_vllm(hub, tmp_path / "out-hub")
+    assert calls == [("org/tiny-base", "0123abc")]
+    export_vllm(hub, tmp_path / "out-given", base_model="org/other-base")  # a base model given: its newest files
+    assert calls[-1] == ("org/other-base", None)
+
+
+def test_spec_refuses_malformed_pins_and_shapes(saved_case):
+    # A damaged (or hand-written) spec's pinned weights and module shapes are checked when the spec is read.
+    _, spec = _read_served(saved_case.served)
+    data = spec.to_dict()
+    n_layers = len(spec.mixture_layers)
+    pinned = {**data, "routing": "pinned", "classifier_depth": 0, "classifier_width": 0}
+    assert ServingSpec.from_dict({**pinned, "pinned_weights": [[0.2, 0.3, 0.5]]}).routing == "pinned"
+    assert ServingSpec.from_dict({**pinned, "pinned_weights": [[0.2, 0.3, 0.5]] * n_layers}).routing == "pinned"
+    damaged = "The export is damaged: export the checkpoint again"
+    for rows in (None, [[0.5, 0.5]], [[0.2, 0.3, 0.5]] * 2, "uniform"):
+        with pytest.raises(XLoraServingError, match=damaged):
+            ServingSpec.from_dict({**pinned, "pinned_weights": rows})
+    with pytest.raises(XLoraServingError, match="finite numbers"):
+        ServingSpec.from_dict({**pinned, "pinned_weights": [[0.2, float("inf"), 0.5]]})
+    with pytest.raises(XLoraServingError, match="no classifier"):
+        ServingSpec.from_dict({**pinned, "classifier_depth": 1, "pinned_weights": [[0.2, 0.3, 0.5]]})
+    with pytest.raises(XLoraServingError, match="`pinned_weights` unset with routing='dual_pass'"):
+        ServingSpec.from_dict({**data, "pinned_weights": [[0.2, 0.3, 0.5]]})
+    shapes = data["shapes"]
+    first = spec.mixture_layers[0]
+    for broken in (
+        {k: v for k, v in shapes.items() if k != first},  # a mixture layer missing
+        {**shapes, "lm_head": [64, 97]},  # another module
+        {**shapes, first: [97, 0]},
+        {**shapes, first: [97]},
+    ):
+        with pytest.raises(XLoraServingError, match="`shapes` must give"):
+            ServingSpec.from_dict({**data, "shapes": broken})
+    assert ServingSpec.from_dict({**data, "shapes": None}).shapes is None  # an export from before shapes were kept

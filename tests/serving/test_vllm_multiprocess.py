@@ -1,4 +1,5 @@
-"""The plugin in vLLM's own processes: `vllm serve` answering over real HTTP, and tensor parallelism over 2 workers.
+"""The plugin in vLLM's own processes: `vllm serve` over real HTTP with tensor parallelism over 2 workers, and the
+offline engine's tensor parallelism.
 
 Both reach the model classes only through the `vllm.general_plugins` entry point (each vLLM process loads it before
 resolving the architecture), so they need peft-xlora installed with its entry points, as scripts/vllm_env.sh does.
@@ -84,15 +85,23 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def test_vllm_serve_answers_a_completion_over_http(tmp_path):
+def test_vllm_serve_with_tensor_parallel_2_answers_over_http(tmp_path):
+    # `vllm serve` in its own processes (the API server, the engine core, two tensor-parallel workers) answers a text
+    # prompt and token-id prompts as peft-xlora generates them. With 2 KV heads each rank holds one (sharded k/v
+    # columns); the classifier and the scaling pass's hidden state are replicated.
     import openai
     from transformers import AutoTokenizer
 
-    case = build_case(str(tmp_path), layerwise_scalings=True, top_k_lora=2, xlora_depth=2, xlora_size=16)
+    base = {"num_key_value_heads": 2}
+    case = build_case(
+        str(tmp_path), base_overrides=base, layerwise_scalings=True, top_k_lora=2, xlora_depth=2, xlora_size=16
+    )
     tokenizer = AutoTokenizer.from_pretrained(case.served)
     prompt = "w5 w17 w33 w8 w60 w41 w12"
     ids = tokenizer(prompt)["input_ids"]
     reference = reference_generate(case.model, ids, 10)
+    token_prompts = prompts_of_lengths([1, 9, 33], seed=6)
+    token_references = [reference_generate(case.model, p, 10) for p in token_prompts]
 
     port = _free_port()
     vllm_cli = os.path.join(os.path.dirname(sys.executable), "vllm")
@@ -101,6 +110,7 @@ def test_vllm_serve_answers_a_completion_over_http(tmp_path):
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", "xlora",
         "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4", "--enforce-eager",
+        "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp",
     ]  # fmt: skip
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's default: engine core in its own process
@@ -113,30 +123,43 @@ def test_vllm_serve_answers_a_completion_over_http(tmp_path):
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0
         )
-        response = client.completions.create(
-            model="xlora",
-            prompt=prompt,
-            max_tokens=10,
-            temperature=0.0,
-            logprobs=1,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        )
+        options = {
+            "model": "xlora",
+            "max_tokens": 10,
+            "temperature": 0.0,
+            "logprobs": 1,
+            "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True},
+        }
+        response = client.completions.create(prompt=prompt, **options)
+        batch = client.completions.create(prompt=token_prompts, **options)  # one request, three prompts
     finally:
         _stop(process)
     choice = response.choices[0]
-    tokens = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
-    assert_same_generation((tokens, choice.logprobs.token_logprobs), reference)
-    # The text continues the prompt's words (vLLM detokenizes incrementally, with the separating space).
-    assert choice.text.split() == tokenizer.convert_ids_to_tokens(reference[0])
+    assert_same_generation(_tokens_and_logprobs(choice), reference)
+    # The text continues the prompt's words (vLLM detokenizes incrementally, with the separating space, and leaves
+    # out special tokens such as a generated "<s>").
+    words = [t for t in tokenizer.convert_ids_to_tokens(reference[0]) if t not in tokenizer.all_special_tokens]
+    assert choice.text.split() == words
+    choices = sorted(batch.choices, key=lambda c: c.index)
+    assert len(choices) == len(token_prompts)
+    for choice, reference in zip(choices, token_references):
+        assert_same_generation(_tokens_and_logprobs(choice), reference)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv-heads-replicated", "kv-heads-sharded"])
-def test_tensor_parallel_2_equals_peft_xlora(tmp_path, kv_heads):
-    # TP=2 on CPU: two worker processes. With 1 KV head both ranks hold the same k/v columns (vLLM replicates
-    # it); with 2 each holds one. The classifier and the scaling pass's hidden state are replicated.
-    base = {"num_key_value_heads": kv_heads}
+def _tokens_and_logprobs(choice) -> tuple[list[int], list[float]]:
+    return [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens], choice.logprobs.token_logprobs
+
+
+def test_tensor_parallel_2_with_replicated_kv_heads_equals_peft_xlora(tmp_path):
+    # TP=2 on CPU in vLLM's offline engine: two worker processes. With 1 KV head both ranks hold the same k/v
+    # columns (vLLM replicates it); the sharded case is served above.
     case = build_case(
-        str(tmp_path), base_overrides=base, layerwise_scalings=True, top_k_lora=2, xlora_depth=2, xlora_size=16
+        str(tmp_path),
+        base_overrides={"num_key_value_heads": 1},
+        layerwise_scalings=True,
+        top_k_lora=2,
+        xlora_depth=2,
+        xlora_size=16,
     )
     prompts = prompts_of_lengths([1, 9, 33], seed=6)
     references = [reference_generate(case.model, p, 10) for p in prompts]

@@ -34,8 +34,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=W,...",
         help="with --format lora: the fixed expert weights (missing experts get 0)",
     )
+    p.add_argument(
+        "--pin",
+        type=pin,
+        default=None,
+        metavar="uniform|NAME=W,...",
+        help="with --format vllm: serve this fixed mixture instead of the learned gate, in one pass (missing experts "
+        "get 0; 'uniform': 1/n each)",
+    )
     p.add_argument("--base", default=None, help="base model folder (default: the one the checkpoint records)")
     p.set_defaults(func=run)
+
+
+def pin(text: str) -> str | dict[str, float]:
+    """Parses `--pin`: "uniform", or `name=weight,...`."""
+    return "uniform" if text.strip() == "uniform" else weights(text)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,15 +57,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--format lora needs --weights NAME=W,... (the fixed expert weights of the exported LoRA).")
     if args.format != "lora" and args.weights:
         raise UserError(f"--weights applies to --format lora only; the {args.format} export keeps the learned gate.")
+    if args.format != "vllm" and args.pin is not None:
+        raise UserError("--pin applies to --format vllm only; use --format lora --weights for a fixed mixture.")
     loads_model = args.format != "vllm"  # the vLLM export reads the checkpoint's files; the model is never built
-    require_supported(args.checkpoint, "export", args.base, loads_model, exporter=f"export_{args.format}")
+    pinned = {"pins": args.pin} if args.pin is not None else {}  # --pin: the vLLM column serves a fixed mixture
+    require_supported(args.checkpoint, "export", args.base, loads_model, exporter=f"export_{args.format}", **pinned)
     if args.format == "vllm":
         config = check_checkpoint(args.checkpoint)  # the checks the other formats get from loading the model
         base = args.base or config.get("base_model_name_or_path")
         if base and Path(base).is_dir():  # a Hub id is resolved (and checked) by the export
             check_base_config(base)
         try:
-            out = export_vllm(args.checkpoint, args.out, base_model=args.base)
+            out = export_vllm(args.checkpoint, args.out, base_model=args.base, pin=args.pin)
         except (ValueError, OSError) as exc:  # XLoraServingError, a damaged base config.json, a folder refused
             raise UserError(str(exc)) from exc
         print(f"Exported for vLLM to {out}: `vllm serve {out}` (with peft-xlora installed beside vLLM)")

@@ -10,10 +10,15 @@ The folder written is the base model's folder (weights, tokenizer, generation co
                          xlora.single_pass_static.logits                 (n_early, n_experts) a learned single
                                                                          pass's static weights, before the softmax
 
+A pinned export (`pin=...`) serves a fixed mixture: the spec's routing is "pinned", with the weights in the spec, and
+the weights file holds the experts' factors only (no classifier, no static logits).
+
 It reads the checkpoint from its files (``adapter_config.json`` and ``adapter_model.safetensors``, the stable saved
 layout), not through peft-xlora's tuner, and works out what the tuner would: the mixture layers are the base model's
 Linear and Embedding modules that some expert adapts, in `named_modules` order (the order layerwise scalings index),
-and each expert's scale is alpha / r (alpha / sqrt(r) with rsLoRA) after its rank and alpha patterns.
+and each expert's scale is alpha / r (alpha / sqrt(r) with rsLoRA) after its rank and alpha patterns. What it does
+with every config field and named feature is its column of the table of what combines (`place.py`), checked before
+anything is written.
 """
 
 from __future__ import annotations
@@ -29,8 +34,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...core.checkpoint import check_checkpoint_dir
+from ...core.combinations import check, register_place
 from ...core.config import XLoraConfig
 from ...io.files import write_folder
+from .place import (
+    VLLM_IRRELEVANT,
+    VLLM_PLACE,
+    VLLM_REFUSED,
+    VLLM_REFUSED_WHEN,
+    VLLM_WRITTEN,
+    checkpoint_situation,
+)
 from .spec import (
     ARCHITECTURES,
     EMBEDDING,
@@ -44,6 +58,19 @@ from .spec import (
     XLoraServingError,
 )
 
+# The vLLM exporter's column of the table of what combines (core cannot import this layer, so it is registered here).
+register_place(VLLM_PLACE)
+
+__all__ = [
+    "VLLM_IRRELEVANT",
+    "VLLM_PLACE",
+    "VLLM_REFUSED",
+    "VLLM_REFUSED_WHEN",
+    "VLLM_WRITTEN",
+    "Pin",
+    "export_vllm",
+]
+
 _CHECKPOINT_CONFIG = "adapter_config.json"
 _CHECKPOINT_WEIGHTS = "adapter_model.safetensors"
 _STATIC_KEYS = (
@@ -55,14 +82,17 @@ _EXPERT_KEY = "base_model.model.{module}.xlora_experts.{expert}.lora_{part}"
 _INDEX_FILE = "model.safetensors.index.json"
 # Weight formats vLLM would pick over (or beside) the safetensors files, and Mistral's consolidated duplicates.
 _SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-# Expert LoRA options that change what an expert computes beyond B A x * scale.
-_EXPERT_OPTIONS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "modules_to_save")
+
+#: What `pin` accepts: "uniform" (1 / n_experts each), expert name -> weight (missing experts get 0), or weights in
+#: gate order, (n_experts,) shared or (n_layers, n_experts) one row per mixture layer (a tensor or nested lists).
+Pin = str | dict[str, float] | torch.Tensor | list
 
 
 def export_vllm(
     checkpoint_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     base_model: str | os.PathLike | None = None,
+    pin: Pin | None = None,
 ) -> str:
     """Writes a folder that `vllm serve OUT` and `vllm.LLM(model=OUT)` load, with the peft-xlora vLLM plugin.
 
@@ -71,13 +101,20 @@ def export_vllm(
         out_dir: The folder to write. Written beside its final place and renamed into it, so it is either the old
             folder or the complete new one; a file or a non-empty folder that is not an earlier export is refused.
         base_model: The base model's folder (transformers format, safetensors weights), or a Hub id resolved through
-            huggingface_hub (offline: from its cache). Default: the checkpoint's `base_model_name_or_path`.
+            huggingface_hub (offline: from its cache). Default: the checkpoint's `base_model_name_or_path` (at its
+            `revision`).
+        pin: Serve a fixed mixture instead of the learned gate: every mixture layer at these weights, in one pass
+            with no classifier, exactly what the model computes after `set_static_scalings(pin)` (the weights are
+            used as given: no softmax, no global weight), whatever its routing. "uniform" (1 / n_experts each),
+            expert name -> weight (missing experts get 0), or weights in gate order: (n_experts,) shared or
+            (n_layers, n_experts) one row per mixture layer. None serves the learned gate.
 
     Returns:
         The absolute path of the written folder.
 
     Raises:
-        XLoraServingError: The checkpoint uses an option the vLLM plugin cannot serve, or does not fit the base model.
+        XLoraServingError: The checkpoint uses an option the vLLM plugin cannot serve (its column in
+            docs/combinations.md), does not fit the base model, or `pin` is malformed.
         FileExistsError: `out_dir` is a file, or a non-empty folder that is not an earlier export.
         peft_xlora.CheckpointError: A checkpoint file is missing, truncated or unreadable.
         FileNotFoundError: The base model's files are missing.
@@ -86,13 +123,15 @@ def export_vllm(
     # The checks every load path runs: a missing, truncated or unreadable file is named before anything is read.
     check_checkpoint_dir(checkpoint_dir)
     config = _read_config(checkpoint_dir)
-    _check_options(config)
-    base_dir = _resolve_base(base_model or config.base_model_name_or_path)
+    revision = config.revision if base_model is None else None
+    base_dir = _resolve_base(base_model or config.base_model_name_or_path, revision)
     base_config = _read_json(os.path.join(base_dir, "config.json"), "the base model's config")
-    arch = _architecture(base_config)
     tensors = _read_checkpoint_tensors(checkpoint_dir)
+    # The table of what combines, from what the files hold: every refusal named at once, before anything is written.
+    check(VLLM_PLACE.name, checkpoint_situation(config, base_config, list(tensors), pin))
+    arch = _architecture(base_config)
     modules = _mixable_modules(base_dir)
-    spec, weights = _build_spec(config, base_config, modules, tensors)
+    spec, weights = _build_spec(config, base_config, modules, tensors, pin)
     if arch in EMBEDDING_IS_LM_HEAD and EMBEDDING in spec.modules:
         raise XLoraServingError(
             f"Experts adapt {EMBEDDING}, but vLLM's {arch} computes its logits with the input embedding module "
@@ -146,72 +185,7 @@ def _read_config(checkpoint_dir: str) -> XLoraConfig:
     return XLoraConfig.from_pretrained(checkpoint_dir)
 
 
-# Every `XLoraConfig` field, by what `export_vllm` does with it (tests/serving/test_vllm_export.py checks that none is
-# left out, so a new field must be placed here). Written: the serving spec carries it (or the tensors it decides), and
-# the plugin computes it as peft-xlora does.
-VLLM_WRITTEN = (
-    "expert_order",  # the gate's order: `ServingSpec.experts`
-    "experts",  # each expert's rank, alpha, rsLoRA, patterns and targets, resolved into (expert, rank, scale) entries
-    "hidden_size",  # checked against the base model's
-    "enable_softmax",
-    "enable_softmax_topk",
-    "softmax_temperature",
-    "layerwise_scalings",
-    "top_k_lora",
-    "xlora_depth",
-    "xlora_size",  # the classifier's width, when xlora_depth > 1
-    "scaling_pass_value",
-    "global_scaling_weight",
-    "scaling_pass_layers",
-    "routing",  # single pass: the static weights' logits (learned) go into the weights file
-    "single_pass_static",
-    "peft_xlora_version",
-)
-# No effect on what the exported model computes: training-only, initialisation, sources, or bookkeeping.
-VLLM_IRRELEVANT = (
-    "adapters",  # where the experts came from; the checkpoint holds their weights
-    "xlora_dropout_p",  # training only: the classifier runs without dropout at inference
-    "classifier_init",  # overwritten by the trained classifier
-    "topk_compute",  # how top_k_lora is computed: the plugin's mixture is dense today (the same outputs)
-    "use_trainable_adapters",  # the checkpoint holds the experts as trained
-    "router_load_balancing_coef",
-    "router_entropy_coef",
-    "router_distillation_coef",
-    "router_distillation_temperature",
-)
-# Refused unless at this value (with the reason the plugin cannot serve another).
-VLLM_REFUSED = {
-    "scalings_mode": (
-        "token",
-        "it holds each request's prompt scalings for its generated tokens, which needs per-request state the vLLM "
-        "plugin does not keep. Set the config's scalings_mode='token' (every token routed) before exporting, or "
-        "serve with transformers' generate",
-    ),
-    "trainable_head": (
-        False,
-        "the vLLM plugin serves causal language models, which have no classification heads",
-    ),
-}
-
-
-def _check_options(config: XLoraConfig) -> None:
-    """Refuses options the vLLM plugin cannot serve (`VLLM_REFUSED`, the experts' LoRA variants), naming each."""
-    problems = [
-        f"{name}={getattr(config, name)!r} is not served by the vLLM plugin: {why}"
-        for name, (default, why) in VLLM_REFUSED.items()
-        if getattr(config, name) != default
-    ]
-    for name, expert in config.experts.items():
-        problems += [
-            f"expert {name!r} uses `{option}`, which the vLLM plugin cannot serve"
-            for option in _EXPERT_OPTIONS
-            if expert.get(option)
-        ]
-    if problems:
-        raise XLoraServingError("; ".join(problems) + ".")
-
-
-def _resolve_base(base: str | os.PathLike | None) -> str:
+def _resolve_base(base: str | os.PathLike | None, revision: str | None = None) -> str:
     if base is None:
         raise XLoraServingError(
             "The checkpoint does not name its base model: pass `base_model` (a local folder or a Hub id)."
@@ -222,7 +196,7 @@ def _resolve_base(base: str | os.PathLike | None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(base)
+        return snapshot_download(base, revision=revision)
     except Exception as exc:
         raise FileNotFoundError(
             f"Base model {base!r} is neither a local folder nor a Hub id available here ({exc}). Pass the base "
@@ -295,8 +269,13 @@ def _build_spec(
     base_config: dict[str, Any],
     modules: dict[str, tuple[int, int]],
     tensors: dict[str, torch.Tensor],
+    pin: Pin | None = None,
 ) -> tuple[ServingSpec, dict[str, torch.Tensor]]:
-    """The serving spec and the export's X-LoRA tensors, after checking every tensor against the base model."""
+    """The serving spec and the export's X-LoRA tensors, after checking every tensor against the base model.
+
+    A pinned export checks the classifier and static weights as any other (the checkpoint must be whole) but writes
+    only the experts' factors.
+    """
     if config.hidden_size is not None and config.hidden_size != base_config.get("hidden_size"):
         raise XLoraServingError(
             f"The checkpoint was built for hidden size {config.hidden_size}, but the base model's is "
@@ -347,6 +326,7 @@ def _build_spec(
             "another base model?"
         )
     mixture_layers = list(entries)  # named_modules order, as the tuner numbers its mixture layers
+    pinned = None if pin is None else _pin_rows(pin, names, mixture_layers)
     spec = ServingSpec(
         experts=names,
         mixture_layers=mixture_layers,
@@ -364,6 +344,7 @@ def _build_spec(
         scaling_pass_layers=config.scaling_pass_layers,
         routing=config.routing,
         single_pass_static=config.single_pass_static,
+        shapes={module: list(modules[module]) for module in mixture_layers},
         peft_xlora_version=config.peft_xlora_version,
     )
     spec.check()  # refuses modules the plugin cannot mix, e.g. lm_head
@@ -375,7 +356,57 @@ def _build_spec(
             f"{spec.hidden_size} -> {spec.n_slots * spec.n_experts} ({spec.n_slots} scaling sets x "
             f"{spec.n_experts} experts): the checkpoint does not belong to this base model."
         )
+    if pinned is not None:
+        # The fixed mixture replaces the gate: no classifier, no static weights (peft-xlora's pinned forward).
+        spec.routing, spec.pinned_weights, spec.classifier_depth, spec.classifier_width = "pinned", pinned, 0, 0
+        spec.check()
+        weights = {key: value for key, value in weights.items() if key.startswith(f"{WEIGHT_PREFIX}experts.")}
     return spec, weights
+
+
+def _pin_rows(pin: Pin, names: list[str], mixture_layers: list[str]) -> list[list[float]]:
+    """The pin as rows of float32 weights in gate order: one shared row, or one per mixture layer.
+
+    The same values as `set_static_scalings(pin)` holds (float32), so the served mixture is the pinned model's.
+
+    Raises:
+        XLoraServingError: An unknown expert name, another shape, or a weight that is not a finite number.
+    """
+    n, n_layers = len(names), len(mixture_layers)
+    if isinstance(pin, str):
+        if pin != "uniform":
+            raise XLoraServingError(
+                f"`pin` {pin!r} is not understood: pass 'uniform', expert name -> weight, or weights of shape ({n},) "
+                f"or ({n_layers}, {n})."
+            )
+        weights = torch.full((1, n), 1.0 / n)
+    elif isinstance(pin, dict):
+        unknown = sorted(set(pin) - set(names))
+        if unknown:
+            raise XLoraServingError(f"`pin` names unknown experts {unknown}; this checkpoint has {names}.")
+        try:
+            weights = torch.tensor([[float(pin.get(name, 0.0)) for name in names]])
+        except (TypeError, ValueError) as exc:
+            raise XLoraServingError(f"`pin`'s weights must be numbers, got {pin!r}.") from exc
+    else:
+        try:
+            weights = torch.as_tensor(pin, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise XLoraServingError(
+                f"`pin` must be 'uniform', expert name -> weight, or weights of shape ({n},) or ({n_layers}, {n}); "
+                f"got {type(pin).__name__} ({exc})."
+            ) from exc
+        if weights.shape == (n,):
+            weights = weights[None]
+        if weights.shape not in ((1, n), (n_layers, n)):
+            raise XLoraServingError(
+                f"`pin` must have shape ({n},) (shared) or ({n_layers}, {n}) (one row per mixture layer, in the "
+                f"order of the spec's mixture_layers); got {tuple(weights.shape)}."
+            )
+    weights = weights.to(torch.float32)
+    if not torch.isfinite(weights).all():
+        raise XLoraServingError("`pin`'s weights must be finite numbers.")
+    return [[float(w) for w in row] for row in weights.tolist()]
 
 
 def _static_logits(tensors: dict[str, torch.Tensor], used: set[str]) -> torch.Tensor | None:

@@ -21,6 +21,13 @@ paged KV cache (allocated, prefix-cached and freed with the main pass's blocks).
 ones (or fixed at `scaling_pass_value * global_scaling_weight` when that is not 0). The router reads its output; the
 main pass's projections read the buffer.
 
+**Pinned** (`routing="pinned"`, `export_vllm(..., pin=...)`): one pass, every projection at the fixed weights folded
+into its factors, no classifier and no router: what peft-xlora computes after `set_static_scalings`.
+
+Before anything X-LoRA is allocated, the spec is checked against the base model vLLM built: its hidden size, and the
+(in, out) of every adapted module, so an export made for another model fails with a message instead of sizing the
+classifier and the factors for the wrong one.
+
 Every step is per token and causal, so continuous batching, chunked prefill and prefix caching stay exact.
 """
 
@@ -30,6 +37,7 @@ import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -179,6 +187,51 @@ def _only_attention(layer: nn.Module, index: int) -> tuple[str, Attention]:
     return found[0]
 
 
+# ---------------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass
+class _Layout:
+    """How one vLLM projection holds its weights in this tensor-parallel shard.
+
+    Attributes:
+        embedding: Whether it is the input embedding (its input is token ids).
+        full_in: Its full input width (the vocabulary for the embedding), across shards.
+        in_features: The input width this shard sees.
+        a_cols: (start, stop) columns of each full A factor this shard holds.
+        partitions: Its output partitions in this shard, in output order.
+        full: The full rows of each partition, across shards.
+    """
+
+    embedding: bool
+    full_in: int
+    in_features: int
+    a_cols: tuple[int, int]
+    partitions: list[Partition]
+    full: list[int]
+
+
+def _check_shapes(spec: ServingSpec, blocks_by_path: dict[str, list], layouts: dict[str, _Layout]) -> None:
+    """Refuses a spec whose adapted modules have other shapes in this base model than in the one it was exported for.
+
+    Raises:
+        XLoraServingError: Naming the first module whose (in, out) differs.
+    """
+    if spec.shapes is None:
+        return  # an export written before the shapes were recorded: the factors' shapes are checked at load
+    for path, blocks in blocks_by_path.items():
+        layout = layouts[path]
+        for module, _, _, _, _, parts in blocks:
+            parts = range(len(layout.full)) if parts is None else parts
+            here = [layout.full_in, sum(layout.full[p] for p in parts)]  # (in, out), as transformers names them
+            if spec.shapes[module] != here:
+                raise XLoraServingError(
+                    f"The X-LoRA export adapts {module!r} as a {spec.shapes[module][0]} -> {spec.shapes[module][1]} "
+                    f"module, but in this base model it maps {here[0]} -> {here[1]}: the export was made for another "
+                    "base model. Export the checkpoint again against this one."
+                )
+
+
 # ---------------------------------------------------------------------------------------------------- the mixin
 
 
@@ -207,12 +260,22 @@ class XLoraCausalLM(nn.Module):
         self.xlora_dtype = vllm_config.model_config.dtype
         self._xlora_sizes = (config.vocab_size, config.hidden_size, config.num_hidden_layers)
         n_layers = config.num_hidden_layers
-        self.xlora = XLoraRouter(spec, vllm_config.scheduler_config.max_num_batched_tokens)
+        # Every check against the base model before anything X-LoRA is allocated (read_spec checked the hidden size):
+        # a spec made for another model must not size the classifier or the factors.
+        blocks_by_path = self._blocks_by_projection(spec)
+        layouts = {path: self._layout(path) for path in blocks_by_path}
+        _check_shapes(spec, blocks_by_path, layouts)
+        # A pinned model has no gate: every projection carries fixed weights.
+        self.xlora = (
+            None
+            if spec.routing == "pinned"
+            else XLoraRouter(spec, vllm_config.scheduler_config.max_num_batched_tokens)
+        )
         self.xlora_stacks = nn.ModuleDict()
         self._xlora_paths: dict[str, str] = {}  # stack key -> vLLM module path
-        for path, blocks in self._blocks_by_projection(spec).items():
+        for path, blocks in blocks_by_path.items():
             key = path.replace(".", "__")
-            self.xlora_stacks[key] = self._build_stack(path, blocks)
+            self.xlora_stacks[key] = self._build_stack(layouts[path], blocks)
             self._xlora_paths[key] = path
         if spec.routing == "single_pass" and spec.single_pass_static == "learned":
             logits = torch.zeros(len(spec.early_layers), spec.n_experts, dtype=torch.float32)
@@ -259,39 +322,39 @@ class XLoraCausalLM(nn.Module):
                 out.setdefault(path, []).append((module, entry.expert, entry.rank, entry.scale, index, parts))
         return out
 
-    def _build_stack(self, path: str, entries: list) -> StackedLora:
+    def _layout(self, path: str) -> _Layout:
+        """How vLLM's projection at `path` holds its weights in this shard (nothing is allocated)."""
         base = self.get_submodule(path)
         check_projection(path, base)
         kind = type(base)
         if kind in EMBEDDING:
             # The embedding's output is replicated across tensor-parallel ranks, so its update is too: full factors.
             vocab, dim, _ = self._xlora_sizes
-            partitions, full, in_features, a_cols = [Partition(0, dim, (0, dim))], [dim], vocab, (0, vocab)
-        elif kind in ROW_PARALLEL:
+            return _Layout(True, vocab, vocab, (0, vocab), [Partition(0, dim, (0, dim))], [dim])
+        if kind in ROW_PARALLEL:
             width = base.input_size_per_partition
             a_cols = (base.tp_rank * width, (base.tp_rank + 1) * width)
-            partitions, full, in_features = (
-                [Partition(0, base.output_size, (0, base.output_size))],
-                [base.output_size],
-                width,
-            )
-        else:
-            assert kind in COLUMN_PARALLEL
-            a_cols, in_features = (0, base.input_size), base.input_size
-            partitions, full, start = [], [], 0
-            for p, local in enumerate(base.output_partition_sizes):
-                replicas = base.num_kv_head_replicas if (kind is QKVParallelLinear and p > 0) else 1
-                shard, n_shards = base.tp_rank // replicas, base.tp_size // replicas
-                partitions.append(Partition(start, start + local, (shard * local, (shard + 1) * local)))
-                full.append(local * n_shards)
-                start += local
+            partitions = [Partition(0, base.output_size, (0, base.output_size))]
+            return _Layout(False, width * base.tp_size, width, a_cols, partitions, [base.output_size])
+        assert kind in COLUMN_PARALLEL
+        partitions, full, start = [], [], 0
+        for p, local in enumerate(base.output_partition_sizes):
+            replicas = base.num_kv_head_replicas if (kind is QKVParallelLinear and p > 0) else 1
+            shard, n_shards = base.tp_rank // replicas, base.tp_size // replicas
+            partitions.append(Partition(start, start + local, (shard * local, (shard + 1) * local)))
+            full.append(local * n_shards)
+            start += local
+        return _Layout(False, base.input_size, base.input_size, (0, base.input_size), partitions, full)
+
+    def _build_stack(self, layout: _Layout, entries: list) -> StackedLora:
         blocks = []
         for module, expert, rank, scale, index, parts in entries:
-            parts = list(range(len(partitions))) if parts is None else parts
-            blocks.append(
-                Block(f"{module}.{expert}", module, expert, rank, scale, index, parts, [full[p] for p in parts])
-            )
-        return StackedLora(in_features, a_cols, partitions, blocks, self.xlora_dtype, embedding=kind in EMBEDDING)
+            parts = list(range(len(layout.partitions))) if parts is None else parts
+            sizes = [layout.full[p] for p in parts]
+            blocks.append(Block(f"{module}.{expert}", module, expert, rank, scale, index, parts, sizes))
+        return StackedLora(
+            layout.in_features, layout.a_cols, layout.partitions, blocks, self.xlora_dtype, embedding=layout.embedding
+        )
 
     # ------------------------------------------------------------------ weights
 
@@ -374,7 +437,11 @@ class XLoraCausalLM(nn.Module):
     def _install(self) -> None:
         spec = self.xlora_spec
         wrapped: dict[str, nn.Module] = {}  # vLLM path -> the bare projection
-        static = self._static_weight() if spec.routing == "single_pass" else None
+        static = None
+        if spec.routing == "single_pass":
+            static = self._static_weight()
+        elif spec.routing == "pinned":
+            static = spec.pinned_weight  # every mixture layer "early": fixed weights, no gate
         for key, stack in self.xlora_stacks.items():
             stack.fold_scales()
             path = self._xlora_paths[key]
@@ -391,7 +458,7 @@ class XLoraCausalLM(nn.Module):
             k = spec.scaling_pass_layers
             if any(spec.is_late(m) for m in spec.mixture_layers):
                 self.model.layers[k - 1] = RouteAfterLayer(self.model.layers[k - 1], self.xlora)
-        else:
+        elif spec.routing == "dual_pass":
             self._xlora_scaling_model = (self._scaling_model(wrapped),)
         self._xlora_installed = True
 

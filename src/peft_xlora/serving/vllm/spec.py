@@ -55,7 +55,8 @@ SUPPORTED_MODULES = (
     "model.embed_tokens and every decoder layer's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj "
     "(Phi-3: qkv_proj and gate_up_proj)"
 )
-ROUTINGS = ("dual_pass", "single_pass")
+#: "pinned": every mixture layer at fixed weights (`export_vllm(..., pin=...)`), in one pass, with no classifier.
+ROUTINGS = ("dual_pass", "single_pass", "pinned")
 
 
 class XLoraServingError(ValueError):
@@ -91,6 +92,11 @@ class ExpertOnModule:
     scale: float
 
 
+def pin_row(module: str, mixture_layers: list[str], n_rows: int) -> int:
+    """The row of a pin that a mixture layer uses: its own with one row per mixture layer, else the shared row 0."""
+    return mixture_layers.index(module) if n_rows > 1 else 0
+
+
 @dataclass
 class ServingSpec:
     """Everything the vLLM model class reads about an X-LoRA model (see the module docstring).
@@ -100,9 +106,10 @@ class ServingSpec:
         mixture_layers: Adapted modules in the order of the model's mixture layers: with layerwise scalings, the
             classifier gives one block of `len(experts)` logits per entry, in this order.
         modules: Adapted module -> the experts on it, in gate order (an expert absent from a module is not listed).
-        classifier_depth: Number of linear layers of the classifier (ReLU between them).
+        classifier_depth: Number of linear layers of the classifier (ReLU between them); 0 when pinned (no
+            classifier).
         classifier_width: Hidden width of the classifier (when depth > 1).
-        hidden_size: Width of the classifier's input.
+        hidden_size: Width of the classifier's input: the base model's hidden size.
         layerwise_scalings: One set of scalings per mixture layer instead of one shared set.
         enable_softmax: Softmax over the experts; otherwise the logits are the scalings.
         softmax_temperature: Divides the logits before a softmax.
@@ -112,11 +119,17 @@ class ServingSpec:
         global_scaling_weight: Multiplies every scaling.
         scaling_pass_layers: k. Dual pass: decoder layers the scaling pass runs (None: all, classifier after the final
             norm). Single pass: the decoder layer whose output (the residual stream) feeds the classifier.
-        routing: "dual_pass" (a scaling pass, then the main pass with the per-token scalings) or "single_pass"
+        routing: "dual_pass" (a scaling pass, then the main pass with the per-token scalings), "single_pass"
             (one pass: static weights in the mixture layers of decoder layers 1..k and the input embedding, the
-            gate on layer k's output for the layers after it).
+            gate on layer k's output for the layers after it) or "pinned" (one pass, every mixture layer at the
+            fixed `pinned_weights`; no classifier, as peft-xlora's `set_static_scalings`).
         single_pass_static: Single pass: "learned" (a softmax over the exported logits, one row per early mixture
             layer) or "uniform" (1 / n_experts).
+        pinned_weights: Pinned: the weights, used as given (no softmax, no global weight), one row of
+            `len(experts)` shared by every mixture layer, or one row per mixture layer (in `mixture_layers` order).
+        shapes: Adapted module -> its (in, out) in the base model the export read (an embedding's (vocabulary,
+            width)), so the plugin refuses an export made for another base model before it allocates anything.
+            None in exports written before it was recorded.
         peft_xlora_version: Version that exported the model.
         format: Layout version of this spec.
     """
@@ -137,6 +150,8 @@ class ServingSpec:
     scaling_pass_layers: int | None = None
     routing: str = "dual_pass"
     single_pass_static: str = "learned"
+    pinned_weights: list[list[float]] | None = None
+    shapes: dict[str, list[int]] | None = None
     peft_xlora_version: str | None = None
     format: int = field(default=SPEC_FORMAT)
 
@@ -167,6 +182,11 @@ class ServingSpec:
     def early_layers(self) -> list[str]:
         """Single pass: the mixture layers with static weights, in mixture-layer order (the rows of the logits)."""
         return [m for m in self.mixture_layers if not self.is_late(m)]
+
+    def pinned_weight(self, module: str, expert: int) -> float:
+        """Pinned: the fixed weight of `expert` on mixture layer `module`."""
+        rows = self.pinned_weights
+        return float(rows[pin_row(module, self.mixture_layers, len(rows))][expert])
 
     def scaling_pass_weight(self) -> float:
         """The constant expert weight of the scaling pass (see `scaling_pass_constant`)."""
@@ -240,8 +260,14 @@ class ServingSpec:
             raise XLoraServingError(f"`top_k_lora` must be between 1 and {n}, got {self.top_k_lora!r}.")
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise XLoraServingError("`enable_softmax_topk` needs `top_k_lora`.")
-        if self.classifier_depth < 1:
-            raise XLoraServingError(f"`classifier_depth` must be >= 1, got {self.classifier_depth!r}.")
+        if self.routing == "pinned":
+            self._check_pin()
+        elif self.classifier_depth < 1 or self.pinned_weights is not None:
+            raise XLoraServingError(
+                f"`classifier_depth` must be >= 1 and `pinned_weights` unset with routing={self.routing!r}, got "
+                f"{self.classifier_depth!r} and {self.pinned_weights!r}."
+            )
+        self._check_shapes()
         if self.scaling_pass_layers is not None and self.scaling_pass_layers < 1:
             raise XLoraServingError(f"`scaling_pass_layers` must be None or >= 1, got {self.scaling_pass_layers!r}.")
         # The bounds every X-LoRA config has (core/config.py), before the plugin allocates the classifier and factors.
@@ -254,4 +280,35 @@ class ServingSpec:
         if self.single_pass_static not in ("learned", "uniform"):
             raise XLoraServingError(
                 f"`single_pass_static` must be 'learned' or 'uniform', got {self.single_pass_static!r}."
+            )
+
+    def _check_pin(self) -> None:
+        rows, n = self.pinned_weights, self.n_experts
+        if self.classifier_depth != 0:
+            raise XLoraServingError(
+                f"A pinned export has no classifier (`classifier_depth` 0), got {self.classifier_depth!r}."
+            )
+        if (
+            not isinstance(rows, list)
+            or len(rows) not in (1, len(self.mixture_layers))
+            or not all(isinstance(row, list) and len(row) == n for row in rows)
+        ):
+            raise XLoraServingError(
+                f"`pinned_weights` must be 1 or {len(self.mixture_layers)} (one per mixture layer) rows of {n} "
+                "weights. The export is damaged: export the checkpoint again."
+            )
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) for row in rows for w in row):
+            raise XLoraServingError("`pinned_weights` must be finite numbers.")
+
+    def _check_shapes(self) -> None:
+        shapes = self.shapes
+        if shapes is None:
+            return
+        if sorted(shapes) != sorted(self.mixture_layers) or not all(
+            isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 1 for d in shape)
+            for shape in shapes.values()
+        ):
+            raise XLoraServingError(
+                "The X-LoRA spec's `shapes` must give [in, out] (positive integers) for every mixture layer and no "
+                "other module. The export is damaged: export the checkpoint again."
             )
