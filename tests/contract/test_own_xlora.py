@@ -78,7 +78,10 @@ def test_readme_path_from_lora_folders_to_a_served_model(tmp_path, hub):
         pushed = PeftModel.from_pretrained(tiny_llama(), REPO).eval()(input_ids=ids).logits
     torch.testing.assert_close(pushed, local, rtol=0, atol=0)
     card = hub.repos[REPO].files["README.md"].decode()
-    assert "import peft_xlora" in card and not hub.unknown
+    # bitsandbytes 0.50 (the quant extra), imported by PEFT, asks the Hub for a CPU kernel of kernels-community on
+    # AVX512-BF16 CPUs and falls back to its own on a 404; every other request must be one the Hub look-alike knows.
+    ours = [r for r in hub.unknown if "/kernels-community/" not in r]
+    assert "import peft_xlora" in card and not ours, ours
 
     config = json.loads((served / "config.json").read_text())
     assert config["architectures"] == ["XLoraLlamaForCausalLM"]
