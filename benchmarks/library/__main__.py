@@ -24,8 +24,17 @@ from typing import Any
 
 import torch
 
-from benchmarks import corpora
-from benchmarks.library.bench import DOMAINS, GATES, LEFT_OUT, REAL, TINY, XLORA_DUAL, XLORA_SINGLE, LibraryBench
+from benchmarks.library.bench import (
+    DOMAINS,
+    GATES,
+    LEFT_OUT,
+    REAL,
+    TINY,
+    XLORA_DUAL,
+    XLORA_SINGLE,
+    LibraryBench,
+    domain_info,
+)
 from benchmarks.provenance import provenance, write_result
 from benchmarks.routing.bench import ARROW2, ORACLE, UNIFORM, to_json
 from benchmarks.routing.metrics import MIXED_COLUMNS, bench_columns, gaps, summary
@@ -171,16 +180,7 @@ def _payload(
             "gate_batch": f"{s.batch_size} x {s.seq_len} tokens (half mixed documents of {s.train_segments} segments)",
         },
         "left_out_domains": list(LEFT_OUT),
-        "domains": {
-            d: {
-                "source": corpora.DOMAINS[d].source,
-                "package": corpora.DOMAINS[d].package,
-                "licence": corpora.DOMAINS[d].licence,
-                "expert": Path(bench.expert_dirs[d]).name,
-                "expert_cached_before_this_run": bench.cache_hits.get(f"expert {d}"),
-            }
-            for d in getattr(bench, "expert_dirs", {})
-        },
+        "domains": {d: domain_info(bench, d) for d in getattr(bench, "expert_dirs", {})},
         "gates": {v.label: v.recipe() for v in gates},
         "seed": args.seed,
         "stages_done": list(state["stages"]),
