@@ -132,7 +132,8 @@ def _read_config(checkpoint_dir: str) -> XLoraConfig:
     if not isinstance(raw, dict) or raw.get("peft_type") != "PEFT_XLORA":
         peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
         hint = (
-            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate` (or `peft-xlora migrate`)."
+            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate(base_model, checkpoint)` and "
+            "save the result with `save_pretrained`."
             if peft_type == "XLORA"
             else "Export a checkpoint saved by peft-xlora."
         )
