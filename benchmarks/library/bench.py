@@ -19,7 +19,7 @@ What it adds to the routing benchmark:
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ DEMO_MAX_CHARS = 60_000  # the demo's documents: part of its experts' cache keys
 
 XLORA_SINGLE = "X-LoRA top-2, single pass"
 XLORA_DUAL = "X-LoRA top-2, dual pass"
+XLORA_SOFT = "X-LoRA soft-trained, top-2 single pass"
 
 # SmolLM2-135M. The expert recipe and the training data are the routing benchmark's (`benchmarks.routing.bench.REAL`,
 # restated here so a change of that benchmark's gate settings cannot change these experts' cache keys): 40 steps of
@@ -100,6 +101,24 @@ TINY = replace(
 # token the same logits, so every token would start on the same two experts. 80 steps at lr 2e-3 (the routing
 # benchmark's gates take 100 at 1e-3): sized to the shared cores.
 SPARSE_TOP2 = {"top_k_lora": 2, "enable_softmax_topk": True, "topk_compute": "sparse"}
+SINGLE_PASS = {"routing": "single_pass", "scaling_pass_layers": 10, "single_pass_static": "uniform"}
+
+
+@dataclass(frozen=True)
+class LibraryGate(Variant):
+    """A gate trained with `options` and evaluated with `inference` changed on top (`update_config`).
+
+    Attributes:
+        inference: Config fields changed after training, before scoring and timing (empty: none).
+    """
+
+    inference: dict[str, Any] = field(default_factory=dict)
+
+    def recipe(self) -> dict[str, Any]:
+        """What makes this gate and how it is run, for its cache keys."""
+        return {**super().recipe(), "inference": self.inference}
+
+
 GATES = {
     XLORA_SINGLE: Variant(
         XLORA_SINGLE,
@@ -114,6 +133,9 @@ GATES = {
         lr=2e-3,
     ),
     XLORA_DUAL: Variant(XLORA_DUAL, options={"classifier_init": "random", **SPARSE_TOP2}, steps=80, lr=2e-3),
+    # Trained as a soft gate over all 16 experts (every expert's logit gets a gradient on every token; the config's
+    # default uniform initialisation), then run with top-2 renormalised and sparse: the same single pass at inference.
+    XLORA_SOFT: LibraryGate(XLORA_SOFT, options=dict(SINGLE_PASS), steps=80, lr=2e-3, inference=SPARSE_TOP2),
 }
 # Fixed mixtures: each expert alone (and the base model, all weights 0) on a top-2 sparse model, the uniform mixture
 # (every expert at 1/16: dense by definition) on a plain one. Scored this many mixtures per forward.
@@ -124,6 +146,15 @@ GROUP = 4
 
 class LibraryBench(RoutingBench):
     """One seed of the library benchmark (the routing benchmark over the 16 domains of `DOMAINS`)."""
+
+    def load_gate(self, v: Variant) -> torch.nn.Module:
+        """The variant's trained model, with its inference changes (a `LibraryGate`'s `inference`) applied."""
+        from peft_xlora.core.model import find_tuner
+
+        model = super().load_gate(v)
+        if getattr(v, "inference", None):
+            find_tuner(model).update_config(**v.inference)
+        return model
 
     def _gate_key(self, recipe: dict[str, Any]) -> str:
         return super()._gate_key({"library": True, **recipe})

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.library.bench import XLORA_DUAL, XLORA_SINGLE
+from benchmarks.library.bench import XLORA_DUAL, XLORA_SINGLE, XLORA_SOFT
 from benchmarks.routing.bench import ARROW2, BASE, ORACLE, TOKEN_ORACLE, UNIFORM
 
 BEST = "best single expert"
-ROWS = [XLORA_SINGLE, XLORA_DUAL, ARROW2, UNIFORM, BEST, BASE, ORACLE, TOKEN_ORACLE]
+ROWS = [XLORA_SINGLE, XLORA_SOFT, XLORA_DUAL, ARROW2, UNIFORM, BEST, BASE, ORACLE, TOKEN_ORACLE]
 COLUMNS = ["pure mean", "mixed", "after 1-4", "after 5-64"]
 
 
