@@ -11,8 +11,7 @@ What it adds to the routing benchmark:
   updates), in single-pass routing, trained on the routing benchmark's gate batches;
 - PEFT's Arrow with top-2 over the same library (training-free), the uniform mixture, each expert alone (the best
   single expert is the row with the lowest mean) and the two oracles;
-- fixed mixtures scored in small groups, each expert alone on a top-2 sparse model (one non-zero weight: the sparse
-  path computes that expert only), so 16 experts cost 16 LoRA passes and not 16 passes over all 16 experts;
+- each expert alone scored as its plain PEFT LoRA model (16 LoRA passes, not 16 passes over all 16 experts);
 - the inference cost per token of X-LoRA (sparse and dense top-2) and Arrow top-2, measured side by side.
 """
 
@@ -137,11 +136,8 @@ GATES = {
     # default uniform initialisation), then run with top-2 renormalised and sparse: the same single pass at inference.
     XLORA_SOFT: LibraryGate(XLORA_SOFT, options=dict(SINGLE_PASS), steps=80, lr=2e-3, inference=SPARSE_TOP2),
 }
-# Fixed mixtures: each expert alone (and the base model, all weights 0) on a top-2 sparse model, the uniform mixture
-# (every expert at 1/16: dense by definition) on a plain one. Scored this many mixtures per forward.
-PINNED_SPARSE = Variant("pinned top-2 sparse", options={"top_k_lora": 2, "topk_compute": "sparse"})
+# The uniform mixture is scored on a plain X-LoRA model pinned to 1/16 per expert.
 PINNED_DENSE = Variant("pinned")
-GROUP = 4
 
 
 class LibraryBench(RoutingBench):
@@ -205,37 +201,37 @@ class LibraryBench(RoutingBench):
             self.s = settings
 
     def score_fixed(self) -> dict[str, Losses]:
-        """Base model, each expert alone, the uniform mixture, and the two oracles; cached per mixture."""
+        """Base model, each expert alone, the uniform mixture, and the two oracles; cached per row.
+
+        Each expert alone is its plain PEFT LoRA model and the base model the plain base model (the reference, one
+        LoRA's cost per token); the uniform mixture (every expert at 1/16, dense by definition) is the X-LoRA model
+        pinned to those weights, as the routing benchmark scores it.
+        """
+        from peft import PeftModel
+
         s = self.s
         n = len(self.domains)
-        sparse = {f"expert: {d}": torch.eye(n)[i] for i, d in enumerate(self.domains)}
-        sparse[BASE] = torch.zeros(n)
         results: dict[str, Losses] = {}
-        models: dict[str, torch.nn.Module] = {}
+        key = self._recipe(kind="library-plain")
+        for d in self.domains:
+            name = f"expert: {d}"
 
-        def model_of(v: Variant) -> torch.nn.Module:
-            if v.label not in models:
-                models[v.label] = self.build_gate(v)
-            return models[v.label]
+            def plain(d: str = d, name: str = name) -> Losses:
+                model = PeftModel.from_pretrained(self.new_base(), self.expert_dirs[d]).eval()
+                return evaluate(model, self.eval_set, s.eval_batch, name, True)
 
-        def score(v: Variant, weights: dict[str, torch.Tensor]) -> None:
-            names = list(weights)
-            for start in range(0, len(names), GROUP):
-                group = names[start : start + GROUP]
-                pinned: dict[str, Losses] = {}
-                key = self._recipe(kind="library-fixed", pinned=v.recipe())
-
-                def one(name: str, group: list[str] = group, pinned: dict[str, Losses] = pinned) -> Losses:
-                    if not pinned:  # the group's mixtures in one batched pass, the first time one is missing
-                        chosen = {g: weights[g] for g in group}
-                        pinned.update(evaluate_pinned(model_of(v), self.eval_set, chosen, s.eval_batch, quiet=True))
-                    return pinned[name]
-
-                for name in group:
-                    results[name] = self._cached_losses(name, key, lambda name=name, one=one: one(name))
-
-        score(PINNED_SPARSE, sparse)
-        score(PINNED_DENSE, {UNIFORM: torch.full((n,), 1.0 / n)})
+            results[name] = self._cached_losses(name, key, plain)
+        results[BASE] = self._cached_losses(
+            BASE, key, lambda: evaluate(self.new_base().eval(), self.eval_set, s.eval_batch, BASE, True)
+        )
+        uniform = {UNIFORM: torch.full((n,), 1.0 / n)}
+        results[UNIFORM] = self._cached_losses(
+            UNIFORM,
+            self._recipe(kind="library-fixed", pinned=PINNED_DENSE.recipe()),
+            lambda: evaluate_pinned(self.build_gate(PINNED_DENSE), self.eval_set, uniform, s.eval_batch, True)[
+                UNIFORM
+            ],
+        )
         experts = {d: results[f"expert: {d}"] for d in self.domains}
         results[ORACLE], results[TOKEN_ORACLE] = oracles(experts, self.eval_set)
         return results

@@ -32,8 +32,8 @@ def test_the_library_has_sixteen_distinct_domains():
 
 @needs_debian_text
 def test_fixed_mixtures_equal_each_expert_alone_and_the_base_model(tmp_path):
-    # Each expert alone is scored on a top-2 sparse X-LoRA model pinned per row (several mixtures per forward): it
-    # must give what the plain PEFT LoRA model of that expert gives, and all weights 0 what the base model gives.
+    # Each row is the model it names, in the library's order: expert d's row is what the plain PEFT LoRA model of the
+    # expert trained on d gives, the base model's what the base model gives.
     domains = ["locales", "cmake", "shakespeare"]
     bench = LibraryBench(TINY, tmp_path / "cache", domains, quiet=True, log=lambda *a: None)
     bench.prepare()
