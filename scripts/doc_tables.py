@@ -726,6 +726,47 @@ def serving_targets() -> str:
     return _md(header, rows, "| --- | ---: | ---: | ---: |") + "\n\nIn tokens per CPU-second. " + caption(SERVING)
 
 
+LIBRARY = "benchmarks/results/library-main.json"
+
+
+def _library(part: str, with_caption: bool = True) -> str:
+    """library.md: a table of the library benchmark (issue 26), rendered by `benchmarks/library/tables.py`."""
+    from benchmarks.library import tables as library_tables
+
+    text = getattr(library_tables, part)(load(LIBRARY))
+    return text + ("\n\n" + caption(LIBRARY) if with_caption else "")
+
+
+@table("library-experts")
+def library_experts() -> str:
+    """library.md: the 16 experts, their text and recipe."""
+    return _library("experts", with_caption=False)
+
+
+@table("library-quality")
+def library_quality() -> str:
+    """library.md: held-out loss of X-LoRA top-2, Arrow top-2, the uniform mixture, the best expert, the oracles."""
+    return _library("quality")
+
+
+@table("library-paired")
+def library_paired() -> str:
+    """library.md: X-LoRA top-2 minus each rival, paired bootstrap intervals."""
+    return _library("paired", with_caption=False)
+
+
+@table("library-cost")
+def library_cost() -> str:
+    """library.md: inference CPU time per token, X-LoRA top-2 (sparse, dense) against Arrow top-2."""
+    return _library("cost")
+
+
+@table("library-targets")
+def library_targets() -> str:
+    """library.md: issue 26's library targets."""
+    return _library("targets", with_caption=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Rewrites the generated tables (or, with --check, reports what is out of date); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

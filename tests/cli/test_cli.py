@@ -235,11 +235,20 @@ def mistakes(workspace):
     )
     single.peft_config["default"].base_model_name_or_path = str(base_dir)
     single.save_pretrained(root / "mistakes" / "single-pass")
+    # Folders for `build --adapters-dir`: empty; one LoRA beside a folder of notes and an X-LoRA checkpoint; one LoRA.
+    (root / "mistakes" / "empty-lib").mkdir()
+    (root / "mistakes" / "empty-lib" / "README.md").write_text("no experts yet")
+    shutil.copytree(experts["digits"], root / "mistakes" / "mixed-lib" / "digits")
+    (root / "mistakes" / "mixed-lib" / "notes").mkdir()
+    (root / "mistakes" / "mixed-lib" / "notes" / "todo.txt").write_text("train more experts")
+    shutil.copytree(built, root / "mistakes" / "mixed-lib" / "xlora")
+    shutil.copytree(experts["digits"], root / "mistakes" / "lib" / "digits")
     return root / "mistakes", base_dir
 
 
 _TRAIN = ["--data", "{root}/../a.txt", "--out", "{root}/trained", "--seq-len", "16", "--batch-size", "2"]
 _BUILD = ["--adapter", "x={root}/../digits", "--out", "{root}/b"]
+_OUT = ["--out", "{root}/b"]
 # Each case as a new user might type it; every one must be refused in one line with exit status 2.
 USER_ERRORS = {
     "threads-negative": ["--threads", "-3", "inspect", "{built}"],
@@ -358,6 +367,51 @@ USER_ERRORS = {
     "export-vllm-base-config-not-json": ["export", "{root}/base-elsewhere", "--format", "vllm", "--out", "{root}/v"],
     "export-vllm-no-checkpoint": ["export", "{root}/nowhere", "--format", "vllm", "--out", "{root}/v"],
     "demo-damaged-cache": ["demo", "--tiny", "--quiet", "--cache-dir", "{root}/damaged-cache", "--out", "{root}/d"],
+    # issue 26: `build --adapters-dir`, a folder of LoRAs
+    "build-no-experts": ["build", "--base", "{base}", "--out", "{root}/b"],
+    "build-adapters-dir-missing": ["build", "--base", "{base}", "--adapters-dir", "{root}/no-lib", *_OUT],
+    "build-adapters-dir-a-file": ["build", "--base", "{base}", "--adapters-dir", "{root}/a-file", *_OUT],
+    "build-adapters-dir-empty": ["build", "--base", "{base}", "--adapters-dir", "{root}/empty-lib", *_OUT],
+    "build-adapters-dir-not-all-loras": [
+        "build",
+        "--base",
+        "{base}",
+        "--adapters-dir",
+        "{root}/mixed-lib",
+        "--out",
+        "{root}/b",
+    ],
+    "build-adapters-dir-is-a-lora": [
+        "build",
+        "--base",
+        "{base}",
+        "--adapters-dir",
+        "{root}/their-lora",
+        "--out",
+        "{root}/b",
+    ],
+    "build-adapters-dir-name-clash": [
+        "build",
+        "--base",
+        "{base}",
+        "--adapter",
+        "digits={root}/../digits",
+        "--adapters-dir",
+        "{root}/lib",
+        "--out",
+        "{root}/b",
+    ],
+    "build-adapters-dir-twice": [
+        "build",
+        "--base",
+        "{base}",
+        "--adapters-dir",
+        "{root}/lib",
+        "--adapters-dir",
+        "{root}/lib",
+        "--out",
+        "{root}/b",
+    ],
 }
 
 
@@ -407,6 +461,65 @@ def test_build_with_a_lora_folder_without_weights_names_the_missing_file(mistake
     err = capsys.readouterr().err
     assert f"the folder {lora} has no adapter_model.safetensors" in err and "Repo id" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_build_adapters_dir_names_what_is_not_a_lora_and_writes_nothing(mistakes, capsys):
+    root, base_dir = mistakes
+    assert run("build", "--base", base_dir, "--adapters-dir", root / "mixed-lib", "--out", root / "b") == 2
+    err = capsys.readouterr().err
+    assert "2 of its 3 subfolders are not LoRA checkpoint folders" in err, err
+    assert "notes/ (no adapter_config.json)" in err and "xlora/ (a PEFT_XLORA adapter, not LORA)" in err, err
+    assert not (root / "b").exists()
+    clash = ["--adapter", f"digits={root / 'lib' / 'digits'}", "--adapters-dir", root / "lib"]
+    assert run("build", "--base", base_dir, *clash, "--out", root / "b") == 2
+    assert "Two experts are named 'digits'" in capsys.readouterr().err
+    assert not (root / "b").exists()
+
+
+def test_build_adapters_dir_equals_the_model_built_in_python(workspace, tmp_path, capsys):
+    # Each subfolder an expert named after it, in sorted order whatever the order they were made in; files and hidden
+    # folders beside them are ignored, and so is the --out folder inside the library (a rebuild). The checkpoint
+    # must be the model built directly from Python with those experts in that order (same seed).
+    from peft_xlora.cli.common import load_base as cli_load_base
+
+    _, base_dir, experts = workspace
+    lib = tmp_path / "lib"
+    for name in ("letters", "digits"):  # made in reverse order
+        shutil.copytree(experts[name], lib / name)
+    (lib / "README.md").write_text("two experts")
+    (lib / ".cache").mkdir()
+    out = lib / "xlora"
+    argv = ["build", "--base", base_dir, "--adapters-dir", lib, "--out", out, "--size", 8, "--top-k", 1, "--seed", 3]
+    for _ in range(2):  # the second build finds its own earlier output inside the library and skips it
+        assert run(*argv) == 0
+        assert "Built X-LoRA over 2 experts (digits, letters)" in capsys.readouterr().out
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["expert_order"] == ["digits", "letters"]
+
+    torch.manual_seed(3)  # as `build --seed 3` does before it loads the base model
+    adapters = {"digits": str(lib / "digits"), "letters": str(lib / "letters")}
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=adapters, xlora_size=8, top_k_lora=1)
+    direct = get_peft_model(cli_load_base(base_dir), config).eval()
+    loaded = PeftModel.from_pretrained(load_base(base_dir), out).eval()
+    assert list(loaded.base_model.expert_names) == ["digits", "letters"]
+    want, got = direct.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, direct(input_ids=ids).logits)
+
+
+def test_build_adapter_and_adapters_dir_together_keep_the_named_ones_first(workspace, tmp_path, capsys):
+    _, base_dir, experts = workspace
+    lib = tmp_path / "lib"
+    shutil.copytree(experts["digits"], lib / "b-digits")
+    shutil.copytree(experts["digits"], lib / "a-digits")
+    adapter = f"z-letters={experts['letters']}"
+    assert run("build", "--base", base_dir, "--adapter", adapter, "--adapters-dir", lib, "--out", tmp_path / "o") == 0
+    saved = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert saved["expert_order"] == ["z-letters", "a-digits", "b-digits"]
 
 
 def test_refused_saves_leave_the_users_lora_as_it_was(mistakes):

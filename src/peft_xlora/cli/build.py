@@ -1,4 +1,4 @@
-"""`peft-xlora build`: base model + named LoRA experts -> an X-LoRA checkpoint folder (gate untrained)."""
+"""`peft-xlora build`: base model + LoRA experts (named, or every LoRA in a folder) -> an X-LoRA checkpoint folder."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from peft import get_peft_model
 
 from ..core.config import MAX_CLASSIFIER_DEPTH, MAX_WIDTH, XLoraConfig
 from .common import UserError, adapter, check_out_folder, folder, load_base, non_negative_int, whole_up_to
+from .library import adapters_in
 from .places import check_command, read_json, situation
 
 
@@ -18,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Adds the `build` subcommand to the parser."""
     p = sub.add_parser(
         "build",
-        help="base model + named LoRA adapters -> an X-LoRA checkpoint folder",
+        help="base model + LoRA adapters (named, or every one in a folder) -> an X-LoRA checkpoint folder",
         description="Builds an X-LoRA model over LoRA experts and saves it (gate untrained).",
     )
     p.add_argument("--base", required=True, help="base model folder (transformers save_pretrained)")
@@ -26,9 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--adapter",
         action="append",
         type=adapter,
-        required=True,
+        default=[],
         metavar="NAME=PATH",
         help="a LoRA expert; repeat for each expert (names are kept as given)",
+    )
+    p.add_argument(
+        "--adapters-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of LoRA experts: each subfolder holding an adapter_config.json is an expert named after the "
+        "subfolder, in sorted order of the names (after any --adapter); repeatable",
     )
     p.add_argument("--out", required=True, type=folder, help="folder to write the X-LoRA checkpoint to")
     p.add_argument(
@@ -54,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora build`: an X-LoRA checkpoint over the given LoRA experts."""
+    if not args.adapter and not args.adapters_dir:
+        raise UserError("No experts: give --adapter NAME=PATH (repeat it) or --adapters-dir DIR (a folder of LoRAs).")
     adapters = dict(args.adapter)
     check_out_folder(args.out, "the X-LoRA checkpoint")
     if len(adapters) != len(args.adapter):
@@ -61,6 +72,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, path in adapters.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"Expert {name!r}: {path} is not a LoRA checkpoint folder (no adapter_config.json).")
+    for directory in args.adapters_dir:
+        for name, path in adapters_in(directory, out=args.out).items():
+            if name in adapters:
+                raise UserError(
+                    f"Two experts are named {name!r}: {adapters[name]} and {path} (--adapters-dir names each expert "
+                    "after its folder); rename one of the folders, or give one with --adapter OTHER_NAME=PATH."
+                )
+            adapters[name] = path
     try:
         config = XLoraConfig(
             task_type="CAUSAL_LM",

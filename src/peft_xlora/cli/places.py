@@ -71,7 +71,10 @@ CLI_PLACE = Place(
         ),
         "base_model_name_or_path": supported("the base model folder the checkpoint records, unless --base is given"),
         "inference_mode": supported("`train` loads the checkpoint trainable, the other commands for inference"),
-        "adapters": supported("`build --adapter NAME=PATH`, in gate order; the others read them from the checkpoint"),
+        "adapters": supported(
+            "`build --adapter NAME=PATH` (in the order given) or `build --adapters-dir DIR` (each subfolder an "
+            "expert, sorted by name); the others read them from the checkpoint"
+        ),
         "hidden_size": supported("`build` infers it from the base model"),
         "xlora_depth": supported(_FLAG.format(flag="--depth (1 to 32)")),
         "xlora_size": supported(_FLAG.format(flag="--size (at most 16x the hidden size, or 4096)")),
