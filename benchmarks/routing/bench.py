@@ -23,7 +23,7 @@ import torch
 from benchmarks import corpora
 from benchmarks.routing import features
 from benchmarks.routing.metrics import MIXED_COLUMNS, bench_columns, check_targets, gaps, summary
-from benchmarks.routing.variants import BASELINE, DEFAULTS_LABEL, Variant
+from benchmarks.routing.variants import BASELINE, DEFAULTS_LABEL, RECIPE_LABEL, Variant
 from peft_xlora.cli.demo import data as demo_data
 from peft_xlora.cli.demo.evaluate import (
     Bootstrap,
@@ -444,9 +444,13 @@ def report(results: dict[str, Losses], data: EvalSet, n_boot: int, seed: int, ou
     intervals = boot.intervals(results)
     rivals = [r for r in (ARROW1, BUILTIN) if r in results]  # a partial file may not have the built-in yet
 
-    # Every other gate is also compared with the defaults, paired: what the evidence for a new default needs.
+    # Every other gate is also compared with the defaults, paired: what the evidence for a new default needs; and a
+    # gate made from the demo's recipe ("recipe - ...", "recipe, ...") with the recipe, the gate it changes.
     def rivals_of(label: str) -> list[str]:
-        return [*rivals, DEFAULTS_LABEL] if DEFAULTS_LABEL in results and label != DEFAULTS_LABEL else rivals
+        out = [*rivals, DEFAULTS_LABEL] if DEFAULTS_LABEL in results and label != DEFAULTS_LABEL else list(rivals)
+        if label.startswith("recipe") and RECIPE_LABEL in results:
+            out.append(RECIPE_LABEL)
+        return out
 
     paired = {label: boot.paired(results, label, rivals_of(label)) for label in ours}
     targets = {label: check_targets(table, paired[label], label, ORACLE, rivals) for label in ours}
