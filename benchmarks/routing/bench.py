@@ -354,6 +354,22 @@ class RoutingBench(Demo):
         tmp.replace(path)
         return path
 
+    def cached_train_cpu_s(self, variants: list[Variant]) -> dict[str, float]:
+        """CPU seconds each gate's training took when it was trained (recorded in its cached file), by label.
+
+        A rerun from the cache keeps the training costs in its result file; they were measured under the load of
+        the run that trained the gate (that run's result file has its load average).
+        """
+        files = {v.label: self.gate_file(v) for v in variants}
+        files[BUILTIN] = self.builtin_file()
+        out = {}
+        for label, path in files.items():
+            if path.is_file():
+                cpu_s = torch.load(path, weights_only=True).get("cpu_s")
+                if cpu_s is not None:
+                    out[label] = cpu_s
+        return out
+
     # ------------------------------------------------------------------ evaluation
 
     def score_baselines(self) -> dict[str, Losses]:

@@ -126,12 +126,21 @@ def ablation() -> list[Variant]:
     return out
 
 
+# Distillation (weight 1) towards a target close to the per-token oracle: the best expert of each token.
+ORACLE_TARGETS = {"distillation": 1.0, "temperature": 0.1}
+
+
 def ideas() -> list[Variant]:
     """Routing after switches: an earlier layer, two layers, per-token-oracle targets (all within the cost budget)."""
     return [
         _merge(RECIPE, "recipe, gate layer 8", {"options": {"scaling_pass_layers": 8}}),
         _merge(RECIPE, "recipe, layers 8 + 20", {"extra_layers": (8,)}),
         _merge(RECIPE, "recipe, oracle targets (T 0.1)", {"temperature": 0.1}),
+        # The two that moved the recipe after switches, on the defaults (the better gate on this benchmark). The
+        # defaults read the last hidden state (after the final norm); "layers 8 + last" adds decoder layer 8's output.
+        _merge(DEFAULTS, "defaults, oracle targets (T 0.1)", ORACLE_TARGETS),
+        _merge(DEFAULTS, "defaults, layers 8 + last", {"extra_layers": (8,)}),
+        _merge(DEFAULTS, "defaults, oracle targets + layers 8", {**ORACLE_TARGETS, "extra_layers": (8,)}),
     ]
 
 
