@@ -114,15 +114,26 @@ def _without(choice: str) -> dict[str, Any]:
     return undo
 
 
+# The recipe's choices that are `XLoraConfig` fields, so could become its defaults (the others are how the gate is
+# trained, or a layer number that depends on the model): their switches over the defaults run first.
+CONFIG_CHOICES = ("dropout 0", "layerwise", "depth 2, width 64", "distillation")  # distillation: the dearest, last
+
+
 def ablation() -> list[Variant]:
-    """Each recipe choice switched on alone over the defaults, and off alone from the recipe; plus the init switch."""
-    out = []
-    for choice, change in RECIPE_CHOICES.items():
-        out.append(_merge(DEFAULTS, f"defaults + {choice}", change))
+    """Each recipe choice switched on alone over the defaults, and off alone from the recipe; plus the init switch.
+
+    In the order they run (a partial file says most sooner): the switches over the defaults that could become a
+    default (`CONFIG_CHOICES`, the init), then the recipe's rows (30 steps each but one, the cheapest), then the
+    switches over the defaults that are training settings or a model-specific layer.
+    """
+    on_defaults = {choice: _merge(DEFAULTS, f"defaults + {choice}", c) for choice, c in RECIPE_CHOICES.items()}
+    out = [on_defaults[choice] for choice in CONFIG_CHOICES[:-1]]
     out.append(_merge(DEFAULTS, "defaults + random init", INIT_SWITCH))
-    for choice in RECIPE_CHOICES:
-        out.append(_merge(RECIPE, f"recipe - {choice}", _without(choice)))
-    out.append(_merge(RECIPE, "recipe + random init", INIT_SWITCH))
+    out.append(on_defaults["distillation"])  # the dearest: the experts' losses on 100 gate batches first
+    off_recipe = [_merge(RECIPE, f"recipe - {choice}", _without(choice)) for choice in RECIPE_CHOICES]
+    off_recipe.append(_merge(RECIPE, "recipe + random init", INIT_SWITCH))
+    out += sorted(off_recipe, key=lambda v: v.steps)  # "recipe - 30 steps" (100 steps) last
+    out += [v for choice, v in on_defaults.items() if choice not in CONFIG_CHOICES]
     return out
 
 
