@@ -172,7 +172,9 @@ def _ids(work: Workload, batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(3, work.vocab_size, (batch, seq), generator=g).to(work.device)
 
 
-def _build_model(work: Workload, method: str, n: int, experts: dict[str, str], train: bool) -> torch.nn.Module:
+def _build_model(
+    work: Workload, method: str, n: int, experts: dict[str, str], train: bool, options: dict[str, Any] | None = None
+) -> torch.nn.Module:
     base = build_base(work)
     if method == "base":
         return base
@@ -212,6 +214,7 @@ def _build_model(work: Workload, method: str, n: int, experts: dict[str, str], t
             xlora_depth=work.xlora_depth,
             xlora_size=work.xlora_size,
             **routing,
+            **(options or {}),
         )
         return get_peft_model(base, config)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -226,12 +229,17 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_case(work: Workload, method: str, phase: str, n: int, experts: dict[str, str]) -> Case:
-    """Builds the model of `method` and the timed step of `phase` (`n` experts; ignored by base and lora)."""
+def build_case(
+    work: Workload, method: str, phase: str, n: int, experts: dict[str, str], options: dict[str, Any] | None = None
+) -> Case:
+    """Builds the model of `method` and the timed step of `phase` (`n` experts; ignored by base and lora).
+
+    `options` are extra `XLoraConfig` fields for peft-xlora's methods (e.g. ``{"top_k_lora": 2}``).
+    """
     if (method, phase) not in supported(method, phase):
         raise ValueError(f"{method} has no {phase} case")
     train = phase == "train"
-    model = _build_model(work, method, n, experts, train)
+    model = _build_model(work, method, n, experts, train, options)
     model.train(train)
     info: dict[str, Any] = {}
 

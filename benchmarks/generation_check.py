@@ -6,6 +6,9 @@ Usage (from the repository root)::
     python -m benchmarks.generation_check --n 32 --new 128 --reps 2 --no-peft
     python -m benchmarks.generation_check --smoke               # tiny sizes: checks the script, not the speed
 
+Writes ``benchmarks/results/generation-check.json`` (``--out``): the medians, every repetition, and the ratios, with
+the provenance block of ``benchmarks/provenance.py``.
+
 Reference workload of issue 4 (random 8-layer Llama, hidden 512; N experts of rank 16 on all seven projections;
 prompt 64 tokens, greedy, exactly `new` tokens). Methods:
 
@@ -28,7 +31,7 @@ shared machine disturbs less (use ``--threads 1`` with it, so no thread spins wa
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import tempfile
 import time
@@ -39,12 +42,15 @@ from typing import Any
 import torch
 
 from .cases import SMOKE, Workload, _build_model, _ids, generate_step, make_experts
+from .provenance import module_command, provenance, write_result
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generation-check.json")
 
 
 def measure(
     work: Workload, n: int, news: list[int], reps: int, peft_news: list[int], clock: Callable[[], float]
-) -> dict:
-    """Builds every method once and times interleaved repetitions; returns median seconds per (method, new) run."""
+) -> dict[str, list[float]]:
+    """Builds every method once and times interleaved repetitions; returns the seconds of every `method@new` run."""
     root = tempfile.mkdtemp(prefix="xlora-gen-")
     experts = make_experts(work, n, root)
     prompt = _ids(work, 1, work.gen_prompt, seed=3)
@@ -81,7 +87,7 @@ def measure(
             out = step()
             times[key].append(clock() - start)
             assert out.shape[1] == work.gen_prompt + key[1], (key, out.shape)
-    return {f"{m}@{new}": statistics.median(t) for (m, new), t in times.items()}
+    return {f"{m}@{new}": t for (m, new), t in times.items()}
 
 
 def table(seconds: dict[str, float], news: list[int]) -> list[dict[str, Any]]:
@@ -113,15 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peft-all", action="store_true", help="PEFT's built-in at every length, not the shortest")
     parser.add_argument("--cpu-time", action="store_true", help="time with process CPU time instead of wall time")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="the result file (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    block = provenance(module_command("benchmarks.generation_check", argv))
     work = replace(SMOKE, gen_new_tokens=[4]) if args.smoke else Workload()
     news = [4] if args.smoke else args.new
     clock = time.process_time if args.cpu_time else time.perf_counter
     reps = 1 if args.smoke else args.reps
     peft_news = [] if args.no_peft else news if args.peft_all else [min(news)]
-    seconds = measure(work, args.n, news, reps, peft_news, clock)
+    times = measure(work, args.n, news, reps, peft_news, clock)
+    seconds = {key: statistics.median(t) for key, t in times.items()}
     rows = table(seconds, news)
     methods = ("base", "floor", "lora", "token", "prompt", "single", "peft")
     kind = "CPU" if args.cpu_time else "wall"
@@ -137,11 +145,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['token_vs_floor']:10.2f}x  {row['prompt_vs_lora']:10.2f}x  {row['single_vs_lora']:10.2f}x {vs_peft}"
         )
         print(f"{row['new_tokens']:<6}{cells}  {ratios}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"n": args.n, "threads": args.threads, "clock": kind, "seconds": seconds, "rows": rows}, f, indent=2
-            )
+    payload = {
+        "workload": work.to_dict(),
+        "n": args.n,
+        "threads": args.threads,
+        "clock": kind,
+        "reps": reps,
+        "seconds": seconds,  # medians, method@new_tokens
+        "times_s": times,  # every repetition
+        "rows": rows,
+    }
+    write_result(args.out, payload, block)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import re
 import statistics
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from .cases import Workload, build_case, make_experts, supported
-from .run import machine
+from .provenance import module_command, provenance, write_result
 
 # Mistral 7B's sizes (v0.2+: no sliding window), 8 of its 32 layers.
 MISTRAL_7B_8L = Workload(
@@ -159,10 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     start = time.time()
+    block = provenance(module_command("benchmarks.gpu", argv))
     rows = run(work, args.n, args.reps, args.warmup, args.phases)
-    info = machine()
     result = {
-        "machine": info,
         "workload": work.to_dict(),
         "n": args.n,
         "reps": args.reps,
@@ -170,13 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "wall_s": time.time() - start,
     }
-    card = re.sub(r"[^A-Za-z0-9]+", "-", info.get("gpu", args.device)).strip("-").lower()
-    os.makedirs(args.out, exist_ok=True)
+    where = block["gpu"] or args.device
+    card = re.sub(r"[^A-Za-z0-9]+", "-", where).strip("-").lower()
     path = os.path.join(args.out, f"gpu-{card}{'-tiny' if args.tiny else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(path, result, block)
     print(f"\nwrote {path}; {result['wall_s']:.0f} s in all")
-    where = info.get("gpu", args.device)
     print(f"\n{where}, {work.dtype}, {work.arch} {work.num_hidden_layers} layers, N={args.n} r={work.rank}")
     print(table(rows))
     return result

@@ -62,7 +62,7 @@ def run_case_here(spec: dict[str, Any]) -> dict[str, float]:
 
     torch.set_num_threads(spec["threads"])
     work = Workload(**spec["workload"])
-    case = build_case(work, spec["method"], spec["phase"], spec["n"], spec["experts"])
+    case = build_case(work, spec["method"], spec["phase"], spec["n"], spec["experts"], spec.get("options"))
     step = case.step
     if spec["phase"] == "generate":
         step = case.info["steps"][spec["new_tokens"]]

@@ -3,7 +3,7 @@
 A result file is one JSON object with two reserved keys beside the benchmark's own payload:
 
     {"schema": "peft-xlora-result/1",
-     "provenance": {"date_utc", "commit", "dirty", "cpu_model", "cpu_flags", "cores", "torch_threads",
+     "provenance": {"date_utc", "commit", "dirty", ("dirty_paths"), "cpu_model", "cpu_flags", "cores", "torch_threads",
                     "load_average_start", "load_average_end", "versions", "command", "gpu"},
      ...payload}
 
@@ -95,6 +95,11 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def module_command(module: str, argv: list[str] | None = None) -> str:
+    """`python -m <module>` with `argv` (None: this process's arguments), the command a reader retypes."""
+    return " ".join(["python", "-m", module, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+
+
 def provenance(command: str | list[str] | None = None) -> dict[str, Any]:
     """The provenance block at the start of a run (call `finish` on it at the end).
 
@@ -107,6 +112,8 @@ def provenance(command: str | list[str] | None = None) -> dict[str, Any]:
     elif not isinstance(command, str):
         command = shlex.join(command)
     model, flags = _cpu()
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    changed = [line.split(maxsplit=1)[-1] for line in status.splitlines()]
     threads = None
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -117,7 +124,9 @@ def provenance(command: str | list[str] | None = None) -> dict[str, Any]:
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(changed),
+        # Which tracked files differed from the commit (an output such as a plot, or code: the reader can tell).
+        "dirty_paths": changed[:20],
         "cpu_model": model,
         "cpu_flags": flags,
         "cores": os.cpu_count(),
@@ -137,15 +146,12 @@ def finish(block: dict[str, Any]) -> dict[str, Any]:
     return block
 
 
-def write_result(path: str, payload: dict[str, Any], block: dict[str, Any]) -> str:
-    """Writes `payload` with the schema tag and the (finished) provenance block to `path`, atomically."""
-    if "schema" in payload or "provenance" in payload:
-        raise ValueError("`schema` and `provenance` are reserved keys of a result file.")
-    data = {"schema": SCHEMA, "provenance": finish(dict(block)), **payload}
+def _write_atomic(path: str, data: dict[str, Any]) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for every reader
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -155,6 +161,20 @@ def write_result(path: str, payload: dict[str, Any], block: dict[str, Any]) -> s
             os.unlink(tmp)
         raise
     return path
+
+
+def write_result(path: str, payload: dict[str, Any], block: dict[str, Any]) -> str:
+    """Writes `payload` with the schema tag and the (finished) provenance block to `path`, atomically."""
+    if "schema" in payload or "provenance" in payload:
+        raise ValueError("`schema` and `provenance` are reserved keys of a result file.")
+    return _write_atomic(path, {"schema": SCHEMA, "provenance": finish(dict(block)), **payload})
+
+
+def rewrite_result(path: str, data: dict[str, Any]) -> str:
+    """Writes back a whole result file (e.g. with derived fields recomputed), keeping its provenance as it was."""
+    if problems := check_result(data):
+        raise ValueError(f"{path} is not a result file of schema {SCHEMA}: {'; '.join(problems)}")
+    return _write_atomic(path, data)
 
 
 def check_result(data: dict[str, Any]) -> list[str]:

@@ -15,13 +15,10 @@ the machine hit every method alike. Memory is measured separately, one fresh pro
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +29,7 @@ import torch
 
 from . import memory
 from .cases import METHODS, SMOKE, Workload, build_case, make_experts, supported
+from .provenance import module_command, provenance, rewrite_result, write_result
 
 # (name, phase, numerator, denominator, n, limit): the targets of issue 4, checked on every run.
 TARGETS = [
@@ -102,46 +100,6 @@ def workload_from(args: argparse.Namespace) -> Workload:
     if args.gen_new_tokens:
         changes["gen_new_tokens"] = args.gen_new_tokens
     return replace(work, **changes)
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import peft
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "git_commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # Other processes compete for the cores when this is well above 0: read the timings with that in mind.
-        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _time(step: Any) -> tuple[float, float]:
@@ -364,20 +322,17 @@ def plot(result: dict[str, Any], path: str) -> str | None:
             ax.set_title(f"{phase}, {label} time")
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.suptitle(
-        f"peft-xlora benchmark ({result['machine']['cpu']}, threads={result['machine']['torch_threads']})", fontsize=9
-    )
+    block = result["provenance"]
+    fig.suptitle(f"peft-xlora benchmark ({block['cpu_model']}, threads={block['torch_threads']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _result(
-    args: argparse.Namespace, work: Workload, machine_at_start: dict[str, Any], rows: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _payload(args: argparse.Namespace, work: Workload, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result file's content beside its schema tag and provenance block (`benchmarks/provenance.py`)."""
     return {
-        "machine": {**machine_at_start, "load_average_at_end": machine()["load_average_1_5_15"]},
         "workload": work.to_dict(),
         "settings": {
             "n": args.n,
@@ -404,10 +359,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report:
         with open(args.report) as f:
             result = json.load(f)
-        # Derived fields are recomputed (and saved back), so a saved run gains checks added since it was made.
+        # Derived fields are recomputed (and saved back), so a saved run gains checks added since it was made; the
+        # provenance block stays that of the run.
         result["ratios"], result["targets"] = ratios(result["results"]), check_targets(result["results"])
-        with open(args.report, "w") as f:
-            json.dump(result, f, indent=1)
+        rewrite_result(args.report, result)
         png = None if args.no_plot else plot(result, args.report.removesuffix(".json") + ".png")
         _report(result, args.report, png)
         return result
@@ -417,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("peak RSS cannot be reset on this system: memory not measured", file=sys.stderr)
         args.memory = "off"
 
-    machine_at_start = machine()
+    block = provenance(module_command("benchmarks.run", argv))
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"benchmark-{args.tag}.json")
     rows: list[dict[str, Any]] = []
@@ -458,9 +413,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         flush=True,
                     )
                 rows.extend(group)
-                result = _result(args, work, machine_at_start, rows)
-                with open(json_path, "w") as f:
-                    json.dump(result, f, indent=1)
+                write_result(json_path, _payload(args, work, rows), block)
+    with open(json_path) as f:
+        result = json.load(f)
 
     png = None if args.no_plot else plot(result, os.path.join(args.out, f"benchmark-{args.tag}.png"))
     _report(result, json_path, png)

@@ -10,11 +10,14 @@ its token id, learnt from the hidden states of a tiny random BART (the same ids 
   stack, the hardest case for a shared classifier.
 
 Both variants train the same steps with Adam on the gate's cross-entropy against the rule, and are scored on held-out
-batches (routing accuracy, median over seeds). Run: ``python benchmarks/seq2seq_classifier.py``.
+batches (routing accuracy, median over seeds). Run: ``python -m benchmarks.seq2seq_classifier [--out FILE]``; it
+writes ``benchmarks/results/seq2seq-classifier.json`` with the provenance block of ``benchmarks/provenance.py``.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 
 import torch
@@ -22,6 +25,11 @@ import transformers as tf
 
 from peft_xlora import XLoraConfig
 from peft_xlora.core.classifier import XLoraClassifier
+
+from .provenance import module_command, provenance, write_result
+
+METRICS = ("encoder_accuracy", "decoder_accuracy", "cross_entropy")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "seq2seq-classifier.json")
 
 VOCAB, BATCH, SRC, TGT, STEPS, SEEDS, BATCHES, EXPERTS = 64, 32, 12, 10, 300, 3, 20, 4
 
@@ -83,10 +91,16 @@ def _run(rule: str, per_stack: bool, seed: int) -> tuple[float, float, float, in
     return accuracy["encoder"], accuracy["decoder"], entropy, sum(p.numel() for p in params)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Runs both rules with both classifier layouts, prints the table and writes the result file."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help="the result file (default: %(default)s)")
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
+    block = provenance(module_command("benchmarks.seq2seq_classifier", argv))
     print("| rule | classifier | parameters | encoder accuracy | decoder accuracy | held-out cross-entropy |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
+    rows = []
     for rule in ("agree", "conflict"):
         for per_stack in (False, True):
             runs = [_run(rule, per_stack, seed) for seed in range(SEEDS)]
@@ -94,7 +108,23 @@ def main() -> None:
             dec = statistics.median(r[1] for r in runs)
             ce = statistics.median(r[2] for r in runs)
             name = "one per stack" if per_stack else "shared"
+            rows.append(
+                {
+                    "rule": rule,
+                    "classifier": name,
+                    "parameters": runs[0][3],
+                    "encoder_accuracy": enc,
+                    "decoder_accuracy": dec,
+                    "cross_entropy": ce,
+                    "per_seed": [dict(zip(METRICS, r)) for r in runs],
+                }
+            )
             print(f"| {rule} | {name} | {runs[0][3]} | {enc:.3f} | {dec:.3f} | {ce:.3f} |", flush=True)
+    settings = {"vocab": VOCAB, "batch": BATCH, "source": SRC, "target": TGT, "steps": STEPS, "seeds": SEEDS}
+    payload = {"settings": {**settings, "batches": BATCHES, "experts": EXPERTS}, "rows": rows}
+    write_result(args.out, payload, block)
+    print(f"wrote {args.out}")
+    return payload
 
 
 if __name__ == "__main__":

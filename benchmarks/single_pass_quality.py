@@ -17,7 +17,6 @@ lower is better, and the last column is the single pass's loss minus the dual pa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from peft_xlora.cli.demo.evaluate import Losses, evaluate
 from peft_xlora.cli.demo.run import Demo
 from peft_xlora.cli.demo.settings import preset
 from peft_xlora.cli.demo.train import train_steps
+
+from .provenance import module_command, provenance, write_result
 
 DEFAULT_CACHE = Path(os.environ.get("PEFT_XLORA_CACHE", Path.home() / ".cache" / "peft-xlora"))
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Runs the comparison; returns its rows, or None when the real run found no cache."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.single_pass_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="the demo's random tiny model (numbers mean nothing)")
-    p.add_argument("--k", type=int, nargs="+", help="single-pass layers (default 10 20 25 of 30; tiny: 1 2)")
+    p.add_argument("--k", type=int, nargs="+", help="single-pass layers (default 10 20 25 of 30; tiny: 1)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--threads", type=int, default=None)
@@ -94,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    block = provenance(module_command("benchmarks.single_pass_quality", argv))
     settings = preset(args.tiny)
-    ks = args.k or ([1, 2] if args.tiny else [10, 20, 25])
+    ks = args.k or ([1] if args.tiny else [10, 20, 25])  # tiny has 2 layers: k=2 would leave no routed layer
     demo = Demo(settings, args.cache_dir, args.out, quiet=args.quiet)
     if not args.tiny and (why := _missing_cache(demo)):
         print(f"skipped: {why}; no real-model numbers.")
@@ -132,10 +134,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['pure']:.4f} | {r['mixed']:.4f} | {r['d_pure']:+.4f} | {r['d_mixed']:+.4f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"tiny": args.tiny, "k": ks, "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
-    with open(args.out / f"single-pass-quality-{'tiny' if args.tiny else 'smollm2'}.json", "w") as f:
-        json.dump(report, f, indent=1)
+    report = {
+        "tiny": args.tiny,
+        "k": ks,
+        "settings": settings.recipe(),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_result(str(args.out / f"single-pass-quality-{'tiny' if args.tiny else 'smollm2'}.json"), report, block)
     return report
 
 

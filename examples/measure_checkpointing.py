@@ -3,9 +3,10 @@
 Each mode runs in a fresh process on a random Llama (6 layers, hidden 384) with three LoRA experts, batch 2 x 512
 tokens. "Saved activations" counts the bytes autograd keeps for backward during the forward (distinct storages, via
 `torch.autograd.graph.saved_tensors_hooks`); "peak RSS" is the process's peak resident memory during one training
-step (weights included: the same in every mode); time is the median of 2 steps. CPU only; nothing is downloaded.
+step (weights included: the same in every mode); time is the median of 3 steps. CPU only; nothing is downloaded.
 
-Usage: `python examples/measure_checkpointing.py` (prints a Markdown table).
+Usage: `python examples/measure_checkpointing.py [--result FILE]` (prints a Markdown table; `--result` also keeps it
+as a result file with provenance, `benchmarks/provenance.py`, which docs/training.md is generated from).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -82,11 +84,12 @@ def measure(mode: str, experts: dict[str, str]) -> dict[str, float]:
     del loss
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB; the peak so far, after a warm-up step
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
+    times, cpu_times = [], []
+    for _ in range(3):
+        start, cpu = time.perf_counter(), time.process_time()
         model(input_ids=ids, labels=ids).loss.backward()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
         model.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -94,13 +97,20 @@ def measure(mode: str, experts: dict[str, str]) -> dict[str, float]:
         "peak_rss_mb": peak / 1024,
         "rss_growth_mb": (peak - rss_before) / 1024,
         "step_s": statistics.median(times),
+        "step_cpu_s": statistics.median(cpu_times),
     }
 
 
 def main() -> None:
-    if len(sys.argv) == 3:  # child: one mode
+    if len(sys.argv) == 3 and sys.argv[1] in MODES:  # child: one mode
         print(json.dumps(measure(sys.argv[1], json.loads(sys.argv[2]))))
         return
+    result = None
+    if sys.argv[1:2] == ["--result"] and len(sys.argv) == 3:  # the repository's result-file schema
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks.provenance import provenance, write_result
+
+        result, block = sys.argv[2], provenance("python examples/measure_checkpointing.py " + shlex.join(sys.argv[1:]))
     root = Path(tempfile.mkdtemp(prefix="xlora-gc-"))
     experts = make_experts(root)
     rows = {}
@@ -109,10 +119,13 @@ def main() -> None:
             [sys.executable, __file__, mode, json.dumps(experts)], capture_output=True, text=True, check=True
         )
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    print("| checkpointing | saved activations (MB) | peak RSS (MB) | step time (s) |")
-    print("| --- | --- | --- | --- |")
+    print("| checkpointing | saved activations (MB) | peak RSS (MB) | step time (s) | step CPU time (s) |")
+    print("| --- | --- | --- | --- | --- |")
     for mode, r in rows.items():
-        print(f"| {mode} | {r['saved_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['step_s']:.2f} |")
+        print(f"| {mode} | {r['saved_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} |")
+    if result:
+        payload = {"hidden": HIDDEN, "layers": LAYERS, "seq": SEQ, "smoke": SMOKE, "rows": rows}
+        write_result(result, payload, block)
 
 
 if __name__ == "__main__":

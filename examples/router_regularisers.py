@@ -3,12 +3,16 @@
 A tiny random Llama (head scaled up so that its next-token distributions are peaked) and three random LoRA experts.
 The training text is sampled from the model pinned to "math" (3/4 of the sequences) and to "code" (1/4); "poetry" is
 never the source. The gate is trained with and without the regularisers and the routing is measured on the training
-text. Runs in about a minute on a laptop CPU with nothing downloaded: `python examples/router_regularisers.py`.
+text. Runs in about a minute on a laptop CPU with nothing downloaded: `python examples/router_regularisers.py`;
+`--result FILE` also keeps the table as a result file with provenance (`benchmarks/provenance.py`), which
+docs/training.md is generated from.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,7 +109,13 @@ def run(experts, data, steps: int, **coefs: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--result", type=Path, help="also write the table to this result file")
     args = parser.parse_args()
+    if args.result:  # the repository's result-file schema, from its benchmarks/ folder
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks.provenance import provenance, write_result
+
+        block = provenance("python examples/router_regularisers.py " + shlex.join(sys.argv[1:]))
     root = Path(tempfile.mkdtemp(prefix="xlora-regularisers-"))
     experts = make_experts(root)
     teacher = build(experts)
@@ -123,6 +133,9 @@ def main() -> None:
     print("| --- " * (len(columns) + 1) + "|")
     for label, row in rows.items():
         print(f"| {label} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    if args.result:
+        payload = {"steps": args.steps, "rows": [{"setting": k, **v} for k, v in rows.items()]}
+        write_result(str(args.result), payload, block)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,8 @@ USER_ERRORS = {
     "threads-zero": ["--threads", "0", "inspect", "{built}"],
     "max-new-tokens-zero": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "0"],
     "max-new-tokens-negative": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "-2"],
+    "max-new-tokens-past-the-positions": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "600"],
+    "max-new-tokens-huge": ["generate", "{built}", "--prompt", "1 +", "--max-new-tokens", "100000000"],
     "heatmap-in-missing-folder": [
         "generate",
         "{built}",
@@ -395,6 +397,18 @@ def test_build_refuses_a_huge_classifier_before_allocating_it(mistakes, sizes, c
     assert not (root / "b").exists()
 
 
+def test_build_with_a_lora_folder_without_weights_names_the_missing_file(mistakes, tmp_path, capsys):
+    # Before: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (PEFT took the folder for a Hub id).
+    root, base_dir = mistakes
+    lora = tmp_path / "no-weights"
+    lora.mkdir()
+    shutil.copy(root.parent / "digits" / "adapter_config.json", lora)
+    assert run("build", "--base", base_dir, "--adapter", f"x={lora}", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"the folder {lora} has no adapter_model.safetensors" in err and "Repo id" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_refused_saves_leave_the_users_lora_as_it_was(mistakes):
     # Before: `build --out` or `train --out` onto someone's LoRA folder replaced its adapter files with X-LoRA's.
     root, base_dir = mistakes
@@ -403,6 +417,213 @@ def test_refused_saves_leave_the_users_lora_as_it_was(mistakes):
     assert run("build", "--base", base_dir, "--adapter", f"x={root.parent / 'digits'}", "--out", lora) == 2
     assert run("train", root / "built", "--data", root.parent / "a.txt", "--out", lora, "--seq-len", 16) == 2
     assert {path.name: path.read_bytes() for path in lora.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------ the CLI's column of the table
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    """Base folders, experts and checkpoints the command line does not run: sequence classification, BART."""
+    from helpers import seq_cls
+    from helpers.models import make_seq2seq_expert, tiny_bart
+    from peft_xlora.cli.demo.base import char_tokenizer
+
+    root = tmp_path_factory.mktemp("foreign")
+    tokenizer = char_tokenizer()
+    for name, model in (("cls-base", seq_cls.build("llama")), ("bart-base", tiny_bart())):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    cls_experts = {f"e{i}": seq_cls.save_expert("llama", root / f"cls-e{i}", i, ["q_proj"]) for i in range(2)}
+    bart_experts = {f"e{i}": make_seq2seq_expert(["q_proj", "fc1"], i, str(root / f"bart-e{i}")) for i in range(2)}
+    checkpoints = {
+        "cls": (seq_cls.xlora("llama", cls_experts), "cls-base"),
+        "bart": (
+            get_peft_model(
+                tiny_bart(), XLoraConfig(task_type="SEQ_2_SEQ_LM", adapters=bart_experts, xlora_size=8)
+            ).eval(),
+            "bart-base",
+        ),
+    }
+    for name, (model, base) in checkpoints.items():
+        model.peft_config["default"].base_model_name_or_path = str(root / base)
+        model.save_pretrained(root / name)
+    return root
+
+
+# One case per refusal of the ``cli`` column, keyed (row, index of the refusal in its cell), as a user would type it.
+CLI_CASES = {
+    ("task_type", 0): ["generate", "{foreign}/cls", "--prompt", "ab"],
+    ("heads", 0): ["build", "--base", "{base}", "--adapter", "e0={foreign}/cls-e0", "--out", "{out}"],
+    ("encoder_decoder", 0): ["generate", "{foreign}/bart", "--prompt", "ab"],
+    ("generate_modes", 0): ["generate", "{root}/single-pass", "--prompt", "1 +", "--mode", "prompt"],
+}
+# The same refusals at every command that loads a model, and the exporters' columns checked before it loads.
+MORE_CLI_REFUSALS = {
+    "train-seq-cls": ("task_type", ["train", "{foreign}/cls", "--data", "{root}/../a.txt", "--out", "{out}"]),
+    "inspect-text-seq-cls": ("task_type", ["inspect", "{foreign}/cls", "--text", "ab"]),
+    "export-lora-seq-cls": ("task_type", ["export", "{foreign}/cls", "--format", "lora", "--weights", "e0=1"]),
+    "train-bart": ("encoder_decoder", ["train", "{foreign}/bart", "--data", "{root}/../a.txt", "--out", "{out}"]),
+    "inspect-text-bart": ("encoder_decoder", ["inspect", "{foreign}/bart", "--text", "ab"]),
+    "export-mistralrs-bart": ("encoder_decoder", ["export", "{foreign}/bart", "--format", "mistralrs"]),
+    "build-on-bart": (
+        "encoder_decoder",
+        ["build", "--base", "{foreign}/bart-base", "--adapter", "e0={foreign}/bart-e0"],
+    ),
+    "export-mistralrs-single-pass": (
+        "export_mistralrs:routing",
+        ["export", "{root}/single-pass", "--format", "mistralrs"],
+    ),
+}
+
+
+def _cli_refusals() -> dict:
+    from peft_xlora.core.combinations import places
+
+    return {
+        (place.name, row, i): refusal
+        for place in places().values()
+        if place.layer == "cli"
+        for row, cell in place.cells.items()
+        for i, refusal in enumerate(cell.refusals)
+    }
+
+
+def test_every_cli_refusal_has_a_case():
+    assert {(row, i) for _, row, i in _cli_refusals()} == set(CLI_CASES)
+    assert {place for place, _, _ in _cli_refusals()} == {"cli"}
+
+
+def _refused_before_loading(argv: list[str], message: str, out, monkeypatch, capsys) -> None:
+    """`argv` exits 2 with one line holding `message`'s fixed parts, having loaded no model and written nothing."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the command loaded a model before refusing")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    status = main(["--threads", "1", *argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(f"peft-xlora {argv[0]}: error: "), err
+    fixed = re.split(r"\{[^}]*\}", message)  # the message's fixed parts, around its placeholders
+    assert all(" ".join(part.split()) in lines[0] for part in fixed if part.strip()), (message, err)
+    assert not out.exists()
+
+
+def _argv(template: list[str], mistakes, foreign, out) -> list[str]:
+    root, base_dir = mistakes
+    argv = [a.format(root=root, built=root / "built", base=base_dir, foreign=foreign, out=out) for a in template]
+    if argv[0] in ("build", "export") and "--out" not in argv:
+        argv += ["--out", str(out)]
+    return argv
+
+
+@pytest.mark.parametrize("key", sorted(CLI_CASES), ids=["-".join(map(str, k)) for k in sorted(CLI_CASES)])
+def test_cli_refusal_comes_from_the_table_before_loading(mistakes, foreign, tmp_path, key, monkeypatch, capsys):
+    out = tmp_path / "out"
+    refusal = _cli_refusals()[("cli", *key)]
+    _refused_before_loading(_argv(CLI_CASES[key], mistakes, foreign, out), refusal.message, out, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", sorted(MORE_CLI_REFUSALS))
+def test_every_command_that_loads_a_model_refuses_first(mistakes, foreign, tmp_path, case, monkeypatch, capsys):
+    from peft_xlora.core.combinations import places
+
+    row, template = MORE_CLI_REFUSALS[case]
+    place, _, row = row.rpartition(":")
+    out = tmp_path / "out"
+    message = places()[place or "cli"].cells[row].refusals[0].message
+    _refused_before_loading(_argv(template, mistakes, foreign, out), message, out, monkeypatch, capsys)
+
+
+def test_inspect_without_text_describes_what_the_cli_cannot_run(foreign, capsys):
+    # Reading the files is supported for every task and model: only the commands that load a model refuse.
+    for name, expert_order in (("cls", ["e0", "e1"]), ("bart", ["e0", "e1"])):
+        assert run("inspect", foreign / name, "--json") == 0
+        assert json.loads(capsys.readouterr().out)["expert_order"] == expert_order
+
+
+# Each option the table lets the command line read, set on a checkpoint built directly from Python (two experts:
+# top-k 1): row -> (config fields, extra `generate` arguments). tests/core/test_supported_cells.py accounts for them.
+CLI_OPTIONS = {
+    "enable_softmax": ({"enable_softmax": False}, []),
+    "enable_softmax_topk": ({"top_k_lora": 1, "enable_softmax_topk": True}, []),
+    "softmax_temperature": ({"softmax_temperature": 0.5}, []),
+    "top_k_lora": ({"top_k_lora": 1}, []),
+    "layerwise_scalings": ({"layerwise_scalings": True}, []),
+    "global_scaling_weight": ({"global_scaling_weight": 0.5}, []),
+    "use_trainable_adapters": ({"use_trainable_adapters": True}, []),
+    "scaling_pass_value": ({"scaling_pass_value": 0.5}, []),
+    "scalings_mode": ({"scalings_mode": "prompt"}, []),
+    "scaling_pass_layers": ({"scaling_pass_layers": 1}, []),
+    "router_load_balancing_coef": ({"router_load_balancing_coef": 0.3}, []),
+    "router_entropy_coef": ({"router_entropy_coef": 0.3}, []),
+    "router_distillation_coef": ({"router_distillation_coef": 0.3}, []),
+    "router_distillation_temperature": ({"router_distillation_coef": 0.3, "router_distillation_temperature": 0.5}, []),
+    "distillation": ({"router_distillation_coef": 0.3}, []),
+    "routing": ({"routing": "single_pass", "scaling_pass_layers": 1}, []),
+    "single_pass_static": ({"routing": "single_pass", "scaling_pass_layers": 1, "single_pass_static": "uniform"}, []),
+    "xlora_depth": ({"xlora_depth": 3}, []),
+    "xlora_size": ({"xlora_size": 4}, []),
+    "xlora_dropout_p": ({"xlora_dropout_p": 0.1}, []),
+    "classifier_init": ({"classifier_init": "uniform"}, []),
+    "hidden_size": ({"hidden_size": 48}, []),
+    "inference_mode": ({"inference_mode": True}, []),
+    "pins": ({}, ["--static", "digits=0.7,letters=0.2"]),
+    "generate_modes": ({}, ["--mode", "prompt"]),
+    "elastic_changes": ({}, []),  # built with one expert, the other added
+}
+
+
+@pytest.mark.filterwarnings("ignore::peft_xlora.ExpertChangeWarning")
+@pytest.mark.parametrize("row", sorted(CLI_OPTIONS))
+def test_cli_with_each_option_equals_python(workspace, tmp_path, row, capsys):
+    # `generate` and `inspect --text` of a checkpoint with the option give what the checkpoint loaded in Python gives.
+    from transformers import AutoTokenizer
+
+    from peft_xlora.core.single_pass import STATIC_NAME
+
+    _, base_dir, experts = workspace
+    options, extra = CLI_OPTIONS[row]
+    adapters = {name: str(path) for name, path in experts.items()}
+    first = {"digits": adapters["digits"]} if row == "elastic_changes" else adapters
+    torch.manual_seed(5)
+    config = XLoraConfig(task_type="CAUSAL_LM", adapters=first, **{"classifier_init": "random", **options})
+    model = get_peft_model(load_base(base_dir), config)
+    if row == "elastic_changes":
+        model.add_expert("letters", adapters["letters"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # trained: a gate, static weights, factors off their start
+            if param.requires_grad or STATIC_NAME in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(tmp_path / "ck")
+
+    prompt, text = "12 + 3 =", "abba 12"
+    assert run("generate", tmp_path / "ck", "--prompt", prompt, "--max-new-tokens", 5, "--json", *extra) == 0
+    continuation = json.loads(capsys.readouterr().out)["generations"][0]["continuation"]
+    loaded = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "ck").eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    if row == "pins":
+        loaded.set_static_scalings({"digits": 0.7, "letters": 0.2})
+    if row == "generate_modes":
+        kwargs["scalings_mode"] = "prompt"
+    expected = loaded.generate(input_ids=ids, **kwargs)
+    assert continuation == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    if row == "pins":
+        return
+    assert run("inspect", tmp_path / "ck", "--text", text, "--json") == 0
+    gate = json.loads(capsys.readouterr().out)["mean_gate"]
+    with torch.no_grad():
+        loaded(input_ids=tok(text, return_tensors="pt").input_ids, use_cache=False)
+    mean = loaded.get_latest_scalings()[0].float().mean(dim=(0, 1))  # (n_experts,)
+    assert list(gate) == list(loaded.base_model.expert_names)
+    assert gate == pytest.approx(dict(zip(gate, mean.tolist())), abs=1e-4)
 
 
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -44,6 +45,11 @@ def report(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def thorough(tmp_path_factory):
+    # Four times the default run's evaluation (about 10 CPU-minutes with its artefacts cached): too long for the test
+    # command, which must stay under 20 minutes on 2 cores. Its published numbers come from
+    # benchmarks/results/demo-thorough.json (python -m benchmarks.demo_run --thorough).
+    if os.environ.get("PEFT_XLORA_DEMO_THOROUGH") != "1":
+        pytest.skip("the --thorough demo runs with PEFT_XLORA_DEMO_THOROUGH=1 (about 10 CPU-minutes)")
     _needs_the_real_model()
     return _run(tmp_path_factory.mktemp("demo-thorough"), "--thorough")
 

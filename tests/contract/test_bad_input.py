@@ -65,6 +65,20 @@ def test_missing_path(tmp_path, expert_dirs):
     assert_untouched(base)
 
 
+def test_adapter_folder_without_weights_says_so(tmp_path, expert_dirs):
+    # Before: PEFT took the folder for a Hub id and said "Repo id must be in the form 'repo_name' ...".
+    import shutil
+
+    shutil.copytree(expert_dirs["llama"]["code"], tmp_path / "code")
+    (tmp_path / "code" / "adapter_model.safetensors").unlink()
+    base = tiny_llama()
+    match = r"Expert 'code': the folder .*code has no adapter_model.safetensors \(nor adapter_model.bin\)"
+    with pytest.raises(ExpertError, match=match) as info:
+        xlora(base, {"math": expert_dirs["llama"]["math"], "code": str(tmp_path / "code")})
+    assert "Repo id" not in str(info.value)
+    assert_untouched(base)
+
+
 def test_adapter_for_another_base_model_shape(tmp_path, expert_dirs):
     torch.manual_seed(0)
     wider = LlamaForCausalLM(

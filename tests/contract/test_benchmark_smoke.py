@@ -14,6 +14,7 @@ if ROOT not in sys.path:  # `benchmarks` lives beside `src`, not inside the inst
 from benchmarks import memory  # noqa: E402
 from benchmarks import run as bench  # noqa: E402
 from benchmarks.cases import SMOKE  # noqa: E402
+from benchmarks.provenance import check_result  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,11 @@ def test_smoke_writes_json_and_plot(smoke):
 
 def test_smoke_structure(smoke):
     _, result, memory_mode = smoke
-    assert {"machine", "workload", "settings", "results", "ratios", "targets", "generation"} <= set(result)
-    assert result["machine"]["torch"] and result["machine"]["cpu_count"]
+    assert {"schema", "provenance", "workload", "settings", "results", "ratios", "targets"} <= set(result)
+    assert check_result(result) == []
+    assert result["provenance"]["versions"]["torch"] and result["provenance"]["cores"]
+    assert result["provenance"]["command"].startswith("python -m benchmarks.run --smoke")
+    assert result["provenance"]["torch_threads"] == 1
     assert result["workload"]["hidden_size"] == SMOKE.hidden_size
     got = {(r["phase"], r["method"], r["n"]) for r in result["results"]}
     expected = {("prefill", m, 2) for m in ("base", "wide", "floor", "peft", "ours", "single")}
@@ -80,7 +84,8 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     assert got == {("prefill", m) for m in ("base", "floor", "peft", "ours")} | {
         ("train", m) for m in ("lora", "floor", "peft", "ours")
     }
-    assert list(tmp_path.glob("gpu-*-tiny.json"))
+    (path,) = tmp_path.glob("gpu-*-tiny.json")
+    assert check_result(json.loads(path.read_text())) == []
 
 
 @pytest.mark.slow
@@ -95,7 +100,7 @@ def test_single_pass_quality_script_runs_tiny(tmp_path):
     finally:
         torch.set_num_threads(threads)
     variants = [row["variant"] for row in report["rows"]]
-    assert variants == ["base model", "dual pass (scaling_pass_layers=None)", "single pass k=1", "single pass k=2"]
+    assert variants == ["base model", "dual pass (scaling_pass_layers=None)", "single pass k=1"]
     assert all(row["pure"] > 0 and row["mixed"] > 0 for row in report["rows"])
     assert (tmp_path / "single-pass-quality-tiny.json").is_file()
 
@@ -105,3 +110,32 @@ def test_single_pass_quality_script_skips_without_the_demo_cache(tmp_path, capsy
 
     assert single_pass_quality.main(["--cache-dir", str(tmp_path / "empty")]) is None
     assert "skipped: no converted SmolLM2-135M" in capsys.readouterr().out
+
+
+def _one_thread(fn):
+    threads = torch.get_num_threads()
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_generation_check_writes_a_result_file(tmp_path):
+    from benchmarks import generation_check
+
+    out = tmp_path / "gen.json"
+    _one_thread(lambda: generation_check.main(["--smoke", "--threads", "1", "--out", str(out)]))
+    data = json.loads(out.read_text())
+    assert check_result(data) == []
+    assert data["rows"][0]["new_tokens"] == 4 and data["rows"][0]["token_vs_peft"] > 0
+    assert all(len(t) == data["reps"] for t in data["times_s"].values())
+
+
+def test_scaling_pass_layers_writes_a_result_file(tmp_path):
+    from benchmarks import scaling_pass_layers
+
+    out = tmp_path / "spl.json"
+    payload = _one_thread(lambda: scaling_pass_layers.main(["--smoke", "--reps", "1", "--out", str(out)]))
+    data = json.loads(out.read_text())
+    assert check_result(data) == [] and data["rows"] == payload["rows"]
+    assert [r["layers"] for r in data["rows"]] == ["all", "4", "2", "1"]

@@ -35,11 +35,12 @@ def table():
     return script, places()
 
 
-def test_the_core_and_io_places_are_registered(table):
+def test_the_places_of_every_layer_are_registered(table):
     _, found = table
     core = {"config", "build", "update_config", "add_expert", "remove_expert", "set_static_scalings"}
     core |= {"set_active_experts", "save_load", "generate"}
-    assert core | {"export_mistralrs", "export_lora"} <= set(found)
+    assert core | {"export_mistralrs", "export_lora", "cli"} <= set(found)
+    assert {found[name].layer for name in ("export_lora", "cli")} == {"io", "cli"}
 
 
 def test_every_field_and_feature_is_placed_in_every_place(table):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from helpers.compose import assert_unchanged, logits, same_as_built, snapshot
+from helpers.compose import OPTIONS, assert_unchanged, build_with, logits, probe_rows, same_as_built, snapshot
 from helpers.models import build_xlora, input_ids, make_expert, tiny_llama
 from helpers.reference import restricted_classifier_state
 from peft_xlora.core.single_pass import STATIC_NAME
@@ -175,6 +175,25 @@ def test_per_row_pins_follow_an_added_expert(expert_dirs, new_expert, layerwise)
     torch.testing.assert_close(logits(model, ids_input(3)), logits(reference, ids_input(3)), rtol=0, atol=1e-6)
 
 
+def test_shared_pins_and_a_mask_follow_a_removed_expert(expert_dirs):
+    # Pins: the removed expert's weight goes, the others are used as given. A mask: it loses the removed entry.
+    adapters = expert_dirs["llama"]
+    model = build_xlora("llama", expert_dirs, xlora_dropout_p=0.0).eval()
+    model.set_static_scalings({"math": 0.7, "code": 0.4, "poetry": -0.5})
+    model.remove_expert("code")
+    reference = build_xlora("llama", {"llama": without(adapters, "code")}).eval()
+    reference.set_static_scalings({"math": 0.7, "poetry": -0.5})
+    torch.testing.assert_close(logits(model, ids_input()), logits(reference, ids_input()), rtol=0, atol=1e-6)
+
+    model = build_xlora("llama", expert_dirs, xlora_dropout_p=0.0).eval()
+    reference = built_without(model, adapters, ["math", "poetry"], xlora_dropout_p=0.0)
+    model.set_active_experts(["math", "code"])
+    model.remove_expert("code")
+    assert model.base_model.get_active_experts() == ["math"]
+    reference.set_active_experts(["math"])
+    torch.testing.assert_close(logits(model, ids_input()), logits(reference, ids_input()), rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ structural update_config
 
 
@@ -262,98 +281,11 @@ def test_single_pass_layer_k_cannot_change(expert_dirs):
 # ------------------------------------------------------------------------------ supported cells, from the table
 #
 # Each option the table marks supported at update_config, add_expert, remove_expert or set_active_experts is set to a
-# value away from its default here and tried there against a model built directly. Cells tested elsewhere name their
-# test in COVERED; `test_every_supported_cell_is_tried` fails when a supported cell is in neither.
+# value away from its default (helpers.compose.OPTIONS) and tried there against a model built directly.
+# tests/core/test_supported_cells.py accounts for every supported cell of every place: these tests, or the test named.
 
-# Options away from their defaults: row -> the config fields that set it (with what it needs).
-OPTIONS = {
-    "enable_softmax": {"enable_softmax": False},
-    "enable_softmax_topk": {"top_k_lora": 2, "enable_softmax_topk": True},
-    "softmax_temperature": {"softmax_temperature": 0.5},
-    "top_k_lora": {"top_k_lora": 2},
-    "layerwise_scalings": {"layerwise_scalings": True},
-    "global_scaling_weight": {"global_scaling_weight": 0.5},
-    "use_trainable_adapters": {"use_trainable_adapters": True},
-    "scaling_pass_value": {"scaling_pass_value": 0.5},
-    "scalings_mode": {"scalings_mode": "prompt"},
-    "scaling_pass_layers": {"scaling_pass_layers": 1},
-    "router_load_balancing_coef": {"router_load_balancing_coef": 0.3},
-    "router_entropy_coef": {"router_entropy_coef": 0.3},
-    "router_distillation_coef": {"router_distillation_coef": 0.3},
-    "router_distillation_temperature": {"router_distillation_coef": 0.3, "router_distillation_temperature": 0.5},
-    "routing": {"routing": "single_pass", "scaling_pass_layers": 1},
-    "single_pass_static": {"routing": "single_pass", "scaling_pass_layers": 1, "single_pass_static": "uniform"},
-    "distillation": {"router_distillation_coef": 0.3},
-}
 # Options with which adding an expert changes the outputs by definition (each warns with ExpertChangeWarning).
 CHANGES_OUTPUTS = {"scaling_pass_value", "single_pass_static"}
-
-COVERED = {
-    ("update_config", "xlora_dropout_p"): "test_update_classifier_dropout_rebuilds_exactly",
-    ("update_config", "use_trainable_adapters"): "test_update_use_trainable_adapters_changes_what_trains",
-    ("update_config", "pins"): "test_update_config_while_pinned",
-    ("update_config", "per_row_pins"): "test_update_config_while_pinned",
-    ("update_config", "masks"): "test_update_config_while_masked",
-    ("update_config", "heads"): "tests/core/test_table.py (trainable_head refused)",
-    ("update_config", "encoder_decoder"): "tests/core/test_table.py (its refusals) and test_encoder_decoder.py",
-    ("add_expert", "trainable_head"): "tests/core/test_heads.py::test_added_expert_brings_its_head",
-    ("add_expert", "heads"): "tests/core/test_heads.py::test_added_expert_brings_its_head",
-    ("add_expert", "pins"): "tests/core/test_elastic.py::test_add_expert_keeps_pinned_scalings_and_masks",
-    ("add_expert", "per_row_pins"): "test_per_row_pins_follow_an_added_expert",
-    ("add_expert", "masks"): "tests/core/test_elastic.py::test_add_expert_keeps_pinned_scalings_and_masks",
-    ("add_expert", "encoder_decoder"): "tests/integration/test_encoder_decoder.py::test_added_expert_equals_...",
-    ("add_expert", "elastic_changes"): "this place",
-    ("add_expert", "adapters"): "every add_expert test",
-    ("add_expert", "experts"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
-    ("add_expert", "expert_order"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
-    ("remove_expert", "trainable_head"): "tests/core/test_heads.py::test_removed_expert_takes_its_head",
-    ("remove_expert", "heads"): "tests/core/test_heads.py::test_removed_expert_takes_its_head",
-    ("remove_expert", "pins"): "tests/core/test_elastic.py (shared pins follow)",
-    ("remove_expert", "per_row_pins"): "test_per_row_pins_follow_a_removed_expert",
-    ("remove_expert", "masks"): "tests/core/test_elastic.py::test_bad_remove_and_mask_are_refused_and_change_nothing",
-    ("remove_expert", "encoder_decoder"): "tests/integration/test_encoder_decoder.py::test_removed_expert_equals_...",
-    ("remove_expert", "elastic_changes"): "this place",
-    ("remove_expert", "adapters"): "every remove_expert test",
-    ("remove_expert", "experts"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
-    ("remove_expert", "expert_order"): "test_changed_experts_are_saved_and_reload_exactly (elastic)",
-    ("set_active_experts", "adapters"): "every mask test",
-    ("set_active_experts", "masks"): "this place",
-    ("set_active_experts", "heads"): "tests/core/test_heads.py::test_mask_is_the_model_built_without",
-    ("set_active_experts", "encoder_decoder"): "test_encoder_decoder.py::test_mask_equals_a_model_built_without",
-    (
-        "set_active_experts",
-        "elastic_changes",
-    ): "tests/core/test_elastic.py::test_add_expert_keeps_pinned_scalings_and_masks",
-    ("set_active_experts", "generate_modes"): "test_masked_generation_equals_a_model_built_without",
-}
-PLACES = ("update_config", "add_expert", "remove_expert", "set_active_experts")
-
-
-def _supported(place: str) -> list[str]:
-    from peft_xlora.core.combinations import Status, places
-
-    return [row for row, cell in places()[place].cells.items() if cell.status is not Status.IRRELEVANT]
-
-
-def test_every_supported_cell_is_tried():
-    untried = [
-        (place, row)
-        for place in PLACES
-        for row in _supported(place)
-        if row not in OPTIONS and (place, row) not in COVERED and (place, row) not in _REFUSED_ONLY
-    ]
-    assert not untried, f"supported cells with no test: {untried}"
-
-
-# Rows whose cell at these places only refuses (the refusals are tried in test_table.py) or are the place itself.
-_REFUSED_ONLY = (
-    {("update_config", r) for r in ("task_type", "inference_mode", "hidden_size", "xlora_depth")}
-    | {
-        ("update_config", r)
-        for r in ("xlora_size", "layerwise_scalings", "trainable_head", "routing", "single_pass_static")
-    }
-    | {("update_config", r) for r in ("adapters", "experts", "expert_order")}
-)
 
 
 def _with_labels(model, ids):
@@ -369,11 +301,7 @@ def _same_outputs(model, reference, ids, loss=True, atol=1e-6):
         torch.testing.assert_close(got[1], expected[1], rtol=1e-6, atol=atol)
 
 
-def _probe_rows(place: str) -> list[str]:
-    return sorted(row for row in _supported(place) if row in OPTIONS and (place, row) not in _REFUSED_ONLY)
-
-
-@pytest.mark.parametrize("row", _probe_rows("update_config"))
+@pytest.mark.parametrize("row", probe_rows("update_config"))
 def test_update_config_equals_a_model_built_with_the_value(expert_dirs, row):
     options = OPTIONS[row]
     start = {k: v for k, v in options.items() if k == "top_k_lora" and "enable_softmax_topk" in options}
@@ -387,39 +315,30 @@ def test_update_config_equals_a_model_built_with_the_value(expert_dirs, row):
         assert torch.equal(model.generate(**kwargs), reference.generate(**kwargs))
 
 
-def _build_with(adapters, options):
-    built = build_xlora("llama", {"llama": adapters}, xlora_dropout_p=0.0, **options).eval()
-    if options.get("routing") == "single_pass" and options.get("single_pass_static", "learned") == "learned":
-        static = built.base_model.xlora_classifier.get_submodule(STATIC_NAME)
-        with torch.no_grad():
-            static.logits.copy_(torch.randn(static.logits.shape, generator=torch.Generator().manual_seed(4)))
-    return built
-
-
 @pytest.mark.filterwarnings("ignore::peft_xlora.ExpertChangeWarning")
-@pytest.mark.parametrize("row", _probe_rows("add_expert"))
+@pytest.mark.parametrize("row", probe_rows("add_expert"))
 def test_add_expert_with_each_option_equals_a_model_built_with_it(expert_dirs, new_expert, tmp_path, row):
     from peft import set_peft_model_state_dict
     from peft.utils.save_and_load import load_peft_weights
 
     options = OPTIONS[row]
-    model = _build_with(expert_dirs["llama"], options)
+    model = build_with(expert_dirs["llama"], options)
     ids = input_ids()
     before = _with_labels(model, ids)
     model.add_expert("new", new_expert)
     if row not in CHANGES_OUTPUTS:
         torch.testing.assert_close(_with_labels(model, ids)[0], before[0], rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "added")
-    reference = _build_with({**expert_dirs["llama"], "new": new_expert}, options)
+    reference = build_with({**expert_dirs["llama"], "new": new_expert}, options)
     set_peft_model_state_dict(reference, load_peft_weights(str(tmp_path / "added")))
     _same_outputs(model, reference, ids)
 
 
-@pytest.mark.parametrize("row", _probe_rows("remove_expert"))
+@pytest.mark.parametrize("row", probe_rows("remove_expert"))
 def test_remove_expert_and_mask_with_each_option_equal_a_model_built_without(expert_dirs, row):
     options = OPTIONS[row]
     adapters = expert_dirs["llama"]
-    model = _build_with(adapters, options)
+    model = build_with(adapters, options)
     kept = ["math", "poetry"]
     k = options.get("scaling_pass_layers") if options.get("routing") == "single_pass" else None
     reference = built_without(model, adapters, kept, k=k, xlora_dropout_p=0.0, **options)
@@ -454,6 +373,32 @@ def test_update_config_while_masked(expert_dirs):
     model.update_config(softmax_temperature=0.4)
     reference = built_without(model, adapters, ["math", "poetry"], softmax_temperature=0.4, xlora_dropout_p=0.0)
     _same_outputs(model, reference, input_ids(), loss=False, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["heads", "encoder_decoder"])
+def test_update_config_with_heads_or_an_encoder_decoder_model_equals_a_model_built_with_it(tmp_path, kind):
+    # The gating options change in place; the model equals one built with the new values and the same classifier.
+    from peft import get_peft_model
+
+    from helpers import seq_cls
+    from helpers.models import make_seq2seq_expert, seq2seq_inputs, tiny_bart
+    from peft_xlora import XLoraConfig
+
+    changes = {"softmax_temperature": 0.4, "top_k_lora": 1, "global_scaling_weight": 0.6}
+    if kind == "heads":
+        experts = {f"e{i}": seq_cls.save_expert("llama", tmp_path / f"e{i}", i, ["q_proj"]) for i in range(2)}
+        build, inputs = (lambda **c: seq_cls.xlora("llama", experts, **c)), seq_cls.inputs("llama")
+    else:
+        experts = {f"e{i}": make_seq2seq_expert(["q_proj", "fc1"], i, str(tmp_path / f"e{i}")) for i in range(2)}
+        options = {"task_type": "SEQ_2_SEQ_LM", "adapters": experts, "xlora_size": 8, "xlora_dropout_p": 0.0}
+        options["classifier_init"] = "random"
+        build, inputs = (lambda **c: get_peft_model(tiny_bart(), XLoraConfig(**options, **c)).eval()), seq2seq_inputs()
+    model = build()
+    model.update_config(**changes)
+    reference = build(**changes)
+    reference.base_model.xlora_classifier.load_state_dict(model.base_model.xlora_classifier.state_dict())
+    torch.testing.assert_close(logits(model, inputs), logits(reference, inputs), rtol=0, atol=0)
+    assert not torch.allclose(logits(model, inputs), logits(build(), inputs))  # the changes do change the outputs
 
 
 @pytest.mark.parametrize("mode", ["token", "prompt"])

@@ -384,3 +384,85 @@ def _early_layers(names: list[str], k: int) -> list[str]:
         if inside is None or inside < k:
             early.append(name)
     return early
+
+
+def pinned_reference(
+    base: torch.nn.Module,
+    experts: list[dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]],
+    weights: torch.Tensor,
+    slots: dict[str, int],
+    input_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The experts mixed at fixed weights, written out: the logits (batch, seq, vocab) of `base` with the experts.
+
+    Every adapted module computes ``base(x) + sum_e w[row, slot, e] * scale_e * B_e A_e x``, expert by expert: a
+    pinned gate (`set_static_scalings`), with no scaling pass, classifier or static weights.
+
+    Args:
+        base: A fresh transformers model (no adapters); forward hooks are added for the call and removed.
+        experts: Per expert, in gate order: `lora_factors_reference` of its folder.
+        weights: (rows|1, n_slots|1, n_experts): per batch row (per-row pins) or shared, per mixture layer or one.
+        slots: Adapted module name -> its slot (its index among the model's mixture layers).
+        input_ids: (batch, seq) token ids.
+    """
+
+    def hook(name: str):
+        def add_updates(module, args, output):
+            x = args[0]
+            out = output
+            w = weights[:, slots[name] if weights.shape[1] > 1 else 0]  # (rows|1, n_experts)
+            for e, factors in enumerate(experts):
+                if name not in factors:
+                    continue
+                A, B, scale, is_embedding = factors[name]
+                down = F.embedding(x, A.T) if is_embedding else x.float() @ A.T
+                out = out + w[:, e].reshape(-1, *[1] * (out.dim() - 1)) * scale * (down @ B.T)
+            return out
+
+        return add_updates
+
+    names = sorted({name for factors in experts for name in factors})
+    handles = [base.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            return base(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def topk_mixture_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+    expert_ids: list[int],
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    is_embedding: bool = False,
+) -> torch.Tensor:
+    """Plain loop over tokens and the experts each chose: base_out[t] + sum_j w_tj * scale_e * B_e A_e x_t, e = i_tj.
+
+    Only the chosen experts are computed, one token and one expert at a time; an expert that does not adapt this
+    layer adds nothing.
+
+    Args:
+        x: (tokens, in) inputs, or (tokens,) token ids for an embedding.
+        base_out: (tokens, out) output of the base layer.
+        factors: Per expert of this layer: (A (r, in), B (out, r), scale).
+        expert_ids: The model's index of each expert in `factors`.
+        indices: (tokens, k) the model's indices of the experts each token chose.
+        weights: (tokens, k) their scalings.
+    """
+    position = {expert: i for i, expert in enumerate(expert_ids)}
+    rows = []
+    for t in range(base_out.shape[0]):
+        row = base_out[t]
+        for j in range(indices.shape[1]):
+            expert = int(indices[t, j])
+            if expert not in position:
+                continue
+            A, B, scale = factors[position[expert]]
+            down = A[:, x[t]] if is_embedding else A @ x[t]  # (r,)
+            row = row + weights[t, j] * scale * (B @ down)
+        rows.append(row)
+    return torch.stack(rows)

@@ -319,6 +319,9 @@ def test_bitsandbytes_layers_are_wrapped(kind, expert_dirs):
     quantized = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[kind]
     wrapped = [layer.base_layer for layer in model.base_model.mixture_layers()]
     assert sum(isinstance(b, quantized) for b in wrapped) >= 3  # q_proj, o_proj, down_proj, ... all mixed
+    # bitsandbytes' CPU backend really quantized them (packed 4-bit in uint8, int8), not kept float weights
+    stored = {"4bit": torch.uint8, "8bit": torch.int8}[kind]
+    assert all(b.weight.dtype == stored for b in wrapped if isinstance(b, quantized))
     ids = input_ids()
     for name, path in dirs.items():
         model.set_static_scalings({name: 1.0})

@@ -119,6 +119,24 @@ def test_the_model_loss_weighs_each_micro_batch_by_its_share(expert_dirs, routin
     torch.testing.assert_close(share, entropy * 11 / 44)  # 11 of the step's 44 next-token labels (the shift drops 1)
 
 
+@pytest.mark.parametrize("split", SPLITS)
+def test_router_loss_mixin_on_a_trainer_that_reads_the_loss_counts_the_regulariser_once(expert_dirs, tmp_path, split):
+    # `RouterLossMixin` on a trainer that takes `output.loss` (plain Trainer; TRL's sequence-parallel path) must move
+    # the gate as plain Trainer does. Before: the regulariser was in `output.loss` and added again by the mixin.
+    from peft_xlora import RouterLossMixin
+
+    class MixinTrainer(RouterLossMixin, Trainer):
+        pass
+
+    plain = trainer_update(expert_dirs, tmp_path, split, router_entropy_coef=1.0)
+    without = trainer_update(expert_dirs, tmp_path, split)
+    assert any(bool((plain[n] - without[n]).abs().max() > 1e-4) for n in plain)  # the regulariser moves the gate
+    model = build(expert_dirs, router_entropy_coef=1.0)
+    args = TrainingArguments(**arguments(tmp_path, *SPLITS[split]))
+    mixed = gate_update(model, MixinTrainer(model=model, args=args, train_dataset=Sequences()).train)
+    assert_updates_close(mixed, plain)
+
+
 def test_sft_trainer_regulariser_strength_does_not_depend_on_the_split(expert_dirs, tmp_path):
     # XLoraSFTTrainer adds the regulariser to TRL's loss itself (`RouterLossMixin`), per micro-batch divided by the
     # accumulation steps, as TRL does with its MoE auxiliary loss.

@@ -120,3 +120,23 @@ def test_single_pass_round_trips_through_the_hub(hub, expert_dirs):
     assert loaded.base_model.xlora_config.routing == "single_pass"
     torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
     assert not hub.unknown
+
+
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [("experts", lambda c: list(c["experts"])), ("expert_order", lambda c: c["expert_order"][0])],
+    ids=["experts-a-list", "expert-order-a-string"],
+)
+def test_hub_config_of_the_wrong_structure_names_the_file_and_field(hub, expert_dirs, field, edit):
+    # Before: the structure check ran on local folders only, and a Hub checkpoint gave a bare TypeError.
+    import json
+
+    push_to_hub(trained_llama(expert_dirs), REPO)
+    files = hub.repos[REPO].files
+    config = json.loads(files["adapter_config.json"])
+    config[field] = edit(config)
+    files["adapter_config.json"] = json.dumps(config).encode()
+    with pytest.raises(CheckpointError, match=rf"{REPO}/adapter_config.json: `{field}` is .*the file was edited"):
+        PeftModel.from_pretrained(tiny_llama(), REPO)
+    with pytest.raises(CheckpointError, match=rf"`{field}` is"):
+        XLoraConfig.from_pretrained(REPO)

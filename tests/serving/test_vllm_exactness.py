@@ -84,8 +84,9 @@ CASES = {
             "global_scaling_weight": 1.3,
         },
     ),
-    "llama-single-all-layers-static": ("llama", {**SINGLE, "scaling_pass_layers": 3}),
 }
+# A single pass over every layer (static weights everywhere, the gate never used) is refused at build since the
+# table of what combines (issue 22); serving a pinned mixture is exported from a pinned gate instead.
 _DUAL = {"layerwise_scalings": True, "top_k_lora": 2, "xlora_depth": 2, "xlora_size": 16}
 _SINGLE = {**SINGLE, "scaling_pass_layers": 2, "layerwise_scalings": True, "top_k_lora": 2}
 for _arch in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"):

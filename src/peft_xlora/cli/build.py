@@ -11,6 +11,7 @@ from peft import get_peft_model
 
 from ..core.config import MAX_CLASSIFIER_DEPTH, MAX_WIDTH, XLoraConfig
 from .common import UserError, adapter, check_out_folder, folder, load_base, non_negative_int, whole_up_to
+from .places import check_command, read_json, situation
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +73,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             layerwise_scalings=args.layerwise,
             scaling_pass_value=args.scaling_pass_value,
         )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    # The table of what combines, from the files alone: experts with heads, an encoder-decoder base model.
+    experts = {name: read_json(Path(path) / "adapter_config.json") or {} for name, path in adapters.items()}
+    base = args.base if Path(args.base).is_dir() else None
+    try:
+        check_command(situation(config, "build", base, loads_model=True, expert_configs=experts))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     torch.manual_seed(args.seed)

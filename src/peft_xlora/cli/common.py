@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..core.checkpoint import check_config_structure, check_safetensors_file
 from ..core.config import XLoraConfig
 from ..io.plotting import plot_scalings
+from .places import check_command, situation
 
 
 class UserError(Exception):
@@ -141,9 +142,43 @@ def check_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     (`XLoraConfig`: ranges, bounds on sizes, expert order), as `PeftModel.from_pretrained` would check them.
     """
     config = checkpoint_config(checkpoint)
+    load_config(checkpoint)
+    return config
+
+
+def load_config(checkpoint: str | Path) -> XLoraConfig:
+    """The checkpoint's `XLoraConfig`, after the checks of `check_checkpoint` (files, structure, values)."""
+    checkpoint_config(checkpoint)
     try:
-        XLoraConfig.from_pretrained(str(checkpoint))  # check_checkpoint_dir, then the config's own validation
+        return XLoraConfig.from_pretrained(str(checkpoint))  # check_checkpoint_dir, then the config's own validation
     except ValueError as exc:  # CheckpointError: missing or truncated weights; ValueError: a refused value
+        raise UserError(str(exc)) from exc
+
+
+def local_base(checkpoint: str | Path, base: str | None) -> str | None:
+    """The base model folder a command would load, when it is a local one: `--base`, else the recorded one."""
+    path = base or checkpoint_config(checkpoint).get("base_model_name_or_path")
+    return str(path) if path and Path(path).is_dir() else None
+
+
+def require_supported(
+    checkpoint: str | Path,
+    command: str,
+    base: str | None,
+    loads_model: bool = True,
+    exporter: str | None = None,
+    **facts: Any,
+) -> XLoraConfig:
+    """Refuses what the table of what combines refuses for `command` on this checkpoint, before anything loads.
+
+    The checkpoint's files are checked first (`load_config`); then the ``cli`` column, and the exporter's column
+    for an export, in the situation the files describe (`places.situation`). Returns the checkpoint's config.
+    """
+    config = load_config(checkpoint)
+    found = situation(config, command, local_base(checkpoint, base), loads_model, **facts)
+    try:
+        check_command(found, exporter)
+    except ValueError as exc:
         raise UserError(str(exc)) from exc
     return config
 

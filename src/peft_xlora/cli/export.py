@@ -8,7 +8,7 @@ from typing import Any
 
 from ..io.export import export_lora, export_mistralrs
 from ..serving.vllm import export_vllm
-from .common import UserError, check_base_config, check_checkpoint, folder, load_xlora, weights
+from .common import UserError, check_base_config, check_checkpoint, folder, load_xlora, require_supported, weights
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--format lora needs --weights NAME=W,... (the fixed expert weights of the exported LoRA).")
     if args.format != "lora" and args.weights:
         raise UserError(f"--weights applies to --format lora only; the {args.format} export keeps the learned gate.")
-    if args.format == "vllm":  # reads the checkpoint's files; the model is never built
+    loads_model = args.format != "vllm"  # the vLLM export reads the checkpoint's files; the model is never built
+    require_supported(args.checkpoint, "export", args.base, loads_model, exporter=f"export_{args.format}")
+    if args.format == "vllm":
         config = check_checkpoint(args.checkpoint)  # the checks the other formats get from loading the model
         base = args.base or config.get("base_model_name_or_path")
         if base and Path(base).is_dir():  # a Hub id is resolved (and checked) by the export

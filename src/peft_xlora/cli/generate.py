@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
-from .common import UserError, load_xlora, non_negative_int, plot_gate, positive_int, weights
+from .common import UserError, load_xlora, non_negative_int, plot_gate, require_supported, weights, whole_up_to
+
+#: `--max-new-tokens` at most: refused at parsing, before any model loads. A model that records how many positions it
+#: has (`max_position_embeddings`) bounds the prompt plus the new tokens by that number too.
+MAX_NEW_TOKENS = 2**20
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="X-LoRA checkpoint folder")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     p.add_argument("--base", default=None, help="base model folder (default: the one the checkpoint records)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=40)
+    p.add_argument(
+        "--max-new-tokens",
+        type=whole_up_to(MAX_NEW_TOKENS),
+        default=40,
+        help="tokens to generate per prompt (default 40; with the prompt, at most max_position_embeddings)",
+    )
     p.add_argument(
         "--mode",
         choices=["token", "prompt"],
@@ -56,14 +65,24 @@ def _apply_static(model: Any, weights: dict[str, float] | None) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora generate`: a continuation of every prompt."""
+    mode = {"scalings_mode": args.mode} if args.mode else {}  # else the checkpoint's own
+    require_supported(args.checkpoint, "generate", args.base, pins=args.static is not None, **mode)
     model, tokenizer, _ = load_xlora(args.checkpoint, args.base)
     _apply_static(model, args.static)
     torch.manual_seed(args.seed)
-    outputs = []
-    for i, prompt in enumerate(args.prompt):
-        enc = tokenizer(prompt, return_tensors="pt")
-        if enc.input_ids.shape[1] == 0:
+    encoded = [tokenizer(prompt, return_tensors="pt") for prompt in args.prompt]
+    positions = getattr(model.config, "max_position_embeddings", None)
+    for i, enc in enumerate(encoded):  # every prompt checked before the first one generates
+        length = enc.input_ids.shape[1]
+        if length == 0:
             raise UserError(f"Prompt {i + 1} is empty after tokenization.")
+        if isinstance(positions, int) and length + args.max_new_tokens > positions:
+            raise UserError(
+                f"--max-new-tokens {args.max_new_tokens} after prompt {i + 1} ({length} tokens) goes past the "
+                f"model's {positions} positions (max_position_embeddings); give at most {max(positions - length, 0)}."
+            )
+    outputs = []
+    for i, (prompt, enc) in enumerate(zip(args.prompt, encoded)):
         try:
             with torch.no_grad():
                 ids = model.generate(

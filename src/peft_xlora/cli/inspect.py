@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .common import UserError, check_weights_file, checkpoint_config, load_xlora, plot_gate
+from .common import UserError, check_weights_file, checkpoint_config, load_xlora, plot_gate, require_supported
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty (or only spaces): give a text to route.")
     if args.text:
+        require_supported(args.checkpoint, "inspect", args.base)
         model, tokenizer, _ = load_xlora(args.checkpoint, args.base)
         ids = tokenizer(args.text, return_tensors="pt").input_ids
         if ids.shape[1] == 0:

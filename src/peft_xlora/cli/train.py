@@ -20,6 +20,7 @@ from .common import (
     non_negative_int,
     positive_float,
     positive_int,
+    require_supported,
 )
 from .demo.data import chunks, token_stream
 
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora train`: trains the gate with transformers' Trainer and saves the result to OUT."""
     set_seed(args.seed)
     check_out_folder(args.out, "the trained checkpoint")
+    require_supported(args.checkpoint, "train", args.base)
     checkpoints = args.out / "checkpoints"
     resume = _last_checkpoint(checkpoints) if args.resume else None
     model, tokenizer, base_dir = load_xlora(args.checkpoint, args.base, trainable=True)

@@ -180,7 +180,8 @@ def check_checkpoint(
 ) -> None:
     """Checks a checkpoint folder or Hub repo before PEFT reads it (see `check_checkpoint_dir`).
 
-    For a Hub repo the weights file is downloaded into the Hub cache (where PEFT then finds it) and checked there.
+    For a Hub repo `adapter_config.json` and the weights file are downloaded into the Hub cache (where PEFT then finds
+    them) and checked there: the config's structure, as for a folder, and the weights' header.
 
     Args:
         model_id: Local folder or Hub id.
@@ -197,6 +198,7 @@ def check_checkpoint(
 
     names = inspect.signature(hf_hub_download).parameters
     kwargs = {k: v for k, v in hub_kwargs.items() if k in names and k not in ("repo_id", "filename", "subfolder")}
+    _check_hub_config(model_id, subfolder, hf_hub_download, kwargs)
     try:
         path = hf_hub_download(model_id, WEIGHTS_NAME, subfolder=subfolder, **kwargs)
     except EntryNotFoundError:
@@ -207,3 +209,24 @@ def check_checkpoint(
             ) from None
         return
     check_safetensors_file(path)
+
+
+def _check_hub_config(model_id: str, subfolder: str | None, download: Any, kwargs: dict[str, Any]) -> None:
+    """Downloads a Hub checkpoint's `adapter_config.json` and checks its structure (`check_config_structure`).
+
+    A missing file is left to PEFT, whose own error names it; a file that is not JSON, or whose fields have the
+    wrong JSON types, is named here (as `<repo>/<subfolder>/adapter_config.json`) before any field is read.
+    """
+    from huggingface_hub.errors import EntryNotFoundError
+
+    shown = "/".join(part for part in (model_id, subfolder, CONFIG_NAME) if part)
+    try:
+        path = download(model_id, CONFIG_NAME, subfolder=subfolder, **kwargs)
+    except EntryNotFoundError:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{shown} is not valid JSON ({exc}); the file is damaged or truncated.") from exc
+    check_config_structure(shown, config)

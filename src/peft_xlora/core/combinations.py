@@ -3,8 +3,8 @@
 Rows are every `XLoraConfig` field (listed from the dataclass) and the named runtime features in `FEATURES`. Columns
 are the places an option meets the others: making a config, building the model, `update_config`, `add_expert`,
 `remove_expert`, `set_static_scalings`, `set_active_experts`, saving and loading, `generate`, and the places other
-layers register (`io/export.py` registers the mistral.rs and plain-LoRA exporters; `serving/vllm/export.py` and
-`cli/` can register theirs with `register_place`). Each cell is a `Cell`:
+layers register (`io/export.py` registers the mistral.rs and plain-LoRA exporters, `cli/places.py` the command line;
+`serving/vllm/export.py` can register its own with `register_place`). Each cell is a `Cell`:
 
 - **supported**, with a note on how (what the place does with it);
 - **refused**, with the message the user gets (what was wrong and what to do) and the `Condition` under which it is
@@ -14,16 +14,16 @@ layers register (`io/export.py` registers the mistral.rs and plain-LoRA exporter
 Pairwise only: a cell is one option against one place, and a condition names the other option or feature that makes
 it refused. Every place calls `check(place, situation)` once, before it changes anything; `check` raises one error
 that lists every refused cell that applies. `tests/contract/test_combination_table.py` fails when a config field or a
-named feature is left out of any registered place, and `scripts/combinations_table.py` writes the table to
-docs/combinations.md.
+named feature is left out of any registered place, `tests/core/test_supported_cells.py` when a supported cell has no
+test, and `scripts/combinations_table.py` writes the table to docs/combinations.md.
 
 Hook for other layers (core cannot import them): a module above core calls `register_place(Place(...))` at import
 time with a cell for every row (`rows(XLoraConfig)`), and `check(place, situation)` where it acts, before it writes
 anything. A place that has a built model takes `core.places.situation_of(tuner)`; one that reads only a saved
 checkpoint's files (the vLLM exporter, `export_vllm`, never builds the model) builds `Situation(config,
-routing=config.routing, features=...)` from what the files hold. The vLLM exporter's column (`export_vllm`, with the
-serving layer's field table) and a `cli` column are meant to be registered that way by `serving/vllm/export.py` and
-`cli/`; the contract test then holds them to every row too.
+routing=config.routing, features=...)` from what the files hold, as the command line does (`cli/places.py`). The
+vLLM exporter's column (`export_vllm`, with the serving layer's field table) is meant to be registered that way by
+`serving/vllm/export.py`; the contract test then holds it to every row too.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from .combinations import Situation, check
 from .experts import load_expert
 from .places import CONFIG
 from .registration import PEFT_XLORA
+from .sparse import TopKCompute
 
 ScalingsMode = Literal["token", "prompt"]
 ClassifierInit = Literal["uniform", "random"]
@@ -38,6 +39,13 @@ class XLoraConfig(PeftConfig):
         layerwise_scalings: One scaling per adapted layer and expert instead of one per expert, broadcast to all
             layers.
         top_k_lora: Keep only the k largest scalings per token (and layer); None keeps all experts.
+        topk_compute: With `top_k_lora`, how the mixture layers compute the kept experts: ``"sparse"`` computes only
+            each token's k chosen experts (cost flat in the number of experts), ``"dense"`` multiplies by every
+            expert and weighs the unchosen ones by 0 (faster for few experts), ``"auto"`` picks sparse in layers with
+            at least a measured number of experts per kept expert (`peft_xlora.core.sparse.SPARSE_FROM`; on CPUs 8
+            when prefilling or training and 16 when decoding, so 16 and 32 experts at top-2). Both paths
+            compute the same sum: switching moves outputs and gradients within float tolerance. No effect without
+            `top_k_lora`. See docs/performance.md.
         xlora_depth: Number of linear layers in the classifier (1 = a single linear map).
         xlora_size: Hidden width of the classifier; unused when `xlora_depth` is 1.
         xlora_dropout_p: Dropout between the classifier's layers while training.
@@ -98,6 +106,10 @@ class XLoraConfig(PeftConfig):
     softmax_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
     layerwise_scalings: bool = field(default=False, metadata={"help": "One scaling per adapted layer and expert."})
     top_k_lora: int | None = field(default=None, metadata={"help": "Keep the k largest scalings per token."})
+    topk_compute: TopKCompute = field(
+        default="auto",
+        metadata={"help": "With top_k_lora: 'sparse' computes only the chosen experts, 'dense' all, 'auto' picks."},
+    )
     xlora_depth: int = field(default=1, metadata={"help": "Number of linear layers in the classifier."})
     xlora_size: int = field(default=2048, metadata={"help": "Hidden width of the classifier."})
     xlora_dropout_p: float = field(default=0.2, metadata={"help": "Dropout inside the classifier."})
@@ -262,6 +274,11 @@ class XLoraConfig(PeftConfig):
             raise ValueError(
                 f"`top_k_lora` must be None (dense) or an int between 1 and the number of experts ({n}), "
                 f"got {self.top_k_lora!r}."
+            )
+        if self.topk_compute not in ("auto", "dense", "sparse"):
+            raise ValueError(
+                f"`topk_compute` must be 'auto', 'dense' or 'sparse', got {self.topk_compute!r}. It only chooses how "
+                "a top_k_lora mixture is computed; both paths give the same outputs."
             )
         for name in ("scaling_pass_value", "global_scaling_weight"):
             value = getattr(self, name)

@@ -35,6 +35,7 @@ from .experts import ModuleLora, compact_targets, load_expert
 from .heads import added_expert_head, head_mixtures
 from .layer import XLoraLayer, module_kind
 from .places import situation_of
+from .sparse import configure_topk
 
 #: Default distance (in logits, before the temperature) of a new expert's logit below the mean of the others.
 LOGIT_OFFSET = 16.0
@@ -294,4 +295,5 @@ class ElasticMixin(TunerAttributes):
             self.model.get_submodule(name).layer_index = position
         self.mixture_layer_names = names
         self._layers = [self.model.get_submodule(n) for n in names]
+        configure_topk(self._layers, self.xlora_config)
         self.targeted_module_names[:] = names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,9 @@ def _rank_and_scale(config: LoraConfig, module_name: str) -> tuple[int, float]:
     return r, scale
 
 
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT's load_peft_weights reads
+
+
 def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
     """Reads a PEFT LoRA checkpoint (folder or Hub id) through PEFT's own loaders.
 
@@ -145,8 +149,8 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
         The expert with its factors on CPU, keyed by module name relative to the base model.
 
     Raises:
-        ExpertError: The adapter is missing, is not a LoRA adapter, uses an unsupported LoRA variant, or has a
-            factor that is not floating point or holds NaN/Inf.
+        ExpertError: The adapter is missing (or its folder has no weights file), is not a LoRA adapter, uses an
+            unsupported LoRA variant, or has a factor that is not floating point or holds NaN/Inf.
     """
     if source is None:
         raise ExpertError(f"Expert {name!r} has no source: give a LoRA checkpoint folder or Hub id in `adapters`.")
@@ -158,6 +162,15 @@ def load_expert(name: str, source: str, **hub_kwargs: Any) -> Expert:
             "Give a folder written by `save_pretrained` of a LoRA model, or a Hub id of one."
         ) from exc
     config = _check_lora_config(name, config)
+    subfolder = hub_kwargs.get("subfolder")
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in _WEIGHT_FILES):
+        # PEFT would take the folder for a Hub id and blame its name.
+        raise ExpertError(
+            f"Expert {name!r}: the folder {folder} has no adapter_model.safetensors (nor adapter_model.bin): it holds "
+            "the adapter's config but not its weights. Give the folder `save_pretrained` of the LoRA model wrote, "
+            "weights included."
+        )
     try:
         weights = load_peft_weights(source, device="cpu", **hub_kwargs)
     except Exception as exc:

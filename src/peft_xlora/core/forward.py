@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .building import embeddings
-from .regularisers import warn_if_loss_ignores_router
+from .regularisers import router_loss_left_to_trainer, warn_if_loss_ignores_router
 
 # Keyword arguments of a model's forward that concern only the head, the cache or the output format: the scaling
 # pass, which runs the inner model once for its last hidden state, leaves them out.
@@ -53,11 +53,15 @@ def _check_input_device(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _add_router_loss(output: Any, router_loss: torch.Tensor) -> Any:
-    """Adds the router regularisers to a transformers output's loss and records them as its `router_loss`."""
+    """Adds the router regularisers to a transformers output's loss and records them as its `router_loss`.
+
+    Under a trainer that adds `router_loss` to its loss itself (`RouterLossMixin`), the loss is left alone, so that a
+    trainer that also reads `output.loss` counts the regularisers once.
+    """
     if not isinstance(output, dict):  # return_dict=False: a tuple whose layout depends on the model
         return None
     warn_if_loss_ignores_router(output)
-    if output.get("loss") is not None:
+    if output.get("loss") is not None and not router_loss_left_to_trainer():
         output["loss"] = output["loss"] + router_loss.to(output["loss"].device)
     output["router_loss"] = router_loss
     return output

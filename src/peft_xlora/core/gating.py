@@ -10,6 +10,7 @@ from .attributes import TunerAttributes
 from .combinations import check
 from .heads import head_mixtures
 from .places import situation_of, with_changes
+from .sparse import configure_topk
 
 
 class GatingMixin(TunerAttributes):
@@ -50,6 +51,7 @@ class GatingMixin(TunerAttributes):
                 setattr(config, name, value)
             self._apply_config_changes({n: old[n] for n in changed}, {n: old[n] for n in changes})
             raise
+        configure_topk(self._layers, config)  # top_k_lora / topk_compute reach the mixture layers
 
     def _apply_config_changes(self, changed: dict[str, Any], given: dict[str, Any]) -> None:
         """Rebuilds what the changed fields shape (the config already holds their new values)."""

@@ -23,6 +23,7 @@ from torch import nn
 from .devices import execution_device
 from .experts import ModuleLora
 from .routing import current_routing
+from .sparse import TopKSetting, chosen_indices, sparse_mixture, use_sparse
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -58,6 +59,8 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("xlora_A", "xlora_B")
     other_param_names = ("rank_expert", "rank_scale", "rank_dropout")
+    #: `top_k_lora` and `topk_compute` of the model's config (set by `sparse.configure_topk`); None: always dense.
+    topk: TopKSetting | None = None
 
     def __init__(
         self,
@@ -195,6 +198,10 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         scalings = routing.scalings_for(self.layer_index)
         if scalings is None:
             return result
+        chosen = self._sparse_indices(routing, scalings, x)
+        if chosen is not None:  # top-k: only the chosen experts' updates (sparse.py), added to `result` in place
+            embed_scale = self._get_embed_scale() if self.is_embedding else None
+            return sparse_mixture(self, x, scalings, chosen, into=result, embed_scale=embed_scale)
         z = self._project_down(x)  # (*lead, R)
         update = self._weigh(z, scalings) @ self.xlora_B.T  # (*lead, out)
         if self.is_embedding:
@@ -202,6 +209,21 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
             if embed_scale is not None:
                 update = update * embed_scale.to(update.dtype)
         return result + update.to(result.dtype)
+
+    def _sparse_indices(self, routing: Any, scalings: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """The experts each token keeps, (batch|1, seq|1, n_slots|1, k), when this call computes sparsely; else None.
+
+        Sparse only with `top_k_lora`, where `topk_compute` (and, for "auto", the number of experts here, of tokens
+        in `x` and the device) says so, and where no row of these scalings has more than k non-zero entries (the
+        scaling pass's constant weights, a pinned gate or single-pass static weights may): there the dense path runs.
+        """
+        topk = self.topk
+        if topk is None or getattr(routing, "scaling_pass", False):
+            return None
+        n_tokens = x.numel() if self.is_embedding else x.numel() // x.shape[-1]
+        if not use_sparse(topk.mode, len(self.ranks), topk.k, self.xlora_A.device.type, n_tokens):
+            return None
+        return chosen_indices(routing, scalings, topk.k, self.layer_index)
 
     # transformers' adapter API (`model.enable_adapters()`, `disable_adapters()`, `set_adapter()`, `delete_adapter()`)
     # calls these on every tuner layer. PEFT's versions expect per-adapter ModuleDicts; X-LoRA has one adapter.

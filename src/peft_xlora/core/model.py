@@ -39,6 +39,7 @@ from .places import situation_of
 from .registration import PREFIX
 from .routers import ROUTERS, Router, routing_mode
 from .scalings_log import ScalingsLogMixin
+from .sparse import configure_topk
 from .state_dict import classifier_entries, join_experts, restore_saved_dtypes, split_experts
 
 
@@ -124,6 +125,7 @@ class XLoraModel(GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
         swap_in_head(model, head_name, experts, len(self.mixture_layer_names), config.trainable_head, trainable)
         # A plain list: the model, not the tuner, owns the layers.
         self._layers: list[XLoraLayer] = [model.get_submodule(n) for n in self.mixture_layer_names]
+        configure_topk(self._layers, config)  # top_k_lora / topk_compute: the sparse path (sparse.py)
         for expert in experts:
             compact_targets(expert, list(shapes))
         config.experts = {e.name: e.config_dict() for e in experts}

@@ -87,6 +87,9 @@ CONFIG = Place(
     "config",
     "a config on its own: `XLoraConfig(...)`, and every `update_config`",
     {
+        "topk_compute": supported(
+            "with top_k_lora: how the kept experts are computed (sparse, dense, or auto); no effect without"
+        ),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         "task_type": supported("the PEFT task; the model's head and wrapper follow it"),
         "inference_mode": supported("frozen when True"),
@@ -147,6 +150,9 @@ BUILD = Place(
     "build",
     "building the model: `get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`",
     {
+        "topk_compute": supported(
+            "each mixture layer's path, sparse or dense: the same outputs within float tolerance"
+        ),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         "task_type": refused(
             refuse(
@@ -223,6 +229,9 @@ UPDATE_CONFIG = Place(
     "update_config",
     "`update_config(**fields)` on a built model (every gating setter)",
     {
+        "topk_compute": supported(
+            "the mixture layers switch path at the next forward; outputs move within float tolerance"
+        ),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(
             refused(refuse(_STRUCTURAL, CHANGED)),
@@ -291,6 +300,7 @@ ADD_EXPERT = Place(
     "add_expert",
     "`add_expert(name, source)`",
     {
+        "topk_compute": supported("new and rebuilt mixture layers follow it"),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(
             _NOT_READ, "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size", "xlora_dropout_p"
@@ -339,6 +349,7 @@ REMOVE_EXPERT = Place(
     "remove_expert",
     "`remove_expert(name)`",
     {
+        "topk_compute": supported("rebuilt mixture layers follow it"),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(
             _NOT_READ, "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size", "xlora_dropout_p"
@@ -407,6 +418,7 @@ SET_STATIC_SCALINGS = Place(
     "set_static_scalings",
     "`set_static_scalings(weights, per_row=False)`",
     {
+        "topk_compute": supported("a pin to at most top_k_lora experts runs sparse, any other pin dense"),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(irrelevant(), "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size"),
         **_same(irrelevant(), "xlora_dropout_p", "classifier_init", "use_trainable_adapters", "trainable_head"),
@@ -445,6 +457,7 @@ SET_ACTIVE_EXPERTS = Place(
     "set_active_experts",
     "`set_active_experts(names)`",
     {
+        "topk_compute": supported("the sparse path computes the chosen, active experts"),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(irrelevant(), "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size"),
         **_same(irrelevant(), "xlora_dropout_p", "classifier_init", "use_trainable_adapters", "trainable_head"),
@@ -484,6 +497,7 @@ SAVE_LOAD = Place(
     "save_load",
     "`save_pretrained` and every load (`PeftModel.from_pretrained`, `load_adapter`)",
     {
+        "topk_compute": supported("saved with the config"),
         **_same(
             _SAVED,
             "task_type",
@@ -532,6 +546,7 @@ GENERATE = Place(
     "generate",
     "`generate(..., scalings_mode=None)` and cached forwards",
     {
+        "topk_compute": supported("cached decoding steps have few tokens: auto uses the decoding threshold"),
         **_same(_BOOKKEEPING, *_PEFT_BOOKKEEPING, "peft_xlora_version"),
         **_same(irrelevant(), "task_type", "inference_mode", "hidden_size", "xlora_depth", "xlora_size"),
         **_same(irrelevant(), "xlora_dropout_p", "classifier_init", "use_trainable_adapters", "trainable_head"),

@@ -46,6 +46,11 @@ def router_loss_applied_by_trainer() -> Iterator[None]:
         _APPLIED_BY_TRAINER.reset(token)
 
 
+def router_loss_left_to_trainer() -> bool:
+    """Whether the running forward's trainer adds `output.router_loss` to its loss itself (`RouterLossMixin`)."""
+    return _APPLIED_BY_TRAINER.get()
+
+
 def warn_if_loss_ignores_router(output: Mapping[str, Any]) -> None:
     """Warns once when `output` comes from a fused LM head (TRL), whose trainer never reads `output.loss`.
 

@@ -63,23 +63,32 @@ class RouterLossMixin:
     `Trainer` takes `output.loss`, which already holds the regularisers. TRL's `SFTTrainer` computes its loss from the
     per-token log-probabilities of its fused LM head and never reads `output.loss`; put this class first in the bases
     (`class MyTrainer(RouterLossMixin, SFTTrainer)`, or use `XLoraSFTTrainer`) and the weighted regularisers of the
-    step's forward (`output.router_loss`) are added to the loss it returns. Like TRL's own MoE auxiliary loss, they
-    are a per-micro-batch mean: divided by the gradient-accumulation steps when the loss is normalised by the token
-    count of the whole accumulated batch (`num_items_in_batch`).
+    step's forward (`output.router_loss`) are added to the loss it returns. While it computes the loss, the model
+    leaves `output.loss` without them, so a trainer that also reads `output.loss` (plain `Trainer`, TRL's
+    sequence-parallel path) counts them once. Under gradient accumulation they weigh as in `Trainer`: a forward that
+    was given the step's `num_items_in_batch` weighed them by its share of the step's label tokens already; otherwise,
+    like TRL's own MoE auxiliary loss, they are a per-micro-batch mean divided by the accumulation steps when the loss
+    is normalised by the token count of the whole accumulated batch.
     """
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """The trainer's own loss plus the X-LoRA router regularisers of the forward that computed it."""
-        captured: list[torch.Tensor] = []
+        captured: list[tuple[torch.Tensor, bool]] = []  # (router loss, weighed by the forward for accumulation)
+        counted: list[bool] = []
+
+        def seen(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            counted.append(kwargs.get("num_items_in_batch") is not None)  # see regularisers.for_accumulated_batch
 
         def keep(module: nn.Module, args: tuple, output: Any) -> None:
+            weighed = counted.pop() if counted else False
             if isinstance(output, Mapping) and output.get("router_loss") is not None:
-                captured.append(output["router_loss"])
+                captured.append((output["router_loss"], weighed))
 
         # Registered after the tuner's own hook, so they see the `router_loss` it adds to the output.
         handles = [t.model.register_forward_hook(keep) for t in find_tuners(model)]
+        handles += [t.model.register_forward_pre_hook(seen, with_kwargs=True) for t in find_tuners(model)]
         try:
             with router_loss_applied_by_trainer():
                 result = super().compute_loss(  # type: ignore[misc]
@@ -92,8 +101,8 @@ class RouterLossMixin:
             return result
         # The forward the loss came from is the first that built a graph (TRL may run more, without grad, for its
         # metrics); without grad (evaluation) it is the first.
-        router_loss = next((r for r in captured if r.requires_grad), captured[0])
-        if num_items_in_batch is not None:
+        router_loss, weighed = next((r for r in captured if r[0].requires_grad), captured[0])
+        if num_items_in_batch is not None and not weighed:
             router_loss = router_loss / getattr(self, "current_gradient_accumulation_steps", 1)
         loss, outputs = result if return_outputs else (result, None)
         loss = loss + router_loss.to(loss.device)
@@ -107,7 +116,7 @@ def sft_trainer_class() -> type:
         from trl import SFTTrainer
     except ImportError as exc:
         raise ImportError(
-            "XLoraSFTTrainer needs TRL: `pip install 'trl>=1.16,<2'` (or `pip install peft-xlora[trl]`)."
+            "XLoraSFTTrainer needs TRL: `pip install 'trl>=1.16,<2'` (peft-xlora's `trl` extra)."
         ) from exc
 
     class XLoraSFTTrainer(RouterLossMixin, SFTTrainer):

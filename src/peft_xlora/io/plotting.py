@@ -1,6 +1,6 @@
 """Gating plots: heatmaps of X-LoRA scalings, tokens x experts or layers x experts.
 
-matplotlib is an optional dependency (``pip install 'peft-xlora[plot]'``); it is imported when a plot is drawn, and
+matplotlib is an optional dependency (peft-xlora's ``plot`` extra); it is imported when a plot is drawn, and
 only its object-oriented API is used (no pyplot), so plotting works headless and leaves global state alone.
 """
 
@@ -22,8 +22,8 @@ def _figure_class() -> Any:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            "plot_scalings needs matplotlib, which is not installed: pip install 'peft-xlora[plot]' "
-            "(or pip install matplotlib)."
+            "plot_scalings needs matplotlib, which is not installed: pip install matplotlib (peft-xlora's `plot` "
+            "extra)."
         ) from err
     return Figure
 

@@ -132,7 +132,8 @@ def _read_config(checkpoint_dir: str) -> XLoraConfig:
     if not isinstance(raw, dict) or raw.get("peft_type") != "PEFT_XLORA":
         peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
         hint = (
-            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate` (or `peft-xlora migrate`)."
+            "It is PEFT's built-in X-LoRA: convert it first with `peft_xlora.migrate(base_model, checkpoint)` and "
+            "save the result with `save_pretrained`."
             if peft_type == "XLORA"
             else "Export a checkpoint saved by peft-xlora."
         )
@@ -171,6 +172,7 @@ VLLM_IRRELEVANT = (
     "adapters",  # where the experts came from; the checkpoint holds their weights
     "xlora_dropout_p",  # training only: the classifier runs without dropout at inference
     "classifier_init",  # overwritten by the trained classifier
+    "topk_compute",  # how top_k_lora is computed: the plugin's mixture is dense today (the same outputs)
     "use_trainable_adapters",  # the checkpoint holds the experts as trained
     "router_load_balancing_coef",
     "router_entropy_coef",
