@@ -6,6 +6,7 @@ Usage (from the repository root, with the project's environment)::
     python -m benchmarks.routing --group ablation --seeds 0      # each recipe choice switched on / off alone
     python -m benchmarks.routing --group ideas --seeds 0         # routing after switches
     python -m benchmarks.routing --tiny --out /tmp/smoke.json    # random tiny model: checks the pipeline only
+    python -m benchmarks.routing --demo-domains --variants ...   # the same gates on the demo's own domains
 
 Experts, distillation targets, gates and held-out losses are cached under the demo's cache folder
 ($PEFT_XLORA_CACHE or ~/.cache/peft-xlora), so groups and seeds can run one after the other and share them.
@@ -26,7 +27,18 @@ import torch
 from benchmarks import corpora
 from benchmarks.provenance import provenance, write_result
 from benchmarks.routing import variants as V
-from benchmarks.routing.bench import BUILTIN, REAL, TINY, RoutingBench, pooled, report, to_json
+from benchmarks.routing.bench import (
+    BUILTIN,
+    DEMO_CHECK,
+    DEMO_CHECK_TINY,
+    DEMO_DOMAINS,
+    REAL,
+    TINY,
+    RoutingBench,
+    pooled,
+    report,
+    to_json,
+)
 from peft_xlora.cli.demo.base import default_cache_dir
 
 GROUPS = {
@@ -45,6 +57,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="*", default=None, help="variant labels (instead of --group)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--domains", nargs="+", default=list(corpora.ROUTING_SUBSET))
+    p.add_argument(
+        "--demo-domains",
+        action="store_true",
+        help="the demo's three domains, its cached experts and its --thorough held-out set (instead of --domains)",
+    )
+    p.add_argument("--no-builtin", action="store_true", help="skip PEFT's built-in X-LoRA (its gate's training)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument(
         "--out", type=Path, default=None, help="result file (default benchmarks/results/routing-<group>.json)"
@@ -62,10 +80,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     block = provenance("python -m benchmarks.routing " + shlex.join(argv))
     start, cpu = time.perf_counter(), time.process_time()
     settings = TINY if args.tiny else REAL
+    domains = args.domains
+    if args.demo_domains:
+        settings = DEMO_CHECK_TINY if args.tiny else DEMO_CHECK
+        domains = list(DEMO_DOMAINS[args.tiny])
     cache = args.cache_dir or default_cache_dir()
     known = V.all_variants()
     chosen = [known[label] for label in args.variants] if args.variants else GROUPS[args.group]()
-    out = args.out or Path("benchmarks/results") / f"routing-{args.group}.json"
+    name = "demo-check" if args.demo_domains else args.group
+    out = args.out or Path("benchmarks/results") / f"routing-{name}.json"
     runs: list[dict[str, Any]] = []  # per seed: bench, results, timings
 
     def emit(final: bool) -> dict[str, Any]:
@@ -77,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for seed in args.seeds:
         print(f"=== seed {seed}", flush=True)
-        bench = RoutingBench(settings, cache, args.domains, seed=seed, quiet=True)
+        bench = RoutingBench(settings, cache, domains, seed=seed, quiet=True)
         run = {"seed": seed, "bench": bench, "results": {}}
         runs.append(run)
         bench.prepare()
@@ -88,13 +111,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for v in chosen:
             results[v.label] = bench._stage(v.label, lambda v=v, bench=bench: bench.score_variant(v))
             emit(False)
-        results[BUILTIN] = bench._stage(BUILTIN, bench.score_builtin)
-        emit(False)
+        if not args.no_builtin:
+            results[BUILTIN] = bench._stage(BUILTIN, bench.score_builtin)
+            emit(False)
         if args.cost and seed == args.seeds[0]:
             run["cost"] = bench._stage("cost", lambda bench=bench: bench.gate_cost(chosen))
     payload = emit(True)
     print(f"wrote {out} ({payload['total_wall_s']} s wall, {payload['total_cpu_s']} CPU s)")
     return payload
+
+
+def _domain(bench: RoutingBench, d: str) -> dict[str, Any]:
+    """Where a domain's text comes from (the corpus's record, or the demo's source) and its training windows."""
+    windows = {"train_windows": int(bench.train_chunks[d].shape[0])}
+    if bench.demo_domains:
+        return {"source": bench.source_of(d) or "the tiny demo's synthetic text", "demo": True, **windows}
+    entry = corpora.DOMAINS[d]
+    return {"source": entry.source, "package": entry.package, "licence": entry.licence, **windows}
 
 
 def _payload(args: argparse.Namespace, chosen: list, runs: list[dict[str, Any]], start: float, cpu: float) -> dict:
@@ -114,15 +147,7 @@ def _payload(args: argparse.Namespace, chosen: list, runs: list[dict[str, Any]],
         "model": bench.model_id,
         "precision": bench.s.precision,
         "settings": bench.s.recipe(),
-        "domains": {
-            d: {
-                "source": corpora.DOMAINS[d].source,
-                "package": corpora.DOMAINS[d].package,
-                "licence": corpora.DOMAINS[d].licence,
-                "train_windows": int(bench.train_chunks[d].shape[0]),
-            }
-            for d in bench.domains
-        },
+        "domains": {d: _domain(bench, d) for d in bench.domains},
         "variants": {v.label: v.recipe() for v in chosen},
         "seeds": [run["seed"] for run in runs],
         "per_seed": to_json(reports),
@@ -136,6 +161,7 @@ def _payload(args: argparse.Namespace, chosen: list, runs: list[dict[str, Any]],
             "stage_wall_s": {k: round(v, 1) for k, v in run["bench"].timings.items()},
             "stage_cpu_s": {k: round(v, 1) for k, v in run["bench"].cpu_times.items()},
             "gate_train_cpu_s_this_run": run["bench"].gate_cpu_s,
+            "gate_train_cpu_s_when_trained": run["bench"].cached_train_cpu_s(chosen),
         }
         for run in runs
     }

@@ -23,7 +23,7 @@ import torch
 from benchmarks import corpora
 from benchmarks.routing import features
 from benchmarks.routing.metrics import MIXED_COLUMNS, bench_columns, check_targets, gaps, summary
-from benchmarks.routing.variants import DEFAULTS_LABEL, Variant
+from benchmarks.routing.variants import BASELINE, DEFAULTS_LABEL, RECIPE_LABEL, Variant
 from peft_xlora.cli.demo import data as demo_data
 from peft_xlora.cli.demo.evaluate import (
     Bootstrap,
@@ -83,6 +83,13 @@ TINY = replace(
     precision="fp32",
 )
 MAX_DOCS = {False: 300, True: 30}
+# The check on the demo's own domains: the demo's experts (its text size, so its cached experts are reused) and its
+# `--thorough` held-out set (16 windows per domain, 24 mixed documents of 3 segments).
+DEMO_DOMAINS = {False: ("shakespeare", "codecs", "pydoc"), True: ("prose", "arithmetic", "shouting")}
+DEMO_CHECK = replace(REAL, max_chars=60_000, eval_pure=16, eval_mixed=24, eval_segments=3)
+DEMO_CHECK_TINY = replace(TINY, max_chars=60_000, eval_segments=3)
+# Gate-training lengths whose distillation targets may be cached (a shorter one is a prefix of a longer one).
+TARGET_STEPS = (30, 50, 100, 200)
 
 
 def _slug(label: str) -> str:
@@ -129,6 +136,7 @@ class RoutingBench(Demo):
     ) -> None:
         super().__init__(settings, cache_dir, cache_dir / "routing-out", quiet=quiet, log=log)
         self.domain_names = list(domains)
+        self.demo_domains = set(domains) <= set(DEMO_DOMAINS[settings.tiny])
         self.seed = seed
         self.max_docs = MAX_DOCS[settings.tiny]
         self.gate_cpu_s: dict[str, float] = {}
@@ -136,11 +144,19 @@ class RoutingBench(Demo):
     # ------------------------------------------------------------------ the demo's hooks
 
     def read_domains(self) -> demo_data.Split:
-        """The corpus domains instead of the demo's."""
+        """The corpus domains instead of the demo's (or the demo's own, for the check on them)."""
+        if self.demo_domains:
+            split = demo_data.tiny_domains(self.s.seed) if self.s.tiny else demo_data.real_domains(self.s.max_chars)
+            return {d: split[d] for d in self.domain_names}
         return corpora.read_domains(self.domain_names, self.s.max_chars, self.max_docs)
 
-    def source_of(self, domain: str) -> str:
-        """The corpus's description of the domain (and the document cap): part of the expert's cache key."""
+    def source_of(self, domain: str) -> str | None:
+        """The corpus's description of the domain (and the document cap): part of the expert's cache key.
+
+        On the demo's domains, the demo's own description, so the demo's cached experts are the ones used.
+        """
+        if self.demo_domains:
+            return super().source_of(domain)
         return f"{corpora.DOMAINS[domain].source}; max_docs={self.max_docs}"
 
     def prepare(self) -> None:
@@ -203,8 +219,11 @@ class RoutingBench(Demo):
         return max(1, min(self.n_decoder_layers, math.ceil(k * self.n_decoder_layers / 30)))
 
     def gate_options(self, v: Variant) -> dict[str, Any]:
-        """`XLoraConfig` arguments of a variant: its options over the config's defaults, experts in domain order."""
-        options = dict(v.options)
+        """`XLoraConfig` arguments of a variant: its options over `BASELINE`, experts in domain order.
+
+        `BASELINE`, not the config's current defaults: a gate and its cache key do not change with those.
+        """
+        options = {**BASELINE, **v.options}
         if options.get("scaling_pass_layers") is not None:
             options["scaling_pass_layers"] = self.layer(options["scaling_pass_layers"])
         return {"adapters": {d: self.expert_dirs[d] for d in self.domains}, **options}
@@ -226,24 +245,41 @@ class RoutingBench(Demo):
         The same numbers the library's distillation term computes inside each forward (every expert scored alone,
         `expert_token_losses`), computed once per batch and shared by every variant that distils.
         """
-        key = self._recipe(bench="routing-targets", experts=self._experts_key(), seed_gate=self.seed, steps=steps)
-        path = self.cache_dir / "routing-targets" / f"{key}.pt"
+        path = self._targets_file(steps)
         if path.is_file():
             return torch.load(path, weights_only=True)
+        # The gate batches are one stream per seed, so the targets of a shorter training are the first batches of a
+        # longer one: start from the longest cached prefix (or slice a longer one) instead of scoring them again.
+        prefix: list[torch.Tensor] = []
+        for other in TARGET_STEPS:
+            if other != steps and self._targets_file(other).is_file():
+                cached = torch.load(self._targets_file(other), weights_only=True)
+                if len(cached) >= steps:
+                    return cached[:steps]
+                if len(cached) > len(prefix):
+                    prefix = cached
         model = self.build_gate(Variant("targets"))
         n = len(self.domains)
-        out = []
+        out = list(prefix)
         start = time.process_time()
-        for ids in self.router_batches(self.seed + 30, steps):
+        for i, ids in enumerate(self.router_batches(self.seed + 30, steps)):
+            if i < len(prefix):
+                continue
             losses = pinned_token_losses(model, ids, torch.eye(n), ids.shape[0])  # (n, batch, seq - 1)
             out.append(losses.permute(1, 2, 0).contiguous())
-        self.log(f"   expert losses on {steps} gate batches: {time.process_time() - start:.0f} CPU s")
+        self.log(
+            f"   expert losses on gate batches {len(prefix) + 1}-{steps}: {time.process_time() - start:.0f} CPU s"
+        )
         del model
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(out, tmp)
         tmp.replace(path)
         return out
+
+    def _targets_file(self, steps: int) -> Path:
+        key = self._recipe(bench="routing-targets", experts=self._experts_key(), seed_gate=self.seed, steps=steps)
+        return self.cache_dir / "routing-targets" / f"{key}.pt"
 
     def gate_file(self, v: Variant) -> Path:
         """Where the variant's trained gate (its trainable parameters) is cached."""
@@ -317,6 +353,22 @@ class RoutingBench(Demo):
         torch.save({"state": trainable_state(model), "losses": losses, "cpu_s": self.gate_cpu_s[BUILTIN]}, tmp)
         tmp.replace(path)
         return path
+
+    def cached_train_cpu_s(self, variants: list[Variant]) -> dict[str, float]:
+        """CPU seconds each gate's training took when it was trained (recorded in its cached file), by label.
+
+        A rerun from the cache keeps the training costs in its result file; they were measured under the load of
+        the run that trained the gate (that run's result file has its load average).
+        """
+        files = {v.label: self.gate_file(v) for v in variants}
+        files[BUILTIN] = self.builtin_file()
+        out = {}
+        for label, path in files.items():
+            if path.is_file():
+                cpu_s = torch.load(path, weights_only=True).get("cpu_s")
+                if cpu_s is not None:
+                    out[label] = cpu_s
+        return out
 
     # ------------------------------------------------------------------ evaluation
 
@@ -408,9 +460,13 @@ def report(results: dict[str, Losses], data: EvalSet, n_boot: int, seed: int, ou
     intervals = boot.intervals(results)
     rivals = [r for r in (ARROW1, BUILTIN) if r in results]  # a partial file may not have the built-in yet
 
-    # Every other gate is also compared with the defaults, paired: what the evidence for a new default needs.
+    # Every other gate is also compared with the defaults, paired: what the evidence for a new default needs; and a
+    # gate made from the demo's recipe ("recipe - ...", "recipe, ...") with the recipe, the gate it changes.
     def rivals_of(label: str) -> list[str]:
-        return [*rivals, DEFAULTS_LABEL] if DEFAULTS_LABEL in results and label != DEFAULTS_LABEL else rivals
+        out = [*rivals, DEFAULTS_LABEL] if DEFAULTS_LABEL in results and label != DEFAULTS_LABEL else list(rivals)
+        if label.startswith("recipe") and RECIPE_LABEL in results:
+            out.append(RECIPE_LABEL)
+        return out
 
     paired = {label: boot.paired(results, label, rivals_of(label)) for label in ours}
     targets = {label: check_targets(table, paired[label], label, ORACLE, rivals) for label in ours}

@@ -111,22 +111,59 @@ def targets(data: dict[str, Any]) -> str:
     return "\n".join([*out, _where(data)])
 
 
+def _base_of(row: str) -> str | None:
+    """The gate a variant changes one thing of: the defaults ("defaults ..."), the recipe ("recipe ..."), or None."""
+    if row in (DEFAULTS, RECIPE):
+        return None
+    return DEFAULTS if row.startswith("defaults") else RECIPE if row.startswith("recipe") else None
+
+
 def ablation(data: dict[str, Any]) -> str:
-    """Each variant's gaps to the oracle, and the change against the gate it changes one choice of ("defaults + ..."
-    against the defaults, "recipe ..." against the demo's recipe), in percentage points."""
+    """Each variant's gap to the oracle, and its paired difference (nats) against the gate it changes one choice of.
+
+    "defaults + ..." and "defaults, ..." rows are compared with the defaults, "recipe ..." rows with the demo's
+    recipe: the mean difference and its 95% paired bootstrap interval (negative: the change helps), in bold when
+    the interval excludes 0. The worst domain's gap has no interval.
+    """
     rep = _report(data)
-    cols = [("pure mean gap", "pure mean"), ("pure max", "pure worst"), ("mixed", "mixed"), ("after 1-4", "1-4")]
-    cols.append(("after 5-64", "5-64"))
-    head = "| variant | " + " | ".join(f"{label} (gap, change)" for _, label in cols) + " |"
+    cols = [("pure mean gap", "pure mean", "pure mean"), ("pure max", None, "pure worst")]
+    cols += [("mixed", "mixed", "mixed"), ("after 1-4", "after 1-4", "1-4"), ("after 5-64", "after 5-64", "5-64")]
+    head = "| variant | " + " | ".join(label for _, _, label in cols) + " |"
     lines = [head, "| --- |" + " ---: |" * len(cols)]
     for row in _rows(data):
         if row not in data["variants"]:
             continue
-        base = DEFAULTS if row.startswith("defaults") else RECIPE
+        base = _base_of(row)
+        paired_base = rep["paired_95"].get(row, {}).get(base) if base else None
         cells = []
-        for key, _ in cols:
-            g, b = rep["gaps"][row][key], rep["gaps"][base][key]
-            cells.append(_pct(g) if row in (DEFAULTS, RECIPE) else f"{_pct(g)} ({100 * (g - b):+.1f} pp)")
+        for gap_key, paired_key, _ in cols:
+            cell = _pct(rep["gaps"][row][gap_key])
+            if paired_base is not None and paired_key is not None:
+                diff, low, high = paired_base[paired_key]
+                text = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+                cell += f"; **{text}**" if (low > 0 or high < 0) else f"; {text}"
+            elif base is not None and paired_key is None:
+                cell += f" ({100 * (rep['gaps'][row][gap_key] - rep['gaps'][base][gap_key]):+.1f} pp)"
+            cells.append(cell)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", _where(data)])
+
+
+def domains(data: dict[str, Any]) -> str:
+    """Per-domain paired differences (nats) of each changed gate against the gate it changes: which kind of domain
+    a choice moves (bold: the 95% interval excludes 0)."""
+    rep = _report(data)
+    names = list(data["domains"])
+    lines = ["| variant | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for row in _rows(data):
+        base = _base_of(row)
+        paired_base = rep["paired_95"].get(row, {}).get(base) if base else None
+        if paired_base is None:
+            continue
+        cells = []
+        for d in names:
+            diff, low, high = paired_base[d]
+            cells.append(f"**{diff:+.3f}**" if (low > 0 or high < 0) else f"{diff:+.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", _where(data)])
 
@@ -137,6 +174,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "paired": paired,
     "targets": targets,
     "ablation": ablation,
+    "domains": domains,
 }
 
 

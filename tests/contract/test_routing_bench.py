@@ -88,10 +88,7 @@ def test_each_ablation_variant_changes_one_choice():
         keys = {k for k in fields if getattr(a, k) != getattr(b, k)}
         opts = set(a.options) | set(b.options)
         # An option left at the config's default is the same choice as that option absent.
-        default = V._CONFIG_DEFAULTS
-        return keys | {
-            k for k in opts if a.options.get(k, getattr(default, k)) != b.options.get(k, getattr(default, k))
-        }
+        return keys | {k for k in opts if a.options.get(k, V.BASELINE[k]) != b.options.get(k, V.BASELINE[k])}
 
     for choice, change in V.RECIPE_CHOICES.items():
         expected = {k for k in change if k != "options"} | set(change.get("options", {}))
@@ -145,3 +142,65 @@ def test_tiny_run_writes_a_result_file(tmp_path):
         assert all(abs(g) < 1e-9 for g in rep["gaps"]["segment oracle"].values())
         assert all(line.startswith(("PASS ", "FAIL ")) for line in rep["targets"][V.DEFAULTS_LABEL])
     assert payload["seeds"] == [0, 1]
+
+
+def _tiny_bench(cache, domains=("licences", "locales", "cmake")):
+    from benchmarks.routing.bench import TINY, RoutingBench
+
+    bench = RoutingBench(TINY, cache, list(domains), seed=0, quiet=True, log=lambda *a: None)
+    bench.prepare()
+    return bench
+
+
+@pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="needs Debian's text files")
+def test_distillation_targets_of_a_longer_training_extend_a_shorter_ones(tmp_path):
+    # The gate batches are one stream per seed: targets for 50 steps computed from a cached 30-step prefix must be
+    # those computed from scratch, and 30 steps sliced from a cached 50 must be the first 30.
+    bench = _tiny_bench(tmp_path)
+    first = bench.expert_targets(30)
+    extended = bench.expert_targets(50)
+    for steps in (30, 50):
+        bench._targets_file(steps).unlink()
+    fresh = bench.expert_targets(50)
+    assert len(extended) == len(fresh) == 50
+    for got, want in zip(extended, fresh):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(first, fresh[:30]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    bench._targets_file(50).rename(bench._targets_file(100))
+    sliced = bench.expert_targets(30)
+    assert len(sliced) == 30 and all(torch.equal(a, b) for a, b in zip(sliced, fresh[:30]))
+
+
+def test_gates_are_built_from_the_benchmark_baseline_not_the_config_defaults(tmp_path):
+    # Every field of BASELINE is passed to XLoraConfig explicitly, so a changed config default changes no variant's
+    # gate (nor makes a cached gate stand for another one): the cache key holds only the variant's own options.
+    bench = _tiny_bench(tmp_path, ("licences", "cmake"))
+    for v in V.all_variants().values():
+        options = bench.gate_options(v)
+        for name, value in V.BASELINE.items():
+            want = v.options.get(name, value)
+            if name == "scaling_pass_layers" and want is not None:
+                want = bench.layer(want)
+            assert options[name] == want, (v.label, name)
+    config = find_tuner(bench.build_gate(V.DEFAULTS)).xlora_config
+    assert {name: getattr(config, name) for name in V.BASELINE} == V.BASELINE
+
+
+def test_demo_domains_run_uses_the_demo_text_and_can_skip_the_builtin(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "routing-demo-check.json"
+    try:
+        main(
+            ["--tiny", "--demo-domains", "--no-builtin", "--variants", V.DEFAULTS_LABEL, "--cache-dir",
+             str(tmp_path / "cache"), "--out", str(out)]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert check_result(data) == []
+    assert list(data["domains"]) == ["prose", "arithmetic", "shouting"]
+    assert all(entry["demo"] for entry in data["domains"].values())
+    table = data["per_seed"]["0"]["table"]
+    assert V.DEFAULTS_LABEL in table and "PEFT built-in X-LoRA" not in table
+    assert data["settings"]["eval_segments"] == 3
