@@ -1,11 +1,12 @@
 """Markdown tables of routing-benchmark result files, written into docs/routing.md between marker lines.
 
-    python -m benchmarks.routing.tables            # rewrite every generated block of docs/routing.md
-    python -m benchmarks.routing.tables --check    # exit 1 when a block differs from what the files give
+    python -m benchmarks.routing.tables            # rewrite the Results section of docs/routing.md
+    python -m benchmarks.routing.tables --check    # exit 1 when the page differs from what the files give
 
-A block is ``<!-- routing-table: NAME FILE -->`` ... ``<!-- /routing-table -->``; NAME picks a renderer below and
-FILE is a result file under benchmarks/results/. (The evidence helper's `scripts/doc_tables.py` generator was not on
-main when this was written; these renderers are plain functions of a result file, so it can call them.)
+The page's Results section, from the line `prose.START` to the end, is written by `prose.py` (sentences with a
+source marker on every number); then every block ``<!-- routing-table: NAME FILE -->`` ...
+``<!-- /routing-table -->`` of the page is filled: NAME picks a renderer below and FILE is a result file under
+benchmarks/results/. `scripts/doc_tables.py` calls `render` to check the page (tests/contract/test_evidence.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.routing import prose
+
 ROOT = Path(__file__).resolve().parents[2]
+RUN = "python -m benchmarks.routing.tables"
 PAGE = ROOT / "docs" / "routing.md"
 BLOCK = re.compile(
     r"^<!-- routing-table: (?P<name>[\w-]+) (?P<file>\S+) -->\n.*?^<!-- /routing-table -->$", re.M | re.S
@@ -179,7 +183,10 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
 
 
 def render(text: str) -> str:
-    """The page with every generated block rewritten from its result file."""
+    """The page with its Results section (when it has the start line) and every block rewritten from the files."""
+    head, start, _ = text.partition(prose.START)
+    if start:
+        text = head + prose.results()
 
     def block(match: re.Match) -> str:
         name, file = match["name"], match["file"]
@@ -200,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     new = render(text)
     if args.check:
         if new != text:
-            print(
-                f"{args.page}: generated tables differ from the result files; run python -m benchmarks.routing.tables"
-            )
+            print(f"{args.page}: the generated part differs from the result files; run {RUN}")
             return 1
         return 0
     args.page.write_text(new)

@@ -204,3 +204,18 @@ def test_demo_domains_run_uses_the_demo_text_and_can_skip_the_builtin(tmp_path):
     table = data["per_seed"]["0"]["table"]
     assert V.DEFAULTS_LABEL in table and "PEFT built-in X-LoRA" not in table
     assert data["settings"]["eval_segments"] == 3
+
+
+def test_results_section_is_written_from_the_files_with_a_marker_on_every_number():
+    # docs/routing.md's Results section is generated (benchmarks/routing/prose.py, then the tables): a sentence
+    # edited by hand is rewritten, and every number the prose prints resolves through its marker.
+    from benchmarks.routing import prose, tables
+
+    page = (Path(ROOT) / "docs" / "routing.md").read_text("utf-8")
+    assert page.count(prose.START) == 1
+    assert tables.render(page) == page
+    head, start, generated = page.partition(prose.START)
+    edited = head + start + generated.replace("**Status.**", "**Status.** Hand-written.", 1)
+    assert edited != page and tables.render(edited) == page
+    # check_sources: every marker has a number right before it, and the number is what the file holds.
+    assert "<!-- src: " in generated and prose._doc_tables().check_sources(page) == []
