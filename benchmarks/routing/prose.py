@@ -685,8 +685,69 @@ defaults' (all 30), medians of three.
         lines += ["", block("targets", s.path), ""]
         return "\n".join(lines)
 
+    def evidence(self) -> list[tuple[str, Source, str | None]]:
+        """Every comparison of the gate at layer 20 with the defaults: (what, file, seed or None for pooled)."""
+        out: list[tuple[str, Source, str | None]] = []
+        if L20 in self.rows:
+            out.append(("this benchmark, seed 0", self.abl, "0"))
+        if self.seeds is not None:
+            for seed in self.seeds.data["per_seed"]:
+                if seed != "0" and L20 in self.seeds.report(seed)["paired_95"]:
+                    out.append((f"this benchmark, seed {seed}", self.seeds, seed))
+            if "pooled" in self.seeds.data and L20 in self.seeds.report(None)["paired_95"]:
+                out.append(("this benchmark, seeds pooled", self.seeds, None))
+        if self.demo is not None and L20 in self.demo.report()["paired_95"]:
+            out.append(("the demo's domains", self.demo, "0"))
+        return out
+
     def decision(self) -> str:
-        return ""
+        """Whether the evidence supports a default gate at about two thirds of the depth."""
+        evidence = self.evidence()
+        if len(evidence) < 2:
+            return ""
+        lines = [
+            "",
+            "### The gate at two thirds of the depth",
+            "",
+            "`defaults + gate layer 20` minus the defaults (paired 95% intervals, nats; negative: layer 20 better):",
+            "",
+        ]
+        for what, src, seed in evidence:
+            cells = "; ".join(f"{text} {src.pair(L20, D, col, seed)}" for col, text in COLS)
+            lines.append(f"- {what}: {cells}.")
+        better_mixed = [what for what, src, seed in evidence if src.interval(L20, D, "mixed", seed)[2] < 0]
+        worse = [
+            (what, text)
+            for what, src, seed in evidence
+            for col, text in COLS
+            if src.interval(L20, D, col, seed)[1] > 0
+        ]
+        lines.append("")
+        if len(better_mixed) == len(evidence) and not worse:
+            lines.append(
+                "Better on mixed documents everywhere it was measured and worse on no column anywhere: the evidence "
+                "supports the gate reading about two thirds of the depth (layer 20 of SmolLM2-135M's 30) over the "
+                "last hidden state."
+            )
+        else:
+            held = ", ".join(w for w, _, _ in evidence if w not in better_mixed)
+            lost = "; ".join(f"{text} on {what}" for what, text in worse)
+            lines.append(
+                "Not the same everywhere: "
+                + (f"no gain on mixed documents on {held}" if held else "better on mixed documents everywhere")
+                + (f"; worse on {lost}" if lost else "; worse on no column")
+                + "."
+            )
+        lines += [
+            "Two things keep it from being a default by itself: it is one model (layers 20 and 30 of 30 on the",
+            "defaults' gate, 8, 20 and 30 on the recipe's; no finer sweep), and the gate at layer 20 reads the",
+            "residual stream before the final norm where the defaults read the normed last hidden state, so depth",
+            "and norm change together. `scaling_pass_layers` is also refused today for encoder-decoder models, by",
+            "the mistral.rs and plain-LoRA exporters and for models without `GradientCheckpointingLayer` decoder",
+            "layers, which a default would have to handle (left to the lead with this evidence).",
+            "",
+        ]
+        return "\n".join(lines)
 
 
 def results() -> str:
