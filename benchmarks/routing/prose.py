@@ -706,6 +706,21 @@ defaults' (all 30), medians of three.
             out.append(("the demo's domains", self.demo, "0"))
         return out
 
+    def _targets_moved(self, src: Source, seed: str | None, what: str) -> str:
+        """How many targets the defaults and the gate at layer 20 meet, and the pure-text ones layer 20 loses."""
+        mine, theirs = src.report(seed)["targets"][L20], src.report(seed)["targets"][D]
+        lost = [
+            line.split(":")[0].removeprefix("FAIL pure ")
+            for line, other in zip(mine, theirs)
+            if line.startswith("FAIL pure ") and other.startswith("PASS")
+        ]
+        n = src.n_targets(D, seed)
+        text = f"{what}, the defaults {src.passed(D, seed)} and layer 20 {src.passed(L20, seed)} of {n}"
+        if lost:
+            missed = ", ".join(f"`{d}` at {src.gap(L20, d, seed=seed)}" for d in lost)
+            text += f" (layer 20 misses pure {missed})"
+        return text
+
     def decision(self) -> str:
         """Whether the evidence supports a default gate at about two thirds of the depth."""
         evidence = self.evidence()
@@ -721,29 +736,43 @@ defaults' (all 30), medians of three.
         for what, src, seed in evidence:
             cells = "; ".join(f"{text} {src.pair(L20, D, col, seed)}" for col, text in COLS)
             lines.append(f"- {what}: {cells}.")
-        better_mixed = [what for what, src, seed in evidence if src.interval(L20, D, "mixed", seed)[2] < 0]
+        better = [
+            what
+            for what, src, seed in evidence
+            if all(src.interval(L20, D, col, seed)[2] < 0 for col in ("mixed", "after 5-64"))
+        ]
         worse = [
-            (what, text)
+            f"{text} on {what}"
             for what, src, seed in evidence
             for col, text in COLS
             if src.interval(L20, D, col, seed)[1] > 0
         ]
+        costs = [
+            f"`{d}` {src.diff(L20, D, d, seed)} ({what})"
+            for what, src, seed in evidence
+            for d in src.data["domains"]
+            if src.interval(L20, D, d, seed)[1] > 0
+        ]
         lines.append("")
-        if len(better_mixed) == len(evidence) and not worse:
+        if len(better) == len(evidence) and not worse:
             lines.append(
-                "Better on mixed documents everywhere it was measured and worse on no column anywhere: the evidence "
-                "supports the gate reading about two thirds of the depth (layer 20 of SmolLM2-135M's 30) over the "
-                "last hidden state."
+                "Better on mixed documents and on tokens 5-64 after a switch everywhere it was measured, and worse on "
+                "no column anywhere (pure text tied on average)."
             )
         else:
-            held = ", ".join(w for w, _, _ in evidence if w not in better_mixed)
-            lost = "; ".join(f"{text} on {what}" for what, text in worse)
+            held = ", ".join(w for w, _, _ in evidence if w not in better)
             lines.append(
                 "Not the same everywhere: "
-                + (f"no gain on mixed documents on {held}" if held else "better on mixed documents everywhere")
-                + (f"; worse on {lost}" if lost else "; worse on no column")
+                + (f"no gain on mixed documents or tokens 5-64 on {held}" if held else "better after switches")
+                + (f"; worse on {'; '.join(worse)}" if worse else "; worse on no column")
                 + "."
             )
+        if costs:
+            lines.append(f"On pure text it moves loss between domains: worse on {', '.join(costs)}.")
+        lines.append("")
+        met = "; ".join(self._targets_moved(src, seed, what) for what, src, seed in evidence)
+        lines.append(f"Targets met: {met}.")
+        lines.append("")
         lines += [
             "Two things keep it from being a default by itself: it is one model (layers 20 and 30 of 30 on the",
             "defaults' gate, 8, 20 and 30 on the recipe's; no finer sweep), and the gate at layer 20 reads the",
