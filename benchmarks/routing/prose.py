@@ -250,7 +250,11 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
             lines.append(
                 "- the check on the demo's own three domains (`benchmarks/results/routing-demo-domains.json`): "
                 + ", ".join(f"`{v}`" for v in self.demo.data["variants"])
-                + (", PEFT's built-in X-LoRA" if BUILTIN in self.demo.report()["table"] else "")
+                + (
+                    ", PEFT's built-in X-LoRA"
+                    if BUILTIN in self.demo.report()["table"]
+                    else " and the training-free baselines (PEFT's built-in X-LoRA not trained there, for time)"
+                )
                 + (";" if self.demo.data.get("complete", True) else " (a partial file: the run was stopped);")
             )
         if self.seeds is None:
@@ -601,12 +605,17 @@ defaults' (all 30), medians of three.
     # ------------------------------------------------------------------ parts that wait for runs
 
     def headline(self) -> str:
-        return (
+        text = (
             "**Defaults: unchanged.** No `XLoraConfig` switch of the recipe is better than the defaults on both pure\n"
             "text and mixed documents (layerwise scalings trade pure text for the tokens after a switch; see\n"
             "[Defaults](#defaults)). The defaults' gate reading layer 20 of 30 instead of the last is better after\n"
-            "switches with pure text tied; whether it should be the default is in [Defaults](#defaults)."
+            "switches with pure text tied on average"
         )
+        where = [what for what, _, _ in self.evidence()]
+        if len(where) > 1:
+            link = "[The gate at two thirds of the depth](#the-gate-at-two-thirds-of-the-depth)"
+            text += f" ({', '.join(where)}; see\n{link})"
+        return text + "."
 
     def targets_layer20(self) -> str:
         if L20 not in self.rows:
@@ -779,7 +788,7 @@ defaults' (all 30), medians of three.
             "residual stream before the final norm where the defaults read the normed last hidden state, so depth",
             "and norm change together. `scaling_pass_layers` is also refused today for encoder-decoder models, by",
             "the mistral.rs and plain-LoRA exporters and for models without `GradientCheckpointingLayer` decoder",
-            "layers, which a default would have to handle (left to the lead with this evidence).",
+            "layers, which a default would have to handle first.",
             "",
         ]
         return "\n".join(lines)
