@@ -614,7 +614,7 @@ defaults' (all 30), medians of three.
         where = [what for what, _, _ in self.evidence()]
         if len(where) > 1:
             link = "[The gate at two thirds of the depth](#the-gate-at-two-thirds-of-the-depth)"
-            text += f" ({', '.join(where)}; see\n{link})"
+            text += f" ({'; '.join(where)}; see\n{link})"
         return text + "."
 
     def targets_layer20(self) -> str:
