@@ -704,13 +704,13 @@ defaults' (all 30), medians of three.
         """Every comparison of the gate at layer 20 with the defaults: (what, file, seed or None for pooled)."""
         out: list[tuple[str, Source, str | None]] = []
         if L20 in self.rows:
-            out.append(("this benchmark, seed 0", self.abl, "0"))
+            out.append(("seed 0", self.abl, "0"))
         if self.seeds is not None:
             for seed in self.seeds.data["per_seed"]:
                 if seed != "0" and L20 in self.seeds.report(seed)["paired_95"]:
-                    out.append((f"this benchmark, seed {seed}", self.seeds, seed))
+                    out.append((f"seed {seed}", self.seeds, seed))
             if "pooled" in self.seeds.data and L20 in self.seeds.report(None)["paired_95"]:
-                out.append(("this benchmark, seeds pooled", self.seeds, None))
+                out.append(("seeds pooled", self.seeds, None))
         if self.demo is not None and L20 in self.demo.report()["paired_95"]:
             out.append(("the demo's domains", self.demo, "0"))
         return out
@@ -724,7 +724,7 @@ defaults' (all 30), medians of three.
             if line.startswith("FAIL pure ") and other.startswith("PASS")
         ]
         n = src.n_targets(D, seed)
-        text = f"{what}, the defaults {src.passed(D, seed)} and layer 20 {src.passed(L20, seed)} of {n}"
+        text = f"{what}: the defaults {src.passed(D, seed)} of {n}, layer 20 {src.passed(L20, seed)}"
         if lost:
             missed = ", ".join(f"`{d}` at {src.gap(L20, d, seed=seed)}" for d in lost)
             text += f" (layer 20 misses pure {missed})"
@@ -739,7 +739,8 @@ defaults' (all 30), medians of three.
             "",
             "### The gate at two thirds of the depth",
             "",
-            "`defaults + gate layer 20` minus the defaults (paired 95% intervals, nats; negative: layer 20 better):",
+            "`defaults + gate layer 20` minus the defaults on this benchmark and on the demo's domains (paired 95%",
+            "intervals, nats; negative: layer 20 better):",
             "",
         ]
         for what, src, seed in evidence:
@@ -764,9 +765,11 @@ defaults' (all 30), medians of three.
         ]
         lines.append("")
         if len(better) == len(evidence) and not worse:
+            pure_better = [w for w, src, seed in evidence if src.interval(L20, D, "pure mean", seed)[2] < 0]
+            pure = f"better on {'; '.join(pure_better)}; tied on the rest" if pure_better else "tied everywhere"
             lines.append(
                 "Better on mixed documents and on tokens 5-64 after a switch everywhere it was measured, and worse on "
-                "no column anywhere (pure text tied on average)."
+                f"no column anywhere (pure text on average: {pure})."
             )
         else:
             held = ", ".join(w for w, _, _ in evidence if w not in better)
@@ -777,7 +780,7 @@ defaults' (all 30), medians of three.
                 + "."
             )
         if costs:
-            lines.append(f"On pure text it moves loss between domains: worse on {', '.join(costs)}.")
+            lines.append(f"On pure text it moves loss between domains: worse on {'; '.join(costs)}.")
         lines.append("")
         met = "; ".join(self._targets_moved(src, seed, what) for what, src, seed in evidence)
         lines.append(f"Targets met: {met}.")
