@@ -739,8 +739,8 @@ defaults' (all 30), medians of three.
             "",
             "### The gate at two thirds of the depth",
             "",
-            "`defaults + gate layer 20` minus the defaults on this benchmark and on the demo's domains (paired 95%",
-            "intervals, nats; negative: layer 20 better):",
+            "`defaults + gate layer 20` minus the defaults on this benchmark and on the demo's domains, in nats",
+            "(paired 95% intervals; negative: layer 20 better):",
             "",
         ]
         for what, src, seed in evidence:
