@@ -457,6 +457,11 @@ VLLM_SCALING_PASS = f"{SERVED}[llama-dual-scaling-pass-no-softmax-top-1]"
 VLLM_SINGLE = ", ".join(
     f"{SERVED}[llama-single-{case}]" for case in ("learned-layerwise-top-k", "uniform-softmax-top-k-temperature")
 )
+VLLM_SPARSE = (
+    f"{SERVED}[llama-dual-sparse-top-k], "
+    "tests/serving/test_vllm_sparse.py::test_export_writes_topk_compute_and_the_spec_checks_it, "
+    "tests/serving/test_vllm_sparse.py::test_sparse_update_equals_the_loop_over_chosen_experts_and_the_dense_stack"
+)
 VLLM_REFUSED_FIELD = f"{VLLM_EXPORT}::test_every_refused_field_is_refused_by_name"
 VLLM_TABLE = f"{VLLM_EXPORT}::test_the_table_refuses_heads_encoder_decoders_and_expert_variants"
 
@@ -568,6 +573,7 @@ COVERED: dict[tuple[str, str], str] = {
         VLLM_GATING,
     ),
     ("export_vllm", "top_k_lora"): f"{VLLM_GATING}, {VLLM_SCALING_PASS}",
+    ("export_vllm", "topk_compute"): VLLM_SPARSE,
     **dict.fromkeys(
         (("export_vllm", r) for r in ("enable_softmax", "scaling_pass_value", "global_scaling_weight")),
         VLLM_SCALING_PASS,

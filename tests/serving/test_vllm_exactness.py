@@ -24,9 +24,11 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 from xlora_vllm_cases import (
+    EXPERT_SPECS,
     TRACED,
     assert_same_generation,
     build_case,
+    make_experts,
     prompts_of_lengths,
     reference_generate,
     vllm_engine,
@@ -86,6 +88,28 @@ CASES = {
         },
     ),
 }
+# Sparse top-k (`topk_compute="sparse"`): each routed projection computes only each token's 2 chosen experts of 4
+# (the factors gathered per token), layerwise, so q, k and v of one fused qkv_proj each gather their own choice. The
+# fourth expert adapts every module, and the embedding and o_proj get a third expert each, so every routed projection
+# (embedding included) holds more than 2 experts and mixes different ranks, some experts absent from some modules.
+# The reference is peft-xlora's model switched to its dense path after the export (the same mixture computed the
+# other way).
+SPARSE_CASE = "llama-dual-sparse-top-k"
+_EVERY_MODULE = ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPARSE_EXPERTS = {
+    "math": {**EXPERT_SPECS["math"], "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"]},
+    "code": {**EXPERT_SPECS["code"], "target_modules": ["q_proj", "o_proj", "up_proj", "embed_tokens"]},
+    "poetry": EXPERT_SPECS["poetry"],
+    "law": {
+        "r": 6,
+        "lora_alpha": 12,
+        "target_modules": _EVERY_MODULE,
+    },
+}
+CASES[SPARSE_CASE] = (
+    "llama",
+    {"layerwise_scalings": True, "top_k_lora": 2, "topk_compute": "sparse", "xlora_depth": 2, "xlora_size": 16},
+)
 # A single pass over every layer (static weights everywhere, the gate never used) is refused at build since the
 # table of what combines (issue 22); serving a pinned mixture is exported from a pinned gate instead.
 _DUAL = {"layerwise_scalings": True, "top_k_lora": 2, "xlora_depth": 2, "xlora_size": 16}
@@ -121,7 +145,10 @@ SCALINGS_PROMPT = prompts_of_lengths([19], seed=5)[0]
 @pytest.mark.parametrize("name", list(CASES))
 def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
     arch, options = CASES[name]
-    case = build_case(str(tmp_path), arch=arch, **options)
+    experts = make_experts(arch, str(tmp_path), specs=SPARSE_EXPERTS) if name == SPARSE_CASE else None
+    case = build_case(str(tmp_path), arch=arch, experts=experts, **options)
+    if name == SPARSE_CASE:
+        case.model.base_model.update_config(topk_compute="dense")  # the reference computes every expert
     new_tokens = NEW_TOKENS + [6] * len(SECOND_WAVE)
     prompts = FIRST_WAVE + SECOND_WAVE
     references = [reference_generate(case.model, p, n) for p, n in zip(prompts, new_tokens)]
@@ -130,6 +157,9 @@ def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
         if name in SCALINGS_CHECKED:
             vllm_generate(llm, [SCALINGS_PROMPT], 1)  # one forward: the prompt's prefill (no full block to cache)
             (scalings,) = llm.apply_model(lambda model: model.xlora.scalings[: len(SCALINGS_PROMPT)].clone())
+        if name == SPARSE_CASE:
+            vllm_generate(llm, [SCALINGS_PROMPT], 1)
+            (sparse,) = llm.apply_model(_sparse_against_dense)
         first = vllm_generate(llm, FIRST_WAVE, NEW_TOKENS)
         cached: list[int] = []
         second = vllm_generate(llm, SECOND_WAVE, new_tokens[len(FIRST_WAVE) :], cached_tokens=cached)
@@ -139,6 +169,37 @@ def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
         assert_same_generation(mine, reference)
     if name in SCALINGS_CHECKED:
         _assert_same_scalings(case, scalings)
+    if name == SPARSE_CASE:
+        # Every projection computed sparsely, the embedding's and each layer's qkv_proj included; each one's update
+        # equal to the dense plugin path's with the same scalings (the prefill's, on random inputs).
+        assert len(sparse) == 1 + 3 * 4, sorted(sparse)
+        assert {"model.embed_tokens", "model.layers.0.self_attn.qkv_proj"} <= set(sparse), sorted(sparse)
+        for path, (ours, dense) in sparse.items():
+            assert dense.abs().max() > 1e-2, path  # the experts change this projection
+            torch.testing.assert_close(ours, dense, atol=1e-5, rtol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
+
+
+def _sparse_against_dense(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per sparse projection: its update and the dense stack's, for the scalings of the last prefill's tokens."""
+    from peft_xlora.serving.vllm.projections import SparseProjection
+
+    n_tokens = len(SCALINGS_PROMPT)
+    router = model.xlora
+    generator = torch.Generator(device=router.scalings.device).manual_seed(0)
+    out = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, SparseProjection):
+            continue
+        stack = module.stack
+        if stack.embedding:
+            x = torch.randint(0, stack.A.shape[0], (n_tokens,), generator=generator, device=stack.A.device)
+        else:
+            x = torch.randn(n_tokens, stack.A.shape[1], generator=generator, device=stack.A.device)
+        zeros = torch.zeros(n_tokens, sum(p.out_stop - p.out_start for p in stack.partitions), device=stack.A.device)
+        ours = module.sparse.add_update(zeros.clone(), x, router.chosen[:n_tokens], router.chosen_weights[:n_tokens])
+        weights = router.scalings[:n_tokens].index_select(1, stack.scaling_index)
+        out[path] = (ours.cpu(), stack.add_update(zeros.clone(), x, weights, stack.own_B()).cpu())
+    return out
 
 
 def _assert_same_scalings(case, ours: torch.Tensor) -> None:
