@@ -1,18 +1,20 @@
 """Sparse top-k in the vLLM plugin: which trace-safe way to compute only each token's k chosen experts, and its gain.
 
 Part 1 (``kernels``) times, for one projection of `hidden -> hidden` with N experts of rank r and top-k = 2, the
-update added to the projection's output by four ways of computing it, side by side in one run (CPU-time medians of
-`--repeats`, 1 thread), after checking that each equals the dense one:
+update added to the projection's output by five ways of computing it, side by side in one run (CPU-time medians of
+`--repeats`, 1 thread, the methods interleaved), after checking that each equals the dense one:
 
 - ``dense``: the plugin's dense mixture (`ops.StackedLora`): every expert, the unchosen at weight 0; two matmuls of
   inner size N * r.
-- ``gather``: the plugin's sparse path (`ops.gathered_update`): per token, its k experts' A and B factors gathered
-  ((T, k * r, in) and (T, k * r, out)) and two batched matrix-vector products. Fixed shapes, no host sync.
+- ``gather``: per token, its k experts' A and B factors gathered ((T, k * r, in) and (T, k * r, out)) and two batched
+  matrix-vector products (`ops.gathered_update`). Fixed shapes, no host sync: the plugin's way off the CPU.
 - ``dense_down``: the down projection of every expert as one matmul (x A_cat^T, (T, N * r)), then the k chosen
   experts' columns of it and their gathered B factors: half the dense work, half the copies.
-- ``grouped``: the (token, expert) pairs sorted by expert (argsort: fixed shape T * k), the inputs gathered in that
-  order, and torch's grouped GEMM (`torch._grouped_mm`, the group offsets as data) over the stacked factors, then an
-  index-add back to the tokens: what mixture-of-experts layers do, also with fixed shapes.
+- ``grouped_mm``: the (token, expert) pairs sorted by expert, the inputs gathered in that order, and torch's grouped
+  GEMM (`torch._grouped_mm`, the group offsets as data) over the stacked factors, then an index-add back to the
+  tokens: fixed shapes, but torch 2.13's shape function for tracing accepts bfloat16 only.
+- ``grouped``: the plugin's way on CPU (`ops.topk_lora_update` -> `ops.grouped_update`): the same sort, then two
+  plain matmuls per chosen expert (group sizes read on the host), inside one opaque op for vLLM's trace.
 
 Part 2 (``engine``, `--engine`): tokens per CPU-second of a real vLLM engine (in-process, traced as vLLM does by
 default on CPU, 1 thread, float32) serving a tiny random Llama (hidden 512, 4 layers) with N = 32 experts of rank 16
@@ -37,7 +39,7 @@ import time
 from typing import Any
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vllm-sparse-topk-cpu.json")
-METHODS = ("dense", "gather", "dense_down", "grouped")
+METHODS = ("dense", "gather", "dense_down", "grouped_mm", "grouped")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,12 +121,11 @@ def _dense_down(p: dict[str, Any]):
     return p["out"] + torch.bmm(z.view(tokens, 1, k * rank), b).squeeze(1)
 
 
-def _grouped(p: dict[str, Any]):
+def _grouped_mm(p: dict[str, Any]):
     import torch
 
     x, A, B, chosen = p["x"], p["A"], p["B"], p["chosen"]
-    n = A.shape[0]
-    tokens, k = chosen.shape
+    n, k = A.shape[0], chosen.shape[1]
     expert = chosen.reshape(-1)  # (T * k,)
     order = torch.argsort(expert, stable=True)  # (T * k,): pairs grouped by expert
     token = order // k
@@ -136,7 +137,19 @@ def _grouped(p: dict[str, Any]):
     return p["out"].index_add(0, token, y)
 
 
-_FUNCTIONS = {"dense": _dense, "gather": _gather, "dense_down": _dense_down, "grouped": _grouped}
+def _grouped(p: dict[str, Any]):
+    from peft_xlora.serving.vllm.ops import topk_lora_update
+
+    return p["out"] + topk_lora_update(p["x"], p["A"], p["B"], p["chosen"], p["weights"])  # on CPU: grouped_update
+
+
+_FUNCTIONS = {
+    "dense": _dense,
+    "gather": _gather,
+    "dense_down": _dense_down,
+    "grouped_mm": _grouped_mm,
+    "grouped": _grouped,
+}
 
 
 def _cpu_time(fn, min_time: float) -> float:
@@ -167,7 +180,7 @@ def run_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
                     times: dict[str, list[float]] = {m: [] for m in METHODS}
                     for _ in range(args.repeats):  # interleaved, so a change of load hits every method alike
                         for method in METHODS:
-                            times[method].append(_cpu_time(lambda m=method: _FUNCTIONS[m](p), args.min_time))
+                            times[method].append(_cpu_time(lambda m=method, p=p: _FUNCTIONS[m](p), args.min_time))
                     median = {m: statistics.median(t) for m, t in times.items()}
                     row = {
                         "hidden": hidden,

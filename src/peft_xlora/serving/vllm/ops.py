@@ -319,11 +319,12 @@ class StackedLora(nn.Module):
 def gathered_update(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """The weighted LoRA update of each token's chosen experts only: per token, its k experts' factors gathered.
+    """The weighted update of each token's chosen experts, their factors gathered per token (fixed shapes, no sync).
 
-    For token t with chosen experts e_t1..e_tk and weights w_t1..w_tk: sum_j w_tj * B_{e_tj} A_{e_tj} x_t. Fixed
-    shapes for a given number of tokens (no sort, no group sizes, no host sync), so a traced forward and a CUDA graph
-    keep it; the cost depends on k and the rank, not on the number of experts.
+    For token t with chosen experts e_t1..e_tk and weights w_t1..w_tk: sum_j w_tj * B_{e_tj} A_{e_tj} x_t. Every
+    shape follows from the number of tokens alone (no sort, no group sizes, no host sync), so a CUDA graph can hold
+    it; it copies (num_tokens, k, r, in + out) factors, so it suits a few tokens (measured: the fastest way on CPU for
+    one token, the slowest for hundreds; benchmarks/vllm_sparse_topk.py).
 
     Args:
         x: (num_tokens, in) the projection's input, or (num_tokens,) token ids when `A` is an embedding's.
@@ -340,14 +341,75 @@ def gathered_update(
     rank = B.shape[1]
     flat = indices.reshape(-1)  # (T * k,)
     if x.dim() == 1:  # token ids: the down projection is a row lookup
-        n_experts = B.shape[0]
-        z = A.index_select(0, (x.unsqueeze(-1) * n_experts + indices).reshape(-1))  # (T * k, r)
+        z = A.index_select(0, (x.unsqueeze(-1) * B.shape[0] + indices).reshape(-1))  # (T * k, r)
     else:
         a = A.index_select(0, flat).view(n_tokens, k * rank, A.shape[-1])  # (T, k * r, in)
         z = torch.bmm(a, x.to(A.dtype).unsqueeze(-1))  # (T, k * r, 1)
     z = z.view(n_tokens, k, rank) * weights.to(B.dtype).unsqueeze(-1)  # (T, k, r)
     b = B.index_select(0, flat).view(n_tokens, k * rank, B.shape[-1])  # (T, k * r, out)
     return torch.bmm(z.view(n_tokens, 1, k * rank), b).squeeze(1)  # (T, out): the sum over k is the inner dimension
+
+
+def grouped_update(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The same update as `gathered_update`, with the (token, expert) pairs grouped by expert: two matmuls per expert.
+
+    The pairs are sorted by expert and each chosen expert multiplies its tokens' rows with its own factors as they
+    are stored (no copy of factors), as mixture-of-experts layers do; the results are added back to their tokens.
+    The group sizes are read on the host, so the shapes inside depend on the routing: `topk_lora_update` wraps it as
+    one opaque op of fixed output shape for vLLM's trace. Measured on CPU: the fastest way from about 16 tokens on,
+    and close to the per-token gather for one (benchmarks/vllm_sparse_topk.py).
+
+    Args: as `gathered_update`.
+
+    Returns:
+        (num_tokens, out) in the factors' dtype.
+    """
+    n_tokens, k = indices.shape
+    n_experts, _, out_features = B.shape
+    expert = indices.reshape(-1)  # (P,) with P = T * k pairs
+    order = torch.argsort(expert, stable=True)  # (P,): the pairs grouped by expert
+    token = order // k  # (P,): pair p belongs to token p // k
+    pair_weights = weights.reshape(-1)[order].to(B.dtype).unsqueeze(-1)  # (P, 1)
+    if x.dim() == 1:  # token ids: the down projections are row lookups
+        z_all = A.index_select(0, x.index_select(0, token) * n_experts + expert[order])  # (P, r)
+    else:
+        x_pairs = x.to(A.dtype).index_select(0, token)  # (P, in), in the pairs' order
+    counts = torch.bincount(expert, minlength=n_experts).tolist()  # the group sizes, on the host
+    ys, start = [], 0
+    for e, count in enumerate(counts):
+        if not count:
+            continue
+        stop = start + count
+        z = z_all[start:stop] if x.dim() == 1 else x_pairs[start:stop] @ A[e].T  # (count, r)
+        ys.append((z * pair_weights[start:stop]) @ B[e])  # (count, out)
+        start = stop
+    out = torch.zeros(n_tokens, out_features, dtype=B.dtype, device=B.device)
+    return out.index_add_(0, token, torch.cat(ys)) if ys else out
+
+
+@torch.library.custom_op("peft_xlora::topk_lora_update", mutates_args=())
+def topk_lora_update(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The chosen experts' update (`gathered_update`'s arguments), as one op that vLLM's trace keeps opaque.
+
+    Its output shape, (num_tokens, out), follows from its inputs' alone, so the traced forward has fixed shapes per
+    step whatever each token chose. On CPU it runs `grouped_update` (the measured fastest); on other devices
+    `gathered_update`, which never synchronises with the host, so CUDA graphs can capture it.
+    """
+    return gathered_update(x, A, B, indices, weights)
+
+
+@topk_lora_update.register_kernel("cpu")
+def _topk_lora_update_cpu(x, A, B, indices, weights):
+    return grouped_update(x, A, B, indices, weights)
+
+
+@topk_lora_update.register_fake
+def _topk_lora_update_shape(x, A, B, indices, weights):
+    return B.new_empty(indices.shape[0], B.shape[-1])
 
 
 @dataclass
@@ -427,7 +489,7 @@ class SparseLora(nn.Module):
             `out`, updated.
         """
         for g, group in enumerate(self.groups):
-            update = gathered_update(
+            update = topk_lora_update(
                 x, getattr(self, f"A{g}"), getattr(self, f"B{g}"), chosen[:, group.slot], chosen_weights[:, group.slot]
             )  # (num_tokens, out_g)
             if group.out_start == 0 and group.out_stop == out.shape[-1]:
