@@ -1,7 +1,7 @@
 """Sparse top-k in the vLLM plugin: which trace-safe way to compute only each token's k chosen experts, and its gain.
 
 Part 1 (``kernels``) times, for one projection of `hidden -> hidden` with N experts of rank r and top-k = 2, the
-update added to the projection's output by five ways of computing it, side by side in one run (CPU-time medians of
+update added to the projection's output by six ways of computing it, side by side in one run (CPU-time medians of
 `--repeats`, 1 thread, the methods interleaved), after checking that each equals the dense one:
 
 - ``dense``: the plugin's dense mixture (`ops.StackedLora`): every expert, the unchosen at weight 0; two matmuls of
@@ -13,8 +13,10 @@ update added to the projection's output by five ways of computing it, side by si
 - ``grouped_mm``: the (token, expert) pairs sorted by expert, the inputs gathered in that order, and torch's grouped
   GEMM (`torch._grouped_mm`, the group offsets as data) over the stacked factors, then an index-add back to the
   tokens: fixed shapes, but torch 2.13's shape function for tracing accepts bfloat16 only.
-- ``grouped``: the plugin's way on CPU (`ops.topk_lora_update` -> `ops.grouped_update`): the same sort, then two
-  plain matmuls per chosen expert (group sizes read on the host), inside one opaque op for vLLM's trace.
+- ``grouped``: the same sort, then two plain matmuls per chosen expert, the group sizes read on the host
+  (`ops.grouped_update`).
+- ``plugin``: what the plugin runs on CPU, `ops.topk_lora_update`: one opaque custom op for vLLM's trace, which
+  runs ``gather`` for at most 16 (token, expert) pairs and ``grouped`` for more.
 
 Part 2 (``engine``, `--engine`): tokens per CPU-second of a real vLLM engine (in-process, traced as vLLM does by
 default on CPU but the trace run as is, not compiled by inductor; 1 thread, float32) serving a tiny random Llama
@@ -40,7 +42,7 @@ import time
 from typing import Any
 
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vllm-sparse-topk-cpu.json")
-METHODS = ("dense", "gather", "dense_down", "grouped_mm", "grouped")
+METHODS = ("dense", "gather", "dense_down", "grouped_mm", "grouped", "plugin")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,9 +141,15 @@ def _grouped_mm(p: dict[str, Any]):
 
 
 def _grouped(p: dict[str, Any]):
+    from peft_xlora.serving.vllm.ops import grouped_update
+
+    return p["out"] + grouped_update(p["x"], p["A"], p["B"], p["chosen"], p["weights"])
+
+
+def _plugin(p: dict[str, Any]):
     from peft_xlora.serving.vllm.ops import topk_lora_update
 
-    return p["out"] + topk_lora_update(p["x"], p["A"], p["B"], p["chosen"], p["weights"])  # on CPU: grouped_update
+    return p["out"] + topk_lora_update(p["x"], p["A"], p["B"], p["chosen"], p["weights"])
 
 
 _FUNCTIONS = {
@@ -150,6 +158,7 @@ _FUNCTIONS = {
     "dense_down": _dense_down,
     "grouped_mm": _grouped_mm,
     "grouped": _grouped,
+    "plugin": _plugin,
 }
 
 

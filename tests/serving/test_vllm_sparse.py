@@ -216,7 +216,8 @@ def test_half_precision_sparse_update_matches_the_dense_one(dtype, tol):
 def test_sparse_update_traces_as_one_graph_with_a_symbolic_token_count():
     # What vLLM does with the forward: one torch.compile trace, the token dimension dynamic, no graph break (a
     # data-dependent branch or shape would break it, and fullgraph=True turns that into an error). The grouped kernel
-    # inside is one opaque op whose output shape follows from its inputs'.
+    # inside is one opaque op whose output shape follows from its inputs', so the traced graph holds for a step of 5
+    # tokens (10 pairs: the op gathers per token) and of 11 (22 pairs: it groups by expert).
     factors = _factors(12)
     stack = _stack(factors)
     sparse = SparseLora(stack, _N_EXPERTS)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.classifier import gate_and_choose
+from ...core.sparse import GATHER_MAX_PAIRS
 from .spec import ServingSpec
 
 
@@ -323,7 +324,7 @@ def gathered_update(
 
     For token t with chosen experts e_t1..e_tk and weights w_t1..w_tk: sum_j w_tj * B_{e_tj} A_{e_tj} x_t. Every
     shape follows from the number of tokens alone (no sort, no group sizes, no host sync), so a CUDA graph can hold
-    it; it copies (num_tokens, k, r, in + out) factors, so it suits a few tokens (measured: the fastest way on CPU for
+    it; it copies (num_tokens, k, r, in + out) factors, so it suits a few tokens (measured on CPU: the fastest way for
     one token, the slowest for hundreds; benchmarks/vllm_sparse_topk.py).
 
     Args:
@@ -358,8 +359,8 @@ def grouped_update(
     The pairs are sorted by expert and each chosen expert multiplies its tokens' rows with its own factors as they
     are stored (no copy of factors), as mixture-of-experts layers do; the results are added back to their tokens.
     The group sizes are read on the host, so the shapes inside depend on the routing: `topk_lora_update` wraps it as
-    one opaque op of fixed output shape for vLLM's trace. Measured on CPU: the fastest way from about 16 tokens on,
-    and close to the per-token gather for one (benchmarks/vllm_sparse_topk.py).
+    one opaque op of fixed output shape for vLLM's trace. Measured on CPU: several times faster than the per-token
+    gather from 16 tokens on, slower for one (benchmarks/vllm_sparse_topk.py).
 
     Args: as `gathered_update`.
 
@@ -396,14 +397,18 @@ def topk_lora_update(
     """The chosen experts' update (`gathered_update`'s arguments), as one op that vLLM's trace keeps opaque.
 
     Its output shape, (num_tokens, out), follows from its inputs' alone, so the traced forward has fixed shapes per
-    step whatever each token chose. On CPU it runs `grouped_update` (the measured fastest); on other devices
-    `gathered_update`, which never synchronises with the host, so CUDA graphs can capture it.
+    step whatever each token chose, and the kernel inside may depend on the step's size. On CPU: `gathered_update`
+    for at most `GATHER_MAX_PAIRS` (token, expert) pairs (a decode step of a few requests), `grouped_update` for more
+    (both measured fastest there: benchmarks/vllm_sparse_topk.py; the same split as peft-xlora's own sparse path). On
+    other devices `gathered_update` always: it never synchronises with the host, so CUDA graphs can capture it.
     """
     return gathered_update(x, A, B, indices, weights)
 
 
 @topk_lora_update.register_kernel("cpu")
 def _topk_lora_update_cpu(x, A, B, indices, weights):
+    if indices.numel() <= GATHER_MAX_PAIRS:
+        return gathered_update(x, A, B, indices, weights)
     return grouped_update(x, A, B, indices, weights)
 
 
@@ -429,7 +434,7 @@ class SparseLora(nn.Module):
     column-parallel shard's B rows, a row-parallel shard's A columns (tensor parallelism follows the stack's). Each
     module the projection covers (q, k and v of a fused qkv_proj; one for Phi-3's own qkv_proj) is a group with its own
     scaling slot: with layerwise scalings each reads its own k chosen experts. An expert absent from a module, and the
-    ranks past an expert's own, are zero factors, so the gather needs no mask and adds exactly 0 for them.
+    ranks past an expert's own, are zero factors, so neither kernel needs a mask and they add exactly 0.
 
     Args:
         stack: The projection's stacked factors, loaded and with scales folded.
