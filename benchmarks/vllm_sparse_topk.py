@@ -20,9 +20,9 @@ update added to the projection's output by six ways of computing it, side by sid
 
 Part 2 (``engine``, `--engine`): tokens per CPU-second of a real vLLM engine (in-process, traced as vLLM does by
 default on CPU but the trace run as is, not compiled by inductor; 1 thread, float32) serving a tiny random Llama
-(hidden 512, 4 layers) with N = 32 experts of rank 16 on all seven projections, top-2, dual pass, exported once with
-``topk_compute="dense"`` and once with ``"sparse"``: the same concurrent greedy requests, whose generations are
-compared.
+(hidden 512, 4 layers) with N = 32 and 64 experts of rank 16 on all seven projections, top-2, dual pass, exported
+once with ``topk_compute="dense"`` and once with ``"sparse"``: the same concurrent greedy requests, whose
+generations are compared.
 
 Run from the repository root (part 2 in the vLLM environment, `scripts/vllm_env.sh`)::
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per method (the median is reported)")
     p.add_argument("--min-time", type=float, default=0.05, help="CPU seconds each repeat runs at least")
     p.add_argument("--engine", action="store_true", help="also part 2 (needs vLLM)")
-    p.add_argument("--engine-experts", type=int, default=32)
+    p.add_argument("--engine-experts", type=int, nargs="+", default=[32, 64])
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -214,7 +214,7 @@ def run_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------- part 2
 
 
-def run_engine(args: argparse.Namespace, root: str) -> dict[str, Any]:
+def run_engine(args: argparse.Namespace, root: str, n_experts: int) -> dict[str, Any]:
     """Part 2: tokens per CPU-second of the dense and the sparse export of one X-LoRA model, same requests."""
     import torch
     from peft import get_peft_model
@@ -225,7 +225,7 @@ def run_engine(args: argparse.Namespace, root: str) -> dict[str, Any]:
 
     work = Workload()
     work.dtype, work.device = "float32", "cpu"
-    n_experts = 2 if args.smoke else args.engine_experts
+    n_experts = 2 if args.smoke else n_experts
     if args.smoke:
         work.hidden_size, work.num_attention_heads, work.num_key_value_heads = 64, 2, 2
         work.num_hidden_layers, work.intermediate_size = 2, 128
@@ -352,9 +352,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kernels": previous.get("kernels") if args.skip_kernels else run_kernels(args),
         "engine": previous.get("engine"),
     }
-    if args.engine:
-        with tempfile.TemporaryDirectory() as root:
-            payload["engine"] = run_engine(args, root)
+    if args.engine:  # one entry per number of experts
+        payload["engine"] = {}
+        for n in args.engine_experts:
+            with tempfile.TemporaryDirectory() as root:
+                payload["engine"][str(n)] = run_engine(args, root, n)
     write_result(args.out, payload, block)
     print(f"wrote {args.out}")
     return payload
