@@ -7,8 +7,10 @@ final soft-capping included), with, after the weights are loaded:
 - every projection an expert adapts (qkv_proj, o_proj, gate_up_proj, down_proj, the input embedding) wrapped by a
   module that adds the experts' stacked update (`projections.py`), so the layers' own forward runs;
 - the X-LoRA router (`ops.XLoraRouter`): the classifier, peft-xlora's gate, and a `scalings` buffer that the router
-  writes in place and the mixed projections read. vLLM traces the forward once with its guards dropped, so the
-  projections cannot be told which pass they are in by a Python flag; a buffer is data the trace keeps.
+  writes in place and the mixed projections read (with sparse top-k, also the indices and scalings of each token's
+  k chosen experts, which the sparse projections read: `ops.SparseLora`, chosen per projection by `topk_compute`).
+  vLLM traces the forward once with its guards dropped, so the projections cannot be told which pass they are in by
+  a Python flag; a buffer is data the trace keeps.
 
 **Single pass** (`routing="single_pass"`, one KV cache): the projections of decoder layers 1..k and the embedding
 carry static weights folded into their factors; decoder layer k is wrapped so that its output (the residual stream)
