@@ -195,18 +195,20 @@ def test_sparse_embedding_update_is_a_row_lookup_of_the_chosen_experts():
     torch.testing.assert_close(ours, expected)
 
 
+@pytest.mark.parametrize("n_tokens", [4, 12], ids=["gathered", "grouped"])  # 8 and 24 (token, expert) pairs
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
-def test_half_precision_sparse_update_matches_the_dense_one(dtype, tol):
+def test_half_precision_sparse_update_matches_the_dense_one(dtype, tol, n_tokens):
     # vLLM serves in the model's dtype: the factors are float16/bfloat16, the gate's weights float32.
     factors = _factors(10)
-    x = torch.randn(7, _N_IN)
-    scalings, chosen, weights = _routing(7, seed=11)
+    x = torch.randn(n_tokens, _N_IN)
+    scalings, chosen, weights = _routing(n_tokens, seed=11)
     reference = _loop_reference(x, factors, chosen, weights)
     stack = _stack(factors, dtype=dtype)
     sparse = SparseLora(stack, _N_EXPERTS)
-    ours = sparse.add_update(torch.zeros(7, sum(_OUTS), dtype=dtype), x.to(dtype), chosen, weights)
+    zeros = torch.zeros(n_tokens, sum(_OUTS), dtype=dtype)
+    ours = sparse.add_update(zeros.clone(), x.to(dtype), chosen, weights)
     rank_weights = scalings.index_select(1, stack.scaling_index)
-    dense = stack.add_update(torch.zeros(7, sum(_OUTS), dtype=dtype), x.to(dtype), rank_weights, stack.own_B())
+    dense = stack.add_update(zeros.clone(), x.to(dtype), rank_weights, stack.own_B())
     assert ours.dtype == dtype
     scale = reference.abs().max()
     torch.testing.assert_close(ours.float() / scale, reference / scale, atol=tol, rtol=0)
