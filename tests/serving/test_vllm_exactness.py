@@ -24,7 +24,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 from xlora_vllm_cases import (
-    EXPERT_SPECS,
+    SPARSE_EXPERT_SPECS,
     TRACED,
     assert_same_generation,
     build_case,
@@ -90,23 +90,10 @@ CASES = {
     ),
 }
 # Sparse top-k (`topk_compute="sparse"`): each routed projection computes only each token's 2 chosen experts of 4
-# (the factors gathered per token), layerwise, so q, k and v of one fused qkv_proj each gather their own choice. The
-# fourth expert adapts every module, and the embedding and o_proj get a third expert each, so every routed projection
-# (embedding included) holds more than 2 experts and mixes different ranks, some experts absent from some modules.
-# The reference is peft-xlora's model switched to its dense path after the export (the same mixture computed the
-# other way).
+# (`xlora_vllm_cases.SPARSE_EXPERT_SPECS`: every routed projection, the embedding included, holds more than 2),
+# layerwise, so q, k and v of one fused qkv_proj each follow their own choice. The reference is peft-xlora's model
+# switched to its dense path after the export (the same mixture computed the other way).
 SPARSE_CASE = "llama-dual-sparse-top-k"
-_EVERY_MODULE = ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SPARSE_EXPERTS = {
-    "math": {**EXPERT_SPECS["math"], "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"]},
-    "code": {**EXPERT_SPECS["code"], "target_modules": ["q_proj", "o_proj", "up_proj", "embed_tokens"]},
-    "poetry": EXPERT_SPECS["poetry"],
-    "law": {
-        "r": 6,
-        "lora_alpha": 12,
-        "target_modules": _EVERY_MODULE,
-    },
-}
 CASES[SPARSE_CASE] = (
     "llama",
     {"layerwise_scalings": True, "top_k_lora": 2, "topk_compute": "sparse", "xlora_depth": 2, "xlora_size": 16},
@@ -146,7 +133,7 @@ SCALINGS_PROMPT = prompts_of_lengths([19], seed=5)[0]
 @pytest.mark.parametrize("name", list(CASES))
 def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
     arch, options = CASES[name]
-    experts = make_experts(arch, str(tmp_path), specs=SPARSE_EXPERTS) if name == SPARSE_CASE else None
+    experts = make_experts(arch, str(tmp_path), specs=SPARSE_EXPERT_SPECS) if name == SPARSE_CASE else None
     case = build_case(str(tmp_path), arch=arch, experts=experts, **options)
     sparse_case = options.get("topk_compute") == "sparse"
     if sparse_case:
