@@ -175,8 +175,13 @@ def test_tensor_parallel_2_with_replicated_kv_heads_equals_peft_xlora(tmp_path):
     options = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
     with vllm_engine(case.served, **options) as llm:
         ours = vllm_generate(llm, prompts, 10)
-        # A lambda: pickled by value for the worker processes (they cannot import this test module).
-        sparse = llm.apply_model(lambda model: sum(type(m).__name__ == "SparseProjection" for m in model.modules()))
+        sparse = llm.apply_model(_sparse_projections)  # the workers are forks of this process: they know it
     assert sparse == [13, 13], sparse  # on each rank: the embedding and 4 projections in each of 3 layers
     for mine, reference in zip(ours, references):
         assert_same_generation(mine, reference)
+
+
+def _sparse_projections(model) -> int:
+    from peft_xlora.serving.vllm.projections import SparseProjection
+
+    return sum(isinstance(m, SparseProjection) for m in model.modules())
