@@ -1,9 +1,11 @@
-"""The X-LoRA arithmetic of the vLLM plugin as plain torch: the classifier and router, and the stacked LoRA update.
+"""The X-LoRA arithmetic of the vLLM plugin as plain torch: the router, the stacked update, the sparse top-k update.
 
 Nothing here imports vLLM, so the main environment's tests check these against plain per-expert loops and against
-peft-xlora itself. The gate is peft-xlora's own (`peft_xlora.core.classifier.gate`: one implementation in the
-project). Every function is free of `.item()`, `nonzero` and Python branches on tensor values, so vLLM can trace the
-forward once (torch.compile with its guards dropped) and capture it in CUDA graphs.
+peft-xlora itself. The gate is peft-xlora's own (`peft_xlora.core.classifier.gate_and_choose`: one implementation in
+the project). Every function the trace sees is free of `.item()`, `nonzero` and Python branches on tensor values, so
+vLLM can trace the forward once (torch.compile with its guards dropped) and capture it in CUDA graphs; the one
+exception, `grouped_update` (group sizes read on the host), runs only inside the opaque op `topk_lora_update`, and
+only on CPU.
 
 Tokens arrive flattened, as vLLM runs them: (num_tokens, features), all requests of a step concatenated.
 """

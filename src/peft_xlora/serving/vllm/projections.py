@@ -7,7 +7,7 @@ unchanged:
 - `MixedProjection`: the per-token mixture, its weights read from the router's `scalings` buffer (the main pass of
   the dual pass; the layers after k of the single pass).
 - `SparseProjection`: the same mixture under `top_k_lora`, computing only each token's k chosen experts (the
-  router's indices, the factors gathered per token: fixed shapes, so vLLM's trace and CUDA graphs keep it).
+  router's indices, one op of fixed output shape per adapted module, so vLLM's trace keeps it: `ops.SparseLora`).
 - `FixedProjection`: the experts at constant weights folded into the B factors (the scaling pass of the dual pass
   when `scaling_pass_value * global_scaling_weight` is not 0; layers 1..k and the embedding of the single pass).
 - `RouteAfterLayer`: the single pass's gate, on decoder layer k's output.
