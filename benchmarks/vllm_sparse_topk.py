@@ -29,13 +29,12 @@ Run from the repository root (part 2 in the vLLM environment, `scripts/vllm_env.
     python -m benchmarks.vllm_sparse_topk                       # part 1 only
     $(bash scripts/vllm_env.sh)/bin/python -m benchmarks.vllm_sparse_topk --engine   # both
 
-The result goes to benchmarks/results/vllm-sparse-topk-cpu.json (a run of part 1 alone keeps the file's part 2).
+The result goes to benchmarks/results/vllm-sparse-topk-cpu.json, with only what this run measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--engine-repeats", type=int, default=3)
-    p.add_argument("--skip-kernels", action="store_true", help="part 2 only (keeps the file's part 1)")
+    p.add_argument("--skip-kernels", action="store_true", help="part 2 only")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks that the script runs")
     p.add_argument("--out", default=RESULT)
     return p.parse_args(argv)
@@ -342,15 +341,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.hidden, args.ranks, args.experts, args.tokens, args.repeats = [64], [4], [4], [1, 8], 1
         args.min_time = 0.001
     block = provenance()
-    previous = {}
-    if os.path.exists(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            previous = json.load(f)
+    # Everything in the file comes from this run (its provenance): a part not run is None.
     payload: dict[str, Any] = {
         "threads": 1,
         "dtype": "float32",
-        "kernels": previous.get("kernels") if args.skip_kernels else run_kernels(args),
-        "engine": previous.get("engine"),
+        "kernels": None if args.skip_kernels else run_kernels(args),
+        "engine": None,
     }
     if args.engine:  # one entry per number of experts
         payload["engine"] = {}
