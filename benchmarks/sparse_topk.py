@@ -288,12 +288,16 @@ def sparse_from_rank(per_rank: dict[str, list[dict[str, Any]]], largest_n: int) 
     """Per rank: the experts per kept expert from which "auto" goes sparse, for many tokens and for a few.
 
     ``many`` covers prefill and training (the larger of their crossovers, so that neither gets slower), ``few`` a
-    cached decoding step; each is the crossover N divided by k, rounded up. A phase where sparse never won up to the
-    largest N measured counts as twice that N (``never_won`` names it): "auto" then stays dense as far as measured.
+    cached decoding step; each is the crossover N divided by k, rounded up (``*_measured``). A phase where sparse never
+    won up to the largest N measured counts as twice that N (``never_won`` names it): "auto" then stays dense as far
+    as measured. A lower rank makes the dense mixture cheaper and leaves the sparse path's fixed costs, so sparse
+    cannot start earlier at a lower rank: a rank whose measured value is below a higher rank's (noise) takes that
+    higher rank's (``many`` and ``few``, what `SPARSE_FROM_RANK` holds).
     """
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for rank, entries in per_rank.items():
-        cell, never = {}, []
+        cell: dict[str, Any] = {}
+        never: list[str] = []
         for kind, phases in (("many", ("prefill", "train")), ("few", ("decode",))):
             per_kept = 0
             for c in entries:
@@ -303,8 +307,13 @@ def sparse_from_rank(per_rank: dict[str, list[dict[str, Any]]], largest_n: int) 
                         never.append(f"{c['phase']} k={c['k']}")
                         n = 2 * largest_n
                     per_kept = max(per_kept, -(-n // c["k"]))
-            cell[kind] = per_kept
+            cell[f"{kind}_measured"] = per_kept
         table[rank] = {**cell, "never_won": never}
+    floor = {"many": 0, "few": 0}
+    for rank in sorted(table, key=int, reverse=True):  # from the highest rank down
+        for kind in floor:
+            floor[kind] = max(floor[kind], table[rank][f"{kind}_measured"])
+            table[rank][kind] = floor[kind]
     return table
 
 
