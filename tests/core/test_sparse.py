@@ -248,6 +248,19 @@ def test_every_grouped_layout_is_exact(monkeypatch, layout, ranks, kind):
         torch.testing.assert_close(a, b)
 
 
+def test_tiles_as_many_as_experts_but_not_one_each_use_each_tiles_own_expert(monkeypatch):
+    # 4 of 12 experts take 9 tokens each: tiles of 3 make 12 tiles, as many as the layer's experts, yet tile i is not
+    # expert i (the regression: the stacked factors were used as if it were, so most tokens got another expert).
+    layer = make_layer("linear", [4] * 12)
+    x = layer_input("linear", shape=(1, 36))
+    logits = gate_logits(shape=(1, 36), grad=False)
+    for t in range(36):
+        logits[0, t, :, LAYER_EXPERTS[t // 9]] += 100.0
+    scalings = gated(logits, 1)
+    monkeypatch.setattr(sparse, "_tile_size", lambda *a: 3)
+    torch.testing.assert_close(run_sparse(layer, x, scalings, "grouped", 1), run_dense(layer, x, scalings))
+
+
 def test_tile_planner():
     rank, n_in, n_out = 16, 512, 1376
     balanced = [16] * 64
@@ -645,3 +658,21 @@ def test_encoder_decoder(bart_experts, sparse_calls, k):
     assert out["dense"][1].keys() == out["sparse"][1].keys() and out["dense"][1]
     for name, grad in out["dense"][1].items():
         torch.testing.assert_close(out["sparse"][1][name], grad, **MODEL_TOL, msg=name)
+
+
+def test_per_row_pins_on_a_sparse_model_equal_each_expert_built_alone(sixteen):
+    # per-row pins x sparse top-2: row i pinned to expert i alone must be that expert's plain PEFT LoRA model
+    # (the library benchmark's scoring; a wrong tile-to-expert mapping once gave rows other experts' outputs).
+    from helpers.models import tiny_llama
+    from peft_xlora.cli.demo.evaluate import pinned_token_losses
+
+    names = list(sixteen)[:8]
+    model = model_of(sixteen, 8, "sparse", top_k_lora=2).eval()
+    ids = input_ids(batch=2, seq=12, seed=4)
+    with torch.no_grad():
+        ours = pinned_token_losses(model, ids, torch.eye(8)[4:], batch_size=2)  # (4, 2, 11)
+        for row, name in zip(ours, names[4:]):
+            alone = PeftModel.from_pretrained(tiny_llama(), sixteen[name]).eval()
+            logits = alone(input_ids=ids).logits[:, :-1]
+            expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            torch.testing.assert_close(row, expected, **MODEL_TOL)

@@ -485,7 +485,9 @@ def _grouped(
     dest = (first_tile[sorted_pos] + within // size) * size + within % size  # (valid,) row in the tiles
     w_tiles = weights.new_zeros(n_tiles * size).index_put((dest,), pair_w).view(n_tiles, size, 1)
     tok_tiles = torch.zeros(n_tiles * size, dtype=torch.long, device=device).index_put_((dest,), token)
-    if n_tiles == n_local and views:  # the stacked factors as they are: (E_l, r, in) and (E_l, r, out) views
+    # The stacked factors as they are only when tile e is expert e: as many tiles as experts is not enough (an
+    # expert with no pairs and another with two tiles make the same count).
+    if views and tiles_of == [1] * n_local:  # (E_l, r, in) and (E_l, r, out) views
         A, B, _ = _expert_factors(layer, layout)
         down = lambda x: torch.bmm(x, A.transpose(1, 2))  # noqa: E731
         up = lambda z: torch.bmm(z, B)  # noqa: E731
