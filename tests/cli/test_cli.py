@@ -778,6 +778,7 @@ def test_topk_compute_is_built_saved_overridden_and_trained_with(workspace, tmp_
                          topk_compute="dense", xlora_size=8)  # fmt: skip
     assert (saved["top_k_lora"], saved["topk_compute"]) == (python.top_k_lora, python.topk_compute) == (1, "dense")
 
+    capsys.readouterr()
     calls = _count_sparse_calls(monkeypatch)
     prompt = ["--prompt", "12 + 3 =", "--max-new-tokens", 4, "--json"]
     assert run("generate", built, *prompt) == 0

@@ -105,9 +105,9 @@ CLI_PLACE = Place(
         ),
         "topk_compute": refused(
             refuse(
-                "--topk-compute {topk_compute_flag} chooses how a top-k mixture is computed, and this model keeps "
-                "every expert for every token (top_k_lora is None): there is nothing to compute sparsely. Build the "
-                "checkpoint with `--top-k K` (and --topk-compute there), or leave --topk-compute out",
+                "--topk-compute chooses how a top-k mixture is computed, and this model keeps every expert for "
+                "every token (top_k_lora is None): there is nothing to compute sparsely. Build the checkpoint with "
+                "`--top-k K` (and --topk-compute there), or leave --topk-compute out",
                 _TOPK_FLAG & _NO_TOP_K,
             ),
             note="`build --topk-compute` (with --top-k) saves it; `generate --topk-compute` runs with another value "
