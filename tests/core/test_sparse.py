@@ -558,7 +558,7 @@ def test_without_top_k_nothing_changes(sixteen, monkeypatch):
     [
         ({4: (4, 4), 8: (100, 100)}, 8),  # the experts' rank 4 has its entry: at top-2, sparse from 8 experts
         ({2: (4, 4), 8: (100, 100)}, 8),  # rank 4 takes the entry of rank 2, the next one below
-        ({8: (4, 4), 16: (100, 100)}, 8),  # below the table: its smallest rank's entry
+        ({8: (2, 2), 16: (100, 100)}, 8),  # below the table: the smallest rank's entry x 8 / 4 = (4, 4)
         ({2: (100, 100), 8: (4, 4)}, None),  # rank 4 takes rank 2's: dense everywhere
     ],
 )

@@ -37,7 +37,8 @@ def table(monkeypatch):
         (12, (12, 24)),  # between two measured ranks: the lower rank's (later) threshold
         (31, (6, 12)),
         (64, (4, 8)),  # above the table: its largest rank's
-        (4, (12, 24)),  # below the table: its smallest rank's
+        (4, (24, 48)),  # below the table: its smallest rank's, scaled by 8 / 4 (the dense work halves)
+        (5, (20, 39)),  # 12 * 8 / 5 = 19.2 and 24 * 8 / 5 = 38.4, rounded up
         (None, (10, 20)),  # rank unknown: SPARSE_FROM, as before the rank was taken into account
     ],
 )

@@ -65,11 +65,14 @@ SPARSE_FROM: dict[str, tuple[int, int]] = {"cpu": (8, 16), "cuda": (32, 64)}
 SPARSE_FROM_DEFAULT = (32, 64)
 #: The same thresholds when the experts' rank is known, per device type and rank: {device: {rank: (many, few)}}.
 #: A lower rank makes the dense mixture cheaper next to the sparse path's fixed costs (sorting, gathering the
-#: inputs, adding the updates back), so sparse wins later. A rank between two entries takes the lower rank's entry
-#: (the later threshold), one below the table the smallest rank's. "cpu": measured at top-2 on the project's CPU
+#: inputs, adding the updates back), so sparse wins later. "cpu": measured at top-2 on the project's CPU
 #: (benchmarks/results/sparse-topk-crossover-cpu.json, its "sparse_from_rank": one decoder layer of the reference
-#: workload, ranks 8, 16 and 32); devices without an entry ignore the rank and use `SPARSE_FROM`.
-SPARSE_FROM_RANK: dict[str, dict[int, tuple[int, int]]] = {"cpu": {8: (8, 16), 16: (8, 16), 32: (8, 16)}}
+#: workload, N from 4 to 128): sparse from N = 32 / 12 / 6 in prefill and training at ranks 8 / 16 / 32, and from
+#: 32 / 24 / 16 when decoding one token. A rank between two entries takes the lower rank's entry (the later
+#: threshold); one below the table scales the smallest rank's entry by (smallest rank / rank), as the dense work
+#: shrinks with the rank (the measurement: N x rank at the crossover about constant); one above takes the largest
+#: rank's. Devices without an entry ignore the rank and use `SPARSE_FROM`.
+SPARSE_FROM_RANK: dict[str, dict[int, tuple[int, int]]] = {"cpu": {8: (16, 16), 16: (6, 12), 32: (3, 8)}}
 #: At most this many (token, expert) pairs take the ``"gather"`` method; more take ``"grouped"``.
 GATHER_MAX_PAIRS = 16
 
@@ -128,7 +131,11 @@ def sparse_from(device_type: str, rank: int | None = None) -> tuple[int, int]:
     if not table:
         return SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT)
     below = [r for r in table if r <= rank]
-    return table[max(below) if below else min(table)]
+    if below:
+        return table[max(below)]
+    smallest = min(table)
+    many, few = table[smallest]
+    return -(-many * smallest // rank), -(-few * smallest // rank)  # rounded up: later, not earlier
 
 
 # Per scalings tensor: its chosen indices (or None: some row has more than k non-zero entries). Keyed weakly by the
