@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.sparse_topk kernel --threads 1      # one decoder layer's 7 projections: dense vs sparse
     python -m benchmarks.sparse_topk crossover --threads 1   # the dense/sparse crossover N at ranks 8, 16, 32
     python -m benchmarks.sparse_topk model --threads 1       # the reference workload at N = 8 .. 128, top-2
-    python -m benchmarks.sparse_topk plot                    # sparse-topk.png from the two recorded files
+    python -m benchmarks.sparse_topk plot                    # sparse-topk.png from the three recorded files
     python -m benchmarks.sparse_topk report                  # their Markdown tables (as docs/performance.md quotes)
     python -m benchmarks.sparse_topk kernel --smoke          # tiny sizes, one repetition: checks the harness
 
@@ -424,8 +424,11 @@ def model_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ plot
 
 
-def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str) -> str | None:
-    """CPU-time medians against N: the model's phases (floor, dense, sparse), and the kernels' mixture cost."""
+def plot(
+    kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str, crossover: dict[str, Any] | None = None
+) -> str | None:
+    """CPU-time medians against N: the model's phases (floor, dense, sparse), the kernels' mixture cost, and the
+    crossover's sparse / dense ratio per rank."""
     try:
         import matplotlib
 
@@ -441,6 +444,8 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
         ]
     if kernel:
         panels += [("kernel", phase) for phase in PHASES if any(r["phase"] == phase for r in kernel["results"])]
+    if crossover:
+        panels.append(("crossover", None))
     if not panels:
         return None
     colors = {"floor": "tab:gray", "dense": "tab:red", "sparse": "tab:green", "grouped": "tab:green",
@@ -458,6 +463,16 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])
             ax.set_ylabel("CPU seconds (median)")
             ax.set_title(f"reference workload, {phase}, top-{K}")
+        elif part == "crossover":
+            styles = {"prefill": ":", "train": "-", "decode": "--"}
+            for i, (rank, entries) in enumerate(crossover["crossover"].items()):
+                for c in entries:
+                    pts = sorted((int(n), x) for n, x in c["sparse_over_dense"].items())
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[c["phase"]], marker=".",
+                            color=f"C{i}", label=f"rank {rank}, {c['phase']}")  # fmt: skip
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylabel("sparse / dense CPU time (one decoder layer)")
+            ax.set_title(f"where sparse overtakes dense, top-{crossover['settings']['k'][0]}")
         else:
             ks = sorted({r["k"] for r in kernel["results"]})
             k = K if K in ks else ks[0]
@@ -474,7 +489,7 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("experts N")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small" if part == "crossover" else None)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -603,8 +618,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     work = SMOKE if args.smoke else Workload()
     if args.part in ("plot", "report"):
         loaded = {}
-        for part in ("kernel", "model"):
-            path = result_path(args.out, part, args.tag)
+        for part in ("kernel", "model", "crossover"):
+            path = result_path(args.out, part, args.tag, work.device)
             loaded[part] = None
             if os.path.exists(path):
                 with open(path) as f:
@@ -616,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             loaded["kernel"],
             loaded["model"],
             args.png or os.path.join(args.out, "sparse-topk" + (f"-{args.tag}" if args.tag else "") + ".png"),
+            loaded["crossover"],
         )
         print(png or "nothing to plot")
         return None
