@@ -553,15 +553,28 @@ def test_without_top_k_nothing_changes(sixteen, monkeypatch):
         model(input_ids=input_ids())
 
 
-def test_auto_picks_sparse_in_layers_with_enough_experts(sixteen, sparse_calls, monkeypatch):
-    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", (4, 4))  # at top-2: sparse from 8 experts
+@pytest.mark.parametrize(
+    "table, sparse_from",
+    [
+        ({4: (4, 4), 8: (100, 100)}, 8),  # the experts' rank 4 has its entry: at top-2, sparse from 8 experts
+        ({2: (4, 4), 8: (100, 100)}, 8),  # rank 4 takes the entry of rank 2, the next one below
+        ({8: (2, 2), 16: (100, 100)}, 8),  # below the table: the smallest rank's entry x 8 / 4 = (4, 4)
+        ({2: (100, 100), 8: (4, 4)}, None),  # rank 4 takes rank 2's: dense everywhere
+    ],
+)
+def test_auto_picks_sparse_in_layers_with_enough_experts_for_their_rank(
+    sixteen, sparse_calls, monkeypatch, table, sparse_from
+):
+    # The layers ask `use_sparse` with their experts' rank: the rank table decides, not `SPARSE_FROM`.
+    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", (1, 1) if sparse_from is None else (100, 100))
+    monkeypatch.setitem(sparse.SPARSE_FROM_RANK, "cpu", table)
     model = model_of(sixteen, 16, "auto", top_k_lora=2).eval()
     with torch.no_grad():
         model(input_ids=input_ids())
     layers = model.base_model.mixture_layers()
-    expected = {layer.layer_index for layer in layers if len(layer.ranks) >= 8}
-    assert expected and set(sparse_calls) == expected  # the embedding (4 experts) stays dense
-    assert any(len(layer.ranks) < 8 for layer in layers)
+    expected = {layer.layer_index for layer in layers if sparse_from and len(layer.ranks) >= sparse_from}
+    assert set(sparse_calls) == expected  # the embedding (4 experts) stays dense
+    assert any(len(layer.ranks) < 8 for layer in layers) and any(len(layer.ranks) >= 8 for layer in layers)
 
 
 def test_config_field_is_validated_switched_saved_and_kept_by_elastic_changes(sixteen, tmp_path):

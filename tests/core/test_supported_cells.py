@@ -418,7 +418,7 @@ CLI_PROBED = (
     *("router_load_balancing_coef", "router_entropy_coef", "router_distillation_coef", "distillation"),
     *("router_distillation_temperature", "routing", "single_pass_static", "xlora_depth", "xlora_size"),
     *("xlora_dropout_p", "classifier_init", "hidden_size", "inference_mode", "pins", "generate_modes"),
-    "elastic_changes",
+    *("elastic_changes", "topk_compute"),
 )
 
 REGULARISED = f"{CORE}/test_regularisers.py::test_regularisers_are_added_to_the_loss_with_their_gradient"
@@ -551,10 +551,6 @@ COVERED: dict[tuple[str, str], str] = {
     ),
     ("cli", "task_type"): f"{END_TO_END}, {NO_CLI_RUN}",
     ("cli", "encoder_decoder"): NO_CLI_RUN,
-    # the command line reads topk_compute from the checkpoint; python's build of each value is tried in test_sparse
-    ("cli", "topk_compute"): (
-        f"{CORE}/test_sparse.py::test_config_field_is_validated_switched_saved_and_kept_by_elastic_changes"
-    ),
     ("cli", "heads"): CLI_HEADS,
     ("cli", "trainable_head"): CLI_HEADS,
     # export_vllm: each option served by a traced engine equal to peft-xlora's model; refusals by their tests
