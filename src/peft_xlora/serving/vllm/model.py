@@ -368,8 +368,9 @@ class XLoraCausalLM(nn.Module):
 
         Only under `top_k_lora`, in projections the gate routes (the dual pass's main pass, the layers after k of the
         single pass; fixed weights mix every expert), as the spec's `topk_compute` says: "dense", "sparse", or
-        "auto", peft-xlora's own rule (`core.sparse.use_sparse`) for the experts on the projection, the device and
-        many tokens: one traced forward serves every step, so the choice cannot follow each step's token count.
+        "auto", peft-xlora's own rule (`core.sparse.use_sparse`) for the experts on the projection, their largest
+        rank, the device and many tokens: one traced forward serves every step, so the choice cannot follow each
+        step's token count.
         """
         spec = self.xlora_spec
         k = spec.top_k_lora
@@ -379,8 +380,9 @@ class XLoraCausalLM(nn.Module):
         for key, stack in self.xlora_stacks.items():
             routed = spec.routing == "dual_pass" or any(spec.is_late(b.module) for b in stack.blocks)
             n_here = len({b.expert for b in stack.blocks})
+            rank = max(b.rank for b in stack.blocks)
             device = stack.A.device.type
-            if routed and use_sparse(mode=spec.topk_compute, n_experts=n_here, k=k, device_type=device):
+            if routed and use_sparse(mode=spec.topk_compute, n_experts=n_here, k=k, device_type=device, rank=rank):
                 out.add(key)
         return out
 
