@@ -3,8 +3,9 @@
 Usage (from the repository root)::
 
     python -m benchmarks.sparse_topk kernel --threads 1      # one decoder layer's 7 projections: dense vs sparse
+    python -m benchmarks.sparse_topk crossover --threads 1   # the dense/sparse crossover N at ranks 8, 16, 32
     python -m benchmarks.sparse_topk model --threads 1       # the reference workload at N = 8 .. 128, top-2
-    python -m benchmarks.sparse_topk plot                    # sparse-topk.png from the two recorded files
+    python -m benchmarks.sparse_topk plot                    # sparse-topk.png from the three recorded files
     python -m benchmarks.sparse_topk report                  # their Markdown tables (as docs/performance.md quotes)
     python -m benchmarks.sparse_topk kernel --smoke          # tiny sizes, one repetition: checks the harness
 
@@ -15,6 +16,11 @@ phases: prefill (1 x 512 tokens, no grad), a training step's forward and backwar
 gate and the inputs, experts frozen) and one cached decoding step (1 token). It records where sparse overtakes
 dense (the crossover N behind `SPARSE_FROM`) and, at the two largest N, the same with skewed routing (one expert
 chosen by about 40 % of the tokens, as a random gate on real hidden states does: see the model part).
+
+``crossover`` times the same seven projections at top-2 for the experts' ranks 8, 16 and 32 (``--ranks``), dense
+against the sparse method `sparse_mixture` picks, in the three phases, over a finer grid of N, and records per rank
+the smallest N from which sparse is faster in each phase, and the experts per kept expert that `use_sparse`'s
+"auto" rule uses (`SPARSE_FROM_RANK`) into ``sparse-topk-crossover-<device type>.json``.
 
 ``model`` runs the reference workload of `benchmarks.run` (random 8-layer Llama, hidden 512, N random rank-16
 experts on the seven projections, classifier depth 2 width 256; `benchmarks.cases` builds it) with `top_k_lora=2`
@@ -33,6 +39,7 @@ Every file is written through `benchmarks.provenance` into ``benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -48,7 +55,13 @@ from peft_xlora.core.classifier import gate
 from peft_xlora.core.experts import ModuleLora
 from peft_xlora.core.layer import XLoraLayer
 from peft_xlora.core.routing import Routing, use_routing
-from peft_xlora.core.sparse import GATHER_MAX_PAIRS, SPARSE_FROM, chosen_indices, sparse_mixture
+from peft_xlora.core.sparse import (
+    GATHER_MAX_PAIRS,
+    SPARSE_FROM,
+    SPARSE_FROM_RANK,
+    chosen_indices,
+    sparse_mixture,
+)
 
 from . import memory
 from .cases import SMOKE, Workload, build_case, make_experts
@@ -185,26 +198,29 @@ def run_kernel(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
             inputs = [torch.randn(*shape, n_in).requires_grad_(train) for _, n_in, _ in projections(work)]
             for k in [k for k in args.k if k < n]:
                 skewed = n in sorted(args.n)[-2:] and phase != "decode"  # the two largest N
-                skews = [0.0] + ([args.skew] if skewed else [])
+                skews = [0.0] + ([args.skew] if skewed and args.skew else [])
                 for skew in skews:
                     logits = routing_logits(shape, n, skew)
                     pairs = shape[0] * shape[1] * k
                     methods = [m for m in KERNEL_METHODS if m != "gather" or pairs <= GATHER_TIMED_PAIRS]
+                    if args.part == "crossover":  # the base, dense and the method sparse_mixture picks
+                        methods = ["base", "dense", sparse_method(pairs)]
                     steps = {m: kernel_step(layers, inputs, logits, k, m, train) for m in methods}
                     times = _interleaved(steps, args.reps, args.warmup)
                     chosen = logits.topk(k, dim=-1).indices.flatten()
                     load = torch.bincount(chosen, minlength=n).float()
                     for method, t in times.items():
                         rows.append(
-                            {"phase": phase, "n": n, "k": k, "skew": skew, "method": method, "pairs": pairs, **t,
-                             "largest_expert_share": float(load.max() / load.sum())}
+                            {"phase": phase, "n": n, "k": k, "rank": work.rank, "skew": skew, "method": method,
+                             "pairs": pairs, **t, "largest_expert_share": float(load.max() / load.sum())}
                         )  # fmt: skip
                     base = times["base"]["cpu_median_s"]
                     line = "  ".join(
                         f"{m} {1000 * (t['cpu_median_s'] - base):8.2f}" for m, t in times.items() if m != "base"
                     )
                     print(
-                        f"{phase:8s} N={n:<4d} k={k} skew={skew:<3} base {1000 * base:7.2f} ms | mixture ms: {line}",
+                        f"r={work.rank:<3d} {phase:8s} N={n:<4d} k={k} skew={skew:<3} base {1000 * base:7.2f} ms "
+                        f"| mixture ms: {line}",
                         flush=True,
                     )
             del inputs
@@ -241,6 +257,64 @@ def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "sparse_over_dense": {str(n): ratio[n] for n in sorted(ratio)}}
             )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------ crossover: where sparse overtakes dense, per rank
+
+#: The crossover part's N: finer than powers of two, so that a threshold is not rounded up to the next doubling.
+CROSSOVER_N = [4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+CROSSOVER_RANKS = [8, 16, 32]
+
+
+def run_crossover(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
+    """The kernel timings at every rank of `args.ranks`; returns the payload of sparse-topk-crossover-<device>.json."""
+    rows: list[dict[str, Any]] = []
+    per_rank: dict[str, list[dict[str, Any]]] = {}
+    for rank in args.ranks:
+        part = run_kernel(args, dataclasses.replace(work, rank=rank))
+        rows += part["results"]
+        per_rank[str(rank)] = part["crossover"]
+    workload = work.to_dict()
+    workload["rank"] = list(args.ranks)
+    return {
+        "kernel_workload": workload,
+        "results": rows,
+        "crossover": per_rank,
+        "sparse_from_rank": sparse_from_rank(per_rank, max(args.n)),
+    }
+
+
+def sparse_from_rank(per_rank: dict[str, list[dict[str, Any]]], largest_n: int) -> dict[str, dict[str, Any]]:
+    """Per rank: the experts per kept expert from which "auto" goes sparse, for many tokens and for a few.
+
+    ``many`` covers prefill and training (the larger of their crossovers, so that neither gets slower), ``few`` a
+    cached decoding step; each is the crossover N divided by k, rounded up (``*_measured``). A phase where sparse never
+    won up to the largest N measured counts as twice that N (``never_won`` names it): "auto" then stays dense as far
+    as measured. A lower rank makes the dense mixture cheaper and leaves the sparse path's fixed costs, so sparse
+    cannot start earlier at a lower rank: a rank whose measured value is below a higher rank's (noise) takes that
+    higher rank's (``many`` and ``few``, what `SPARSE_FROM_RANK` holds).
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for rank, entries in per_rank.items():
+        cell: dict[str, Any] = {}
+        never: list[str] = []
+        for kind, phases in (("many", ("prefill", "train")), ("few", ("decode",))):
+            per_kept = 0
+            for c in entries:
+                if c["phase"] in phases:
+                    n = c["sparse_from_n"]
+                    if n is None:
+                        never.append(f"{c['phase']} k={c['k']}")
+                        n = 2 * largest_n
+                    per_kept = max(per_kept, -(-n // c["k"]))
+            cell[f"{kind}_measured"] = per_kept
+        table[rank] = {**cell, "never_won": never}
+    floor = {"many": 0, "few": 0}
+    for rank in sorted(table, key=int, reverse=True):  # from the highest rank down
+        for kind in floor:
+            floor[kind] = max(floor[kind], table[rank][f"{kind}_measured"])
+            table[rank][kind] = floor[kind]
+    return table
 
 
 # ------------------------------------------------------------------ model: the reference workload in N
@@ -350,8 +424,11 @@ def model_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ plot
 
 
-def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str) -> str | None:
-    """CPU-time medians against N: the model's phases (floor, dense, sparse), and the kernels' mixture cost."""
+def plot(
+    kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str, crossover: dict[str, Any] | None = None
+) -> str | None:
+    """CPU-time medians against N: the model's phases (floor, dense, sparse), the kernels' mixture cost, and the
+    crossover's sparse / dense ratio per rank."""
     try:
         import matplotlib
 
@@ -367,6 +444,8 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
         ]
     if kernel:
         panels += [("kernel", phase) for phase in PHASES if any(r["phase"] == phase for r in kernel["results"])]
+    if crossover:
+        panels.append(("crossover", None))
     if not panels:
         return None
     colors = {"floor": "tab:gray", "dense": "tab:red", "sparse": "tab:green", "grouped": "tab:green",
@@ -384,6 +463,16 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])
             ax.set_ylabel("CPU seconds (median)")
             ax.set_title(f"reference workload, {phase}, top-{K}")
+        elif part == "crossover":
+            styles = {"prefill": ":", "train": "-", "decode": "--"}
+            for i, (rank, entries) in enumerate(crossover["crossover"].items()):
+                for c in entries:
+                    pts = sorted((int(n), x) for n, x in c["sparse_over_dense"].items())
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[c["phase"]], marker=".",
+                            color=f"C{i}", label=f"rank {rank}, {c['phase']}")  # fmt: skip
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_ylabel("sparse / dense CPU time (one decoder layer)")
+            ax.set_title(f"where sparse overtakes dense, top-{crossover['settings']['k'][0]}")
         else:
             ks = sorted({r["k"] for r in kernel["results"]})
             k = K if K in ks else ks[0]
@@ -400,7 +489,7 @@ def plot(kernel: dict[str, Any] | None, model: dict[str, Any] | None, path: str)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("experts N")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small" if part == "crossover" else None)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -471,20 +560,21 @@ def report(kernel: dict[str, Any] | None, model: dict[str, Any] | None) -> str:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("part", "n", "k", "phases", "reps", "warmup", "threads", "memory", "memory_n", "skew", "smoke")
+    keys = ("part", "n", "k", "ranks", "phases", "reps", "warmup", "threads", "memory", "memory_n", "skew", "smoke")
     return {key: getattr(args, key) for key in keys if hasattr(args, key)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparse_topk", description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["kernel", "model", "plot", "report"])
+    p.add_argument("part", choices=["kernel", "crossover", "model", "plot", "report"])
     p.add_argument("--n", type=int, nargs="+", help="numbers of experts (kernel: 2..128, model: 8 16 32 64 128)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="kernel: top-k values (default 1 2 4)")
     p.add_argument("--phases", nargs="+", default=None, help="kernel: prefill train decode; model: prefill train")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default kernel 7, model 3; smoke 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1; smoke 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="crossover: the experts' ranks (8 16 32)")
     p.add_argument("--skew", type=float, default=1.5, help="kernel: skew of the extra skewed-routing run")
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None, help="model: peak RSS")
     p.add_argument("--memory-n", type=int, nargs="+", default=[64, 128], help="model: the N whose memory is measured")
@@ -495,13 +585,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", default=None, help="plot: where to write it (default <out>/sparse-topk[-tag].png)")
     args = p.parse_args(argv)
     model = args.part == "model"
+    crossover = args.part == "crossover"
     if args.n is None:
-        args.n = (
-            ([2, 4] if args.smoke else [8, 16, 32, 64, 128])
-            if model
-            else ([2, 4] if args.smoke else [2, 4, 8, 16, 32, 64, 128])
-        )
-    args.k = args.k or ([1] if args.smoke else [1, 2, 4])
+        if args.smoke:
+            args.n = [2, 4]
+        elif model:
+            args.n = [8, 16, 32, 64, 128]
+        else:
+            args.n = list(CROSSOVER_N) if crossover else [2, 4, 8, 16, 32, 64, 128]
+    args.k = args.k or ([1] if args.smoke else ([K] if crossover else [1, 2, 4]))
+    if crossover:
+        args.ranks = args.ranks or ([4, 8] if args.smoke else list(CROSSOVER_RANKS))
+        args.skew = 0.0  # the crossover is for the routing a random gate gives
     args.phases = args.phases or (["prefill", "train"] if model else list(PHASES))
     args.reps = args.reps if args.reps is not None else (1 if args.smoke else (3 if model else 7))
     args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 1)
@@ -510,9 +605,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def result_path(out: str, part: str, tag: str | None) -> str:
-    """benchmarks/results/sparse-topk-<part>[-<tag>].json"""
-    return os.path.join(out, f"sparse-topk-{part}" + (f"-{tag}" if tag else "") + ".json")
+def result_path(out: str, part: str, tag: str | None, device: str = "cpu") -> str:
+    """benchmarks/results/sparse-topk-<part>[-<device>][-<tag>].json (the device type only in the crossover's name)."""
+    name = f"sparse-topk-{part}" + (f"-{device}" if part == "crossover" else "") + (f"-{tag}" if tag else "")
+    return os.path.join(out, name + ".json")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -522,8 +618,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     work = SMOKE if args.smoke else Workload()
     if args.part in ("plot", "report"):
         loaded = {}
-        for part in ("kernel", "model"):
-            path = result_path(args.out, part, args.tag)
+        for part in ("kernel", "model", "crossover"):
+            path = result_path(args.out, part, args.tag, work.device)
             loaded[part] = None
             if os.path.exists(path):
                 with open(path) as f:
@@ -535,13 +631,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             loaded["kernel"],
             loaded["model"],
             args.png or os.path.join(args.out, "sparse-topk" + (f"-{args.tag}" if args.tag else "") + ".png"),
+            loaded["crossover"],
         )
         print(png or "nothing to plot")
         return None
     block = provenance()
-    path = result_path(args.out, args.part, args.tag)
+    path = result_path(args.out, args.part, args.tag, work.device)
     if args.part == "kernel":
         payload = {**run_kernel(args, work), "settings": _settings(args), "sparse_from_in_code": dict(SPARSE_FROM)}
+        write_result(path, payload, block)
+    elif args.part == "crossover":
+        in_code = {str(r): list(v) for r, v in SPARSE_FROM_RANK.get(work.device, {}).items()}
+        payload = {**run_crossover(args, work), "settings": _settings(args), "sparse_from_rank_in_code": in_code}
         write_result(path, payload, block)
     else:
         payload = run_model(args, work, path, block)
@@ -554,6 +655,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.part == "kernel":
         for c in payload["crossover"]:
             print(f"crossover {c['phase']:8s} k={c['k']}: sparse from N = {c['sparse_from_n']}")
+    if args.part == "crossover":
+        for rank, entries in payload["crossover"].items():
+            for c in entries:
+                print(f"rank {rank:>3s} {c['phase']:8s} k={c['k']}: sparse from N = {c['sparse_from_n']}")
+        print("experts per kept expert (many tokens, few):", payload["sparse_from_rank"])
     print(path)
     return payload
 

@@ -570,6 +570,7 @@ def demo_thorough_checks() -> str:
 
 SPARSE_MODEL = "benchmarks/results/sparse-topk-model.json"
 SPARSE_KERNEL = "benchmarks/results/sparse-topk-kernel.json"
+SPARSE_CROSSOVER = "benchmarks/results/sparse-topk-crossover-cpu.json"
 SPARSE_K = 2  # the kernel's per-method table is at top-2, the issue's targets, at a few N
 SPARSE_METHODS_N = (8, 64, 128)
 
@@ -629,6 +630,29 @@ def sparse_crossover() -> str:
         [
             _md(header, rows, "|---|---:|" + "---:|" * len(ns) + "---:|"),
             f"CPU-time medians of {reps} repetitions. " + caption(SPARSE_KERNEL),
+        ]
+    )
+
+
+@table("sparse-crossover-rank")
+def sparse_crossover_rank() -> str:
+    """performance.md: sparse over dense CPU time per rank, phase and N at top-2, the crossover and "auto"'s table."""
+    data = load(SPARSE_CROSSOVER)
+    ns = data["settings"]["n"]
+    rows = []
+    for rank, entries in data["crossover"].items():
+        table_entry = data["sparse_from_rank"][rank]
+        for c in entries:
+            kind = "few" if c["phase"] == "decode" else "many"
+            ratios = [c["sparse_over_dense"].get(str(n)) for n in ns]
+            rows.append([rank, c["phase"], *(f"{x:.2f}" if x is not None else "" for x in ratios),
+                         str(c["sparse_from_n"]), str(table_entry[kind] * c["k"])])  # fmt: skip
+    header = ["rank", "phase", *(f"N={n}" for n in ns), "sparse from", "auto: sparse from"]
+    reps, k = data["settings"]["reps"], data["settings"]["k"][0]
+    return "\n\n".join(
+        [
+            _md(header, rows, "|---:|---|" + "---:|" * len(ns) + "---:|---:|"),
+            f"Top-{k}; CPU-time medians of {reps} repetitions. " + caption(SPARSE_CROSSOVER),
         ]
     )
 

@@ -570,6 +570,7 @@ CLI_CASES = {
     ("heads", 0): ["build", "--base", "{base}", "--adapter", "e0={foreign}/cls-e0", "--out", "{out}"],
     ("encoder_decoder", 0): ["generate", "{foreign}/bart", "--prompt", "ab"],
     ("generate_modes", 0): ["generate", "{root}/single-pass", "--prompt", "1 +", "--mode", "prompt"],
+    ("topk_compute", 0): ["generate", "{built}", "--prompt", "ab", "--topk-compute", "sparse"],
 }
 # The same refusals at every command that loads a model, and the exporters' columns checked before it loads.
 MORE_CLI_REFUSALS = {
@@ -582,6 +583,14 @@ MORE_CLI_REFUSALS = {
     "build-on-bart": (
         "encoder_decoder",
         ["build", "--base", "{foreign}/bart-base", "--adapter", "e0={foreign}/bart-e0"],
+    ),
+    "build-topk-compute-without-top-k": (
+        "topk_compute",
+        ["build", "--base", "{base}", "--adapter", "e0={root}/../digits", "--topk-compute", "dense"],
+    ),
+    "train-topk-compute-without-top-k": (
+        "topk_compute",
+        ["train", "{built}", "--data", "{root}/../a.txt", "--out", "{out}", "--topk-compute", "auto"],
     ),
     "export-mistralrs-single-pass": (
         "export_mistralrs:routing",
@@ -688,6 +697,7 @@ CLI_OPTIONS = {
     "pins": ({}, ["--static", "digits=0.7,letters=0.2"]),
     "generate_modes": ({}, ["--mode", "prompt"]),
     "elastic_changes": ({}, []),  # built with one expert, the other added
+    "topk_compute": ({"top_k_lora": 1, "topk_compute": "sparse"}, []),
 }
 
 
@@ -737,6 +747,54 @@ def test_cli_with_each_option_equals_python(workspace, tmp_path, row, capsys):
     mean = loaded.get_latest_scalings()[0].float().mean(dim=(0, 1))  # (n_experts,)
     assert list(gate) == list(loaded.base_model.expert_names)
     assert gate == pytest.approx(dict(zip(gate, mean.tolist())), abs=1e-4)
+
+
+def _count_sparse_calls(monkeypatch) -> list[int]:
+    """Counts the mixture layers' calls of the sparse path (`layer.sparse_mixture`), which stays as it computes."""
+    import peft_xlora.core.layer as layer_module
+
+    calls = [0]
+    real = layer_module.sparse_mixture
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "sparse_mixture", counted)
+    return calls
+
+
+def test_topk_compute_is_built_saved_overridden_and_trained_with(workspace, tmp_path, monkeypatch, capsys):
+    # `build --topk-compute` writes the config Python writes; `generate --topk-compute` switches the mixture layers'
+    # path for its run (the text the same as the checkpoint's path gives, within float tolerance: the same greedy
+    # tokens here); `train --topk-compute` trains on that path and saves it.
+    root, base_dir, experts = workspace
+    adapters = [f"--adapter={name}={path}" for name, path in experts.items()]
+    built = tmp_path / "built"
+    assert run("build", "--base", base_dir, *adapters, "--out", built, "--size", 8, "--top-k", 1, "--topk-compute",
+               "dense") == 0  # fmt: skip
+    saved = json.loads((built / "adapter_config.json").read_text())
+    python = XLoraConfig(task_type="CAUSAL_LM", adapters={n: str(p) for n, p in experts.items()}, top_k_lora=1,
+                         topk_compute="dense", xlora_size=8)  # fmt: skip
+    assert (saved["top_k_lora"], saved["topk_compute"]) == (python.top_k_lora, python.topk_compute) == (1, "dense")
+
+    capsys.readouterr()
+    calls = _count_sparse_calls(monkeypatch)
+    prompt = ["--prompt", "12 + 3 =", "--max-new-tokens", 4, "--json"]
+    assert run("generate", built, *prompt) == 0
+    dense_text = json.loads(capsys.readouterr().out)["generations"][0]["continuation"]
+    assert calls[0] == 0  # the checkpoint's "dense"
+    assert run("generate", built, *prompt, "--topk-compute", "sparse") == 0
+    sparse_text = json.loads(capsys.readouterr().out)["generations"][0]["continuation"]
+    assert calls[0] > 0 and sparse_text == dense_text
+    assert json.loads((built / "adapter_config.json").read_text())["topk_compute"] == "dense"  # generate saves none
+
+    calls[0] = 0
+    trained = tmp_path / "trained"
+    train = ["train", built, "--data", root / "a.txt", "--out", trained, "--steps", 1, "--batch-size", 2]
+    assert run(*train, "--seq-len", 16, "--eval-fraction", 0, "--topk-compute", "sparse") == 0
+    assert calls[0] > 0
+    assert json.loads((trained / "adapter_config.json").read_text())["topk_compute"] == "sparse"
 
 
 def test_tiny_demo_runs_and_reuses_its_cache(tmp_path, capsys):

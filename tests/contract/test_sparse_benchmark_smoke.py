@@ -23,12 +23,23 @@ def test_kernel_model_and_plot_in_smoke_mode(tmp_path):
             ["model", "--smoke", "--out", str(tmp_path), "--experts-dir", str(tmp_path / "experts"),
              "--memory", memory_mode, "--memory-n", "4"]
         )  # fmt: skip
+        crossover = sparse_topk.main(["crossover", "--smoke", "--out", str(tmp_path)])
         sparse_topk.main(["plot", "--smoke", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    for part in ("kernel", "model"):
-        with open(tmp_path / f"sparse-topk-{part}-smoke.json") as f:
+    for name in ("kernel", "model", "crossover-cpu"):
+        with open(tmp_path / f"sparse-topk-{name}-smoke.json") as f:
             assert check_result(json.load(f)) == []
+    # the crossover: per rank, every phase's crossover and the thresholds "auto" would hold, never lower at a lower
+    # rank; the rows timed dense against the method the sparse path picks
+    assert set(crossover["crossover"]) == set(crossover["sparse_from_rank"]) == {"4", "8"}
+    for entries in crossover["crossover"].values():
+        assert {c["phase"] for c in entries} == {"prefill", "train", "decode"}
+    table = crossover["sparse_from_rank"]
+    assert all(table[r][kind] >= table[r][f"{kind}_measured"] for r in table for kind in ("many", "few"))
+    assert table["4"]["many"] >= table["8"]["many"] and table["4"]["few"] >= table["8"]["few"]
+    for r in crossover["results"]:
+        assert r["method"] in ("base", "dense", sparse_topk.sparse_method(r["pairs"])) and r["rank"] in (4, 8)
     phases = {r["phase"] for r in kernel["results"]}
     assert phases == {"prefill", "train", "decode"}
     # every phase and k has a crossover entry, and every method ran where it is timed

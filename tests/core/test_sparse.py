@@ -248,6 +248,19 @@ def test_every_grouped_layout_is_exact(monkeypatch, layout, ranks, kind):
         torch.testing.assert_close(a, b)
 
 
+def test_tiles_as_many_as_experts_but_not_one_each_use_each_tiles_own_expert(monkeypatch):
+    # 4 of 12 experts take 9 tokens each: tiles of 3 make 12 tiles, as many as the layer's experts, yet tile i is not
+    # expert i (the regression: the stacked factors were used as if it were, so most tokens got another expert).
+    layer = make_layer("linear", [4] * 12)
+    x = layer_input("linear", shape=(1, 36))
+    logits = gate_logits(shape=(1, 36), grad=False)
+    for t in range(36):
+        logits[0, t, :, LAYER_EXPERTS[t // 9]] += 100.0
+    scalings = gated(logits, 1)
+    monkeypatch.setattr(sparse, "_tile_size", lambda *a: 3)
+    torch.testing.assert_close(run_sparse(layer, x, scalings, "grouped", 1), run_dense(layer, x, scalings))
+
+
 def test_tile_planner():
     rank, n_in, n_out = 16, 512, 1376
     balanced = [16] * 64
@@ -540,15 +553,28 @@ def test_without_top_k_nothing_changes(sixteen, monkeypatch):
         model(input_ids=input_ids())
 
 
-def test_auto_picks_sparse_in_layers_with_enough_experts(sixteen, sparse_calls, monkeypatch):
-    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", (4, 4))  # at top-2: sparse from 8 experts
+@pytest.mark.parametrize(
+    "table, sparse_from",
+    [
+        ({4: (4, 4), 8: (100, 100)}, 8),  # the experts' rank 4 has its entry: at top-2, sparse from 8 experts
+        ({2: (4, 4), 8: (100, 100)}, 8),  # rank 4 takes the entry of rank 2, the next one below
+        ({8: (2, 2), 16: (100, 100)}, 8),  # below the table: the smallest rank's entry x 8 / 4 = (4, 4)
+        ({2: (100, 100), 8: (4, 4)}, None),  # rank 4 takes rank 2's: dense everywhere
+    ],
+)
+def test_auto_picks_sparse_in_layers_with_enough_experts_for_their_rank(
+    sixteen, sparse_calls, monkeypatch, table, sparse_from
+):
+    # The layers ask `use_sparse` with their experts' rank: the rank table decides, not `SPARSE_FROM`.
+    monkeypatch.setitem(sparse.SPARSE_FROM, "cpu", (1, 1) if sparse_from is None else (100, 100))
+    monkeypatch.setitem(sparse.SPARSE_FROM_RANK, "cpu", table)
     model = model_of(sixteen, 16, "auto", top_k_lora=2).eval()
     with torch.no_grad():
         model(input_ids=input_ids())
     layers = model.base_model.mixture_layers()
-    expected = {layer.layer_index for layer in layers if len(layer.ranks) >= 8}
-    assert expected and set(sparse_calls) == expected  # the embedding (4 experts) stays dense
-    assert any(len(layer.ranks) < 8 for layer in layers)
+    expected = {layer.layer_index for layer in layers if sparse_from and len(layer.ranks) >= sparse_from}
+    assert set(sparse_calls) == expected  # the embedding (4 experts) stays dense
+    assert any(len(layer.ranks) < 8 for layer in layers) and any(len(layer.ranks) >= 8 for layer in layers)
 
 
 def test_config_field_is_validated_switched_saved_and_kept_by_elastic_changes(sixteen, tmp_path):
@@ -632,3 +658,21 @@ def test_encoder_decoder(bart_experts, sparse_calls, k):
     assert out["dense"][1].keys() == out["sparse"][1].keys() and out["dense"][1]
     for name, grad in out["dense"][1].items():
         torch.testing.assert_close(out["sparse"][1][name], grad, **MODEL_TOL, msg=name)
+
+
+def test_per_row_pins_on_a_sparse_model_equal_each_expert_built_alone(sixteen):
+    # per-row pins x sparse top-2: row i pinned to expert i alone must be that expert's plain PEFT LoRA model
+    # (the library benchmark's scoring; a wrong tile-to-expert mapping once gave rows other experts' outputs).
+    from helpers.models import tiny_llama
+    from peft_xlora.cli.demo.evaluate import pinned_token_losses
+
+    names = list(sixteen)[:8]
+    model = model_of(sixteen, 8, "sparse", top_k_lora=2).eval()
+    ids = input_ids(batch=2, seq=12, seed=4)
+    with torch.no_grad():
+        ours = pinned_token_losses(model, ids, torch.eye(8)[4:], batch_size=2)  # (4, 2, 11)
+        for row, name in zip(ours, names[4:]):
+            alone = PeftModel.from_pretrained(tiny_llama(), sixteen[name]).eval()
+            logits = alone(input_ids=ids).logits[:, :-1]
+            expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            torch.testing.assert_close(row, expected, **MODEL_TOL)

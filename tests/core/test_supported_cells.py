@@ -418,7 +418,7 @@ CLI_PROBED = (
     *("router_load_balancing_coef", "router_entropy_coef", "router_distillation_coef", "distillation"),
     *("router_distillation_temperature", "routing", "single_pass_static", "xlora_depth", "xlora_size"),
     *("xlora_dropout_p", "classifier_init", "hidden_size", "inference_mode", "pins", "generate_modes"),
-    "elastic_changes",
+    *("elastic_changes", "topk_compute"),
 )
 
 REGULARISED = f"{CORE}/test_regularisers.py::test_regularisers_are_added_to_the_loss_with_their_gradient"
@@ -456,6 +456,11 @@ VLLM_GATING = f"{SERVED}[llama-dual-gating]"
 VLLM_SCALING_PASS = f"{SERVED}[llama-dual-scaling-pass-no-softmax-top-1]"
 VLLM_SINGLE = ", ".join(
     f"{SERVED}[llama-single-{case}]" for case in ("learned-layerwise-top-k", "uniform-softmax-top-k-temperature")
+)
+VLLM_SPARSE = (
+    f"{SERVED}[llama-dual-sparse-top-k], "
+    "tests/serving/test_vllm_sparse.py::test_export_writes_topk_compute_and_the_spec_checks_it, "
+    "tests/serving/test_vllm_sparse.py::test_sparse_update_equals_the_loop_over_chosen_experts_and_the_dense_stack"
 )
 VLLM_REFUSED_FIELD = f"{VLLM_EXPORT}::test_every_refused_field_is_refused_by_name"
 VLLM_TABLE = f"{VLLM_EXPORT}::test_the_table_refuses_heads_encoder_decoders_and_expert_variants"
@@ -546,10 +551,6 @@ COVERED: dict[tuple[str, str], str] = {
     ),
     ("cli", "task_type"): f"{END_TO_END}, {NO_CLI_RUN}",
     ("cli", "encoder_decoder"): NO_CLI_RUN,
-    # the command line reads topk_compute from the checkpoint; python's build of each value is tried in test_sparse
-    ("cli", "topk_compute"): (
-        f"{CORE}/test_sparse.py::test_config_field_is_validated_switched_saved_and_kept_by_elastic_changes"
-    ),
     ("cli", "heads"): CLI_HEADS,
     ("cli", "trainable_head"): CLI_HEADS,
     # export_vllm: each option served by a traced engine equal to peft-xlora's model; refusals by their tests
@@ -568,6 +569,7 @@ COVERED: dict[tuple[str, str], str] = {
         VLLM_GATING,
     ),
     ("export_vllm", "top_k_lora"): f"{VLLM_GATING}, {VLLM_SCALING_PASS}",
+    ("export_vllm", "topk_compute"): VLLM_SPARSE,
     **dict.fromkeys(
         (("export_vllm", r) for r in ("enable_softmax", "scaling_pass_value", "global_scaling_weight")),
         VLLM_SCALING_PASS,

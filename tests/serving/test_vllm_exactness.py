@@ -24,9 +24,11 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 from xlora_vllm_cases import (
+    SPARSE_EXPERT_SPECS,
     TRACED,
     assert_same_generation,
     build_case,
+    make_experts,
     prompts_of_lengths,
     reference_generate,
     vllm_engine,
@@ -69,6 +71,7 @@ CASES = {
             "scaling_pass_layers": 2,
             "layerwise_scalings": True,
             "top_k_lora": 2,
+            "topk_compute": "sparse",  # the projections after layer k with more than 2 experts: sparse
             "xlora_depth": 2,
             "xlora_size": 16,
         },
@@ -86,6 +89,15 @@ CASES = {
         },
     ),
 }
+# Sparse top-k (`topk_compute="sparse"`): each routed projection computes only each token's 2 chosen experts of 4
+# (`xlora_vllm_cases.SPARSE_EXPERT_SPECS`: every routed projection, the embedding included, holds more than 2),
+# layerwise, so q, k and v of one fused qkv_proj each follow their own choice. The reference is peft-xlora's model
+# switched to its dense path after the export (the same mixture computed the other way).
+SPARSE_CASE = "llama-dual-sparse-top-k"
+CASES[SPARSE_CASE] = (
+    "llama",
+    {"layerwise_scalings": True, "top_k_lora": 2, "topk_compute": "sparse", "xlora_depth": 2, "xlora_size": 16},
+)
 # A single pass over every layer (static weights everywhere, the gate never used) is refused at build since the
 # table of what combines (issue 22); serving a pinned mixture is exported from a pinned gate instead.
 _DUAL = {"layerwise_scalings": True, "top_k_lora": 2, "xlora_depth": 2, "xlora_size": 16}
@@ -121,15 +133,22 @@ SCALINGS_PROMPT = prompts_of_lengths([19], seed=5)[0]
 @pytest.mark.parametrize("name", list(CASES))
 def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
     arch, options = CASES[name]
-    case = build_case(str(tmp_path), arch=arch, **options)
+    experts = make_experts(arch, str(tmp_path), specs=SPARSE_EXPERT_SPECS) if name == SPARSE_CASE else None
+    case = build_case(str(tmp_path), arch=arch, experts=experts, **options)
+    sparse_case = options.get("topk_compute") == "sparse"
+    if sparse_case:
+        case.model.base_model.update_config(topk_compute="dense")  # the reference computes every expert
     new_tokens = NEW_TOKENS + [6] * len(SECOND_WAVE)
     prompts = FIRST_WAVE + SECOND_WAVE
     references = [reference_generate(case.model, p, n) for p, n in zip(prompts, new_tokens)]
     _assert_not_base_model(case, prompts[2:4], references[2:4])
     with vllm_engine(case.served, **TRACED) as llm:
-        if name in SCALINGS_CHECKED:
+        if name in SCALINGS_CHECKED or sparse_case:
             vllm_generate(llm, [SCALINGS_PROMPT], 1)  # one forward: the prompt's prefill (no full block to cache)
+        if name in SCALINGS_CHECKED:
             (scalings,) = llm.apply_model(lambda model: model.xlora.scalings[: len(SCALINGS_PROMPT)].clone())
+        if sparse_case:
+            (sparse,) = llm.apply_model(_sparse_against_dense)
         first = vllm_generate(llm, FIRST_WAVE, NEW_TOKENS)
         cached: list[int] = []
         second = vllm_generate(llm, SECOND_WAVE, new_tokens[len(FIRST_WAVE) :], cached_tokens=cached)
@@ -139,6 +158,42 @@ def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
         assert_same_generation(mine, reference)
     if name in SCALINGS_CHECKED:
         _assert_same_scalings(case, scalings)
+    if sparse_case:
+        # Dual pass: every projection computed sparsely, the embedding's and each layer's qkv_proj included. Single
+        # pass: only those after layer k (2 of 3) with more experts than k: qkv_proj (3 experts; its other
+        # projections hold 1 or 2, and the early layers fixed weights). Each one's update equal to the dense plugin
+        # path's with the same scalings (the prefill's, on random inputs).
+        expected = {"model.layers.2.self_attn.qkv_proj"}
+        if name == SPARSE_CASE:
+            projections = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+            expected = {"model.embed_tokens"} | {f"model.layers.{i}.{p}" for i in range(3) for p in projections}
+        assert set(sparse) == expected, sorted(sparse)
+        for path, (ours, dense) in sparse.items():
+            assert dense.abs().max() > 1e-2, path  # the experts change this projection
+            torch.testing.assert_close(ours, dense, atol=1e-5, rtol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
+
+
+def _sparse_against_dense(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per sparse projection: its update and the dense stack's, for the scalings of the last prefill's tokens."""
+    from peft_xlora.serving.vllm.projections import SparseProjection
+
+    n_tokens = len(SCALINGS_PROMPT)
+    router = model.xlora
+    generator = torch.Generator(device=router.scalings.device).manual_seed(0)
+    out = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, SparseProjection):
+            continue
+        stack = module.stack
+        if stack.embedding:
+            x = torch.randint(0, stack.A.shape[0], (n_tokens,), generator=generator, device=stack.A.device)
+        else:
+            x = torch.randn(n_tokens, stack.A.shape[1], generator=generator, device=stack.A.device)
+        zeros = torch.zeros(n_tokens, sum(p.out_stop - p.out_start for p in stack.partitions), device=stack.A.device)
+        ours = module.sparse.add_update(zeros.clone(), x, router.chosen[:n_tokens], router.chosen_weights[:n_tokens])
+        weights = router.scalings[:n_tokens].index_select(1, stack.scaling_index)
+        out[path] = (ours.cpu(), stack.add_update(zeros.clone(), x, weights, stack.own_B()).cpu())
+    return out
 
 
 def _assert_same_scalings(case, ours: torch.Tensor) -> None:

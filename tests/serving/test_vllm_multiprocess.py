@@ -25,8 +25,10 @@ pytest.importorskip(
 )
 
 from xlora_vllm_cases import (
+    SPARSE_EXPERT_SPECS,
     assert_same_generation,
     build_case,
+    make_experts,
     prompts_of_lengths,
     reference_generate,
     vllm_engine,
@@ -88,14 +90,15 @@ def _stop(process: subprocess.Popen) -> None:
 def test_vllm_serve_with_tensor_parallel_2_answers_over_http(tmp_path):
     # `vllm serve` in its own processes (the API server, the engine core, two tensor-parallel workers) answers a text
     # prompt and token-id prompts as peft-xlora generates them. With 2 KV heads each rank holds one (sharded k/v
-    # columns); the classifier and the scaling pass's hidden state are replicated.
+    # columns); the classifier and the scaling pass's hidden state are replicated. qkv_proj (3 experts, 2 kept)
+    # computes sparsely: each rank from its own rows of the factors.
     import openai
     from transformers import AutoTokenizer
 
     base = {"num_key_value_heads": 2}
-    case = build_case(
-        str(tmp_path), base_overrides=base, layerwise_scalings=True, top_k_lora=2, xlora_depth=2, xlora_size=16
-    )
+    options = {"layerwise_scalings": True, "top_k_lora": 2, "topk_compute": "sparse", "xlora_depth": 2}
+    case = build_case(str(tmp_path), base_overrides=base, xlora_size=16, **options)
+    case.model.base_model.update_config(topk_compute="dense")  # the reference computes every expert
     tokenizer = AutoTokenizer.from_pretrained(case.served)
     prompt = "w5 w17 w33 w8 w60 w41 w12"
     ids = tokenizer(prompt)["input_ids"]
@@ -152,19 +155,33 @@ def _tokens_and_logprobs(choice) -> tuple[list[int], list[float]]:
 
 def test_tensor_parallel_2_with_replicated_kv_heads_equals_peft_xlora(tmp_path):
     # TP=2 on CPU in vLLM's offline engine: two worker processes. With 1 KV head both ranks hold the same k/v
-    # columns (vLLM replicates it); the sharded case is served above.
+    # columns (vLLM replicates it); the sharded case is served above. Sparse top-k in every projection (2 of 4
+    # experts), so the row-parallel o_proj and down_proj add their shards' partial sparse updates before the
+    # all-reduce, and the column-parallel ones compute their own rows.
+    base = {"num_key_value_heads": 1}
     case = build_case(
         str(tmp_path),
-        base_overrides={"num_key_value_heads": 1},
+        experts=make_experts("llama", str(tmp_path), specs=SPARSE_EXPERT_SPECS, **base),
+        base_overrides=base,
         layerwise_scalings=True,
         top_k_lora=2,
+        topk_compute="sparse",
         xlora_depth=2,
         xlora_size=16,
     )
+    case.model.base_model.update_config(topk_compute="dense")  # the reference computes every expert
     prompts = prompts_of_lengths([1, 9, 33], seed=6)
     references = [reference_generate(case.model, p, 10) for p in prompts]
     options = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
     with vllm_engine(case.served, **options) as llm:
         ours = vllm_generate(llm, prompts, 10)
+        sparse = llm.apply_model(_sparse_projections)  # the workers are forks of this process: they know it
+    assert sparse == [13, 13], sparse  # on each rank: the embedding and 4 projections in each of 3 layers
     for mine, reference in zip(ours, references):
         assert_same_generation(mine, reference)
+
+
+def _sparse_projections(model) -> int:
+    from peft_xlora.serving.vllm.projections import SparseProjection
+
+    return sum(isinstance(m, SparseProjection) for m in model.modules())

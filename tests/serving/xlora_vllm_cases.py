@@ -102,6 +102,17 @@ EXPERT_SPECS = {
     },
 }
 
+# Four experts for sparse top-k (2 of 4 kept): the fourth adapts every module, and the embedding and o_proj get a third
+# expert each, so every projection holds more than 2 experts (each computes sparsely with topk_compute="sparse") and
+# mixes different ranks, some experts absent from some of its modules.
+_EVERY_MODULE = ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPARSE_EXPERT_SPECS = {
+    "math": {**EXPERT_SPECS["math"], "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"]},
+    "code": {**EXPERT_SPECS["code"], "target_modules": ["q_proj", "o_proj", "up_proj", "embed_tokens"]},
+    "poetry": EXPERT_SPECS["poetry"],
+    "law": {"r": 6, "lora_alpha": 12, "target_modules": _EVERY_MODULE},
+}
+
 
 def expert_specs(arch: str) -> dict:
     """The experts of an architecture: `EXPERT_SPECS`, with Phi-3's fused module names, and none on the embedding for

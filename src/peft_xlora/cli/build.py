@@ -10,7 +10,16 @@ import torch
 from peft import get_peft_model
 
 from ..core.config import MAX_CLASSIFIER_DEPTH, MAX_WIDTH, XLoraConfig
-from .common import UserError, adapter, check_out_folder, folder, load_base, non_negative_int, whole_up_to
+from .common import (
+    UserError,
+    adapter,
+    add_topk_compute,
+    check_out_folder,
+    folder,
+    load_base,
+    non_negative_int,
+    whole_up_to,
+)
 from .library import adapters_in
 from .places import check_command, read_json, situation
 
@@ -54,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dropout", type=float, default=0.2, help="classifier dropout (default 0.2)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k largest scalings per token")
+    add_topk_compute(p, "saved in the checkpoint; needs --top-k; default auto")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     p.add_argument("--layerwise", action="store_true", help="one scaling per layer and expert")
     p.add_argument("--scaling-pass-value", type=float, default=0.0, help="expert weight in the scaling pass")
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             xlora_size=args.size,
             xlora_dropout_p=args.dropout,
             top_k_lora=args.top_k,
+            topk_compute=args.topk_compute or "auto",
             softmax_temperature=args.temperature,
             layerwise_scalings=args.layerwise,
             scaling_pass_value=args.scaling_pass_value,
@@ -98,7 +109,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     experts = {name: read_json(Path(path) / "adapter_config.json") or {} for name, path in adapters.items()}
     base = args.base if Path(args.base).is_dir() else None
     try:
-        check_command(situation(config, "build", base, loads_model=True, expert_configs=experts))
+        found = situation(
+            config, "build", base, loads_model=True, expert_configs=experts, topk_compute_flag=args.topk_compute
+        )
+        check_command(found)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     torch.manual_seed(args.seed)

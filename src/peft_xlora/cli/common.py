@@ -265,6 +265,31 @@ def adapter(text: str) -> tuple[str, str]:
     return name, path
 
 
+#: `--topk-compute` choices: `XLoraConfig.topk_compute`.
+TOPK_COMPUTE = ("auto", "dense", "sparse")
+
+
+def add_topk_compute(p: argparse.ArgumentParser, default: str) -> None:
+    """Adds `--topk-compute` to a subcommand's parser; `default` says what leaving it out does."""
+    p.add_argument(
+        "--topk-compute",
+        choices=TOPK_COMPUTE,
+        default=None,
+        help="with top-k routing, compute only each token's k experts (sparse), all of them (dense), or pick by the "
+        f"number of experts and their rank (auto); the outputs are the same within float tolerance ({default})",
+    )
+
+
+def set_topk_compute(model: Any, value: str | None) -> None:
+    """Switches a loaded X-LoRA model to `--topk-compute` `value` (None: keeps the checkpoint's)."""
+    if value is None:
+        return
+    try:
+        model.base_model.update_config(topk_compute=value)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def plot_gate(model: Any, tokenizer: Any, ids: torch.Tensor, path: Path, title: str) -> None:
     """Writes the gating heatmap of the model's latest forward over the tokens `ids` to `path`."""
     try:

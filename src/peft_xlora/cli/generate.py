@@ -9,7 +9,17 @@ from typing import Any
 
 import torch
 
-from .common import UserError, load_xlora, non_negative_int, plot_gate, require_supported, weights, whole_up_to
+from .common import (
+    UserError,
+    add_topk_compute,
+    load_xlora,
+    non_negative_int,
+    plot_gate,
+    require_supported,
+    set_topk_compute,
+    weights,
+    whole_up_to,
+)
 
 #: `--max-new-tokens` at most: refused at parsing, before any model loads. A model that records how many positions it
 #: has (`max_position_embeddings`) bounds the prompt plus the new tokens by that number too.
@@ -45,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=W,...",
         help="pin the gate to fixed expert weights (no classifier)",
     )
+    add_topk_compute(p, "for this run only; default: the checkpoint's")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
@@ -66,8 +77,16 @@ def _apply_static(model: Any, weights: dict[str, float] | None) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora generate`: a continuation of every prompt."""
     mode = {"scalings_mode": args.mode} if args.mode else {}  # else the checkpoint's own
-    require_supported(args.checkpoint, "generate", args.base, pins=args.static is not None, **mode)
+    require_supported(
+        args.checkpoint,
+        "generate",
+        args.base,
+        pins=args.static is not None,
+        topk_compute_flag=args.topk_compute,
+        **mode,
+    )
     model, tokenizer, _ = load_xlora(args.checkpoint, args.base)
+    set_topk_compute(model, args.topk_compute)
     _apply_static(model, args.static)
     torch.manual_seed(args.seed)
     encoded = [tokenizer(prompt, return_tensors="pt") for prompt in args.prompt]

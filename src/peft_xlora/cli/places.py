@@ -49,6 +49,9 @@ _OTHER_TASK = Condition(
 )
 
 _FROM_CHECKPOINT = supported("read from the checkpoint (`build` leaves the default: set it from Python)")
+# `--topk-compute` (build, generate, train): the value given, None when left out.
+_TOPK_FLAG = Condition("`--topk-compute` given", lambda s, r: s.facts.get("topk_compute_flag") is not None)
+_NO_TOP_K = Condition("without top_k_lora", lambda s, r: s.config.top_k_lora is None)
 _FLAG = "`build {flag}`; the other commands read it from the checkpoint"
 
 CLI_PLACE = Place(
@@ -97,9 +100,18 @@ CLI_PLACE = Place(
                 "single_pass_static",
                 "router_distillation_coef",
                 "router_distillation_temperature",
-                "topk_compute",
             ),
             _FROM_CHECKPOINT,
+        ),
+        "topk_compute": refused(
+            refuse(
+                "--topk-compute chooses how a top-k mixture is computed, and this model keeps every expert for "
+                "every token (top_k_lora is None): there is nothing to compute sparsely. Build the checkpoint with "
+                "`--top-k K` (and --topk-compute there), or leave --topk-compute out",
+                _TOPK_FLAG & _NO_TOP_K,
+            ),
+            note="`build --topk-compute` (with --top-k) saves it; `generate --topk-compute` runs with another value "
+            "and `train --topk-compute` trains and saves with it; otherwise read from the checkpoint",
         ),
         "trainable_head": supported("sequence classification only: refused with its task_type where a model loads"),
         "scalings_mode": supported("`generate`'s default mode; `generate --mode` overrides it"),

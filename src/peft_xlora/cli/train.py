@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from .common import (
     UserError,
+    add_topk_compute,
     check_out_folder,
     folder,
     fraction,
@@ -21,6 +22,7 @@ from .common import (
     positive_float,
     positive_int,
     require_supported,
+    set_topk_compute,
 )
 from .demo.data import chunks, token_stream
 
@@ -55,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-steps", type=positive_int, default=None, help="save a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    add_topk_compute(p, "trained with it and saved in OUT; default: the checkpoint's")
     p.set_defaults(func=run)
 
 
@@ -128,10 +131,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """`peft-xlora train`: trains the gate with transformers' Trainer and saves the result to OUT."""
     set_seed(args.seed)
     check_out_folder(args.out, "the trained checkpoint")
-    require_supported(args.checkpoint, "train", args.base)
+    require_supported(args.checkpoint, "train", args.base, topk_compute_flag=args.topk_compute)
     checkpoints = args.out / "checkpoints"
     resume = _last_checkpoint(checkpoints) if args.resume else None
     model, tokenizer, base_dir = load_xlora(args.checkpoint, args.base, trainable=True)
+    set_topk_compute(model, args.topk_compute)
     windows = _windows(tokenizer, read_texts(args.data, args.text_field), args.seq_len)
     order = list(range(windows.shape[0]))
     random.Random(args.seed).shuffle(order)

@@ -42,10 +42,10 @@ class XLoraConfig(PeftConfig):
         topk_compute: With `top_k_lora`, how the mixture layers compute the kept experts: ``"sparse"`` computes only
             each token's k chosen experts (cost flat in the number of experts), ``"dense"`` multiplies by every
             expert and weighs the unchosen ones by 0 (faster for few experts), ``"auto"`` picks sparse in layers with
-            at least a measured number of experts per kept expert (`peft_xlora.core.sparse.SPARSE_FROM`; on CPUs 8
-            when prefilling or training and 16 when decoding, so 16 and 32 experts at top-2). Both paths
-            compute the same sum: switching moves outputs and gradients within float tolerance. No effect without
-            `top_k_lora`. See docs/performance.md.
+            at least a measured number of experts per kept expert for their rank
+            (`peft_xlora.core.sparse.SPARSE_FROM_RANK`; on CPUs at top-2, in prefill and training, from 32 / 12 / 6
+            experts of rank 8 / 16 / 32, later when decoding). Both paths compute the same sum: switching moves
+            outputs and gradients within float tolerance. No effect without `top_k_lora`. See docs/performance.md.
         xlora_depth: Number of linear layers in the classifier (1 = a single linear map).
         xlora_size: Hidden width of the classifier; unused when `xlora_depth` is 1.
         xlora_dropout_p: Dropout between the classifier's layers while training.

@@ -214,14 +214,16 @@ class XLoraLayer(nn.Module, BaseTunerLayer):
         """The experts each token keeps, (batch|1, seq|1, n_slots|1, k), when this call computes sparsely; else None.
 
         Sparse only with `top_k_lora`, where `topk_compute` (and, for "auto", the number of experts here, of tokens
-        in `x` and the device) says so, and where no row of these scalings has more than k non-zero entries (the
-        scaling pass's constant weights, a pinned gate or single-pass static weights may): there the dense path runs.
+        in `x`, the device and the experts' largest rank) says so, and where no row of these scalings has more than k
+        non-zero entries (the scaling pass's constant weights, a pinned gate or single-pass static weights may):
+        there the dense path runs.
         """
         topk = self.topk
         if topk is None or getattr(routing, "scaling_pass", False):
             return None
         n_tokens = x.numel() if self.is_embedding else x.numel() // x.shape[-1]
-        if not use_sparse(topk.mode, len(self.ranks), topk.k, self.xlora_A.device.type, n_tokens):
+        device = self.xlora_A.device.type
+        if not use_sparse(topk.mode, len(self.ranks), topk.k, device, n_tokens, rank=max(self.ranks)):
             return None
         return chosen_indices(routing, scalings, topk.k, self.layer_index)
 

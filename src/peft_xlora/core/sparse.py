@@ -23,7 +23,8 @@ On a GPU the same split holds, with other kernels: a grouped GEMM over the sorte
 fused into it) for prefill and training, and the per-token gather (as multi-LoRA serving kernels do) for decoding,
 where it is also what CUDA graphs and torch.compile need (fixed shapes, no host sync). Whether a layer takes the
 sparse path at all is `XLoraConfig.topk_compute`: ``"dense"``, ``"sparse"``, or ``"auto"``: sparse in a layer adapted
-by at least a measured number of experts per kept expert (`SPARSE_FROM`, `use_sparse`).
+by at least a measured number of experts per kept expert, which depends on the experts' rank (`SPARSE_FROM_RANK`,
+`SPARSE_FROM`, `use_sparse`).
 
 The chosen experts come from the routing: `routing.chosen_for(layer)` (indices the gate computed once, for the
 scalings this layer applies) where the router has them, else from the scalings tensor itself, once per tensor (so
@@ -62,6 +63,16 @@ SparseMethod = Literal["grouped", "gather", "loop"]
 SPARSE_FROM: dict[str, tuple[int, int]] = {"cpu": (8, 16), "cuda": (32, 64)}
 #: Devices without an entry (mps, xpu, ...) use the conservative values.
 SPARSE_FROM_DEFAULT = (32, 64)
+#: The same thresholds when the experts' rank is known, per device type and rank: {device: {rank: (many, few)}}.
+#: A lower rank makes the dense mixture cheaper next to the sparse path's fixed costs (sorting, gathering the
+#: inputs, adding the updates back), so sparse wins later. "cpu": measured at top-2 on the project's CPU
+#: (benchmarks/results/sparse-topk-crossover-cpu.json, its "sparse_from_rank": one decoder layer of the reference
+#: workload, N from 4 to 128): sparse from N = 32 / 12 / 6 in prefill and training at ranks 8 / 16 / 32, and from
+#: 32 / 24 / 16 when decoding one token. A rank between two entries takes the lower rank's entry (the later
+#: threshold); one below the table scales the smallest rank's entry by (smallest rank / rank), as the dense work
+#: shrinks with the rank (the measurement: N x rank at the crossover about constant); one above takes the largest
+#: rank's. Devices without an entry ignore the rank and use `SPARSE_FROM`.
+SPARSE_FROM_RANK: dict[str, dict[int, tuple[int, int]]] = {"cpu": {8: (16, 16), 16: (6, 12), 32: (3, 8)}}
 #: At most this many (token, expert) pairs take the ``"gather"`` method; more take ``"grouped"``.
 GATHER_MAX_PAIRS = 16
 
@@ -87,20 +98,44 @@ def configure_topk(layers: list[XLoraLayer], config: Any) -> None:
         layer.topk = setting
 
 
-def use_sparse(mode: str, n_experts: int, k: int, device_type: str, n_tokens: int | None = None) -> bool:
+def use_sparse(
+    mode: str, n_experts: int, k: int, device_type: str, n_tokens: int | None = None, *, rank: int | None = None
+) -> bool:
     """Whether a layer of `n_experts` experts computes a top-`k` mixture of `n_tokens` tokens sparsely.
 
-    ``"dense"`` never, ``"sparse"`` whenever fewer than all experts are kept, ``"auto"`` from `SPARSE_FROM`: the dense
-    work grows with the number of experts and the sparse work with k, so the crossover is a number of experts per
-    kept expert (higher for a handful of tokens, where fixed costs weigh more). `n_tokens` None counts as many.
+    ``"dense"`` never, ``"sparse"`` whenever fewer than all experts are kept, ``"auto"`` from the measured thresholds:
+    the dense work grows with the number of experts and the sparse work with k, so the crossover is a number of
+    experts per kept expert (higher for a handful of tokens, where fixed costs weigh more, and for a lower rank).
+
+    Args:
+        mode: ``"auto"``, ``"dense"`` or ``"sparse"`` (`XLoraConfig.topk_compute`).
+        n_experts: The experts the layer mixes.
+        k: The most experts a token keeps.
+        device_type: Where the layer runs (``"cpu"``, ``"cuda"``, ...).
+        n_tokens: Tokens of the call; None counts as many.
+        rank: The experts' rank in the layer (the largest, where they differ). None, or a device without a
+            `SPARSE_FROM_RANK` table: `SPARSE_FROM`, the rank-16 measurement.
     """
     if mode == "dense" or k >= n_experts:
         return False
     if mode == "sparse":
         return True
-    many, few = SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT)
+    many, few = sparse_from(device_type, rank)
     per_kept = few if n_tokens is not None and n_tokens * k <= GATHER_MAX_PAIRS else many
     return n_experts >= per_kept * k
+
+
+def sparse_from(device_type: str, rank: int | None = None) -> tuple[int, int]:
+    """The (many tokens, few tokens) experts per kept expert from which "auto" goes sparse; see `use_sparse`."""
+    table = SPARSE_FROM_RANK.get(device_type) if rank is not None else None
+    if not table:
+        return SPARSE_FROM.get(device_type, SPARSE_FROM_DEFAULT)
+    below = [r for r in table if r <= rank]
+    if below:
+        return table[max(below)]
+    smallest = min(table)
+    many, few = table[smallest]
+    return -(-many * smallest // rank), -(-few * smallest // rank)  # rounded up: later, not earlier
 
 
 # Per scalings tensor: its chosen indices (or None: some row has more than k non-zero entries). Keyed weakly by the
@@ -457,7 +492,9 @@ def _grouped(
     dest = (first_tile[sorted_pos] + within // size) * size + within % size  # (valid,) row in the tiles
     w_tiles = weights.new_zeros(n_tiles * size).index_put((dest,), pair_w).view(n_tiles, size, 1)
     tok_tiles = torch.zeros(n_tiles * size, dtype=torch.long, device=device).index_put_((dest,), token)
-    if n_tiles == n_local and views:  # the stacked factors as they are: (E_l, r, in) and (E_l, r, out) views
+    # The stacked factors as they are only when tile e is expert e: as many tiles as experts is not enough (an
+    # expert with no pairs and another with two tiles make the same count).
+    if views and tiles_of == [1] * n_local:  # (E_l, r, in) and (E_l, r, out) views
         A, B, _ = _expert_factors(layer, layout)
         down = lambda x: torch.bmm(x, A.transpose(1, 2))  # noqa: E731
         up = lambda z: torch.bmm(z, B)  # noqa: E731

@@ -339,6 +339,7 @@ def _build_spec(
         softmax_temperature=float(config.softmax_temperature),
         top_k_lora=config.top_k_lora,
         enable_softmax_topk=bool(config.enable_softmax_topk),
+        topk_compute=str(config.topk_compute),
         scaling_pass_value=float(config.scaling_pass_value),
         global_scaling_weight=float(config.global_scaling_weight),
         scaling_pass_layers=config.scaling_pass_layers,

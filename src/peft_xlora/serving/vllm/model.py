@@ -7,8 +7,10 @@ final soft-capping included), with, after the weights are loaded:
 - every projection an expert adapts (qkv_proj, o_proj, gate_up_proj, down_proj, the input embedding) wrapped by a
   module that adds the experts' stacked update (`projections.py`), so the layers' own forward runs;
 - the X-LoRA router (`ops.XLoraRouter`): the classifier, peft-xlora's gate, and a `scalings` buffer that the router
-  writes in place and the mixed projections read. vLLM traces the forward once with its guards dropped, so the
-  projections cannot be told which pass they are in by a Python flag; a buffer is data the trace keeps.
+  writes in place and the mixed projections read (with sparse top-k, also the indices and scalings of each token's
+  k chosen experts, which the sparse projections read: `ops.SparseLora`, chosen per projection by `topk_compute`).
+  vLLM traces the forward once with its guards dropped, so the projections cannot be told which pass they are in by
+  a Python flag; a buffer is data the trace keeps.
 
 **Single pass** (`routing="single_pass"`, one KV cache): the projections of decoder layers 1..k and the embedding
 carry static weights folded into their factors; decoder layer k is wrapped so that its output (the residual stream)
@@ -55,7 +57,8 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from .ops import Block, Partition, StackedLora, XLoraRouter
+from ...core.sparse import use_sparse
+from .ops import Block, Partition, SparseLora, StackedLora, XLoraRouter
 from .projections import (
     COLUMN_PARALLEL,
     EMBEDDING,
@@ -64,6 +67,7 @@ from .projections import (
     MixedProjection,
     ResidualStream,
     RouteAfterLayer,
+    SparseProjection,
     check_projection,
 )
 from .spec import (
@@ -265,18 +269,21 @@ class XLoraCausalLM(nn.Module):
         blocks_by_path = self._blocks_by_projection(spec)
         layouts = {path: self._layout(path) for path in blocks_by_path}
         _check_shapes(spec, blocks_by_path, layouts)
-        # A pinned model has no gate: every projection carries fixed weights.
-        self.xlora = (
-            None
-            if spec.routing == "pinned"
-            else XLoraRouter(spec, vllm_config.scheduler_config.max_num_batched_tokens)
-        )
         self.xlora_stacks = nn.ModuleDict()
         self._xlora_paths: dict[str, str] = {}  # stack key -> vLLM module path
         for path, blocks in blocks_by_path.items():
             key = path.replace(".", "__")
             self.xlora_stacks[key] = self._build_stack(layouts[path], blocks)
             self._xlora_paths[key] = path
+        self._xlora_sparse = self._sparse_stacks()
+        # A pinned model has no gate: every projection carries fixed weights.
+        self.xlora = (
+            None
+            if spec.routing == "pinned"
+            else XLoraRouter(
+                spec, vllm_config.scheduler_config.max_num_batched_tokens, sparse=bool(self._xlora_sparse)
+            )
+        )
         if spec.routing == "single_pass" and spec.single_pass_static == "learned":
             logits = torch.zeros(len(spec.early_layers), spec.n_experts, dtype=torch.float32)
             self.register_buffer("xlora_static_logits", logits, persistent=False)
@@ -355,6 +362,29 @@ class XLoraCausalLM(nn.Module):
         return StackedLora(
             layout.in_features, layout.a_cols, layout.partitions, blocks, self.xlora_dtype, embedding=layout.embedding
         )
+
+    def _sparse_stacks(self) -> set[str]:
+        """The stacks whose per-token mixture computes the chosen experts only (`SparseProjection`).
+
+        Only under `top_k_lora`, in projections the gate routes (the dual pass's main pass, the layers after k of the
+        single pass; fixed weights mix every expert), as the spec's `topk_compute` says: "dense", "sparse", or
+        "auto", peft-xlora's own rule (`core.sparse.use_sparse`) for the experts on the projection, their largest
+        rank, the device and many tokens: one traced forward serves every step, so the choice cannot follow each
+        step's token count.
+        """
+        spec = self.xlora_spec
+        k = spec.top_k_lora
+        if k is None or spec.routing == "pinned":
+            return set()
+        out = set()
+        for key, stack in self.xlora_stacks.items():
+            routed = spec.routing == "dual_pass" or any(spec.is_late(b.module) for b in stack.blocks)
+            n_here = len({b.expert for b in stack.blocks})
+            rank = max(b.rank for b in stack.blocks)
+            device = stack.A.device.type
+            if routed and use_sparse(mode=spec.topk_compute, n_experts=n_here, k=k, device_type=device, rank=rank):
+                out.add(key)
+        return out
 
     # ------------------------------------------------------------------ weights
 
@@ -449,6 +479,8 @@ class XLoraCausalLM(nn.Module):
             modules = {b.module for b in stack.blocks}
             if static is not None and not any(spec.is_late(m) for m in modules):
                 wrapper = FixedProjection(base, stack, stack.rank_weights(static))
+            elif key in self._xlora_sparse:
+                wrapper = SparseProjection(base, stack, SparseLora(stack, spec.n_experts), self.xlora)
             else:
                 wrapper = MixedProjection(base, stack, self.xlora)
             parent, _, leaf = path.rpartition(".")

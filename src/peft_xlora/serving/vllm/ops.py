@@ -1,9 +1,11 @@
-"""The X-LoRA arithmetic of the vLLM plugin as plain torch: the classifier and router, and the stacked LoRA update.
+"""The X-LoRA arithmetic of the vLLM plugin as plain torch: the router, the stacked update, the sparse top-k update.
 
 Nothing here imports vLLM, so the main environment's tests check these against plain per-expert loops and against
-peft-xlora itself. The gate is peft-xlora's own (`peft_xlora.core.classifier.gate`: one implementation in the
-project). Every function is free of `.item()`, `nonzero` and Python branches on tensor values, so vLLM can trace the
-forward once (torch.compile with its guards dropped) and capture it in CUDA graphs.
+peft-xlora itself. The gate is peft-xlora's own (`peft_xlora.core.classifier.gate_and_choose`: one implementation in
+the project). Every function the trace sees is free of `.item()`, `nonzero` and Python branches on tensor values, so
+vLLM can trace the forward once (torch.compile with its guards dropped) and capture it in CUDA graphs; the one
+exception, `grouped_update` (group sizes read on the host), runs only inside the opaque op `topk_lora_update`, and
+only on CPU.
 
 Tokens arrive flattened, as vLLM runs them: (num_tokens, features), all requests of a step concatenated.
 """
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.classifier import gate
+from ...core.classifier import gate_and_choose
+from ...core.sparse import GATHER_MAX_PAIRS
 from .spec import ServingSpec
 
 
@@ -47,12 +50,16 @@ class XLoraRouter(nn.Module):
     place into the `scalings` buffer, and every `MixedProjection` reads its rows of it: an ordinary data dependency
     that tracing, torch.compile and CUDA graphs keep.
 
+    With `top_k_lora` and `sparse` on, it also writes which k experts each token kept in each slot and their
+    scalings (`chosen`, `chosen_weights`), which a `SparseLora` projection reads instead of the full scalings.
+
     Args:
         spec: The served model's spec.
         max_tokens: The most tokens one forward carries (vLLM's `max_num_batched_tokens`).
+        sparse: Whether some projection computes the chosen experts only (then the router writes their indices).
     """
 
-    def __init__(self, spec: ServingSpec, max_tokens: int) -> None:
+    def __init__(self, spec: ServingSpec, max_tokens: int, sparse: bool = False) -> None:
         super().__init__()
         self.spec = spec
         sizes = [spec.hidden_size] + [spec.classifier_width] * (spec.classifier_depth - 1)
@@ -64,6 +71,12 @@ class XLoraRouter(nn.Module):
             self.register_buffer(f"bias{j}", torch.zeros(sizes[j + 1], dtype=torch.float32), False)
         # (max_tokens, n_slots * n_experts): row t holds token t's scalings of the current forward.
         self.register_buffer("scalings", torch.zeros(max_tokens, sizes[-1], dtype=torch.float32), False)
+        self.sparse = sparse and spec.top_k_lora is not None and spec.top_k_lora < spec.n_experts
+        if self.sparse:
+            # (max_tokens, n_slots, k): row t holds the experts token t kept in each slot, and their scalings.
+            chosen = (max_tokens, spec.n_slots, spec.top_k_lora)
+            self.register_buffer("chosen", torch.zeros(chosen, dtype=torch.long), False)
+            self.register_buffer("chosen_weights", torch.zeros(chosen, dtype=torch.float32), False)
 
     def route(self, hidden: torch.Tensor) -> None:
         """Classifier and gate on the hidden state the gate reads; writes the tokens' scalings into `scalings`.
@@ -78,15 +91,19 @@ class XLoraRouter(nn.Module):
             [getattr(self, f"weight{j}") for j in range(depth)],
             [getattr(self, f"bias{j}") for j in range(depth)],
         )  # (T, n_slots * n_experts)
-        scalings = gate(
+        scalings, kept = gate_and_choose(
             logits.unflatten(-1, (spec.n_slots, spec.n_experts)),
             temperature=spec.softmax_temperature,
             enable_softmax=spec.enable_softmax,
             top_k=spec.top_k_lora,
             softmax_topk=spec.enable_softmax_topk,
             global_weight=spec.global_scaling_weight,
-        )  # (T, n_slots, n_experts) float32
-        self.scalings[: hidden.shape[0]].copy_(scalings.flatten(1))
+        )  # (T, n_slots, n_experts) float32; kept: the gate's own top-k indices and their scalings, (T, n_slots, k)
+        n_tokens = hidden.shape[0]
+        self.scalings[:n_tokens].copy_(scalings.flatten(1))
+        if self.sparse:
+            self.chosen[:n_tokens].copy_(kept[0])
+            self.chosen_weights[:n_tokens].copy_(kept[1])
 
     def extra_repr(self) -> str:
         """One line for `print(model)`: every mixed projection holds the router."""
@@ -299,4 +316,191 @@ class StackedLora(nn.Module):
                 out += update.to(out.dtype)
             else:
                 out[:, part.out_start : part.out_stop] += update.to(out.dtype)
+        return out
+
+
+def gathered_update(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The weighted update of each token's chosen experts, their factors gathered per token (fixed shapes, no sync).
+
+    For token t with chosen experts e_t1..e_tk and weights w_t1..w_tk: sum_j w_tj * B_{e_tj} A_{e_tj} x_t. Every
+    shape follows from the number of tokens alone (no sort, no group sizes, no host sync), so a CUDA graph can hold
+    it; it copies (num_tokens, k, r, in + out) factors, so it suits a few tokens (measured on CPU: the fastest way for
+    one token, the slowest for hundreds; benchmarks/vllm_sparse_topk.py).
+
+    Args:
+        x: (num_tokens, in) the projection's input, or (num_tokens,) token ids when `A` is an embedding's.
+        A: (n_experts, r, in) the experts' A factors padded to rank r with zero rows, or for an embedding
+            (vocab * n_experts, r): row ``id * n_experts + e`` is expert e's column of A for token `id`.
+        B: (n_experts, r, out) the experts' B factors, transposed and padded the same way (scales folded in).
+        indices: (num_tokens, k) long, the experts each token kept.
+        weights: (num_tokens, k) their scalings.
+
+    Returns:
+        (num_tokens, out) in the factors' dtype.
+    """
+    n_tokens, k = indices.shape
+    rank = B.shape[1]
+    flat = indices.reshape(-1)  # (T * k,)
+    if x.dim() == 1:  # token ids: the down projection is a row lookup
+        z = A.index_select(0, (x.unsqueeze(-1) * B.shape[0] + indices).reshape(-1))  # (T * k, r)
+    else:
+        a = A.index_select(0, flat).view(n_tokens, k * rank, A.shape[-1])  # (T, k * r, in)
+        z = torch.bmm(a, x.to(A.dtype).unsqueeze(-1))  # (T, k * r, 1)
+    z = z.view(n_tokens, k, rank) * weights.to(B.dtype).unsqueeze(-1)  # (T, k, r)
+    b = B.index_select(0, flat).view(n_tokens, k * rank, B.shape[-1])  # (T, k * r, out)
+    return torch.bmm(z.view(n_tokens, 1, k * rank), b).squeeze(1)  # (T, out): the sum over k is the inner dimension
+
+
+def grouped_update(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The same update as `gathered_update`, with the (token, expert) pairs grouped by expert: two matmuls per expert.
+
+    The pairs are sorted by expert and each chosen expert multiplies its tokens' rows with its own factors as they
+    are stored (no copy of factors), as mixture-of-experts layers do; the results are added back to their tokens.
+    The group sizes are read on the host, so the shapes inside depend on the routing: `topk_lora_update` wraps it as
+    one opaque op of fixed output shape for vLLM's trace. Measured on CPU: several times faster than the per-token
+    gather from 16 tokens on, slower for one (benchmarks/vllm_sparse_topk.py).
+
+    Args: as `gathered_update`.
+
+    Returns:
+        (num_tokens, out) in the factors' dtype.
+    """
+    n_tokens, k = indices.shape
+    n_experts, _, out_features = B.shape
+    expert = indices.reshape(-1)  # (P,) with P = T * k pairs
+    order = torch.argsort(expert, stable=True)  # (P,): the pairs grouped by expert
+    token = order // k  # (P,): pair p belongs to token p // k
+    pair_weights = weights.reshape(-1)[order].to(B.dtype).unsqueeze(-1)  # (P, 1)
+    if x.dim() == 1:  # token ids: the down projections are row lookups
+        z_all = A.index_select(0, x.index_select(0, token) * n_experts + expert[order])  # (P, r)
+    else:
+        x_pairs = x.to(A.dtype).index_select(0, token)  # (P, in), in the pairs' order
+    counts = torch.bincount(expert, minlength=n_experts).tolist()  # the group sizes, on the host
+    ys, start = [], 0
+    for e, count in enumerate(counts):
+        if not count:
+            continue
+        stop = start + count
+        z = z_all[start:stop] if x.dim() == 1 else x_pairs[start:stop] @ A[e].T  # (count, r)
+        ys.append((z * pair_weights[start:stop]) @ B[e])  # (count, out)
+        start = stop
+    out = torch.zeros(n_tokens, out_features, dtype=B.dtype, device=B.device)
+    return out.index_add_(0, token, torch.cat(ys)) if ys else out
+
+
+@torch.library.custom_op("peft_xlora::topk_lora_update", mutates_args=())
+def topk_lora_update(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The chosen experts' update (`gathered_update`'s arguments), as one op that vLLM's trace keeps opaque.
+
+    Its output shape, (num_tokens, out), follows from its inputs' alone, so the traced forward has fixed shapes per
+    step whatever each token chose, and the kernel inside may depend on the step's size. On CPU: `gathered_update`
+    for at most `GATHER_MAX_PAIRS` (token, expert) pairs (a decode step of a few requests), `grouped_update` for more
+    (both measured fastest there: benchmarks/vllm_sparse_topk.py; the same split as peft-xlora's own sparse path). On
+    other devices `gathered_update` always: it never synchronises with the host, so CUDA graphs can capture it.
+    """
+    return gathered_update(x, A, B, indices, weights)
+
+
+@topk_lora_update.register_kernel("cpu")
+def _topk_lora_update_cpu(x, A, B, indices, weights):
+    if indices.numel() <= GATHER_MAX_PAIRS:
+        return gathered_update(x, A, B, indices, weights)
+    return grouped_update(x, A, B, indices, weights)
+
+
+@topk_lora_update.register_fake
+def _topk_lora_update_shape(x, A, B, indices, weights):
+    return B.new_empty(indices.shape[0], B.shape[-1])
+
+
+@dataclass
+class _Group:
+    """One transformers module's experts in a `SparseLora`: its scaling slot and its columns of the output."""
+
+    module: str
+    slot: int
+    out_start: int
+    out_stop: int
+
+
+class SparseLora(nn.Module):
+    """One projection's experts for sparse top-k: per transformers module, every expert's factors at its gate index.
+
+    Built from a loaded `StackedLora` (its scales folded in), so it holds exactly the shard's factors: a
+    column-parallel shard's B rows, a row-parallel shard's A columns (tensor parallelism follows the stack's). Each
+    module the projection covers (q, k and v of a fused qkv_proj; one for Phi-3's own qkv_proj) is a group with its own
+    scaling slot: with layerwise scalings each reads its own k chosen experts. An expert absent from a module, and the
+    ranks past an expert's own, are zero factors, so neither kernel needs a mask and they add exactly 0.
+
+    Args:
+        stack: The projection's stacked factors, loaded and with scales folded.
+        n_experts: Experts of the model (the gate's width).
+    """
+
+    def __init__(self, stack: StackedLora, n_experts: int) -> None:
+        super().__init__()
+        self.embedding = stack.embedding
+        self.groups: list[_Group] = []
+        by_module: dict[str, list[Block]] = {}
+        for block in stack.blocks:
+            by_module.setdefault(block.module, []).append(block)
+        for g, (module, blocks) in enumerate(by_module.items()):
+            parts = blocks[0].parts
+            # vLLM's fused projections put a module's partitions side by side (all of Phi-3's fused qkv_proj, or one)
+            assert parts == list(range(parts[0], parts[-1] + 1)), parts
+            first, last = stack.partitions[parts[0]], stack.partitions[parts[-1]]
+            self.groups.append(_Group(module, blocks[0].scaling_index // n_experts, first.out_start, last.out_stop))
+            rank = max(b.rank for b in blocks)
+            A_full = stack.A
+            dtype, device = A_full.dtype, A_full.device
+            out_cols = last.out_stop - first.out_start
+            if self.embedding:
+                A = torch.zeros(A_full.shape[0], n_experts, rank, dtype=dtype, device=device)  # (vocab, n, r)
+            else:
+                A = torch.zeros(n_experts, rank, A_full.shape[1], dtype=dtype, device=device)  # (n, r, in)
+            B = torch.zeros(n_experts, rank, out_cols, dtype=dtype, device=device)  # (n, r, out)
+            for block in blocks:
+                start, r, e = stack._start[block.key], block.rank, block.expert
+                if self.embedding:
+                    A[:, e, :r] = A_full[:, start : start + r]
+                else:
+                    A[e, :r] = A_full[start : start + r]
+                offset = 0
+                for p in parts:
+                    j = stack._used_parts.index(p)
+                    col = stack._rank_lists[j].index(start)  # the block's first column in B_p
+                    rows = getattr(stack, f"B{p}")[:, col : col + r]  # (rows_p, r)
+                    B[e, :r, offset : offset + rows.shape[0]] = rows.T
+                    offset += rows.shape[0]
+            self.register_buffer(f"A{g}", A.flatten(0, 1) if self.embedding else A, persistent=False)
+            self.register_buffer(f"B{g}", B, persistent=False)
+
+    def add_update(
+        self, out: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor, chosen_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Adds the chosen experts' update to the projection's output, in place.
+
+        Args:
+            out: (num_tokens, out_shard) the base projection's output (before any all-reduce).
+            x: (num_tokens, in_shard) its input, or (num_tokens,) token ids for the embedding.
+            chosen: (num_tokens, n_slots, k) long, the experts each token kept in each slot (the router's).
+            chosen_weights: (num_tokens, n_slots, k) their scalings.
+
+        Returns:
+            `out`, updated.
+        """
+        for g, group in enumerate(self.groups):
+            update = topk_lora_update(
+                x, getattr(self, f"A{g}"), getattr(self, f"B{g}"), chosen[:, group.slot], chosen_weights[:, group.slot]
+            )  # (num_tokens, out_g)
+            if group.out_start == 0 and group.out_stop == out.shape[-1]:
+                out += update.to(out.dtype)
+            else:
+                out[:, group.out_start : group.out_stop] += update.to(out.dtype)
         return out

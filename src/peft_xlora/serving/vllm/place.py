@@ -43,6 +43,9 @@ VLLM_WRITTEN: dict[str, str] = {
     "softmax_temperature": "the plugin's gate is peft-xlora's",
     "layerwise_scalings": "one scaling set per mixture layer",
     "top_k_lora": "the plugin's gate is peft-xlora's",
+    "topk_compute": "the routed projections compute each token's k chosen experts only (sparse: one traced op that "
+    "gathers their factors per token or groups the tokens by expert) or all of them (dense), as peft-xlora's rule "
+    "decides for 'auto': the same outputs within float tolerance",
     "xlora_depth": "the classifier's linear layers",
     "xlora_size": "the classifier's width, when xlora_depth > 1",
     "scaling_pass_value": "the scaling pass's constant expert weight (times the global weight)",
@@ -59,7 +62,6 @@ VLLM_IRRELEVANT: dict[str, str] = {
     "adapters": "where the experts came from; the checkpoint holds their weights",
     "xlora_dropout_p": "training only: the classifier runs without dropout at inference",
     "classifier_init": "overwritten by the trained classifier",
-    "topk_compute": "how top_k_lora is computed: the plugin's mixture is dense (the same outputs)",
     "use_trainable_adapters": "the checkpoint holds the experts as trained",
     "router_load_balancing_coef": "a training term",
     "router_entropy_coef": "a training term",

@@ -6,6 +6,8 @@ unchanged:
 
 - `MixedProjection`: the per-token mixture, its weights read from the router's `scalings` buffer (the main pass of
   the dual pass; the layers after k of the single pass).
+- `SparseProjection`: the same mixture under `top_k_lora`, computing only each token's k chosen experts (the
+  router's indices, one op of fixed output shape per adapted module, so vLLM's trace keeps it: `ops.SparseLora`).
 - `FixedProjection`: the experts at constant weights folded into the B factors (the scaling pass of the dual pass
   when `scaling_pass_value * global_scaling_weight` is not 0; layers 1..k and the embedding of the single pass).
 - `RouteAfterLayer`: the single pass's gate, on decoder layer k's output.
@@ -25,7 +27,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-from .ops import StackedLora, XLoraRouter
+from .ops import SparseLora, StackedLora, XLoraRouter
 from .spec import XLoraServingError
 
 #: vLLM projection classes the wrappers accept (exact types: a subclass may compute more than these do).
@@ -103,6 +105,27 @@ class MixedProjection(_Projection):
         scalings = self.router.scalings[: x.shape[0]]  # (num_tokens, n_slots * n_experts) of this forward
         weights = scalings.index_select(1, self.stack.scaling_index)  # (num_tokens, R)
         self.stack.add_update(out, x, weights, self.stack.own_B())
+
+
+class SparseProjection(_Projection):
+    """The per-token top-k mixture from the chosen experts only: the router's (num_tokens, n_slots, k) indices.
+
+    Args:
+        base_layer: vLLM's projection.
+        stack: Its experts' factors (scales folded in), as the dense mixture holds them.
+        sparse: The same factors laid out per expert for the per-token gather (a `SparseLora` built from the stack).
+        router: Holds the `chosen` and `chosen_weights` buffers written before this projection runs.
+    """
+
+    def __init__(self, base_layer: nn.Module, stack: StackedLora, sparse: SparseLora, router: XLoraRouter) -> None:
+        super().__init__(base_layer, stack)
+        self.sparse = sparse
+        self.router = router
+
+    def _add(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        n_tokens = x.shape[0]  # the router wrote these rows in this forward, vLLM's padding rows included
+        chosen = self.router.chosen[:n_tokens]  # (num_tokens, n_slots, k)
+        self.sparse.add_update(out, x, chosen, self.router.chosen_weights[:n_tokens])
 
 
 class FixedProjection(_Projection):

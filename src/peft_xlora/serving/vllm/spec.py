@@ -57,6 +57,8 @@ SUPPORTED_MODULES = (
 )
 #: "pinned": every mixture layer at fixed weights (`export_vllm(..., pin=...)`), in one pass, with no classifier.
 ROUTINGS = ("dual_pass", "single_pass", "pinned")
+#: How a top-k mixture is computed (`XLoraConfig.topk_compute`).
+TOPK_COMPUTE = ("auto", "dense", "sparse")
 
 
 class XLoraServingError(ValueError):
@@ -115,6 +117,9 @@ class ServingSpec:
         softmax_temperature: Divides the logits before a softmax.
         top_k_lora: Keep the k largest scalings per token; None keeps all.
         enable_softmax_topk: With top_k_lora, renormalise the kept experts by a softmax over their logits.
+        topk_compute: With top_k_lora, how the routed projections compute the kept experts: "sparse" (only each
+            token's k chosen experts), "dense" (every expert, the unchosen at weight 0) or "auto" (peft-xlora's rule,
+            `core.sparse.use_sparse`). The same outputs within float tolerance.
         scaling_pass_value: Expert weight in the scaling pass, before the global weight.
         global_scaling_weight: Multiplies every scaling.
         scaling_pass_layers: k. Dual pass: decoder layers the scaling pass runs (None: all, classifier after the final
@@ -145,6 +150,7 @@ class ServingSpec:
     softmax_temperature: float = 1.0
     top_k_lora: int | None = None
     enable_softmax_topk: bool = False
+    topk_compute: str = "auto"
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
     scaling_pass_layers: int | None = None
@@ -260,6 +266,11 @@ class ServingSpec:
             raise XLoraServingError(f"`top_k_lora` must be between 1 and {n}, got {self.top_k_lora!r}.")
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise XLoraServingError("`enable_softmax_topk` needs `top_k_lora`.")
+        if self.topk_compute not in TOPK_COMPUTE:
+            raise XLoraServingError(
+                f"`topk_compute` must be one of {TOPK_COMPUTE}, got {self.topk_compute!r}. The export is damaged: "
+                "export the checkpoint again."
+            )
         if self.routing == "pinned":
             self._check_pin()
         elif self.classifier_depth < 1 or self.pinned_weights is not None:
