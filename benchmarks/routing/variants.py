@@ -155,6 +155,12 @@ def ideas() -> list[Variant]:
     ]
 
 
+def norm_check() -> list[Variant]:
+    """The gate at layer 20 reads the residual stream before the final norm, the defaults the normed last hidden
+    state: depth and norm change together. Layer 30 of 30 through the same exit reads the last layer un-normed."""
+    return [_merge(DEFAULTS, "defaults + gate layer 30 (no final norm)", {"options": {"scaling_pass_layers": 30}})]
+
+
 def by_label(variants: list[Variant]) -> dict[str, Variant]:
     """Variants by label; labels must be unique."""
     out = {v.label: v for v in variants}
@@ -165,4 +171,4 @@ def by_label(variants: list[Variant]) -> dict[str, Variant]:
 
 def all_variants() -> dict[str, Variant]:
     """Every variant the full benchmark knows, by label."""
-    return by_label([DEFAULTS, RECIPE, *ablation(), *ideas()])
+    return by_label([DEFAULTS, RECIPE, *ablation(), *ideas(), *norm_check()])
