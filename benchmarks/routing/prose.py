@@ -837,6 +837,11 @@ defaults' (all 30), medians of three.
             "the mistral.rs and plain-LoRA exporters and for models without `GradientCheckpointingLayer` decoder",
             "layers, which a default would have to handle first.",
             "",
+            "To use it now on a decoder-only model you serve with peft-xlora or vLLM, set the gate's layer to about",
+            "two thirds of the depth: `XLoraConfig(..., scaling_pass_layers=round(2 * n_layers / 3))` with",
+            "`n_layers = model.config.num_hidden_layers` (20 for SmolLM2-135M's 30); the scaling pass then also",
+            "stops at that layer instead of running the whole model.",
+            "",
         ]
         return "\n".join(lines)
 
