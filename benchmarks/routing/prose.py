@@ -32,6 +32,7 @@ START = (
 
 D, R = V.DEFAULTS_LABEL, V.RECIPE_LABEL
 L20 = "defaults + gate layer 20"
+L30 = "defaults + gate layer 30 (no final norm)"
 BUILTIN, ARROW1 = "PEFT built-in X-LoRA", "Arrow top-1"
 P0 = 'per_seed["0"]'
 COLS = [
@@ -208,6 +209,7 @@ class Page:
         self.abl = Source("abl", f"{RESULTS}/routing-ablation.json")
         self.demo = self._optional("demo", f"{RESULTS}/routing-demo-domains.json")
         self.seeds = self._optional("seeds", f"{RESULTS}/routing-seeds.json")
+        self.norm = self._optional("norm", f"{RESULTS}/routing-norm.json")
         self.rows = [r for r in self.abl.data["variants"] if r not in (D, R) and r in self.abl.report()["paired_95"]]
         self.missing = [v.label for v in V.ablation() if v.label not in self.rows]
 
@@ -216,7 +218,8 @@ class Page:
         return Source(alias, path) if (ROOT / path).is_file() else None
 
     def sources(self) -> list[Source]:
-        return [s for s in (self.main, self.run1, self.ideas, self.abl, self.demo, self.seeds) if s is not None]
+        files = (self.main, self.run1, self.ideas, self.abl, self.demo, self.seeds, self.norm)
+        return [s for s in files if s is not None]
 
     # ------------------------------------------------------------------ status
 
@@ -829,13 +832,13 @@ defaults' (all 30), medians of three.
         met = "; ".join(self._targets_moved(src, seed, what) for what, src, seed in evidence)
         lines.append(f"Targets met: {met}.")
         lines.append("")
+        lines += self.norm_reading()
         lines += [
-            "Two things keep it from being a default by itself: it is one model (layers 20 and 30 of 30 on the",
-            "defaults' gate, 8, 20 and 30 on the recipe's; no finer sweep), and the gate at layer 20 reads the",
-            "residual stream before the final norm where the defaults read the normed last hidden state, so depth",
-            "and norm change together. `scaling_pass_layers` is also refused today for encoder-decoder models, by",
-            "the mistral.rs and plain-LoRA exporters and for models without `GradientCheckpointingLayer` decoder",
-            "layers, which a default would have to handle first.",
+            "What keeps it from being a default today: it is one model (layers 20 and 30 of 30 on the defaults'",
+            "gate, 8, 20 and 30 on the recipe's; no finer sweep), so a default would be a fraction of the depth, and",
+            "`scaling_pass_layers` is refused today for encoder-decoder models, by the mistral.rs and plain-LoRA",
+            "exporters and for models without `GradientCheckpointingLayer` decoder layers, which a default would",
+            "have to handle first.",
             "",
             "To use it now on a decoder-only model you serve with peft-xlora or vLLM, set the gate's layer to about",
             "two thirds of the depth: `XLoraConfig(..., scaling_pass_layers=round(2 * n_layers / 3))` with",
@@ -844,6 +847,32 @@ defaults' (all 30), medians of three.
             "",
         ]
         return "\n".join(lines)
+
+    def norm_reading(self) -> list[str]:
+        """Depth or norm: the gate at layer 20 reads the residual stream before the final norm, the defaults the
+        normed last hidden state; the defaults' gate at layer 30 of 30 through the same exit tells them apart."""
+        n = self.norm
+        if n is None:
+            return [
+                "The gate at layer 20 reads the residual stream before the final norm where the defaults read the",
+                "normed last hidden state, so depth and norm change together here.",
+                "",
+            ]
+        seeds = " and ".join(str(x) for x in n.data["seeds"])
+        cells = "; ".join(f"{text} {n.pair(L30, D, col, None)}" for col, text in COLS)
+        earlier = n.interval(L30, D, "pure mean", None)[1] > 0 and n.interval(L30, D, "mixed", None)[2] > 0
+        verdict = (
+            "Reading the last layer without the norm is worse on pure text and no better elsewhere: the gain at"
+            " layer 20 comes from the earlier layer, not from skipping the norm"
+            if earlier
+            else "The norm accounts for part of the difference"
+        )
+        return [
+            "Depth or norm: the gate at layer 20 reads the residual stream before the final norm, the defaults the",
+            f"normed last hidden state. `{L30}` reads layer 30 of 30 through the same exit; minus the defaults",
+            f"(seeds {seeds} pooled, `benchmarks/results/routing-norm.json`): {cells}. {verdict}.",
+            "",
+        ]
 
 
 def results() -> str:
