@@ -5,8 +5,8 @@ process (the API server, the engine core, each tensor-parallel worker) reads it 
 has. It is deliberately flatter than `XLoraConfig`: the experts' LoRA configs are resolved at export into one
 (expert, rank, scale) entry per adapted module, so the serving side needs neither PEFT nor peft-xlora's tuner.
 
-Only pure Python here (no torch, no vLLM): the export in the main environment and the model class in the vLLM
-environment both import it.
+No vLLM here: the export in the main environment and the model class in the vLLM environment both import it. Its
+size checks are `core.config`'s, so importing it brings in PEFT and torch, which both environments have.
 """
 
 from __future__ import annotations
