@@ -122,19 +122,23 @@ def test_corpus_reads_a_domain_deterministically():
 
 
 @pytest.mark.skipif(not Path("/usr/share/common-licenses").is_dir(), reason="needs Debian's text files")
-def test_tiny_run_writes_a_result_file(tmp_path):
+def _tiny_run(tmp_path, *args):
+    """`python -m benchmarks.routing --tiny ARGS` into tmp_path (torch's thread count restored): the payload and the
+    written file, whose provenance must be complete."""
     threads = torch.get_num_threads()
     out = tmp_path / "routing-smoke.json"
-    domains = ["licences", "locales", "cmake"]
     try:
-        payload = main(
-            ["--tiny", "--variants", V.DEFAULTS_LABEL, "--seeds", "0", "1", "--domains", *domains, "--cache-dir",
-             str(tmp_path / "cache"), "--out", str(out)]
-        )  # fmt: skip
+        payload = main(["--tiny", *args, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     data = json.loads(out.read_text())
     assert check_result(data) == []
+    return payload, data
+
+
+def test_tiny_run_writes_a_result_file(tmp_path):
+    domains = ["licences", "locales", "cmake"]
+    payload, data = _tiny_run(tmp_path, "--variants", V.DEFAULTS_LABEL, "--seeds", "0", "1", "--domains", *domains)
     for rep in [*data["per_seed"].values(), data["pooled"]]:
         table = rep["table"]
         assert {"base model", "segment oracle", "Arrow top-1", "PEFT built-in X-LoRA", V.DEFAULTS_LABEL} <= set(table)
@@ -188,17 +192,7 @@ def test_gates_are_built_from_the_benchmark_baseline_not_the_config_defaults(tmp
 
 
 def test_demo_domains_run_uses_the_demo_text_and_can_skip_the_builtin(tmp_path):
-    threads = torch.get_num_threads()
-    out = tmp_path / "routing-demo-check.json"
-    try:
-        main(
-            ["--tiny", "--demo-domains", "--no-builtin", "--variants", V.DEFAULTS_LABEL, "--cache-dir",
-             str(tmp_path / "cache"), "--out", str(out)]
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    data = json.loads(out.read_text())
-    assert check_result(data) == []
+    _, data = _tiny_run(tmp_path, "--demo-domains", "--no-builtin", "--variants", V.DEFAULTS_LABEL)
     assert list(data["domains"]) == ["prose", "arithmetic", "shouting"]
     assert all(entry["demo"] for entry in data["domains"].values())
     table = data["per_seed"]["0"]["table"]
