@@ -15,7 +15,15 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
-from xlora_vllm_cases import EXPERT_SPECS, build_case, make_experts, save_base
+from xlora_vllm_cases import (
+    EXPERT_SPECS,
+    build_case,
+    join_column_shards,
+    make_experts,
+    random_factors,
+    save_base,
+    shard_stack,
+)
 
 from peft_xlora import CheckpointError
 from peft_xlora.core.classifier import gate
@@ -255,12 +263,7 @@ _SLOT = {"gate": 0, "up": 1, "fused": 2}  # layerwise: each module reads its own
 
 
 def _factors(seed=0, row_parallel=False):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for (module, e), (rank, parts) in _BLOCKS.items():
-        rows = sum(_OUTS) if row_parallel else sum(_OUTS[p] for p in parts)
-        out[(module, e)] = (torch.randn(rank, _N_IN, generator=g), torch.randn(rows, rank, generator=g), 0.5 + e)
-    return out
+    return random_factors(_BLOCKS, _OUTS, _N_IN, seed, row_parallel, scale=lambda key, block: 0.5 + key[1])
 
 
 def _loop_reference(x, factors, weight_of):
@@ -278,29 +281,8 @@ def _loop_reference(x, factors, weight_of):
 
 def _stack(factors, *, shards=1, rank=0, row_parallel=False):
     """The StackedLora of one tensor-parallel shard (column-parallel by default, like gate_up_proj)."""
-    if row_parallel:
-        width = _N_IN // shards
-        partitions = [Partition(0, sum(_OUTS), (0, sum(_OUTS)))]
-        a_cols, in_features, parts_of = (rank * width, (rank + 1) * width), width, lambda parts: [0]
-    else:
-        partitions, start = [], 0
-        for size in _OUTS:
-            local = size // shards
-            partitions.append(Partition(start, start + local, (rank * local, (rank + 1) * local)))
-            start += local
-        a_cols, in_features, parts_of = (0, _N_IN), _N_IN, lambda parts: parts
-    blocks = []
-    for (module, e), (r, parts) in _BLOCKS.items():
-        parts = parts_of(parts)
-        sizes = [sum(_OUTS)] if row_parallel else [_OUTS[p] for p in parts]
-        blocks.append(
-            Block(f"{module}.{e}", module, e, r, factors[(module, e)][2], _SLOT[module] * _N_EXPERTS + e, parts, sizes)
-        )
-    stack = StackedLora(in_features, a_cols, partitions, blocks, torch.float32)
-    for (module, e), (a, b, _) in factors.items():
-        stack.load(f"{module}.{e}", a, b)
-    stack.fold_scales()
-    return stack
+    geometry = {"outs": _OUTS, "n_in": _N_IN, "n_experts": _N_EXPERTS, "slot": _SLOT}
+    return shard_stack(_BLOCKS, factors, **geometry, shards=shards, rank=rank, row_parallel=row_parallel)
 
 
 def _per_token_weights(stack, scalings):
@@ -334,7 +316,6 @@ def test_column_parallel_shards_hold_their_output_rows():
     factors = _factors(1)
     x = torch.randn(5, _N_IN)
     scalings = torch.rand(5, 3 * _N_EXPERTS)
-    full = _stack(factors).add_update(torch.zeros(5, sum(_OUTS)), x, None, _stack(factors).own_B())
     halves = [o // 2 for o in _OUTS]
     parts = []
     for rank in range(2):
@@ -344,9 +325,7 @@ def test_column_parallel_shards_hold_their_output_rows():
         )
     whole = _stack(factors)
     full = whole.add_update(torch.zeros(5, sum(_OUTS)), x, _per_token_weights(whole, scalings), whole.own_B())
-    first = torch.cat([parts[0][:, : halves[0]], parts[1][:, : halves[0]]], -1)
-    second = torch.cat([parts[0][:, halves[0] :], parts[1][:, halves[0] :]], -1)
-    torch.testing.assert_close(torch.cat([first, second], -1), full)
+    torch.testing.assert_close(join_column_shards(parts, _OUTS), full)
 
 
 def test_row_parallel_shards_sum_to_the_update():

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from xlora_vllm_cases import build_case
+from xlora_vllm_cases import build_case, join_column_shards, random_factors, shard_stack
 
 from peft_xlora.core.classifier import gate
 from peft_xlora.serving.vllm import SPEC_KEY, ServingSpec, XLoraServingError
@@ -48,37 +48,13 @@ _N_SLOTS = len(_SLOT)
 
 
 def _factors(seed: int, row_parallel: bool = False) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, (rank, parts, scale) in _BLOCKS.items():
-        rows = sum(_OUTS) if row_parallel else sum(_OUTS[p] for p in parts)
-        out[key] = (torch.randn(rank, _N_IN, generator=g), torch.randn(rows, rank, generator=g), scale)
-    return out
+    return random_factors(_BLOCKS, _OUTS, _N_IN, seed, row_parallel, scale=lambda key, block: block[2])
 
 
 def _stack(factors: dict, *, shards: int = 1, rank: int = 0, row_parallel: bool = False, dtype=torch.float32):
     """One tensor-parallel shard's loaded StackedLora (column-parallel by default), scales folded."""
-    if row_parallel:
-        width = _N_IN // shards
-        partitions = [Partition(0, sum(_OUTS), (0, sum(_OUTS)))]
-        a_cols, in_features = (rank * width, (rank + 1) * width), width
-    else:
-        partitions, start = [], 0
-        for size in _OUTS:
-            local = size // shards
-            partitions.append(Partition(start, start + local, (rank * local, (rank + 1) * local)))
-            start += local
-        a_cols, in_features = (0, _N_IN), _N_IN
-    blocks = []
-    for (module, e), (r, parts, scale) in _BLOCKS.items():
-        parts = [0] if row_parallel else parts
-        sizes = [sum(_OUTS)] if row_parallel else [_OUTS[p] for p in parts]
-        blocks.append(Block(f"{module}.{e}", module, e, r, scale, _SLOT[module] * _N_EXPERTS + e, parts, sizes))
-    stack = StackedLora(in_features, a_cols, partitions, blocks, dtype)
-    for (module, e), (a, b, _) in factors.items():
-        stack.load(f"{module}.{e}", a.to(dtype), b.to(dtype))
-    stack.fold_scales()
-    return stack
+    geometry = {"outs": _OUTS, "n_in": _N_IN, "n_experts": _N_EXPERTS, "slot": _SLOT}
+    return shard_stack(_BLOCKS, factors, **geometry, shards=shards, rank=rank, row_parallel=row_parallel, dtype=dtype)
 
 
 def _routing(n_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,9 +130,7 @@ def test_column_parallel_shards_hold_their_rows_of_the_sparse_update():
     for rank in range(2):
         sparse = SparseLora(_stack(factors, shards=2, rank=rank), _N_EXPERTS)
         shard_outs.append(sparse.add_update(torch.zeros(6, sum(halves)), x, chosen, weights))
-    first = torch.cat([shard_outs[0][:, : halves[0]], shard_outs[1][:, : halves[0]]], -1)
-    second = torch.cat([shard_outs[0][:, halves[0] :], shard_outs[1][:, halves[0] :]], -1)
-    torch.testing.assert_close(torch.cat([first, second], -1), full)
+    torch.testing.assert_close(join_column_shards(shard_outs, _OUTS), full)
 
 
 def test_row_parallel_shards_sum_to_the_sparse_update():

@@ -56,6 +56,7 @@ from transformers import (
 
 import peft_xlora
 from peft_xlora.serving.vllm import export_vllm
+from peft_xlora.serving.vllm.ops import Block, Partition, StackedLora
 
 VOCAB = 97
 # vLLM's CPU attention needs a head size of at least 32: hidden 64 with 2 heads.
@@ -325,3 +326,66 @@ def prompts_of_lengths(lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Random token-id prompts (ids 3..96: no pad/bos/eos) of the given lengths."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+# ------------------------------------------------------------------ one projection's stacked experts, by hand
+
+# Blocks of a projection: (module, expert) -> (rank, output partitions covered, ...), factors (module, expert) ->
+# (A (rank, in), B (rows, rank), scale). The op-level tests of the stacked and the sparse mixture share these builders.
+
+
+def random_factors(blocks: dict, outs: tuple[int, ...], n_in: int, seed: int, row_parallel: bool, scale) -> dict:
+    """Random A and B per block (B over every output row when row-parallel), with `scale(key, block)` as its scale."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, (rank, parts, *_) in blocks.items():
+        rows = sum(outs) if row_parallel else sum(outs[p] for p in parts)
+        a, b = torch.randn(rank, n_in, generator=g), torch.randn(rows, rank, generator=g)
+        out[key] = (a, b, scale(key, blocks[key]))
+    return out
+
+
+def shard_stack(
+    blocks: dict,
+    factors: dict,
+    *,
+    outs: tuple[int, ...],
+    n_in: int,
+    n_experts: int,
+    slot: dict[str, int],
+    shards: int = 1,
+    rank: int = 0,
+    row_parallel: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """One tensor-parallel shard's loaded StackedLora (column-parallel by default, like gate_up_proj), scales in B."""
+    if row_parallel:
+        width = n_in // shards
+        partitions = [Partition(0, sum(outs), (0, sum(outs)))]
+        a_cols, in_features = (rank * width, (rank + 1) * width), width
+    else:
+        partitions, start = [], 0
+        for size in outs:
+            local = size // shards
+            partitions.append(Partition(start, start + local, (rank * local, (rank + 1) * local)))
+            start += local
+        a_cols, in_features = (0, n_in), n_in
+    stacked = []
+    for (module, e), (r, parts, *_) in blocks.items():
+        parts = [0] if row_parallel else parts
+        sizes = [sum(outs)] if row_parallel else [outs[p] for p in parts]
+        scale = factors[(module, e)][2]
+        stacked.append(Block(f"{module}.{e}", module, e, r, scale, slot[module] * n_experts + e, parts, sizes))
+    stack = StackedLora(in_features, a_cols, partitions, stacked, dtype)
+    for (module, e), (a, b, _) in factors.items():
+        stack.load(f"{module}.{e}", a.to(dtype), b.to(dtype))
+    stack.fold_scales()
+    return stack
+
+
+def join_column_shards(shard_outs: list[torch.Tensor], outs: tuple[int, int]) -> torch.Tensor:
+    """Two column-parallel shards' outputs of a two-partition projection, put back in the full output's order."""
+    halves = [o // 2 for o in outs]
+    first = torch.cat([s[:, : halves[0]] for s in shard_outs], -1)
+    second = torch.cat([s[:, halves[0] :] for s in shard_outs], -1)
+    return torch.cat([first, second], -1)
