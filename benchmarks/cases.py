@@ -203,7 +203,8 @@ def _build_model(
             warnings.simplefilter("ignore")
             return get_peft_model(base, config)
     if method in ("ours", "single", "single_uniform"):
-        routing = {}
+        # `ours` runs the whole model in its scaling pass, as the built-in does: the same work, side by side.
+        routing: dict = {"scaling_pass_layers": None}
         if method != "ours":
             k = work.single_pass_layers or max(1, work.num_hidden_layers // 2)
             routing = {"routing": "single_pass", "scaling_pass_layers": k}
@@ -213,8 +214,7 @@ def _build_model(
             adapters=experts,
             xlora_depth=work.xlora_depth,
             xlora_size=work.xlora_size,
-            **routing,
-            **(options or {}),
+            **{**routing, **(options or {})},
         )
         return get_peft_model(base, config)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -245,6 +245,7 @@ def run_engine(args: argparse.Namespace, root: str, n_experts: int) -> dict[str,
             xlora_size=work.xlora_size,
             top_k_lora=k,
             topk_compute=mode,
+            scaling_pass_layers=None,  # the whole model in the scaling pass, as recorded in the result file
         )
         model = get_peft_model(build_base(work), config).eval()
         checkpoint = os.path.join(root, f"xlora-{mode}")

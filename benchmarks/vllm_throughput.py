@@ -101,7 +101,7 @@ def _xlora_checkpoints(base_factory, experts: dict[str, str], root: str, options
     import peft_xlora
 
     variants = {
-        "dual": {},
+        "dual": {"scaling_pass_layers": None},  # the whole model, as recorded in the result files
         "single": {"routing": "single_pass", "scaling_pass_layers": k_single},
     }
     paths = {}

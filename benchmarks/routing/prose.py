@@ -232,8 +232,8 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
 
 - the main group (`benchmarks/results/routing-main.json`): experts, fixed mixtures, Arrow, the demo's recipe,
   peft-xlora's defaults, PEFT's built-in X-LoRA;
-- the ideas on the recipe (`benchmarks/results/routing-ideas.json`): the gate at layer 8, layers 8 and 20, oracle
-  targets. The ideas on the defaults (`defaults, ...` in `variants.py`) have not run;
+- the ideas (`benchmarks/results/routing-ideas.json`): the gate at layer 8, layers 8 and 20, oracle targets, on the
+  recipe and on the defaults;
 - the ablation (`benchmarks/results/routing-ablation.json`): {len(self.rows)} of its {n_abl}
   gates, trained by runs of the group (some stopped for time) and scored together from the cache with the
   baselines.{missing} The machine is 2 cores shared with other jobs, and
@@ -399,7 +399,8 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
             "documents with paired intervals that exclude 0, worse on no column) and does not lose on the demo's own",
             "domains (`--demo-domains`, the demo's experts and its `--thorough` held-out set). Of the recipe's",
             "choices, those that are `XLoraConfig` fields could become defaults; the training length and learning",
-            "rate are the trainer's, and the gate's layer is a count of decoder layers, which depends on the model.",
+            "rate are the trainer's, and the gate's layer is a count of decoder layers, which depends on the model",
+            "(it became a default as a fraction of the depth: below).",
             "",
         ]
         for row, field_text in CONFIG_ROWS.items():
@@ -410,8 +411,8 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
                 lines.append(f"- {field_text} (`{row}`): not run.")
         lines += [
             "",
-            "So none of the recipe's `XLoraConfig` switches becomes a default: none is better than the defaults on",
-            "both pure text and mixed documents. Layerwise scalings come closest (better after switches, "
+            "So none of these switches becomes a default: none is better than the defaults on both pure text and",
+            "mixed documents. Layerwise scalings come closest (better after switches, "
             f"{a.passed('defaults + layerwise')} of {a.n_targets(D)} targets met against {a.passed(D)},",
             "but worse on pure text).",
         ]
@@ -465,9 +466,8 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
                 f"meets {m.passed(L20)} of the {m.n_targets(L20)} targets there, the defaults {m.passed(D)}."
             )
         text += (
-            " It is not a default here: `scaling_pass_layers` is a count of decoder layers, so a default would be a"
-            " fraction of the model's depth, measured on one model so far (see [below](#the-gate-at-two-thirds-of-"
-            "the-depth))."
+            ' It is the default now, as a fraction of the depth: `scaling_pass_layers="auto"` (see'
+            " [below](#the-gate-at-two-thirds-of-the-depth))."
         )
         return text
 
@@ -624,9 +624,11 @@ defaults' (all 30), medians of three.
 
     def headline(self) -> str:
         text = (
-            "**Defaults: unchanged.** No `XLoraConfig` switch of the recipe is better than the defaults on both pure\n"
-            "text and mixed documents (layerwise scalings trade pure text for the tokens after a switch; see\n"
-            "[Defaults](#defaults)). The defaults' gate reading layer 20 of 30 instead of the last is better after\n"
+            "**Defaults: the gate reads two thirds of the depth.** `peft-xlora defaults` in these tables are the\n"
+            "defaults the issue measured, which read the last hidden state (`BASELINE` in `variants.py`). No other\n"
+            "`XLoraConfig` switch of the recipe is better than them on both pure text and mixed documents (layerwise\n"
+            "scalings trade pure text for the tokens after a switch; see [Defaults](#defaults)). Their gate reading\n"
+            'layer 20 of 30 instead of the last, now the default (`scaling_pass_layers="auto"`), is better after\n'
             "switches"
         )
         evidence = self.evidence()
@@ -873,16 +875,18 @@ defaults' (all 30), medians of three.
         lines.append("")
         lines += self.norm_reading()
         lines += [
-            "What keeps it from being a default today: it is one model (layers 20 and 30 of 30 on the defaults'",
-            "gate, 8, 20 and 30 on the recipe's; no finer sweep), so a default would be a fraction of the depth, and",
-            "`scaling_pass_layers` is refused today for encoder-decoder models, by the mistral.rs and plain-LoRA",
-            "exporters and for models without `GradientCheckpointingLayer` decoder layers, which a default would",
-            "have to handle first.",
+            'It is the default: `XLoraConfig`\'s `scaling_pass_layers="auto"` resolves when the model is built',
+            "to `round(2 * n_layers / 3)` of a decoder-only model's decoder layers in the dual pass (20 of",
+            "SmolLM2-135M's 30), and the scaling pass stops there. The model's config and checkpoint hold the",
+            "resolved number, so a saved model loads as it was built. It stays None (the whole model) where the",
+            "benchmark has nothing to say or a cut is not possible: encoder-decoder models, models whose decoder",
+            "layers have no exit (`GradientCheckpointingLayer`), and where two thirds round to the last layer (read",
+            "before the final norm, which the norm check above found worse). Single pass keeps its own k. The",
+            "evidence is one model",
+            "(layers 20 and 30 of 30 on the defaults' gate, 8, 20 and 30 on the recipe's; no finer sweep).",
             "",
-            "To use it now on a decoder-only model you serve with peft-xlora or vLLM, set the gate's layer to about",
-            "two thirds of the depth: `XLoraConfig(..., scaling_pass_layers=round(2 * n_layers / 3))` with",
-            "`n_layers = model.config.num_hidden_layers` (20 for SmolLM2-135M's 30); the scaling pass then also",
-            "stops at that layer instead of running the whole model.",
+            "The previous default, the whole model in the scaling pass, is `scaling_pass_layers=None`; the mistral.rs",
+            "export needs it (that layout always runs the whole model).",
             "",
         ]
         return "\n".join(lines)

@@ -66,11 +66,33 @@ def test_python_dash_m_runs_the_cli():
         assert command in out.stdout
 
 
+@pytest.mark.parametrize(("flag", "saved"), [(None, 1), ("auto", 1), ("all", None), ("2", 2)])
+def test_build_saves_the_scaling_pass_layers_it_was_given(flag, saved, workspace, tmp_path):
+    _, base_dir, experts = workspace
+    adapters = [f"--adapter={name}={path}" for name, path in experts.items()]
+    given = [] if flag is None else ["--scaling-pass-layers", flag]
+    assert run("build", "--base", base_dir, *adapters, "--out", tmp_path / "b", "--size", 16, *given) == 0
+    # The tiny base has 2 decoder layers: "auto" is round(2 * 2 / 3) = 1.
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["scaling_pass_layers"] == saved
+
+
+def test_a_default_build_is_refused_by_the_mistralrs_export_with_the_way_out(workspace, tmp_path, capsys):
+    _, base_dir, experts = workspace
+    adapters = [f"--adapter={name}={path}" for name, path in experts.items()]
+    assert run("build", "--base", base_dir, *adapters, "--out", tmp_path / "b", "--size", 16) == 0
+    capsys.readouterr()
+    assert run("export", tmp_path / "b", "--format", "mistralrs", "--out", tmp_path / "m") == 2
+    assert "scaling_pass_layers=None" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_build_train_generate_inspect_export_reload(workspace, tmp_path, capsys):
     root, base_dir, experts = workspace
     built = tmp_path / "built"
     adapters = [f"--adapter={name}={path}" for name, path in experts.items()]
-    assert run("build", "--base", base_dir, *adapters, "--out", built, "--depth", 2, "--size", 16) == 0
+    # The whole model in the scaling pass: the mistral.rs export below needs it.
+    build = ["build", "--base", base_dir, *adapters, "--depth", 2, "--size", 16]
+    assert run(*build, "--out", built, "--scaling-pass-layers", "all") == 0
     assert (built / "adapter_model.safetensors").is_file()
 
     trained = tmp_path / "trained"
@@ -316,6 +338,8 @@ USER_ERRORS = {
     # issue 22: each of these ended in a traceback, or was accepted and lost the user's files
     "build-base-without-weights": ["build", "--base", "{root}/base-without-weights", *_BUILD],
     "build-base-config-not-json": ["build", "--base", "{root}/base-not-json", *_BUILD],
+    "build-scaling-pass-layers-not-a-count": ["build", "--base", "{base}", *_BUILD, "--scaling-pass-layers", "most"],
+    "build-scaling-pass-layers-beyond-the-model": ["build", "--base", "{base}", *_BUILD, "--scaling-pass-layers", "9"],
     "build-depth-huge": ["build", "--base", "{base}", *_BUILD, "--depth", "1000000000"],
     "build-size-huge": ["build", "--base", "{base}", *_BUILD, "--depth", "2", "--size", "1000000000000"],
     "build-size-over-16x-hidden": ["build", "--base", "{base}", *_BUILD, "--depth", "2", "--size", "100000"],

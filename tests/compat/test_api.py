@@ -276,12 +276,13 @@ def test_set_use_trainable_adapters(expert_dirs):
 
 def test_scaling_pass_value_readme_example(expert_dirs):
     model = build_xlora("llama", expert_dirs).eval()
+    k = model.base_model.xlora_config.scaling_pass_layers  # the default: layer 1 of 2
     model.set_scaling_pass_value(0)
     assert model.base_model.xlora_config.scaling_pass_value == 0
     model(input_ids=input_ids())
     at_zero = model.get_latest_scalings()
     with model.disable_adapter():  # value 0: the scaling pass is the base model
-        hidden = model(input_ids=input_ids(), output_hidden_states=True).hidden_states[-1]
+        hidden = model(input_ids=input_ids(), output_hidden_states=True).hidden_states[k]
     expected = torch.softmax(model.base_model.xlora_classifier(hidden).float(), -1)
     torch.testing.assert_close(at_zero[:, :, :1], expected)
     model.set_scaling_pass_value(None)
@@ -324,7 +325,7 @@ def test_scalings_logging_readme_example(expert_dirs, tmp_path):
 
 def test_from_pretrained_migrates_an_original_layout_checkpoint(tmp_path, expert_dirs):
     # The original package's layout is what `export_mistralrs` writes; the original loader reads it back.
-    model = trained(reference_model(expert_dirs))
+    model = trained(reference_model(expert_dirs, scaling_pass_layers=None))  # the layout runs the whole model
     xlora.export_mistralrs(model, tmp_path / "orig", base_model_id="me/tiny")
     loaded = xlora.from_pretrained(tmp_path / "orig", tiny_llama())
     assert loaded.base_model.expert_names == ["math", "code", "poetry"]

@@ -307,10 +307,10 @@ def test_update_config_refuses_a_size_out_of_bounds(expert_dirs):
 
 
 def _own_fields(kind):
-    """XLoraConfig's own fields (not PeftConfig's) declared as `kind` (bool, or int / int | None)."""
+    """XLoraConfig's own fields (not PeftConfig's) declared as `kind` (bool, or int / int | None / int | "auto")."""
     hints = typing.get_type_hints(XLoraConfig)
     peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
-    wanted = {bool} if kind is bool else {int, int | None}
+    wanted = {bool} if kind is bool else {int, int | None, int | typing.Literal["auto"] | None}
     return [f.name for f in dataclasses.fields(XLoraConfig) if f.name not in peft_fields and hints[f.name] in wanted]
 
 
@@ -438,11 +438,14 @@ def test_inf_in_one_layers_scalings_names_that_layer(expert_dirs):
         model(input_ids=input_ids())
 
 
-def test_nan_hidden_state_reported_as_base_model_overflow(expert_dirs):
-    model = build_xlora("llama", expert_dirs).eval()
-    with torch.no_grad():
-        model.get_base_model().model.norm.weight[0] = math.inf
-    with pytest.raises(FloatingPointError, match="the scaling pass's last hidden state already holds NaN/Inf"):
+@pytest.mark.parametrize("k", [None, "auto"])
+def test_nan_hidden_state_reported_as_base_model_overflow(expert_dirs, k):
+    model = build_xlora("llama", expert_dirs, scaling_pass_layers=k).eval()
+    inner = model.get_base_model().model
+    with torch.no_grad():  # whole model: the final norm overflows; "auto" (layer 1 of 2): the first layer does
+        (inner.norm if k is None else inner.layers[0].post_attention_layernorm).weight[0] = math.inf
+    message = r"the scaling pass's hidden state \(the classifier's input\) already holds NaN/Inf"
+    with pytest.raises(FloatingPointError, match=message):
         model(input_ids=input_ids())
 
 

@@ -204,13 +204,13 @@ def _built(expert_dirs, **options):
 
 def test_update_scaling_pass_layers_rebuilds_exactly(expert_dirs, tmp_path):
     # The dual pass's exit layer moves: the model equals one built with the new k and the same classifier.
-    model = _built(expert_dirs)
+    model = _built(expert_dirs, scaling_pass_layers=None)
     model.update_config(scaling_pass_layers=1)
     reference = _built(expert_dirs, scaling_pass_layers=1)
     reference.base_model.xlora_classifier.load_state_dict(model.base_model.xlora_classifier.state_dict())
     torch.testing.assert_close(logits(model, ids_input()), logits(reference, ids_input()), rtol=0, atol=0)
     model.update_config(scaling_pass_layers=None)
-    again = _built(expert_dirs)
+    again = _built(expert_dirs, scaling_pass_layers=None)
     again.base_model.xlora_classifier.load_state_dict(model.base_model.xlora_classifier.state_dict())
     torch.testing.assert_close(logits(model, ids_input()), logits(again, ids_input()), rtol=0, atol=0)
     model.update_config(scaling_pass_layers=1)

@@ -150,7 +150,8 @@ def test_model_mixture_equals_naive_reference(arch, layerwise, expert_dirs):
 
 
 def test_classifier_reads_last_hidden_state_of_scaling_pass(expert_dirs):
-    model = build_xlora("llama", expert_dirs).eval()
+    # The whole model in the scaling pass; the default's layer k: tests/core/test_scaling_pass_layers.py.
+    model = build_xlora("llama", expert_dirs, scaling_pass_layers=None).eval()
     ids = input_ids()
     model(input_ids=ids)
     with model.disable_adapter():
@@ -172,8 +173,10 @@ def test_disable_adapter_gives_base_model_exactly(arch, expert_dirs):
     assert all(p.requires_grad for p in model.base_model.xlora_classifier.parameters())
 
 
-def test_scaling_pass_value(expert_dirs):
-    model = build_xlora("llama", expert_dirs).eval()
+@pytest.mark.parametrize("k", [None, "auto"])
+def test_scaling_pass_value(expert_dirs, k):
+    model = build_xlora("llama", expert_dirs, scaling_pass_layers=k).eval()
+    read = model.peft_config["default"].scaling_pass_layers  # "auto" on 2 layers: 1
     ids = input_ids()
     model(input_ids=ids)
     at_zero = model.get_latest_scalings()
@@ -183,7 +186,7 @@ def test_scaling_pass_value(expert_dirs):
     assert not torch.allclose(model.get_latest_scalings(), at_zero)
     # Reference: the scaling pass is the model pinned at 1/3 per expert.
     model.set_static_scalings(torch.full((3,), 1 / 3))
-    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1 if read is None else read]
     model.set_static_scalings(None)
     model(input_ids=ids)
     logits = model.base_model.xlora_classifier(hidden)

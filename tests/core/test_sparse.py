@@ -455,7 +455,8 @@ def test_matches_the_original_two_pass_formula(sixteen, sparse_calls):
     experts = [lora_factors_reference(sixteen[name]) for name in tuner.expert_names]
     linears = [m for m in tuner.xlora_classifier.layers if isinstance(m, nn.Linear)]
     classifier = [(m.weight.detach(), m.bias.detach()) for m in linears]
-    expected = xlora_logits_reference(BUILDERS["llama"](), experts, classifier, ids, top_k=2)
+    k = tuner.xlora_config.scaling_pass_layers  # the default's layer (test_default_scaling_pass.py checks which)
+    expected = xlora_logits_reference(BUILDERS["llama"](), experts, classifier, ids, top_k=2, scaling_pass_layers=k)
     torch.testing.assert_close(ours, expected, **MODEL_TOL)
 
 

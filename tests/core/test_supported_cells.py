@@ -340,10 +340,11 @@ def test_plain_lora_export_with_each_option_equals_the_pinned_model(expert_dirs,
 
 
 def _mistralrs_options(row: str) -> dict:
+    whole = {"scaling_pass_layers": None}  # the layout's scaling pass runs the whole model (the default cuts it)
     cell = places()["export_mistralrs"].cells[row]
-    if cell.status is Status.REFUSED:  # supported at its default only: the plain export
-        return {}
-    return {**OPTIONS, **EXTRA}.get(row, {})
+    if cell.status is Status.REFUSED:  # supported at the layout's value only: the plain export
+        return whole
+    return {**whole, **{**OPTIONS, **EXTRA}.get(row, {})}
 
 
 @pytest.mark.filterwarnings("ignore::peft_xlora.ExpertChangeWarning")

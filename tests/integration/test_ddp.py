@@ -33,7 +33,9 @@ VARIANTS = {
     "dense": {},
     # Top-k zeroes whole experts per token; the stacked factors are still used by every token, so DDP's default
     # `find_unused_parameters=False` works (no parameter goes unused).
-    "topk-trainable-experts": {"top_k_lora": 1, "use_trainable_adapters": True},
+    # The whole-model gate: at top-1 it picks every expert for some token of these inputs, so every expert's
+    # factors get a gradient to compare (the default's layer-1 gate never picks the one that adapts the embedding).
+    "topk-trainable-experts": {"top_k_lora": 1, "use_trainable_adapters": True, "scaling_pass_layers": None},
     "layerwise-checkpointed": {"layerwise_scalings": True, "_checkpointing": "non_reentrant"},
     "reentrant-checkpointed": {"_checkpointing": "reentrant"},
     # Trainer wraps PEFT models with find_unused_parameters=True unless told otherwise.

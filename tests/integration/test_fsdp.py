@@ -27,7 +27,9 @@ VARIANTS = {
     "dense": {},
     "layerwise-checkpointed": {"layerwise_scalings": True, "_checkpointing": True},
     # The stacked factors train too: their sharded gradients are reduce-scattered like the classifier's.
-    "topk-trainable-experts": {"top_k_lora": 1, "use_trainable_adapters": True},
+    # The whole-model gate: at top-1 it picks every expert for some token of these inputs, so every expert's
+    # factors get a gradient to compare (the default's layer-1 gate never picks the one that adapts the embedding).
+    "topk-trainable-experts": {"top_k_lora": 1, "use_trainable_adapters": True, "scaling_pass_layers": None},
 }
 
 

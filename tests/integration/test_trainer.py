@@ -83,7 +83,9 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def test_trainer_lowers_the_loss_and_changes_only_the_classifier(teacher_data, expert_dirs, tmp_path):
-    model = build(expert_dirs)
+    # The whole-model gate, on which the bound below was measured. The default's gate reads this 2-layer random
+    # model's layer-1 residual stream and moves slower here (about 6.9 -> 6.5 in the 12 steps).
+    model = build(expert_dirs, scaling_pass_layers=None)
     model.set_static_scalings({TEACHER: 1.0})
     with torch.no_grad():
         ids = teacher_data.sequences

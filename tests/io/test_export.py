@@ -15,6 +15,8 @@ from helpers.models import BUILDERS, build_xlora, input_ids
 from peft_xlora.io.export import ORDERING_NAME, export_lora, export_mistralrs
 from peft_xlora.io.migration import from_xlora_package
 
+# The mistral.rs layout's scaling pass runs the whole model; the default ("auto") cuts it on decoder-only models.
+WHOLE = {"scaling_pass_layers": None}
 EXPORT_MARK = ".peft-xlora-export.json"  # every export holds it: a folder with it may be exported to again
 
 
@@ -62,7 +64,7 @@ def test_plain_lora_uses_current_pin_or_asks(tmp_path, expert_dirs):
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_mistralrs_layout(tmp_path, expert_dirs, depth):
-    model = build_xlora("llama", expert_dirs, xlora_depth=depth, layerwise_scalings=depth == 2)
+    model = build_xlora("llama", expert_dirs, xlora_depth=depth, layerwise_scalings=depth == 2, **WHOLE)
     perturb_trainable(model)
     model.eval()
     out = tmp_path / "mistralrs"
@@ -102,10 +104,10 @@ def test_mistralrs_layout(tmp_path, expert_dirs, depth):
 
 
 def test_mistralrs_needs_base_model_id_and_folder_names(tmp_path, expert_dirs):
-    model = build_xlora("llama", expert_dirs)
+    model = build_xlora("llama", expert_dirs, **WHOLE)
     with pytest.raises(ValueError, match="base_model_id"):
         export_mistralrs(model, tmp_path / "out")
-    odd = build_xlora("llama", {"llama": {"a/b": expert_dirs["llama"]["math"]}})
+    odd = build_xlora("llama", {"llama": {"a/b": expert_dirs["llama"]["math"]}}, **WHOLE)
     with pytest.raises(ValueError, match="cannot be a folder name"):
         export_mistralrs(odd, tmp_path / "out", base_model_id="x/y")
     assert not (tmp_path / "out").exists()
@@ -203,7 +205,7 @@ def test_mistralrs_refuses_classification_heads(tmp_path, cls_experts):
 
 @pytest.mark.parametrize("export", ["lora", "mistralrs"])
 def test_export_never_displaces_a_file_or_a_foreign_folder(tmp_path, expert_dirs, export):
-    model = build_xlora("llama", expert_dirs).eval()
+    model = build_xlora("llama", expert_dirs, **WHOLE).eval()
 
     def run(out):
         if export == "lora":

@@ -93,15 +93,17 @@ def test_builtin_topk_with_experts_in_the_scaling_pass_is_refused(tmp_path, buil
     with pytest.warns(MigrationWarning):
         migrated = migrate(tiny_llama(), tmp_path / "zero")
     torch.testing.assert_close(logits(migrated), logits(model), rtol=1e-5, atol=1e-6)
+    assert migrated.peft_config["default"].scaling_pass_layers is None  # as the built-in: the whole model
 
 
 def test_original_layout_topk_with_experts_in_the_scaling_pass_warns(tmp_path, expert_dirs):
     # the folder may follow the original package (top-k in the scaling pass too) or mistral.rs (as we do): it warns
-    model = build_xlora("llama", expert_dirs, top_k_lora=2, scaling_pass_value=0.4).eval()
+    model = build_xlora("llama", expert_dirs, top_k_lora=2, scaling_pass_value=0.4, scaling_pass_layers=None).eval()
     export_mistralrs(model, tmp_path / "out", base_model_id="x/y")
     with pytest.warns(MigrationWarning, match="applies top-k to the scaling pass's equal weights too"):
         back = from_xlora_package(tiny_llama(), tmp_path / "out")
     torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
+    assert back.peft_config["default"].scaling_pass_layers is None  # as the original package: the whole model
 
 
 def test_builtin_lost_classifier_layer_is_named(tmp_path, builtin_experts):

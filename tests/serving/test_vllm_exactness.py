@@ -110,6 +110,12 @@ for _arch in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
     if _arch not in ("mistral", "qwen3"):
         CASES[f"{_arch}-single"] = (_arch, _SINGLE)
 
+# Log-probability tolerance per case (default 1e-4). Gemma 2 scales its embeddings by sqrt(hidden size), and the
+# default scaling pass (`scaling_pass_layers="auto"`: layer 2 of 3) feeds the classifier that un-normed residual
+# stream, so float32 rounding moves its gate more than with a final norm: measured 1.3e-4 on the 79-token prompt
+# served from the prefix cache (4.5e-5 with the whole model in the scaling pass), the same tokens everywhere.
+ATOL = {"gemma2-dual": 3e-4}
+
 NEW_TOKENS = [12, 5, 9, 12, 7]  # the requests finish at different steps
 FIRST_WAVE = prompts_of_lengths([1, 5, 17, 40, 70])
 # The second wave extends the 70-token prompt: its first two 32-token blocks come from the prefix cache.
@@ -155,7 +161,7 @@ def test_vllm_serves_what_peft_xlora_computes(tmp_path, name):
         assert llm.apply_model(lambda model: model.compiled) == [True]  # traced, not run eagerly
     assert min(cached) >= 64, f"the shared prefix was not served from the cache: {cached} cached tokens"
     for mine, reference in zip(first + second, references):
-        assert_same_generation(mine, reference)
+        assert_same_generation(mine, reference, atol=ATOL.get(name, 1e-4))
     if name in SCALINGS_CHECKED:
         _assert_same_scalings(case, scalings)
     if sparse_case:

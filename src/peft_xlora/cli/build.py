@@ -18,6 +18,7 @@ from .common import (
     folder,
     load_base,
     non_negative_int,
+    scaling_pass_layers,
     whole_up_to,
 )
 from .library import adapters_in
@@ -67,6 +68,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
     p.add_argument("--layerwise", action="store_true", help="one scaling per layer and expert")
     p.add_argument("--scaling-pass-value", type=float, default=0.0, help="expert weight in the scaling pass")
+    p.add_argument(
+        "--scaling-pass-layers",
+        type=scaling_pass_layers,
+        default="auto",
+        metavar="{auto,all,K}",
+        help="decoder layers the scaling pass runs before the gate reads it: auto (the default: two thirds of a "
+        "decoder-only model's layers), all (the whole model, as mistral.rs's layout needs) or a number K",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the classifier's initial weights")
     p.set_defaults(func=run)
 
@@ -102,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             softmax_temperature=args.temperature,
             layerwise_scalings=args.layerwise,
             scaling_pass_value=args.scaling_pass_value,
+            scaling_pass_layers=args.scaling_pass_layers,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc

@@ -52,6 +52,19 @@ def whole_up_to(maximum: int) -> Any:
     return parse
 
 
+def scaling_pass_layers(text: str) -> int | str | None:
+    """An argument type: ``auto``, ``all`` (None: the whole model) or a whole number >= 1 of decoder layers."""
+    if text in ("auto", "all"):
+        return None if text == "all" else text
+    try:
+        return _whole(text, 1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, all or a whole number >= 1, got {text!r}") from None
+
+
+scaling_pass_layers.__name__ = "auto, all or a whole number >= 1"
+
+
 def positive_int(text: str) -> int:
     """An argument type: a whole number >= 1 (steps, sizes, token counts)."""
     return _whole(text, 1)

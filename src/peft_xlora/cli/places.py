@@ -86,6 +86,7 @@ CLI_PLACE = Place(
         "softmax_temperature": supported(_FLAG.format(flag="--temperature")),
         "layerwise_scalings": supported(_FLAG.format(flag="--layerwise")),
         "scaling_pass_value": supported(_FLAG.format(flag="--scaling-pass-value")),
+        "scaling_pass_layers": supported(_FLAG.format(flag="--scaling-pass-layers (auto, all or K)")),
         **dict.fromkeys(
             (
                 "enable_softmax",
@@ -93,7 +94,6 @@ CLI_PLACE = Place(
                 "classifier_init",
                 "use_trainable_adapters",
                 "global_scaling_weight",
-                "scaling_pass_layers",
                 "router_load_balancing_coef",
                 "router_entropy_coef",
                 "routing",

@@ -113,6 +113,7 @@ class xLoRAConfig:
         skip = {"device", "adapters", "base_model_id", *self._unsupported_fields()}
         kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         kwargs["base_model_name_or_path"] = self.base_model_id
+        kwargs["scaling_pass_layers"] = None  # the original package's scaling pass runs the whole model
         kwargs.update(overrides)
         return XLoraConfig(adapters=dict(adapters), **kwargs)
 

@@ -81,6 +81,7 @@ def load_model(
             fine_tune_model_name, model, adapters, device=device, verbose=verbose, from_safetensors=from_safetensors
         )
     else:
-        config = XLoraConfig(adapters=dict(adapters), task_type="CAUSAL_LM")  # type: ignore[arg-type]
+        # The original package's scaling pass runs the whole model.
+        config = XLoraConfig(adapters=dict(adapters), task_type="CAUSAL_LM", scaling_pass_layers=None)  # type: ignore[arg-type]
         model = add_xlora_to_model(model, config, verbose=verbose)
     return model, tokenizer

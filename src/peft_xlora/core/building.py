@@ -7,7 +7,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .classifier import XLoraClassifier
-from .config import XLoraConfig, check_bounds
+from .config import AUTO_LAYERS, XLoraConfig, check_bounds
 from .devices import execution_device, last_module_with_weights
 from .experts import Expert, ExpertError, expert_from_config, load_expert
 from .layer import XLoraLayer
@@ -71,6 +71,36 @@ def scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
     if k > len(layers):
         raise ValueError(f"`scaling_pass_layers={k}` but the model has {len(layers)} decoder layers.")
     return layers[k - 1]
+
+
+def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> int | None:
+    """The `scaling_pass_layers` a model gets: the config's int or None as given, ``"auto"`` resolved here.
+
+    ``"auto"`` is ``round(2 * n / 3)`` of a decoder-only model's n decoder layers in the dual pass, where the
+    gate routes better after domain switches than reading the last layer (docs/routing.md). It is None (the whole
+    model) where a shortened scaling pass is not possible or not measured: encoder-decoder models, models whose
+    decoder layers are not `GradientCheckpointingLayer` modules, models with more such layers than their text config
+    counts (a vision tower's layers would shift the count), and where two thirds round to the last layer, whose output
+    the classifier would then read before the final norm, which routed worse in that benchmark.
+
+    Args:
+        model: The transformers model being built.
+        config: Its config.
+        mode: The router it gets (`routing_mode`).
+    """
+    k = config.scaling_pass_layers
+    if k != AUTO_LAYERS:
+        return k
+    if mode != "dual_pass":  # the encoder-decoder router (single pass refuses "auto" in the config)
+        return None
+    n = len([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    if n == 0 or getattr(model_config, "num_hidden_layers", None) != n:
+        return None
+    k = round(2 * n / 3)
+    return k if k < n else None
 
 
 def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:

@@ -100,23 +100,26 @@ class Condition:
         return Condition(f"{self.label}, {other.label}", lambda s, r: self(s, r) and other(s, r))
 
 
-def _field_defaults(config: Any) -> dict[str, Any]:
+def _unset_values(config: Any) -> dict[str, tuple[Any, ...]]:
+    """Per field, the values that leave its option unused: its default, or the field's ``metadata["unset"]``."""
     out = {}
     for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
+        if "unset" in f.metadata:  # e.g. `scaling_pass_layers`: None and "auto" (which may resolve to None)
+            out[f.name] = tuple(f.metadata["unset"])
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = (f.default,)
         elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
+            out[f.name] = (f.default_factory(),)
     return out
 
 
 def _is_set(situation: Situation, row: str) -> bool:
     if row in FEATURES:
         return row in situation.features
-    return getattr(situation.config, row) != _field_defaults(situation.config).get(row)
+    return getattr(situation.config, row) not in _unset_values(situation.config).get(row, (None,))
 
 
-#: The option is in use: a config field away from its default, or a named feature that is on.
+#: The option is in use: a config field away from its default (or its `unset` values), or a named feature that is on.
 SET = Condition("set", _is_set)
 #: `update_config`: the field changes.
 CHANGED = Condition("changed", lambda s, r: r in s.changes)

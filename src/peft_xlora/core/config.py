@@ -22,6 +22,9 @@ ClassifierInit = Literal["uniform", "random"]
 RoutingMode = Literal["dual_pass", "single_pass"]
 SinglePassStatic = Literal["learned", "uniform"]
 
+#: `scaling_pass_layers="auto"`: resolved when the model is built (`peft_xlora.core.building.resolve_scaling_pass`).
+AUTO_LAYERS = "auto"
+
 
 @dataclass
 class XLoraConfig(PeftConfig):
@@ -71,8 +74,14 @@ class XLoraConfig(PeftConfig):
         router_load_balancing_coef: Weight of the load-balancing term added to the model's loss (>= 0; 0 = off).
             See `peft_xlora.core.regularisers`.
         scaling_pass_layers: Run only the first k decoder layers in the scaling pass and feed the classifier their
-            output (the residual stream, before any final norm): a cheaper scaling pass that sees less of the
-            model. None runs the whole model, as X-LoRA does. See docs/performance.md for the trade-off.
+            output (the residual stream, before any final norm): a cheaper scaling pass. None runs the whole model,
+            as published X-LoRA, PEFT's built-in and mistral.rs do. ``"auto"`` (the default) is resolved when the
+            model is built, and the model's config (and checkpoint) holds the result: ``round(2 * n / 3)`` of a
+            decoder-only model's n decoder layers in the dual pass (the gate routes better after domain switches
+            there, and the scaling pass costs a third less: docs/routing.md), and None where the scaling pass cannot
+            be cut (encoder-decoder models, models whose layers have no exit, or where that would be the last
+            layer). A saved config without this field predates ``"auto"`` and loads as None. Single pass needs an
+            int. The mistral.rs layout needs None. See docs/performance.md for the cost.
         router_entropy_coef: Weight of the mean per-token routing entropy added to the loss (>= 0; 0 = off).
         routing: ``"dual_pass"`` (X-LoRA as published) runs a scaling pass before every forward. ``"single_pass"``
             runs none: decoder layers 1..`scaling_pass_layers` mix the experts with static weights, the hidden state
@@ -126,9 +135,13 @@ class XLoraConfig(PeftConfig):
     scalings_mode: ScalingsMode = field(
         default="token", metadata={"help": "'token': per-token scalings; 'prompt': hold the prompt's scalings."}
     )
-    scaling_pass_layers: int | None = field(
-        default=None,
-        metadata={"help": "Route from the hidden state after the first k decoder layers (None: the whole model)."},
+    scaling_pass_layers: int | Literal["auto"] | None = field(
+        default="auto",
+        metadata={
+            "help": "Route from the hidden state after the first k decoder layers (None: the whole model; 'auto': "
+            "two thirds of a decoder-only model's layers, resolved at build).",
+            "unset": (None, AUTO_LAYERS),
+        },
     )
     router_load_balancing_coef: float = field(
         default=0.0, metadata={"help": "Weight of the router load-balancing loss added to the loss (0 = off)."}
@@ -222,6 +235,17 @@ class XLoraConfig(PeftConfig):
         return out
 
     @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT's hook on a loaded config's fields: a saved config without `scaling_pass_layers` ran the whole model.
+
+        Such a config was written before the field existed, when the scaling pass always ran every layer; the
+        default ``"auto"`` would cut it short and change what the saved classifier reads.
+        """
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("scaling_pass_layers", None)
+        return kwargs
+
+    @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
     ) -> XLoraConfig:
@@ -293,8 +317,11 @@ class XLoraConfig(PeftConfig):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"`router_distillation_temperature` must be a finite number > 0 (nats), got {t!r}.")
         k = self.scaling_pass_layers
-        if k is not None and (not _is_int(k) or k < 1):
-            raise ValueError(f"`scaling_pass_layers` must be None (all layers) or an int >= 1, got {k!r}.")
+        if k is not None and k != AUTO_LAYERS and (not _is_int(k) or k < 1):
+            raise ValueError(
+                f"`scaling_pass_layers` must be None (all layers), {AUTO_LAYERS!r} (two thirds of the decoder layers, "
+                f"resolved at build) or an int >= 1, got {k!r}."
+            )
         if self.scalings_mode not in ("token", "prompt"):
             raise ValueError(f"`scalings_mode` must be 'token' or 'prompt', got {self.scalings_mode!r}.")
         if not isinstance(self.trainable_head, bool):
@@ -360,11 +387,11 @@ def _check_routing(config: XLoraConfig) -> None:
         raise ValueError(f"`routing` must be 'dual_pass' or 'single_pass', got {config.routing!r}.")
     if config.single_pass_static not in ("learned", "uniform"):
         raise ValueError(f"`single_pass_static` must be 'learned' or 'uniform', got {config.single_pass_static!r}.")
-    if config.routing == "single_pass" and config.scaling_pass_layers is None:
+    if config.routing == "single_pass" and not _is_int(config.scaling_pass_layers):
         raise ValueError(
-            "`routing='single_pass'` needs `scaling_pass_layers=k`: the decoder layer whose output feeds the "
-            "classifier (layers 1..k use static weights, the later ones the per-token scalings), e.g. half the "
-            "model's layers."
+            "`routing='single_pass'` needs `scaling_pass_layers=k` (an int, not "
+            f"{config.scaling_pass_layers!r}): the decoder layer whose output feeds the classifier (layers 1..k use "
+            "static weights, the later ones the per-token scalings), e.g. half the model's layers."
         )
     check(CONFIG.name, Situation(config, routing=config.routing))
 

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from .attributes import TunerAttributes
+from .building import resolve_scaling_pass
 from .combinations import check
+from .config import AUTO_LAYERS
 from .heads import head_mixtures
 from .places import situation_of, with_changes
 from .sparse import configure_topk
@@ -35,6 +37,9 @@ class GatingMixin(TunerAttributes):
         unknown = [name for name in changes if not hasattr(config, name)]
         if unknown:
             raise ValueError(f"XLoraConfig has no field(s) {unknown}.")
+        if changes.get("scaling_pass_layers") == AUTO_LAYERS:  # resolved as at build: the value it gets is saved
+            probe = with_changes(config, {"scaling_pass_layers": AUTO_LAYERS})
+            changes["scaling_pass_layers"] = resolve_scaling_pass(self.model, probe, self.router.mode)
         changed = {name: value for name, value in changes.items() if _differs(getattr(config, name), value)}
         new = with_changes(config, changed)
         check("update_config", situation_of(self, config=new, changes=changed))

@@ -15,6 +15,7 @@ from .building import (
     check_experts_fit,
     infer_hidden_size,
     load_experts,
+    resolve_scaling_pass,
     swap_in_mixture_layers,
 )
 from .classifier import XLoraClassifier
@@ -100,6 +101,7 @@ class XLoraModel(GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
         self._static_scalings: torch.Tensor | None = None
         self._active_experts: torch.Tensor | None = None  # `set_active_experts`: (n_experts,) bool, None = all
         mode = routing_mode(model, config)
+        config.scaling_pass_layers = resolve_scaling_pass(model, config, mode)  # "auto": an int or None from here on
         infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}

@@ -245,6 +245,7 @@ def from_peft_builtin(
             adapters=sources,
             task_type=saved.get("task_type"),
             base_model_name_or_path=saved.get("base_model_name_or_path"),
+            scaling_pass_layers=None,  # the built-in runs the whole model in its scaling pass
             **{k: saved[k] for k in _GATING_FIELDS if k in saved},
         )
         model = get_peft_model(base_model, config)
@@ -395,6 +396,7 @@ def from_xlora_package(
         task_type="CAUSAL_LM",
         base_model_name_or_path=saved.get("base_model_id"),
         xlora_depth=len(linears),
+        scaling_pass_layers=None,  # the original package runs the whole model in its scaling pass
         **gating,
     )
     model = get_peft_model(base_model, config)

@@ -261,7 +261,8 @@ class Router:
             where = f"all {len(names)} mixture layers (they share one set of scalings)"
         if not bool(torch.isfinite(hidden).all()):
             cause = (
-                "the scaling pass's last hidden state already holds NaN/Inf: the base model overflowed on these "
+                "the scaling pass's hidden state (the classifier's input) already holds NaN/Inf: the base model "
+                "overflowed on these "
                 "inputs (in float16 try bfloat16 or float32; with scaling_pass_value > 0, check the experts' weights)"
             )
         elif not all(bool(torch.isfinite(p).all()) for p in tuner.xlora_classifier.parameters()):
