@@ -213,3 +213,24 @@ def test_results_section_is_written_from_the_files_with_a_marker_on_every_number
     assert edited != page and tables.render(edited) == page
     # check_sources: every marker has a number right before it, and the number is what the file holds.
     assert "<!-- src: " in generated and prose._doc_tables().check_sources(page) == []
+
+
+def test_the_default_gate_is_the_benchmarks_gate_at_layer_20():
+    # docs/routing.md and the CHANGELOG say the default `scaling_pass_layers="auto"` builds, on SmolLM2-135M (30
+    # decoder layers), the gate the benchmark measured as `defaults + gate layer 20`: the same layer, and otherwise the
+    # benchmark's defaults (`BASELINE`) with that one option.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_xlora import XLoraConfig
+    from peft_xlora.core.building import resolve_scaling_pass
+
+    shape = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=30, num_attention_heads=1)
+    config = XLoraConfig(adapters={"a": "x"})
+    resolved = resolve_scaling_pass(LlamaForCausalLM(shape), config, "dual_pass")
+    variant = next(v for v in V.ablation() if v.label == "defaults + gate layer 20")
+    assert variant.options == {"scaling_pass_layers": resolved} == {"scaling_pass_layers": 20}
+    assert not variant.distillation and (variant.steps, variant.lr) == (V.DEFAULTS.steps, V.DEFAULTS.lr)
+    # the benchmark's other gate fields are the config's defaults (the distillation term it adds itself: off)
+    assert {k: getattr(config, k) for k in V.BASELINE if k != "scaling_pass_layers"} == {
+        k: v for k, v in V.BASELINE.items() if k != "scaling_pass_layers"
+    }

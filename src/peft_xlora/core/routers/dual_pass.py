@@ -1,8 +1,9 @@
-"""The dual pass (X-LoRA as published): a scaling pass, the classifier on its last hidden state, then the main pass.
+"""The dual pass (X-LoRA as published): a scaling pass, the classifier on its output, then the main pass.
 
 Before every forward of the model the scaling pass runs the model with every expert at `scaling_pass_value *
-global_scaling_weight` (the plain base model when that is 0), or only its first `scaling_pass_layers` decoder layers
-(an exit hook on layer k stops it there); the classifier and the gate turn its last hidden state into per-token
+global_scaling_weight` (the plain base model when that is 0), the whole model or only its first `scaling_pass_layers`
+decoder layers (an exit hook on layer k stops it there; the default, two thirds of the layers, resolved at build);
+the classifier and the gate turn its last (or layer k's) hidden state into per-token
 scalings, which the mixture layers of the main pass read. With a KV cache the scaling pass extends its own cache
 beside the main one (`core/generation.py`); in prompt mode, decoding steps reuse the prompt's held scalings.
 """
