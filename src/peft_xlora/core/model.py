@@ -49,7 +49,8 @@ class XLoraModel(GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
 
     Built by `peft.get_peft_model(model, XLoraConfig(...))` once `peft_xlora` is imported. Every forward first runs a
     scaling pass of the model (experts at `scaling_pass_value`; by default up to two thirds of its decoder layers,
-    `scaling_pass_layers`) to get a hidden state per token, feeds it to the classifier, and then runs the model with each mixture layer adding `sum_e s_e * B_e A_e x * scale_e`.
+    `scaling_pass_layers`) to get a hidden state per token, feeds it to the classifier, and then runs the model with
+    each mixture layer adding `sum_e s_e * B_e A_e x * scale_e`.
 
     Args:
         model: The transformers (or any torch) model to adapt.
