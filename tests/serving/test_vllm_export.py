@@ -631,14 +631,17 @@ def test_cli_exports_a_pinned_mixture(saved_case, tmp_path, capsys):
     assert "--pin applies to --format vllm only" in capsys.readouterr().err
 
 
-def test_export_after_elastic_changes_is_the_export_of_a_model_built_with_those_experts(tmp_path):
+@pytest.mark.parametrize("topk_compute", ["auto", "sparse"])
+def test_export_after_elastic_changes_is_the_export_of_a_model_built_with_those_experts(tmp_path, topk_compute):
     # remove_expert then add_expert, saved: the export describes the model built directly with the experts it now
-    # has (the same spec, the same factors), and carries the changed model's classifier.
+    # has (the same spec, the same factors), and carries the changed model's classifier. With sparse top-k the plugin
+    # builds its sparse layout from these same factors at load, so it serves what the model built directly serves.
     import peft_xlora
 
     root = str(tmp_path)
     experts = make_experts("llama", root)
-    case = build_case(root, experts=experts, layerwise_scalings=True, top_k_lora=2)
+    options = {"layerwise_scalings": True, "top_k_lora": 2, "topk_compute": topk_compute}
+    case = build_case(root, experts=experts, **options)
     tuner = case.model.base_model
     tuner.remove_expert("code")
     tuner.add_expert("coda", experts["code"])
@@ -646,9 +649,11 @@ def test_export_after_elastic_changes_is_the_export_of_a_model_built_with_those_
     peft_xlora.save_pretrained(case.model, changed)
     served = export_vllm(changed, tmp_path / "served-changed", base_model=case.base)
     direct_experts = {"math": experts["math"], "poetry": experts["poetry"], "coda": experts["code"]}
-    direct = build_case(str(tmp_path / "direct"), experts=direct_experts, layerwise_scalings=True, top_k_lora=2)
+    direct = build_case(str(tmp_path / "direct"), experts=direct_experts, **options)
     (_, ours), (_, theirs) = _read_served(served), _read_served(direct.served)
     assert ours.experts == theirs.experts == ["math", "poetry", "coda"]
+    assert ours.topk_compute == theirs.topk_compute == topk_compute
+    assert ours.scaling_pass_layers == theirs.scaling_pass_layers == 2  # the default: layer 2 of the 3
     assert (ours.mixture_layers, ours.modules, ours.shapes) == (theirs.mixture_layers, theirs.modules, theirs.shapes)
     weights, built = (load_file(os.path.join(path, WEIGHTS_FILE)) for path in (served, direct.served))
     factors = sorted(key for key in built if key.startswith("xlora.experts."))
