@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,6 +126,7 @@ def test_a_config_saved_without_the_field_or_with_null_loads_the_whole_model(sav
         json.dump(data, f)
     reloaded = PeftModel.from_pretrained(_llama(6), str(tmp_path)).eval()
     assert reloaded.peft_config["default"].scaling_pass_layers is None
+    assert PeftConfig.from_pretrained(str(tmp_path)).scaling_pass_layers is None  # PEFT's generic loader too
     ids = input_ids(seq=6)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, whole(input_ids=ids).logits, rtol=0, atol=0)

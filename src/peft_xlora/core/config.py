@@ -198,6 +198,12 @@ class XLoraConfig(PeftConfig):
                 f"`experts` names {sorted(self.experts)} do not match `adapters` names {sorted(self.adapters)}; "
                 "the config was edited inconsistently. Rebuild it from the experts' sources."
             )
+        if self.experts is not None and self.scaling_pass_layers == AUTO_LAYERS:
+            # A checkpoint's config (it has `experts`) holds the value its model was built with; "auto" here means the
+            # field was missing, as in checkpoints written before it existed, which ran the whole model. (Loaded
+            # through `XLoraConfig.from_pretrained`, `check_kwargs` already did this; `PeftConfig.from_pretrained`
+            # does not call it.)
+            self.scaling_pass_layers = None
         self._apply_expert_order()
         self._check_numbers()
 
