@@ -881,11 +881,12 @@ defaults' (all 30), medians of three.
         lines += self.norm_reading()
         lines += [
             'It is the default: `XLoraConfig`\'s `scaling_pass_layers="auto"` resolves when the model is built',
-            "to `round(2 * n_layers / 3)` of a decoder-only model's decoder layers in the dual pass (20 of",
+            "to `round(2 * n_layers / 3)` of a generative decoder-only model's decoder layers in the dual pass (20 of",
             "SmolLM2-135M's 30), and the scaling pass stops there. The model's config and checkpoint hold the",
             "resolved number, so a saved model loads as it was built. It stays None (the whole model) where the",
-            "benchmark has nothing to say or a cut is not possible: encoder-decoder models, models whose decoder",
-            "layers have no exit (`GradientCheckpointingLayer`), and where two thirds round to the last layer (read",
+            "benchmark has nothing to say or a cut is not possible: encoder-decoder models, models that do not",
+            "generate (sequence classifiers, encoders), models whose decoder layers have no exit",
+            "(`GradientCheckpointingLayer`), and where two thirds round to the last layer (read",
             "before the final norm, which the norm check above found worse). Single pass keeps its own k. The",
             "evidence is one model",
             "(layers 20 and 30 of 30 on the defaults' gate, 8, 20 and 30 on the recipe's; no finer sweep).",

@@ -170,6 +170,18 @@ def test_encoder_decoder_models_keep_the_whole_model(tmp_path):
         torch.testing.assert_close(auto(**inputs).logits, whole(**inputs).logits, rtol=0, atol=0)
 
 
+def test_models_that_do_not_generate_keep_the_whole_model():
+    # The routing benchmark measured causal language models; a sequence classifier or an encoder keeps the whole model.
+    from transformers import BertConfig, BertForSequenceClassification, LlamaForSequenceClassification
+
+    config = peft_xlora.XLoraConfig(adapters={"a": "x"})
+    llama = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=6, num_attention_heads=1)
+    bert = BertConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=6, num_attention_heads=1)
+    assert resolve_scaling_pass(LlamaForCausalLM(llama), config, "dual_pass") == 4  # the same stack, generating
+    assert resolve_scaling_pass(LlamaForSequenceClassification(llama), config, "dual_pass") is None
+    assert resolve_scaling_pass(BertForSequenceClassification(bert), config, "dual_pass") is None
+
+
 def test_models_without_an_exit_keep_the_whole_model():
     config = peft_xlora.XLoraConfig(adapters={"a": "x"})
     assert resolve_scaling_pass(nn.Sequential(nn.Linear(4, 4)), config, "dual_pass") is None

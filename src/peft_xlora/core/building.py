@@ -76,9 +76,10 @@ def scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
 def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> int | None:
     """The `scaling_pass_layers` a model gets: the config's int or None as given, ``"auto"`` resolved here.
 
-    ``"auto"`` is ``round(2 * n / 3)`` of a decoder-only model's n decoder layers in the dual pass, where the
-    gate routes better after domain switches than reading the last layer (docs/routing.md). It is None (the whole
-    model) where a shortened scaling pass is not possible or not measured: encoder-decoder models, models whose
+    ``"auto"`` is ``round(2 * n / 3)`` of a generative decoder-only model's n decoder layers in the dual pass, where
+    the gate routes better after domain switches than reading the last layer (docs/routing.md, measured on a causal
+    language model). It is None (the whole model) where a shortened scaling pass is not possible or not measured:
+    encoder-decoder models, models that do not generate (sequence classifiers, encoders such as BERT), models whose
     decoder layers are not `GradientCheckpointingLayer` modules, models with more such layers than their text config
     counts (a vision tower's layers would shift the count), and where two thirds round to the last layer, whose output
     the classifier would then read before the final norm, which routed worse in that benchmark.
@@ -92,6 +93,9 @@ def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> in
     if k != AUTO_LAYERS:
         return k
     if mode != "dual_pass":  # the encoder-decoder router (single pass refuses "auto" in the config)
+        return None
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
         return None
     n = len([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
     model_config = getattr(model, "config", None)

@@ -77,11 +77,11 @@ class XLoraConfig(PeftConfig):
             output (the residual stream, before any final norm): a cheaper scaling pass. None runs the whole model,
             as published X-LoRA, PEFT's built-in and mistral.rs do. ``"auto"`` (the default) is resolved when the
             model is built, and the model's config (and checkpoint) holds the result: ``round(2 * n / 3)`` of a
-            decoder-only model's n decoder layers in the dual pass (the gate routes better after domain switches
-            there, and the scaling pass costs a third less: docs/routing.md), and None where the scaling pass cannot
-            be cut (encoder-decoder models, models whose layers have no exit, or where that would be the last
-            layer). A saved config without this field predates ``"auto"`` and loads as None. Single pass needs an
-            int. The mistral.rs layout needs None. See docs/performance.md for the cost.
+            generative decoder-only model's n decoder layers in the dual pass (the gate routes better after domain
+            switches there, and the scaling pass costs a third less: docs/routing.md), and None elsewhere
+            (encoder-decoder models, sequence classifiers and encoders, models whose layers have no exit, or where
+            that would be the last layer). A saved config without this field predates ``"auto"`` and loads as None.
+            Single pass needs an int. The mistral.rs layout needs None. See docs/performance.md for the cost.
         router_entropy_coef: Weight of the mean per-token routing entropy added to the loss (>= 0; 0 = off).
         routing: ``"dual_pass"`` (X-LoRA as published) runs a scaling pass before every forward. ``"single_pass"``
             runs none: decoder layers 1..`scaling_pass_layers` mix the experts with static weights, the hidden state
