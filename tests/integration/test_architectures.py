@@ -10,6 +10,7 @@ docs/models.md lists the same table.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -490,3 +491,44 @@ def test_single_pass_architecture(arch, tmp_path):
         assert not torch.allclose(ours, model(input_ids=ids).logits, atol=1e-4)
     kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+
+
+GENERATIVE = [a for a in SUPPORTED if a.task == "CAUSAL_LM"]
+
+
+@pytest.mark.parametrize("arch", GENERATIVE, ids=lambda a: a.name)
+def test_the_default_scaling_pass_reads_two_thirds_of_the_layers(arch, tmp_path):
+    # `scaling_pass_layers="auto"` on 3 decoder layers: the classifier reads decoder layer 2's output, which with
+    # `scaling_pass_value=0` is the base model's hidden_states[2]; the cached generation equals the uncached one.
+    key = "n_layer" if "n_layer" in arch.config else "num_hidden_layers"
+    deep = dataclasses.replace(arch, config={**arch.config, key: 3})
+    paths = save_experts(deep, tmp_path)
+    model = get_peft_model(deep.build(), XLoraConfig(task_type="CAUSAL_LM", adapters=paths, classifier_init="random"))
+    assert model.peft_config["default"].scaling_pass_layers == 2
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)
+        with model.disable_adapter():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        expected = torch.softmax(model.base_model.xlora_classifier(hidden).float(), -1)
+    torch.testing.assert_close(model.get_latest_scalings()[:, :, :1], expected, rtol=1e-5, atol=1e-6)
+    kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+
+
+def test_a_projected_last_hidden_state_keeps_the_classifier_width_it_was_built_for(tmp_path):
+    # OPT-350m style: the LM head reads a projection (8 wide) of the residual stream (16 wide). A model built with the
+    # whole scaling pass reads the projection; one built with a cut reads the residual stream. Moving between the two
+    # with `update_config` would change the classifier's input width: refused, the model bit-identical.
+    opt = next(a for a in GENERATIVE if a.name == "opt-projected")
+    deep = dataclasses.replace(opt, config={**opt.config, "num_hidden_layers": 3})
+    paths = save_experts(deep, tmp_path)
+    for k, width, other, other_width in ((None, 8, 2, 16), (2, 16, None, 8)):
+        config = XLoraConfig(task_type="CAUSAL_LM", adapters=paths, scaling_pass_layers=k)
+        model = get_peft_model(deep.build(), config)
+        assert model.peft_config["default"].hidden_size == width
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        with pytest.raises(ValueError, match=f"would feed the classifier a hidden state {other_width} wide"):
+            model.base_model.update_config(scaling_pass_layers=other)
+        assert model.peft_config["default"].scaling_pass_layers == k
+        assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

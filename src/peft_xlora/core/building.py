@@ -107,20 +107,29 @@ def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> in
     return k if k < n else None
 
 
-def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
-    """Fills in `config.hidden_size` from the model (the width the LM head reads), or checks the given value.
+def classifier_input_width(model: nn.Module, k: int | None) -> int | None:
+    """The width of the hidden state the classifier reads: the last one (k None) or decoder layer k's output.
 
-    Then checks the config's sizes against it (`check_bounds`), before anything is built.
+    The last hidden state is what the LM head reads, which in some models (OPT with a `word_embed_proj_dim`) is a
+    projection narrower than the residual stream; layer k's output is the residual stream, `config.hidden_size` wide.
+    None when the model's config has no hidden size and it has no linear LM head.
     """
     model_config = getattr(model, "config", None)
     if model_config is not None and hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
-    actual = getattr(model_config, "hidden_size", None) if model_config is not None else None
-    # The classifier reads what the LM head reads: in some models (OPT with a `word_embed_proj_dim`) that last
-    # hidden state is narrower than `config.hidden_size`.
+    width = getattr(model_config, "hidden_size", None) if model_config is not None else None
     head = embeddings(model, "get_output_embeddings")
-    if isinstance(head, nn.Linear):
-        actual = head.in_features
+    if k is None and isinstance(head, nn.Linear):
+        width = head.in_features
+    return width
+
+
+def infer_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
+    """Fills in `config.hidden_size` from the model (the width of what the classifier reads), or checks it.
+
+    Then checks the config's sizes against it (`check_bounds`), before anything is built.
+    """
+    actual = classifier_input_width(model, config.scaling_pass_layers)
     if config.hidden_size is None:
         if actual is None:
             raise ValueError(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..building import scaling_pass_exit_layer
+from ..building import classifier_input_width, scaling_pass_exit_layer
 from ..forward import _NOT_FOR_SCALING_PASS, _check_hidden, _ScalingPassExit
 from ..generation import CACHE_KWARGS, XLoraCache, hold_uncached, input_length, prepare_cache
 from ..routing import Routing, current_routing, pop_routing, push_routing
@@ -38,9 +38,18 @@ class DualPassRouter(Router):
         return [scaling_pass_exit_layer(model, k).register_forward_hook(self._exit_scaling_pass)]
 
     def check_config(self, config: Any) -> None:
-        """The decoder layer `scaling_pass_layers` names must exist."""
-        if config.scaling_pass_layers is not None:
-            scaling_pass_exit_layer(self.tuner.model, config.scaling_pass_layers)
+        """The decoder layer `scaling_pass_layers` names must exist, and give the classifier its input width."""
+        k = config.scaling_pass_layers
+        if k is not None:
+            scaling_pass_exit_layer(self.tuner.model, k)
+        width = classifier_input_width(self.tuner.model, k)
+        if config.hidden_size is not None and width is not None and width != config.hidden_size:
+            # `update_config` only: at build the classifier is sized from what it reads (`infer_hidden_size`).
+            raise ValueError(
+                f"`scaling_pass_layers={k!r}` would feed the classifier a hidden state {width} wide, but it reads "
+                f"{config.hidden_size}: this model's LM head reads a projection of the residual stream. Build a new "
+                "model with the new value (the experts and base model can be reused)."
+            )
 
     def route_gated(self, args: tuple, kwargs: dict) -> Routing:
         """Runs the scaling pass and the classifier; returns the routing for the main pass."""
