@@ -45,6 +45,9 @@ def test_original_config_spelling_maps_onto_xlora_config(expert_dirs):
     assert (config.hidden_size, config.xlora_depth, config.top_k_lora, config.softmax_temperature) == (32, 8, 2, 0.5)
     assert config.adapters == expert_dirs["llama"]
     assert xLoRAConfig(32, base_model_id="org/base").to_xlora_config({"a": "x"}).base_model_name_or_path == "org/base"
+    # the original's scaling pass runs the whole model, not XLoraConfig's default cut; an override still wins
+    assert config.scaling_pass_layers is None
+    assert old.to_xlora_config(expert_dirs["llama"], scaling_pass_layers=1).scaling_pass_layers == 1
 
 
 @pytest.mark.parametrize(
