@@ -251,7 +251,9 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
             lines.append("- the check on the demo's domains (`--demo-domains`) has not run;")
         else:
             lines.append(
-                "- the check on the demo's own three domains (`benchmarks/results/routing-demo-domains.json`): "
+                "- the check on the demo's own three domains (`benchmarks/results/routing-demo-domains.json`, seeds "
+                + ", ".join(str(x) for x in self.demo.data["seeds"])
+                + "): "
                 + ", ".join(f"`{v}`" for v in self.demo.data["variants"])
                 + (
                     ", PEFT's built-in X-LoRA"
@@ -452,18 +454,21 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
                 f"documents {s.pair(L20, D, 'mixed', None)}, {how(s, L20, D, None)})"
             )
         text += "."
-        if self.demo is not None and L20 in self.demo.report()["paired_95"]:
+        ds = self.demo_seed()
+        if self.demo is not None and L20 in self.demo.report(ds)["paired_95"]:
             m = self.demo
-            loses = [text for col, text in COLS if m.interval(L20, D, col, "0")[1] > 0]
+            where = "On the demo's domains" + ("" if ds else f" ({self.demo_seeds_text()} pooled)")
+            loses = [text for col, text in COLS if m.interval(L20, D, col, ds)[1] > 0]
+            pairs = f"mixed documents {m.pair(L20, D, 'mixed', ds)}, pure text {m.pair(L20, D, 'pure mean', ds)}"
             text += (
-                " On the demo's domains it "
+                f" {where} it "
                 + (f"loses on {', '.join(loses)}" if loses else "loses on no column")
-                + f" (mixed documents {m.pair(L20, D, 'mixed')}, pure text {m.pair(L20, D, 'pure mean')}); it "
-                f"meets {m.passed(L20)} of the {m.n_targets(L20)} targets there, as many as the defaults "
-                f"({m.passed(D)}){'' if self._same_targets(m) else ', but not the same ones'}."
-                if m.passed(L20) == m.passed(D)
-                else f" (mixed documents {m.pair(L20, D, 'mixed')}, pure text {m.pair(L20, D, 'pure mean')}); it "
-                f"meets {m.passed(L20)} of the {m.n_targets(L20)} targets there, the defaults {m.passed(D)}."
+                + f" ({pairs}); it "
+                f"meets {m.passed(L20, ds)} of the {m.n_targets(L20, ds)} targets there, as many as the defaults "
+                f"({m.passed(D, ds)}){'' if self._same_targets(m, ds) else ', but not the same ones'}."
+                if m.passed(L20, ds) == m.passed(D, ds)
+                else f" ({pairs}); it meets {m.passed(L20, ds)} of the {m.n_targets(L20, ds)} targets there, the "
+                f"defaults {m.passed(D, ds)}."
             )
         text += (
             ' It is the default now, as a fraction of the depth: `scaling_pass_layers="auto"` (see'
@@ -672,7 +677,8 @@ defaults' (all 30), medians of three.
             "",
             f"The check a new default needs (`--demo-domains`): the demo's three domains ({names}), its cached",
             "experts, its `--thorough` held-out set (16 windows per domain, 24 mixed documents of 3 segments), and",
-            "the gates trained as on this benchmark (100 steps at 1e-3 on gate batches of the demo's text, seed 0).",
+            "the gates trained as on this benchmark (100 steps at 1e-3 on gate batches of the demo's text, "
+            + ("seed 0)." if self.demo_seed() else f"seeds {self.demo_seeds_text()}, pooled below)."),
             "",
             block("pure", m.path),
             "",
@@ -682,10 +688,10 @@ defaults' (all 30), medians of three.
             "",
         ]
         if L20 in rows and D in rows:
-            lines.append(f"- {sentence(m, L20)}")
+            lines.append(f"- {sentence(m, L20, seed=self.demo_seed())}")
         for row in (D, L20):
             if row in rows:
-                lines.append(self._targets_line(m, row))
+                lines.append(self._targets_line(m, row, self.demo_seed()))
         return "\n".join(lines) + "\n"
 
     def _targets_line(self, src: Source, row: str, seed: str | None = "0") -> str:
@@ -765,9 +771,22 @@ defaults' (all 30), medians of three.
                     out.append((f"seed {seed}", self.seeds, seed))
             if "pooled" in self.seeds.data and L20 in self.seeds.report(None)["paired_95"]:
                 out.append(("seeds pooled", self.seeds, None))
-        if self.demo is not None and L20 in self.demo.report()["paired_95"]:
-            out.append(("the demo's domains", self.demo, "0"))
+        if self.demo is not None:
+            several = "pooled" in self.demo.data
+            for seed in self.demo.data["per_seed"]:
+                if L20 in self.demo.report(seed)["paired_95"]:
+                    what = f"the demo's domains, seed {seed}" if several else "the demo's domains"
+                    out.append((what, self.demo, seed))
+            if several and L20 in self.demo.report(None)["paired_95"]:
+                out.append(("the demo's domains, seeds pooled", self.demo, None))
         return out
+
+    def demo_seed(self) -> str | None:
+        """The demo-domain report the prose quotes: pooled when several seeds ran, else seed 0's."""
+        return None if self.demo is not None and "pooled" in self.demo.data else "0"
+
+    def demo_seeds_text(self) -> str:
+        return " and ".join(f"{x}" for x in self.demo.data["seeds"]) if self.demo is not None else ""
 
     def _targets_moved(self, src: Source, seed: str | None, what: str) -> str:
         """How many targets the defaults and the gate at layer 20 meet, and the pure-text ones layer 20 loses."""
