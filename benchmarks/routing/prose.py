@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,17 @@ class Source:
 
     def interval(self, row: str, rival: str, col: str, seed: str | None = "0") -> list[float]:
         return self.report(seed)["paired_95"][row][rival][col]
+
+
+def listed(items) -> str:
+    """'0', '0 and 1', '0, 1 and 2'."""
+    items = [str(x) for x in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def anchor(title: str) -> str:
+    """The link target MkDocs gives a heading (lower case, punctuation dropped, spaces as hyphens)."""
+    return re.sub(r"[^\w\s-]", "", title.lower()).strip().replace(" ", "-")
 
 
 def block(name: str, file: str) -> str:
@@ -447,7 +459,7 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
         pooled = self.seeds is not None and "pooled" in self.seeds.data and L20 in self.seeds.report(None)["paired_95"]
         if pooled:
             s = self.seeds
-            seeds = " and ".join(str(x) for x in s.data["seeds"])
+            seeds = listed(s.data["seeds"])
             verdict = "it wins" if wins(s, L20, None) else "it does not win either"
             text += (
                 f"; over seeds {seeds} pooled {verdict} (pure text {s.pair(L20, D, 'pure mean', None)}, mixed "
@@ -457,19 +469,16 @@ domain and 12 mixed documents, so the intervals are over few documents. What has
         ds = self.demo_seed()
         if self.demo is not None and L20 in self.demo.report(ds)["paired_95"]:
             m = self.demo
-            where = "On the demo's domains" + ("" if ds else f" ({self.demo_seeds_text()} pooled)")
+            where = "On the demo's domains" + ("" if ds else f" (seeds {self.demo_seeds_text()} pooled)")
             loses = [text for col, text in COLS if m.interval(L20, D, col, ds)[1] > 0]
             pairs = f"mixed documents {m.pair(L20, D, 'mixed', ds)}, pure text {m.pair(L20, D, 'pure mean', ds)}"
-            text += (
-                f" {where} it "
-                + (f"loses on {', '.join(loses)}" if loses else "loses on no column")
-                + f" ({pairs}); it "
-                f"meets {m.passed(L20, ds)} of the {m.n_targets(L20, ds)} targets there, as many as the defaults "
-                f"({m.passed(D, ds)}){'' if self._same_targets(m, ds) else ', but not the same ones'}."
-                if m.passed(L20, ds) == m.passed(D, ds)
-                else f" ({pairs}); it meets {m.passed(L20, ds)} of the {m.n_targets(L20, ds)} targets there, the "
-                f"defaults {m.passed(D, ds)}."
-            )
+            text += f" {where} it " + (f"loses on {', '.join(loses)}" if loses else "loses on no column")
+            text += f" ({pairs}); it meets {m.passed(L20, ds)} of the {m.n_targets(L20, ds)} targets there, "
+            if m.passed(L20, ds) == m.passed(D, ds):
+                same = "" if self._same_targets(m, ds) else ", but not the same ones"
+                text += f"as many as the defaults ({m.passed(D, ds)}){same}."
+            else:
+                text += f"the defaults {m.passed(D, ds)}."
         text += (
             ' It is the default now, as a fraction of the depth: `scaling_pass_layers="auto"` (see'
             " [below](#the-gate-at-two-thirds-of-the-depth))."
@@ -656,8 +665,8 @@ defaults' (all 30), medians of three.
         pooled = ""
         if self.seeds is not None:
             seeds = [str(x) for x in self.seeds.data["seeds"]]
-            title = f"Seeds {' and '.join(seeds)}"
-            pooled = f" Pooled over seeds: [{title}](#{title.lower().replace(' ', '-')}), with the misses by how much."
+            title = f"Seeds {listed(seeds)}"
+            pooled = f" Pooled over seeds: [{title}](#{anchor(title)}), with the misses by how much."
         return (
             f"\nWith the gate at layer 20, which is the default now, the defaults meet {a.passed(L20)} of "
             f"{a.n_targets(L20)} on this seed (mixed {a.gap(L20, 'mixed')}, tokens 5-64 "
@@ -735,7 +744,7 @@ defaults' (all 30), medians of three.
         rows = [r for r in s.data["variants"] if r in s.report(None)["table"]] if "pooled" in s.data else []
         lines = [
             "",
-            f"### Seeds {' and '.join(seeds)}",
+            f"### Seeds {listed(seeds)}",
             "",
             "The defaults and the gate at layer 20 with the baselines, each seed's gates trained on its own batches",
             "from its own start and scored on its own mixed documents (the pure windows are the same text for every",
@@ -786,7 +795,7 @@ defaults' (all 30), medians of three.
         return None if self.demo is not None and "pooled" in self.demo.data else "0"
 
     def demo_seeds_text(self) -> str:
-        return " and ".join(f"{x}" for x in self.demo.data["seeds"]) if self.demo is not None else ""
+        return listed(self.demo.data["seeds"]) if self.demo is not None else ""
 
     def _targets_moved(self, src: Source, seed: str | None, what: str) -> str:
         """How many targets the defaults and the gate at layer 20 meet, and the pure-text ones layer 20 loses."""
@@ -914,6 +923,14 @@ defaults' (all 30), medians of three.
             "export needs it (that layout always runs the whole model).",
             "",
         ]
+        if self.seeds is not None and L20 in self.seeds.data.get("cost", {}):
+            s = self.seeds
+            lines += [
+                "One forward of 256 tokens (`cost` in `routing-seeds.json`, medians of three) took",
+                f"{s.num(f'cost{q(L20)}.median_cpu_s', '{:.2f}', unit=' CPU s')} with the gate at layer 20 and",
+                f"{s.num(f'cost{q(D)}.median_cpu_s', '{:.2f}', unit=' CPU s')} with the defaults' whole scaling pass.",
+                "",
+            ]
         return "\n".join(lines)
 
     def norm_reading(self) -> list[str]:
@@ -926,7 +943,7 @@ defaults' (all 30), medians of three.
                 "normed last hidden state, so depth and norm change together here.",
                 "",
             ]
-        seeds = " and ".join(str(x) for x in n.data["seeds"])
+        seeds = listed(n.data["seeds"])
         cells = "; ".join(f"{text} {n.pair(L30, D, col, None)}" for col, text in COLS)
         earlier = n.interval(L30, D, "pure mean", None)[1] > 0 and n.interval(L30, D, "mixed", None)[2] > 0
         verdict = (
