@@ -88,7 +88,8 @@ MISTRALRS_REFUSED = {
         None,
         "the layout always runs the whole model in the scaling pass, so the classifier would read another hidden "
         "state than the one it was trained on (the default scaling_pass_layers='auto' stops at two thirds of a "
-        "decoder-only model's layers; build and train with scaling_pass_layers=None for a model this layout holds)",
+        "generative decoder-only model's layers; build and train with scaling_pass_layers=None for a model this "
+        "layout holds)",
     ),
     "scalings_mode": (
         "token",
