@@ -226,7 +226,7 @@ def test_the_default_gate_is_the_benchmarks_gate_at_layer_20():
 
     shape = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=30, num_attention_heads=1)
     config = XLoraConfig(adapters={"a": "x"})
-    resolved = resolve_scaling_pass(LlamaForCausalLM(shape), config, "dual_pass")
+    resolved = resolve_scaling_pass(LlamaForCausalLM(shape), config.scaling_pass_layers, "dual_pass")
     variant = next(v for v in V.ablation() if v.label == "defaults + gate layer 20")
     assert variant.options == {"scaling_pass_layers": resolved} == {"scaling_pass_layers": 20}
     assert not variant.distillation and (variant.steps, variant.lr) == (V.DEFAULTS.steps, V.DEFAULTS.lr)

@@ -78,8 +78,8 @@ def test_auto_reads_two_thirds_of_the_layers(n_layers):
     model = _llama(n_layers) if n_layers <= 9 else LlamaForCausalLM(LlamaConfig(
         vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=n_layers, num_attention_heads=1,
     ))  # fmt: skip
-    config = peft_xlora.XLoraConfig(adapters={"a": "x"})
-    assert resolve_scaling_pass(model, config, "dual_pass") == EXPECTED[n_layers]
+    default = peft_xlora.XLoraConfig(adapters={"a": "x"}).scaling_pass_layers
+    assert resolve_scaling_pass(model, default, "dual_pass") == EXPECTED[n_layers]
 
 
 @pytest.mark.parametrize("n_layers", [3, 6])
@@ -174,17 +174,17 @@ def test_models_that_do_not_generate_keep_the_whole_model():
     # The routing benchmark measured causal language models; a sequence classifier or an encoder keeps the whole model.
     from transformers import BertConfig, BertForSequenceClassification, LlamaForSequenceClassification
 
-    config = peft_xlora.XLoraConfig(adapters={"a": "x"})
+    default = peft_xlora.XLoraConfig(adapters={"a": "x"}).scaling_pass_layers
     llama = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=6, num_attention_heads=1)
     bert = BertConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=6, num_attention_heads=1)
-    assert resolve_scaling_pass(LlamaForCausalLM(llama), config, "dual_pass") == 4  # the same stack, generating
-    assert resolve_scaling_pass(LlamaForSequenceClassification(llama), config, "dual_pass") is None
-    assert resolve_scaling_pass(BertForSequenceClassification(bert), config, "dual_pass") is None
+    assert resolve_scaling_pass(LlamaForCausalLM(llama), default, "dual_pass") == 4  # the same stack, generating
+    assert resolve_scaling_pass(LlamaForSequenceClassification(llama), default, "dual_pass") is None
+    assert resolve_scaling_pass(BertForSequenceClassification(bert), default, "dual_pass") is None
 
 
 def test_models_without_an_exit_keep_the_whole_model():
-    config = peft_xlora.XLoraConfig(adapters={"a": "x"})
-    assert resolve_scaling_pass(nn.Sequential(nn.Linear(4, 4)), config, "dual_pass") is None
+    default = peft_xlora.XLoraConfig(adapters={"a": "x"}).scaling_pass_layers
+    assert resolve_scaling_pass(nn.Sequential(nn.Linear(4, 4)), default, "dual_pass") is None
 
 
 def test_single_pass_needs_an_int():

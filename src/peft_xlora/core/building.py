@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .classifier import XLoraClassifier
 from .config import AUTO_LAYERS, XLoraConfig, check_bounds
 from .devices import execution_device, last_module_with_weights
 from .experts import Expert, ExpertError, expert_from_config, load_expert
 from .layer import XLoraLayer
+from .single_pass import decoder_layers
 
 #: Attribute of the transformers model that holds the gating classifier.
 CLASSIFIER_NAME = "xlora_classifier"
@@ -62,7 +64,7 @@ def embeddings(model: nn.Module, getter: str) -> nn.Module | None:
 
 def scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
     """The k-th decoder layer (1-based) of the model's stack, after which a shortened scaling pass stops."""
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for _, m in decoder_layers(model)]
     if not layers:
         raise ValueError(
             "`scaling_pass_layers` needs a transformers model whose decoder layers are GradientCheckpointingLayer "
@@ -73,8 +75,14 @@ def scaling_pass_exit_layer(model: nn.Module, k: int) -> nn.Module:
     return layers[k - 1]
 
 
-def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> int | None:
-    """The `scaling_pass_layers` a model gets: the config's int or None as given, ``"auto"`` resolved here.
+def _text_config(model: nn.Module) -> Any:
+    """The model's config, or the text part of a multimodal one; None when the model has no config."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+
+
+def resolve_scaling_pass(model: nn.Module, k: int | str | None, mode: str) -> int | None:
+    """The `scaling_pass_layers` a model gets: an int or None as given, ``"auto"`` resolved here.
 
     ``"auto"`` is ``round(2 * n / 3)`` of a generative decoder-only model's n decoder layers in the dual pass, where
     the gate routes better after domain switches than reading the last layer (docs/routing.md, measured on a causal
@@ -86,10 +94,9 @@ def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> in
 
     Args:
         model: The transformers model being built.
-        config: Its config.
+        k: The config's `scaling_pass_layers`.
         mode: The router it gets (`routing_mode`).
     """
-    k = config.scaling_pass_layers
     if k != AUTO_LAYERS:
         return k
     if mode != "dual_pass":  # the encoder-decoder router (single pass refuses "auto" in the config)
@@ -97,11 +104,8 @@ def resolve_scaling_pass(model: nn.Module, config: XLoraConfig, mode: str) -> in
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
         return None
-    n = len([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)])
-    model_config = getattr(model, "config", None)
-    if model_config is not None and hasattr(model_config, "get_text_config"):
-        model_config = model_config.get_text_config()
-    if n == 0 or getattr(model_config, "num_hidden_layers", None) != n:
+    n = len(decoder_layers(model))
+    if n == 0 or getattr(_text_config(model), "num_hidden_layers", None) != n:
         return None
     k = round(2 * n / 3)
     return k if k < n else None
@@ -114,10 +118,7 @@ def classifier_input_width(model: nn.Module, k: int | None) -> int | None:
     projection narrower than the residual stream; layer k's output is the residual stream, `config.hidden_size` wide.
     None when the model's config has no hidden size and it has no linear LM head.
     """
-    model_config = getattr(model, "config", None)
-    if model_config is not None and hasattr(model_config, "get_text_config"):
-        model_config = model_config.get_text_config()
-    width = getattr(model_config, "hidden_size", None) if model_config is not None else None
+    width = getattr(_text_config(model), "hidden_size", None)
     head = embeddings(model, "get_output_embeddings")
     if k is None and isinstance(head, nn.Linear):
         width = head.in_features

@@ -38,8 +38,7 @@ class GatingMixin(TunerAttributes):
         if unknown:
             raise ValueError(f"XLoraConfig has no field(s) {unknown}.")
         if changes.get("scaling_pass_layers") == AUTO_LAYERS:  # resolved as at build: the value it gets is saved
-            probe = with_changes(config, {"scaling_pass_layers": AUTO_LAYERS})
-            changes["scaling_pass_layers"] = resolve_scaling_pass(self.model, probe, self.router.mode)
+            changes["scaling_pass_layers"] = resolve_scaling_pass(self.model, AUTO_LAYERS, self.router.mode)
         changed = {name: value for name, value in changes.items() if _differs(getattr(config, name), value)}
         new = with_changes(config, changed)
         check("update_config", situation_of(self, config=new, changes=changed))

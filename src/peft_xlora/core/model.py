@@ -102,7 +102,8 @@ class XLoraModel(GatingMixin, ElasticMixin, ScalingsLogMixin, BaseTuner):
         self._static_scalings: torch.Tensor | None = None
         self._active_experts: torch.Tensor | None = None  # `set_active_experts`: (n_experts,) bool, None = all
         mode = routing_mode(model, config)
-        config.scaling_pass_layers = resolve_scaling_pass(model, config, mode)  # "auto": an int or None from here on
+        # "auto": an int or None from here on
+        config.scaling_pass_layers = resolve_scaling_pass(model, config.scaling_pass_layers, mode)
         infer_hidden_size(model, config)
 
         shapes = {name: kind for name, module in model.named_modules() if (kind := module_kind(module))}
